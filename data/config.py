@@ -1,0 +1,113 @@
+"""Typed settings for the data pipeline (plain dataclasses, no loading logic).
+
+``DataConfig`` is the ``data`` section of the run config: which prepared datasets to read
+and how. ``PrepareConfig`` (with ``CorpusConfig`` and ``TokenizerTrainConfig``) drives the
+offline ``linrnn-prepare`` steps. Range limits use the run-config convention
+``metadata={"ge": x}`` etc., which ``pretrain.config_loader`` checks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _rng(default, **bounds):
+    return field(default=default, metadata=bounds)
+
+
+@dataclass
+class DataSource:
+    """One prepared dataset (a ``linrnn-prepare prepare`` output) in the training mixture."""
+
+    path: str = ""  # local directory or any remote streaming supports (s3://, gs://, ...)
+    weight: float = _rng(1.0, gt=0.0)  # relative; normalised over all sources
+
+
+@dataclass
+class DataConfig:
+    """How a training rank reads prepared data.
+
+    Batches hold ``seq_len`` tokens per sequence; ``labels`` are the next tokens with -100
+    at the last position of every document segment (see ``data.packing``).
+    """
+
+    sources: list[DataSource] = field(default_factory=list)
+    # sentencepiece model the run expects; None: the tokenizer.model stored with the
+    # first source. Every source must have been prepared with a tokenizer of this hash.
+    tokenizer: str | None = None
+    seq_len: int = _rng(2048, ge=2)  # must equal the seq_len the shards were written with
+    train_split: str = "train"
+    val_split: str = "val"
+    shuffle: bool = True
+    shuffle_seed: int = _rng(17, ge=0)
+    shuffle_algo: Literal["py1e", "py1br", "py1b", "py1s", "py2s", "naive"] = "py1e"
+    shuffle_block_size: int | None = None  # None: streaming's default
+    # Fix this for a run that may change its node count: the global sample order depends
+    # on it (None: the number of nodes of the first launch, stored in the loader state).
+    num_canonical_nodes: int | None = None
+    epoch_size: int | None = None  # sequences per epoch of the mixture; None: all sources once
+    num_workers: int = _rng(2, ge=0)  # DataLoader worker processes per rank
+    prefetch_factor: int = _rng(2, ge=1)
+    pin_memory: bool = False
+    # Node-local cache root for shard copies and streaming's temp files; None:
+    # $LINRNN_DATA_CACHE or <system tmp>/linrnn-data-<uid>. Each job gets its own subdir.
+    cache_root: str | None = None
+    job_id: str | None = None  # None: SLURM_JOB_ID, torchrun's master port, or the pid
+    cache_limit: str | None = None  # e.g. "200gb": evict least recently used shards
+    predownload: int | None = None  # samples to fetch ahead per worker (None: 8 * batch)
+    download_timeout: float = _rng(300.0, gt=0.0)
+    # Check shards before reading: "size" (every shard present with its recorded size; cheap),
+    # "hash" (also xxh64 of every byte), "none".
+    verify: Literal["none", "size", "hash"] = "size"
+    clean_stale_shm: bool = True  # unlink shared memory left by a killed job (once per process)
+    drop_last: bool = True  # drop a rank's final partial batch of an epoch
+
+
+@dataclass
+class CorpusConfig:
+    """Where raw documents come from.
+
+    ``source`` is a local file, directory or glob (comma-separated for several), or
+    ``hub:<name>`` for a Hugging Face hub dataset. Local sources never touch the network.
+    """
+
+    source: str = ""
+    format: Literal["auto", "jsonl", "json", "parquet", "text", "csv"] = "auto"
+    text_field: str = "text"
+    hub_config: str | None = None  # hub only: the dataset config name
+    split: str = "train"  # hub only: which split to read
+    streaming: bool = True  # hub only: stream instead of downloading everything first
+    max_documents: int | None = _rng(None, ge=1)
+    text_sample_by: Literal["document", "paragraph", "line"] = "document"  # .txt files
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """sentencepiece training on a sample of a corpus (ids: pad 0, bos 1, eos 2, unk 3)."""
+
+    vocab_size: int = _rng(32000, ge=16)
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    train_chars: int = _rng(50_000_000, ge=1)  # characters of the corpus sampled for training
+    character_coverage: float = _rng(0.9995, gt=0.0, le=1.0)
+    byte_fallback: bool = True
+    split_digits: bool = True
+    num_threads: int = _rng(0, ge=0)  # 0: all cores
+
+
+@dataclass
+class PrepareConfig:
+    """Tokenize a corpus and write packed MDS shards plus a manifest to ``out``."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: str = ""  # path to a sentencepiece .model
+    out: str = ""  # local directory or remote URL (s3://...); staged locally, then renamed/uploaded
+    seq_len: int = _rng(2048, ge=2)
+    val_fraction: float = _rng(0.005, ge=0.0, lt=1.0)  # documents held out for validation
+    split_seed: int = 0  # which documents go to validation (a hash of seed and index)
+    add_bos: bool = False  # prepend BOS to every document (EOS is always appended)
+    num_workers: int = _rng(0, ge=0)  # tokenizer processes; 0: all cores
+    docs_per_task: int = _rng(256, ge=1)  # documents sent to a worker at a time
+    compression: str | None = None  # e.g. "zstd" or "zstd:7"
+    shard_size: str = "64mb"  # uncompressed bytes per shard
+    overwrite: bool = False  # replace a complete dataset at ``out``
+    staging_dir: str | None = None  # remote ``out`` only: where shards are written first

@@ -1,0 +1,292 @@
+"""Per-rank, resumable batches from prepared datasets (streaming's ``StreamingDataset``).
+
+``TokenLoader(cfg, batch_size)`` yields dicts from ``data.packing.collate_packed``:
+``input_ids``/``labels`` ``[B, T]`` int64, global ``cu_seqlens`` int32 over the flattened
+batch, and ``seq_cu_seqlens`` per row. Several sources form a weighted mixture (streams
+with proportions); shuffling is deterministic from ``shuffle_seed``.
+
+Resume: ``state_dict()`` records the epoch and the number of samples the whole job has
+consumed (batches yielded x batch size x world size) in streaming's format. Loading it
+continues the same global sample order, with no sample repeated or skipped, also with
+another number of ranks as long as the global batch stays the same: streaming fixes the
+order by ``num_canonical_nodes`` (stored in the state), not by the physical layout. A
+global step covers the same set of samples whatever the layout; the order of samples
+inside one global batch may differ.
+
+Ranks come from the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) or
+from explicit ``rank``/``world_size`` arguments. Explicit ranks simulate a job in one
+process (tests, benchmarks): each simulated rank acts as its own node with its own cache
+directory. Every job gets its own cache and temp directory under ``cache_root``; stale
+shared memory left by a killed job is unlinked once per process before the first loader.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig
+from .errors import DataError
+from .manifest import check_compatible, is_remote, read_manifest, verify_split
+from .packing import collate_packed, example_from_sample
+
+STATE_VERSION = 1
+_DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+_shm_cleaned = False
+
+
+def default_cache_root() -> Path:
+    env = os.environ.get("LINRNN_DATA_CACHE")
+    if env:
+        return Path(env)
+    return Path(tempfile.gettempdir()) / f"linrnn-data-{os.getuid()}"
+
+
+def job_id_from_env() -> str:
+    """SLURM job (array task), else torchrun's rendezvous port, else this process."""
+    if os.environ.get("SLURM_JOB_ID"):
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm{os.environ['SLURM_JOB_ID']}" + (f"-{task}" if task else "")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_PORT"):
+        return f"dist{os.environ['MASTER_PORT']}"
+    return f"pid{os.getpid()}"
+
+
+@contextlib.contextmanager
+def _single_process_env() -> Iterator[None]:
+    """Make streaming see a 1-process world while it builds a simulated rank's dataset."""
+    saved = {k: os.environ.get(k) for k in _DIST_KEYS}
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@dataclass
+class SourceInfo:
+    path: str
+    weight: float
+    manifest: dict[str, Any]
+
+    @property
+    def dataset_id(self) -> str:
+        return self.manifest["dataset_id"]
+
+
+def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike) -> tuple[list[SourceInfo], str]:
+    """Read and check every source's manifest for ``split``; returns them and the tokenizer hash."""
+    if not cfg.sources:
+        raise DataError("data.sources is empty: list the prepared datasets to read, e.g. "
+                        "data.sources=[{path: runs/demo/data}] (made by `linrnn-prepare prepare`)")
+    expected = None
+    if cfg.tokenizer:
+        from .tokenizer import Tokenizer
+
+        expected = Tokenizer.load(cfg.tokenizer).hash
+    infos = []
+    for i, src in enumerate(cfg.sources):
+        if not src.path:
+            raise DataError(f"data.sources[{i}].path is empty: set it to a prepared dataset directory")
+        manifest = read_manifest(src.path, Path(scratch) / f"manifest{i}")
+        if expected is None:
+            expected = manifest["tokenizer"]["hash"]
+        check_compatible(manifest, src.path, seq_len=cfg.seq_len, tokenizer_hash=expected, split=split)
+        if not is_remote(src.path):
+            verify_split(Path(src.path) / split, manifest["splits"][split], cfg.verify)
+        infos.append(SourceInfo(src.path, src.weight, manifest))
+    assert expected is not None
+    return infos, expected
+
+
+def data_info(cfg: DataConfig, split: str | None = None) -> dict[str, Any]:
+    """Tokenizer facts (vocab size, special ids, hash) and sizes, without building a loader."""
+    with tempfile.TemporaryDirectory(prefix="linrnn-info-") as scratch:
+        infos, tok_hash = open_sources(cfg, split or cfg.train_split, scratch)
+    first = infos[0].manifest
+    return {"tokenizer": first["tokenizer"], "tokenizer_hash": tok_hash, "seq_len": first["seq_len"],
+            "dtype": first["dtype"],
+            "sources": [{"path": s.path, "weight": s.weight, "dataset_id": s.dataset_id,
+                         "splits": s.manifest["splits"]} for s in infos]}
+
+
+def _make_dataset_class():
+    from streaming import StreamingDataset
+
+    class PackedSequenceDataset(StreamingDataset):
+        """StreamingDataset whose samples are ``input_ids``/``labels``/``cu_seqlens`` arrays."""
+
+        def get_item(self, idx: int) -> dict:
+            return example_from_sample(super().get_item(idx))
+
+    return PackedSequenceDataset
+
+
+class TokenLoader:
+    """One rank's batches over one split of the configured mixture (see module doc)."""
+
+    def __init__(self, cfg: DataConfig, batch_size: int, *, split: str | None = None,
+                 rank: int | None = None, world_size: int | None = None,
+                 num_workers: int | None = None, shuffle: bool | None = None) -> None:
+        from streaming import Stream
+        from streaming.base import distributed as sdist
+        from torch.utils.data import DataLoader
+
+        if batch_size < 1:
+            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        self.cfg = cfg
+        self.split = split or cfg.train_split
+        self.batch_size = batch_size
+        self.explicit = rank is not None or world_size is not None
+        if self.explicit:
+            self.world_size = 1 if world_size is None else world_size
+            self.rank = rank or 0
+            if not 0 <= self.rank < self.world_size:
+                raise DataError(f"rank {self.rank} is outside world_size {self.world_size}")
+            node = self.rank
+        else:
+            self.rank, self.world_size = sdist.get_rank(), sdist.get_world_size()
+            node = self.rank // sdist.get_local_world_size()
+        is_train = self.split == cfg.train_split
+        self.shuffle = (cfg.shuffle and is_train) if shuffle is None else shuffle
+
+        job = cfg.job_id or job_id_from_env()
+        self.job_dir = Path(cfg.cache_root or default_cache_root()) / job
+        node_dir = self.job_dir / f"node{node}"
+        tmp_dir = self.job_dir / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = str(tmp_dir)  # streaming keeps its lock files in gettempdir()
+        self.sources, self.tokenizer_hash = open_sources(cfg, self.split, node_dir / "meta" / self.split)
+
+        env = _single_process_env() if self.explicit else contextlib.nullcontext()
+        with env:
+            self._clean_stale_shm()
+            weighted = is_train and len(self.sources) > 1
+            total_w = sum(s.weight for s in self.sources)
+            streams = [
+                Stream(remote=s.path, local=str(node_dir / s.dataset_id.split(":")[1][:16]),
+                       split=self.split, proportion=(s.weight / total_w) if weighted else None)
+                for s in self.sources]
+            cls = _make_dataset_class()
+            try:
+                self.dataset = cls(
+                    streams=streams, batch_size=batch_size, shuffle=self.shuffle,
+                    shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
+                    shuffle_block_size=cfg.shuffle_block_size,
+                    num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="relaxed",
+                    epoch_size=cfg.epoch_size if is_train else None, predownload=cfg.predownload,
+                    cache_limit=cfg.cache_limit, download_timeout=cfg.download_timeout,
+                    validate_hash="xxh64" if cfg.verify == "hash" else None)
+            except ValueError as e:
+                if "Reused local directory" in str(e):
+                    raise DataError(f"the shard cache {str(node_dir)!r} is in use by another live loader "
+                                    "of this job: close() the old TokenLoader first, or set a distinct "
+                                    "data.job_id") from None
+                raise
+        if self.explicit:
+            from streaming.base.world import World
+
+            world = World(num_nodes=self.world_size, ranks_per_node=1, workers_per_rank=1, worker=self.rank)
+            self.dataset._unique_rank_world = world
+            self.dataset._parallel_rank_world = world.copy()
+            self.dataset.length = math.ceil(self.dataset.epoch_size / self.world_size)
+
+        workers = cfg.num_workers if num_workers is None else num_workers
+        self._loader = DataLoader(
+            self.dataset, batch_size=batch_size, collate_fn=collate_packed, num_workers=workers,
+            drop_last=cfg.drop_last, pin_memory=cfg.pin_memory,
+            prefetch_factor=cfg.prefetch_factor if workers > 0 else None)
+        self._batches = 0  # batches yielded since the current epoch's iteration began
+
+    def _clean_stale_shm(self) -> None:
+        global _shm_cleaned
+        if self.cfg.clean_stale_shm and not _shm_cleaned:
+            from streaming.base.util import clean_stale_shared_memory
+
+            clean_stale_shared_memory()
+            _shm_cleaned = True
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[dict]:
+        """One epoch (or the rest of it, after ``load_state_dict``) of this rank's batches."""
+        self._batches = 0
+        for batch in self._loader:
+            self._batches += 1
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.cfg.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position of the whole job (identical on every rank)."""
+        consumed = self._batches * self.global_batch_size
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "seq_len": self.cfg.seq_len,
+            "sources": [[s.dataset_id, s.weight] for s in self.sources],
+            "global_batch_size": self.global_batch_size,
+            "streaming": self.dataset.state_dict(consumed, from_beginning=False),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue from ``state`` at the next ``__iter__``.
+
+        ``strict`` refuses a state saved for other datasets, weights or another global batch
+        size (each changes which samples come next); pass False to accept it knowingly.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data loader state has version {state.get('version')}, expected "
+                            f"{STATE_VERSION}: it was written by another code version")
+        if strict:
+            mine = [[s.dataset_id, s.weight] for s in self.sources]
+            if state["sources"] != mine or state["split"] != self.split:
+                raise DataError("the checkpoint's data state belongs to other datasets or mixture "
+                                "weights than data.sources: restore the original sources, or resume "
+                                "with strict=False to restart the data order knowingly")
+            if state["global_batch_size"] != self.global_batch_size:
+                raise DataError(
+                    f"the checkpoint's data state was saved at global batch "
+                    f"{state['global_batch_size']} sequences, this job has {self.global_batch_size} "
+                    f"({self.world_size} ranks x {self.batch_size}): keep the global batch size "
+                    "fixed when changing the number of ranks")
+        self.dataset.load_state_dict(state["streaming"])
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """Stop streaming's threads and release the cache directory for a new loader."""
+        ds = getattr(self, "dataset", None)
+        if ds is None:
+            return
+        it = getattr(ds, "_iterator", None)
+        if it is not None:
+            it.exit()
+        shm = getattr(ds, "_locals_shm", None)
+        if shm is not None:
+            with contextlib.suppress(Exception):
+                shm.buf[:4] = b"\0\0\0\0"  # what StreamingDataset.__del__ does
+        self.dataset = None  # type: ignore[assignment]
+
+    def __enter__(self) -> TokenLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,261 @@
+"""Corpus -> tokenized, packed MDS shards plus manifest, written atomically.
+
+Pipeline: the main process reads documents (``data.corpus``) and sends batches to a pool
+of tokenizer processes (results come back in order, so the output does not depend on the
+number of workers); it assigns each document to train or validation by a hash of its
+corpus index, packs (``data.packing``) and writes shards with ``streaming.MDSWriter``.
+
+Atomicity: everything is written to ``<out>.partial`` and renamed to ``<out>`` at the end
+(the manifest is the last file written). A crashed run leaves only ``.partial``, which the
+next run deletes before starting again; a rerun with the same inputs on a complete
+dataset does nothing. Remote outputs (s3://, gs://, ...) are staged locally and uploaded
+with the manifest last, so a reader never sees a manifest without all its shards.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import PrepareConfig
+from .corpus import count_documents, iter_documents, resolve_corpus
+from .errors import DataError
+from .manifest import (FORMAT, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, dataset_id, is_remote,
+                       read_manifest, sha256_file, write_json_atomic)
+from .packing import Packer, token_dtype
+from .tokenizer import MODEL_FILENAME, Tokenizer, encode_task, init_worker
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def validation_mask(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which documents (by corpus index) are held out: splitmix64(seed, index) < fraction."""
+    if fraction <= 0:
+        return np.zeros(len(indices), dtype=bool)
+    z = indices.astype(np.uint64) + np.uint64((seed * _GOLDEN + _GOLDEN) & _MASK64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def _settings(cfg: PrepareConfig, tok: Tokenizer, source: str) -> dict[str, Any]:
+    """The inputs that decide the output; a rerun with equal settings is a no-op."""
+    c = cfg.corpus
+    return {"source": source, "format": c.format, "text_field": c.text_field,
+            "hub_config": c.hub_config, "hub_split": c.split, "max_documents": c.max_documents,
+            "text_sample_by": c.text_sample_by, "val_fraction": cfg.val_fraction,
+            "split_seed": cfg.split_seed, "add_bos": cfg.add_bos, "tokenizer_hash": tok.hash,
+            "seq_len": cfg.seq_len, "compression": cfg.compression}
+
+
+def _tasks(docs: Iterator[str], per_task: int, add_bos: bool, stats: dict) -> Iterator[tuple]:
+    """Batches of (corpus indices, texts); whitespace-only documents are skipped and counted."""
+    idx, texts = [], []
+    for i, text in enumerate(docs):
+        if not text.strip():
+            stats["skipped_empty"] += 1
+            continue
+        idx.append(i)
+        texts.append(text)
+        if len(texts) == per_task:
+            yield np.array(idx, dtype=np.int64), texts, add_bos
+            idx, texts = [], []
+    if texts:
+        yield np.array(idx, dtype=np.int64), texts, add_bos
+
+
+def _encode_indexed(task: tuple) -> tuple:
+    indices, texts, add_bos = task
+    _, flat, lengths, chars = encode_task((0, texts, add_bos))
+    return indices, flat, lengths, chars
+
+
+def _pool_context() -> mp.context.BaseContext:
+    # fork starts workers instantly and shares the imported modules; spawn elsewhere.
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
+@contextlib.contextmanager
+def _out_lock(final: Path) -> Iterator[None]:
+    lock_path = final.parent / f".{final.name}.lock"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another prepare is writing {str(final)!r} (lock {str(lock_path)!r} "
+                            "is held): wait for it or choose another --out") from None
+        yield
+
+
+def _existing_outcome(cfg: PrepareConfig, settings: dict, cache: str) -> dict | None:
+    """A complete dataset with the same settings at ``out`` -> its manifest (nothing to do)."""
+    out = cfg.out
+    if not is_remote(out):
+        p = Path(out)
+        if not p.exists():
+            return None
+        if not (p / MANIFEST_NAME).is_file():
+            if p.is_dir() and not any(p.iterdir()):
+                return None
+            if not cfg.overwrite:
+                raise DataError(f"{out!r} exists and is not a prepared dataset: choose another --out "
+                                "or pass --overwrite to replace it")
+            return None
+    try:
+        manifest = read_manifest(out, cache)
+    except DataError:
+        if is_remote(out) or cfg.overwrite:
+            return None  # remote without manifest: an interrupted upload; redo it
+        raise
+    if cfg.overwrite:
+        return None
+    if manifest.get("settings") == settings:
+        return manifest
+    raise DataError(f"{out!r} already holds a prepared dataset with other settings: pass --overwrite "
+                    "to replace it or choose another --out")
+
+
+def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: bool) -> dict:
+    from streaming import MDSWriter
+
+    resolved = resolve_corpus(cfg.corpus)
+    dtype = token_dtype(tok.vocab_size)
+    columns = {"tokens": f"ndarray:{dtype.name}:{cfg.seq_len}", "cu_seqlens": "ndarray:int32"}
+    split_names = ["train"] + (["val"] if cfg.val_fraction > 0 else [])
+    workers = cfg.num_workers or (os.cpu_count() or 1)
+    pool = _pool_context().Pool(workers, initializer=init_worker, initargs=(tok.model_bytes,))
+    writers = {s: MDSWriter(out=str(staging / s), columns=columns, compression=cfg.compression,
+                            hashes=["xxh64"], size_limit=cfg.shard_size) for s in split_names}
+    packers = {s: Packer(cfg.seq_len, dtype) for s in split_names}
+    stats = collections.Counter(skipped_empty=0)
+    total = count_documents(cfg.corpus, resolved)
+    bar = tqdm(total=total, unit="doc", desc=f"prepare {Path(cfg.out).name}", disable=not progress,
+               mininterval=1.0, dynamic_ncols=True)
+    t0, tokens_seen = time.perf_counter(), 0
+
+    def handle(result: tuple) -> None:
+        nonlocal tokens_seen
+        indices, flat, lengths, chars = result
+        is_val = validation_mask(indices, cfg.val_fraction, cfg.split_seed)
+        token_is_val = np.repeat(is_val, lengths)
+        parts = {"train": (flat[~token_is_val], lengths[~is_val])}
+        if "val" in packers:
+            parts["val"] = (flat[token_is_val], lengths[is_val])
+        for split, (f, lens) in parts.items():
+            for tokens, cu in packers[split].add(f, lens):
+                writers[split].write({"tokens": tokens, "cu_seqlens": cu})
+        tokens_seen += len(flat)
+        stats["chars"] += chars
+        bar.update(len(indices))
+        bar.set_postfix_str(f"{tokens_seen / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+
+    try:
+        pending: collections.deque = collections.deque()
+        docs = iter_documents(cfg.corpus, resolved)
+        for task in _tasks(docs, cfg.docs_per_task, cfg.add_bos, stats):
+            pending.append(pool.apply_async(_encode_indexed, (task,)))
+            if len(pending) >= 2 * workers + 2:  # bounded: the corpus may be far larger than RAM
+                handle(pending.popleft().get())
+        while pending:
+            handle(pending.popleft().get())
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+        bar.update(stats["skipped_empty"])
+        bar.close()
+    for w in writers.values():
+        w.finish()
+    splits: dict[str, Any] = {}
+    for s, p in packers.items():
+        splits[s] = {"documents": p.documents, "document_tokens": p.document_tokens,
+                     "sequences": p.sequences, "tokens": p.sequences * cfg.seq_len,
+                     "dropped_tokens": p.dropped_tokens,
+                     "index_sha256": sha256_file(staging / s / INDEX_NAME)}
+    if splits["train"]["sequences"] == 0:
+        raise DataError(f"corpus {resolved.describe()} gives {splits['train']['document_tokens']} training "
+                        f"tokens, fewer than one sequence of seq_len={cfg.seq_len}: use more "
+                        "documents or a smaller --seq-len")
+    if "val" in splits and splits["val"]["sequences"] == 0:
+        raise DataError(f"the validation split of {resolved.describe()} gives no full sequence of "
+                        f"{cfg.seq_len} tokens: raise --val-fraction, lower --seq-len, or pass "
+                        "--val-fraction 0")
+    elapsed = time.perf_counter() - t0
+    return {"splits": splits, "dtype": dtype.name, "columns": columns, "source": resolved.describe(),
+            "skipped_empty_documents": stats["skipped_empty"], "chars": stats["chars"],
+            "elapsed_s": round(elapsed, 3), "tokens_per_s": round(tokens_seen / max(elapsed, 1e-9), 1)}
+
+
+def _upload_tree(staging: Path, out: str) -> None:
+    """Copy a staged dataset to a remote (or another local dir), manifest last."""
+    from streaming.base.storage import CloudUploader
+
+    uploader = CloudUploader.get(out=(str(staging), out), keep_local=True, exist_ok=True)
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+    files.remove(MANIFEST_NAME)
+    for rel in files + [MANIFEST_NAME]:
+        if not is_remote(out):
+            (Path(out) / rel).parent.mkdir(parents=True, exist_ok=True)
+        uploader.upload_file(rel)
+
+
+def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the whole prepare step; returns the manifest written (or already present)."""
+    if not cfg.out:
+        raise DataError("no output given: pass --out DIR (or a remote URL)")
+    if not cfg.tokenizer:
+        raise DataError("no tokenizer given: pass --tokenizer PATH (train one with `linrnn-prepare tokenizer`)")
+    tok = Tokenizer.load(cfg.tokenizer)
+    resolved = resolve_corpus(cfg.corpus)  # fail on a bad --input before touching the output
+    settings = _settings(cfg, tok, resolved.describe())
+    remote = is_remote(cfg.out)
+    final = Path(cfg.out).resolve() if not remote else None
+    with contextlib.ExitStack() as stack:
+        tmp_root = stack.enter_context(tempfile.TemporaryDirectory(prefix="linrnn-prepare-"))
+        if final is not None:
+            stack.enter_context(_out_lock(final))
+        existing = _existing_outcome(cfg, settings, tmp_root)
+        if existing is not None:
+            return existing
+        if final is not None:
+            staging = final.parent / f"{final.name}.partial"
+        else:
+            staging = Path(cfg.staging_dir or tmp_root) / "staging"
+        if staging.exists():  # left by an interrupted run: restart cleanly
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        result = _write_splits(cfg, tok, staging, progress)
+        shutil.copyfile(tok.path, staging / MODEL_FILENAME)  # type: ignore[arg-type]
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": "linrnn-prepare",
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seq_len": cfg.seq_len, "add_bos": cfg.add_bos, "tokenizer": {**tok.describe(), "file": MODEL_FILENAME},
+            "settings": settings, **result,
+        }
+        manifest["dataset_id"] = dataset_id(manifest)
+        write_json_atomic(staging / MANIFEST_NAME, manifest)
+        if final is None:
+            _upload_tree(staging, cfg.out)
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            old = final.parent / f"{final.name}.old-{os.getpid()}"
+            if final.exists():
+                os.rename(final, old)
+            os.rename(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        return manifest

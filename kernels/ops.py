@@ -1,0 +1,172 @@
+"""The four public ops. Each validates its inputs once, then dispatches to a backend.
+
+Signatures are stable: the Triton kernels implement exactly these. The torch backend is
+the chunked reference (fast enough to train tiny models on a CPU); the naive per-token
+forms in ``kernels.reference`` are the oracle for tests.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import resolve_backend, triton_impl
+from .reference import causal_conv1d as _conv_ref
+from .reference import gated_delta_product as _gdp_ref
+from .reference import linear_recurrence as _lr_ref
+from .reference import ssd as _ssd_ref
+from .varlen import check_cu_seqlens
+
+State = torch.Tensor | None
+
+
+def _num_seqs(batch: int, cu_seqlens: torch.Tensor | None) -> int:
+    return batch if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def _check_state(op: str, state: State, expected: tuple[int, ...], name: str = "initial_state") -> None:
+    if state is not None and tuple(state.shape) != expected:
+        raise ValueError(f"{op}: {name} must have shape {list(expected)}, got {list(state.shape)}")
+
+
+def gated_delta_product(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State]:
+    """Gated DeltaProduct: per token decay by exp(g), then n_h Householder-like updates.
+
+    q [B,T,H,K], k [B,T,n_h,H,K], v [B,T,n_h,H,V], beta [B,T,n_h,H], g [B,T,H] (<= 0),
+    states [N,H,K,V] fp32. Returns (o [B,T,H,V], final_state or None).
+    """
+    op = "gated_delta_product"
+    B, T, H, K = q.shape
+    if k.dim() != 5 or k.shape[0] != B or k.shape[1] != T or k.shape[3:] != (H, K):
+        raise ValueError(f"{op}: k must be [B,T,n_h,H,K]={[B, T, 'n_h', H, K]}, got {list(k.shape)}")
+    n_h = k.shape[2]
+    if v.dim() != 5 or v.shape[:4] != (B, T, n_h, H):
+        raise ValueError(f"{op}: v must be [B,T,n_h,H,V] with n_h={n_h}, got {list(v.shape)}")
+    if beta.shape != (B, T, n_h, H):
+        raise ValueError(f"{op}: beta must be {[B, T, n_h, H]}, got {list(beta.shape)}")
+    if g is not None and g.shape != (B, T, H):
+        raise ValueError(f"{op}: g must be {[B, T, H]}, got {list(g.shape)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, T, B, op)
+    _check_state(op, initial_state, (_num_seqs(B, cu_seqlens), H, K, v.shape[-1]))
+    scale = K**-0.5 if scale is None else scale
+    args = (q, k, v, beta, g)
+    kwargs = dict(scale=scale, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if resolve_backend(op, backend, q) == "triton":
+        return triton_impl(op)(*args, **kwargs)
+    return _gdp_ref.chunk_gated_delta_product(*args, **kwargs)
+
+
+def ssd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    D: torch.Tensor | None = None,
+    allow_neg_eigval: bool = False,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State]:
+    """Mamba2 state-space duality scan with scalar decay per head.
+
+    x [B,T,H,P], dt [B,T,H] (> 0), A [H] (< 0), B and C [B,T,G,N], D [H] or None,
+    states [N_seq,H,P,N] fp32. a_t = exp(dt A), or 2 exp(dt A) - 1 with allow_neg_eigval;
+    h_t = a_t h_{t-1} + dt_t x_t B_t^T; y_t = h_t C_t + D x_t.
+    """
+    op = "ssd"
+    Bsz, T, H, P = x.shape
+    if dt.shape != (Bsz, T, H):
+        raise ValueError(f"{op}: dt must be {[Bsz, T, H]}, got {list(dt.shape)}")
+    if A.shape != (H,):
+        raise ValueError(f"{op}: A must be [{H}], got {list(A.shape)}")
+    if B.dim() != 4 or B.shape[:2] != (Bsz, T) or B.shape != C.shape:
+        raise ValueError(f"{op}: B and C must both be [B,T,G,N], got {list(B.shape)} and {list(C.shape)}")
+    G, N = B.shape[2], B.shape[3]
+    if H % G != 0:
+        raise ValueError(f"{op}: number of heads {H} must be divisible by groups {G}")
+    if D is not None and D.shape != (H,):
+        raise ValueError(f"{op}: D must be [{H}], got {list(D.shape)}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, T, Bsz, op)
+    _check_state(op, initial_state, (_num_seqs(Bsz, cu_seqlens), H, P, N))
+    args = (x, dt, A, B, C)
+    kwargs = dict(D=D, allow_neg_eigval=allow_neg_eigval, initial_state=initial_state,
+                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if resolve_backend(op, backend, x) == "triton":
+        return triton_impl(op)(*args, **kwargs)
+    return _ssd_ref.chunk_ssd(*args, **kwargs)
+
+
+def linear_recurrence(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    *,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State]:
+    """Elementwise h_t = a_t h_{t-1} + x_t over [B,T,D] (the RG-LRU scan); state [N,D] fp32."""
+    op = "linear_recurrence"
+    if x.dim() != 3 or a.shape != x.shape:
+        raise ValueError(f"{op}: x and a must both be [B,T,D], got {list(x.shape)} and {list(a.shape)}")
+    Bsz, T, Dm = x.shape
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, T, Bsz, op)
+    _check_state(op, initial_state, (_num_seqs(Bsz, cu_seqlens), Dm))
+    kwargs = dict(initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens)
+    if resolve_backend(op, backend, x) == "triton":
+        return triton_impl(op)(x, a, **kwargs)
+    return _lr_ref.chunk_linear_recurrence(x, a, **kwargs)
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    activation: str | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    initial_state: State = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State]:
+    """Depthwise causal conv over [B,T,D] with weight [D,W], W <= 4, never mixing documents.
+
+    The conv state is the last W-1 inputs, [N, D, W-1] (zeros before a sequence's start).
+    activation: None or "silu".
+    """
+    op = "causal_conv1d"
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must be [B,T,D], got {list(x.shape)}")
+    Bsz, T, Dm = x.shape
+    if weight.dim() != 2 or weight.shape[0] != Dm or not 1 <= weight.shape[1] <= 4:
+        raise ValueError(f"{op}: weight must be [D={Dm}, W<=4], got {list(weight.shape)}")
+    if bias is not None and bias.shape != (Dm,):
+        raise ValueError(f"{op}: bias must be [{Dm}], got {list(bias.shape)}")
+    if activation not in (None, "silu"):
+        raise ValueError(f"{op}: activation must be None or 'silu', got {activation!r}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, T, Bsz, op)
+    _check_state(op, initial_state, (_num_seqs(Bsz, cu_seqlens), Dm, weight.shape[1] - 1))
+    kwargs = dict(activation=activation, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                  output_final_state=output_final_state)
+    if resolve_backend(op, backend, x) == "triton":
+        return triton_impl(op)(x, weight, bias, **kwargs)
+    return _conv_ref.chunk_causal_conv1d(x, weight, bias, **kwargs)

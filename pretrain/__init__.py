@@ -1,0 +1,1 @@
+"""Training side: config schema, models, DeepSpeed engine, training loop, checkpoints."""

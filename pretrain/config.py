@@ -1,0 +1,86 @@
+"""The run config schema: one typed tree for model, data, optimizer, parallelism,
+checkpointing, logging and eval, saved beside every checkpoint.
+
+Loading, overrides and validation live in ``pretrain.config_loader``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data.config import DataConfig
+
+from .model_config import ModelConfig
+
+# Range constraints read by the loader: metadata={"ge": x} / {"gt": x} / {"le": x} / {"lt": x}.
+
+
+def _rng(default, **bounds):
+    return field(default=default, metadata=bounds)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = _rng(3e-4, gt=0.0)
+    min_lr_ratio: float = _rng(0.1, ge=0.0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = _rng(1e-8, gt=0.0)
+    weight_decay: float = _rng(0.01, ge=0.0)
+    grad_clip: float = _rng(1.0, ge=0.0)  # 0 disables clipping
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = _rng(512, ge=0)
+    decay_fraction: float = _rng(0.1, gt=0.0, le=1.0)  # wsd: share of steps spent decaying
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = _rng(1, ge=0, le=3)
+    pipeline_stages: int = _rng(1, ge=1)
+    micro_batch_size: int = _rng(8, ge=1)  # sequences per rank per micro-step
+    global_batch_size: int = _rng(256, ge=1)  # sequences per optimizer step, all ranks
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    offload_optimizer: bool = False
+
+    def check(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size: {self.global_batch_size} must be a multiple of "
+                f"parallel.micro_batch_size={self.micro_batch_size}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_steps: int = _rng(1000, ge=0)  # 0: only at the end and on preemption
+    keep_last: int = _rng(3, ge=1)
+    resume: bool = True  # resume from the newest complete checkpoint in ``dir``
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = _rng(10, ge=1)
+    log_dir: str | None = None  # defaults to <checkpoint.dir>/logs
+    wandb_project: str | None = None  # the key comes from WANDB_API_KEY, never the config
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _rng(0, ge=0)  # 0: no periodic validation
+    val_batches: int = _rng(50, ge=1)
+    suites: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 1234
+    max_steps: int = _rng(1000, ge=1)
+    wall_clock_budget_s: float | None = None  # stop and save before a job's time limit
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,38 @@
+"""``linrnn-config``: resolve, validate and print a run config; list presets and sizes."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config_loader import ConfigError, dump_config, list_model_presets, load_config, load_model_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="linrnn-config",
+        description="Resolve a run config (YAML + key=value overrides), validate it and print it.",
+    )
+    parser.add_argument("config", nargs="?", help="run config YAML (omit with --presets)")
+    parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied in order")
+    parser.add_argument("--presets", action="store_true",
+                        help="list the model presets with their parameter counts")
+    args = parser.parse_args(argv)
+    try:
+        if args.presets:
+            from .models import count_parameters
+
+            for name in list_model_presets():
+                n = count_parameters(load_model_config(name))
+                print(f"{name:32s} {n / 1e6:10.2f}M")
+            return 0
+        if args.config is None:
+            parser.error("a config file is required (or --presets)")
+        print(dump_config(load_config(args.config, args.overrides)), end="")
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

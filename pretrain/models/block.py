@@ -1,0 +1,54 @@
+"""Pre-norm residual block: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``.
+
+The mixer class is looked up by name and imported lazily, so a pattern only needs the
+modules of the mixers it uses (and new families register with one line).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn as nn
+
+from ..model_config import ModelConfig
+from .base import MixerCache
+from .layers import RMSNorm
+from .mlp import build_mlp
+
+MIXERS: dict[str, str] = {
+    "gated_deltaproduct": "pretrain.models.gated_deltaproduct:GatedDeltaProduct",
+    "mamba2": "pretrain.models.mamba2:Mamba2",
+    "rglru": "pretrain.models.griffin:RGLRUBlock",
+    "local_attention": "pretrain.models.local_attention:LocalAttention",
+}
+
+
+def mixer_class(name: str) -> type[nn.Module]:
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; known: {sorted(MIXERS)}")
+    module, cls = MIXERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, mixer_name: str):
+        super().__init__()
+        self.layer_idx, self.mixer_name = layer_idx, mixer_name
+        self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = mixer_class(mixer_name)(config, layer_idx)
+        self.mlp = build_mlp(config)
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps) if self.mlp is not None else None
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                cache: MixerCache | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+    def step(self, x: torch.Tensor, cache: MixerCache) -> torch.Tensor:
+        """One token x [B, D]."""
+        x = x + self.mixer.step(self.mixer_norm(x), cache)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x

@@ -1,0 +1,156 @@
+"""Griffin / Hawk recurrent block (De et al., 2024) with the RG-LRU.
+
+Block: ``out_proj(GeLU(linear_y(x)) * RG_LRU(Conv4(linear_x(x))))``. The RG-LRU is
+
+    gate_x = σ(W_x x + b_x),  gate_a = σ(W_a x + b_a)      (block-diagonal W, num_heads blocks)
+    log a_t = -c · gate_a · softplus(Λ),  c = 8
+    h_t = a_t · h_{t-1} + sqrt(1 - a_t²) · (gate_x · x_t)
+
+The sqrt(1 - a²) factor keeps the state's scale roughly constant as a → 1; its derivative
+blows up there, so (as recurrentgemma does) the backward is capped at 1000 to keep bf16
+training finite. The scan runs in ``kernels.linear_recurrence`` with an fp32 state.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+from ..model_config import ModelConfig
+from .base import MixerCache
+from .layers import ShortConvolution
+
+RGLRU_C = 8.0
+MAX_SQRT_GRADIENT = 1000.0
+A_INIT_RANGE = (0.9, 0.999)  # a at gate_a = 1, uniform in a²
+
+
+class SqrtBoundDerivative(torch.autograd.Function):
+    """sqrt(x) whose derivative 1/(2 sqrt x) is capped at ``MAX_SQRT_GRADIENT``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad_out / torch.sqrt(torch.clamp(4.0 * x, min=1.0 / MAX_SQRT_GRADIENT**2))
+
+
+def sqrt_bound_derivative(x: torch.Tensor) -> torch.Tensor:
+    return SqrtBoundDerivative.apply(x)
+
+
+class BlockDiagLinear(nn.Module):
+    """``y = x W + b`` with W block-diagonal (``num_blocks`` blocks): per-head gates, cheap."""
+
+    def __init__(self, width: int, num_blocks: int):
+        super().__init__()
+        if width % num_blocks != 0:
+            raise ValueError(f"rglru: lru_width {width} must be divisible by rglru.num_heads {num_blocks}")
+        self.num_blocks, self.block_width = num_blocks, width // num_blocks
+        self.weight = nn.Parameter(torch.empty(num_blocks, self.block_width, self.block_width))
+        self.bias = nn.Parameter(torch.empty(num_blocks, self.block_width))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """recurrentgemma: weights N(0, 1/block_width), zero bias."""
+        nn.init.normal_(self.weight, std=math.sqrt(1.0 / self.block_width))
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.unflatten(-1, (self.num_blocks, self.block_width))
+        y = torch.einsum("...hi,hij->...hj", xb, self.weight) + self.bias
+        return y.flatten(-2)
+
+
+class RGLRUBlock(nn.Module):
+    """Griffin's temporal-mixing block; Hawk stacks only these, Griffin mixes in attention."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        cfg = config.rglru
+        self.layer_idx = layer_idx
+        self.d_model = config.d_model
+        self.lru_width = cfg.lru_width or config.d_model
+        self.linear_y = nn.Linear(self.d_model, self.lru_width)
+        self.linear_x = nn.Linear(self.d_model, self.lru_width)
+        self.conv = ShortConvolution(self.lru_width, cfg.conv_size, activation=None, bias=True)
+        self.input_gate = BlockDiagLinear(self.lru_width, cfg.num_heads)
+        self.a_gate = BlockDiagLinear(self.lru_width, cfg.num_heads)
+        self.a_param = nn.Parameter(torch.empty(self.lru_width))
+        self.a_param._no_weight_decay = True  # type: ignore[attr-defined]
+        self.out_proj = nn.Linear(self.lru_width, self.d_model)
+        self.reset_mixer_parameters()
+
+    @torch.no_grad()
+    def reset_mixer_parameters(self) -> None:
+        """Λ so that a = exp(-c·softplus(Λ)) at gate 1 is uniform in a² over [0.9², 0.999²].
+
+        Also re-draws the block-diagonal gates and zeroes the biases of the projections
+        (the LM's generic init only touches the ``nn.Linear`` weights).
+        """
+        lo, hi = A_INIT_RANGE
+        a2 = torch.empty(self.lru_width, device=self.a_param.device, dtype=torch.float64).uniform_(lo**2, hi**2)
+        softplus_lambda = -0.5 * torch.log(a2) / RGLRU_C  # softplus(Λ) = -log(a) / c
+        self.a_param.copy_(torch.log(torch.expm1(softplus_lambda)))  # inverse softplus
+        self.input_gate.reset_parameters()
+        self.a_gate.reset_parameters()
+        for lin in (self.linear_y, self.linear_x, self.out_proj):
+            nn.init.zeros_(lin.bias)
+        if self.conv.bias is not None:
+            self.conv.bias.zero_()
+
+    def _rg_lru_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised input x̃, decay a), both fp32, from the conv output ``x``."""
+        xf = x.float()
+        gate_x = torch.sigmoid(self.input_gate(x).float())
+        gate_a = torch.sigmoid(self.a_gate(x).float())
+        log_a = -RGLRU_C * gate_a * F.softplus(self.a_param.float())
+        # 1 - a² = -expm1(2 log a): exact near a = 1 where 1 - exp(..)² would cancel.
+        multiplier = sqrt_bound_derivative(-torch.expm1(2.0 * log_a))
+        return xf * gate_x * multiplier, torch.exp(log_a)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: MixerCache | None = None,
+    ) -> torch.Tensor:
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("rglru: pass either cache (decoding) or cu_seqlens (packed training), not both")
+        y_branch = F.gelu(self.linear_y(x), approximate="tanh")
+        xb = self.conv(self.linear_x(x), cu_seqlens=cu_seqlens, cache=cache)
+        x_norm, a = self._rg_lru_inputs(xb)
+        h, final = kernels.linear_recurrence(
+            x_norm, a,
+            initial_state=cache["h"] if cache is not None else None,
+            output_final_state=cache is not None,
+            cu_seqlens=cu_seqlens,
+        )
+        if cache is not None:
+            cache["h"].copy_(final)
+        return self.out_proj(h.to(x.dtype) * y_branch)
+
+    def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixerCache:
+        return {
+            "conv": self.conv.init_state(batch_size, device, dtype),
+            "h": torch.zeros(batch_size, self.lru_width, device=device, dtype=torch.float32),
+        }
+
+    def step(self, x: torch.Tensor, cache: MixerCache) -> torch.Tensor:
+        """One token ``[B, d_model]``: h = a·h + x̃ on the fp32 cached state."""
+        y_branch = F.gelu(self.linear_y(x), approximate="tanh")
+        xb = self.conv.step(self.linear_x(x), cache)
+        x_norm, a = self._rg_lru_inputs(xb)
+        h = a * cache["h"] + x_norm
+        cache["h"].copy_(h)
+        return self.out_proj(h.to(x.dtype) * y_branch)

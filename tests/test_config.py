@@ -1,0 +1,114 @@
+"""The config schema: YAML + overrides, typed validation with clear errors, exact round trip."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pretrain.config import RunConfig
+from pretrain.config_loader import (
+    ConfigError,
+    dump_config,
+    list_model_presets,
+    load_config,
+    load_model_config,
+    save_config,
+)
+from pretrain.config_cli import main as config_main
+
+RUN_YAML = """
+name: unit
+max_steps: 20
+model:
+  preset: gated_deltaproduct-tiny
+  n_layers: 3
+optim:
+  lr: 3e-4
+  betas: [0.9, 0.98]
+parallel:
+  micro_batch_size: 4
+  global_batch_size: 16
+"""
+
+
+@pytest.fixture
+def run_yaml(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text(RUN_YAML)
+    return p
+
+
+def test_yaml_preset_and_overrides(run_yaml):
+    cfg = load_config(run_yaml, ["optim.lr=1e-3", "model.deltaproduct.num_householder=3", "parallel.zero_stage=2"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == "unit" and cfg.max_steps == 20
+    assert cfg.optim.lr == pytest.approx(1e-3)  # "1e-3" is a YAML string; coerced to float
+    assert cfg.optim.betas == (0.9, 0.98)
+    assert cfg.model.n_layers == 3  # explicit key beats the preset
+    assert cfg.model.deltaproduct.num_householder == 3
+    assert cfg.parallel.zero_stage == 2
+    preset = load_model_config("gated_deltaproduct-tiny")
+    assert cfg.model.d_model == preset.d_model and cfg.model.vocab_size == preset.vocab_size
+
+
+def test_save_and_reload_exactly(run_yaml, tmp_path):
+    cfg = load_config(run_yaml, ["model.mamba2.dt_limit=[0.0, .inf]", "wall_clock_budget_s=3600"])
+    out = tmp_path / "saved" / "config.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg
+    assert math.isinf(again.model.mamba2.dt_limit[1])
+    assert dump_config(again) == out.read_text()
+    assert not list(out.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        ("modle.d_model=4", "unknown config key 'modle' (did you mean 'model'?)"),
+        ("model.deltaproduct.num_heads=two", "config key 'model.deltaproduct.num_heads': expected an integer"),
+        ("parallel.activation_checkpointing=3", "'parallel.activation_checkpointing': expected true or false"),
+        ("optim.schedule=linear", "'optim.schedule': must be one of ['cosine', 'wsd', 'constant']"),
+        ("parallel.zero_stage=4", "'parallel.zero_stage': must be <= 3, got 4"),
+        ("optim.lr=-1", "'optim.lr': must be > 0.0"),
+        ("optim.betas=[0.9]", "'optim.betas': expected 2 items"),
+        ("parallel.global_batch_size=10", "parallel.global_batch_size: 10 must be a multiple"),
+        ("model.pattern=DX", "model.pattern: 'DX' must be a non-empty string of the letters"),
+        ("model.preset=gated_deltaproduct-tinyy", "did you mean 'gated_deltaproduct-tiny'"),
+        ("optim=3", "'optim': expected a section"),
+        ("optim.lr", "must look like key.path=value"),
+    ],
+)
+def test_bad_config_names_the_key(run_yaml, override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(run_yaml, [override])
+    assert fragment in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(listy)
+
+
+def test_presets_are_listed():
+    names = list_model_presets()
+    for family in ("gated_deltaproduct", "gated_deltanet", "mamba2", "griffin", "hawk"):
+        for size in ("tiny", "125m", "350m", "760m", "1.3b", "2.7b", "7b"):
+            assert f"{family}-{size}" in names
+
+
+def test_config_cli_prints_resolved_config_and_rejects_bad_keys(run_yaml, capsys):
+    assert config_main([str(run_yaml), "seed=7"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed: 7" in printed and "deltaproduct:" in printed
+    assert config_main([str(run_yaml), "sed=7"]) == 2
+    assert "did you mean 'seed'" in capsys.readouterr().err

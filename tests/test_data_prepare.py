@@ -1,0 +1,152 @@
+"""Prepare: text -> shards -> loader reproduces every document; manifest; atomic reruns."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import data.prepare as prep
+from data import DataError
+from data.config import CorpusConfig, PrepareConfig
+from data.loader import TokenLoader
+from data.manifest import MANIFEST_NAME, read_manifest
+from data.packing import IGNORE_INDEX
+from data.tokenizer import EOS_ID
+from test_data_common import SEQ_LEN, corpus_slice, data_config, prepared, read_texts, tokenizer, tokenizer_path
+
+
+def _expected_docs(count: int, fraction: float) -> tuple[list[list[int]], list[list[int]]]:
+    texts = read_texts(corpus_slice(0, count))
+    tok = tokenizer()
+    is_val = prep.validation_mask(np.arange(len(texts)), fraction, seed=0)
+    docs = [tok.encode(t) + [EOS_ID] for t in texts]
+    return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]
+
+
+def _read_all(cfg, split):
+    with TokenLoader(cfg, batch_size=4, split=split, shuffle=False) as loader:
+        return list(loader)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_round_trip_reproduces_every_document(tmp_path, split):
+    ds = prepared()
+    train_docs, val_docs = _expected_docs(40, 0.1)
+    expected = train_docs if split == "train" else val_docs
+    manifest = read_manifest(str(ds))
+    batches = _read_all(data_config(tmp_path, ds, drop_last=False), split)
+    rebuilt, current, n_seq = [], [], 0
+    for b in batches:
+        ids, labels = b["input_ids"], b["labels"]
+        flat_cu = b["cu_seqlens"].tolist()
+        assert flat_cu[0] == 0 and flat_cu[-1] == ids.numel()
+        for row in range(ids.shape[0]):
+            n_seq += 1
+            cu = b["seq_cu_seqlens"][row].tolist()
+            assert cu[0] == 0 and cu[-1] == SEQ_LEN
+            toks = ids[row].tolist()
+            for a, e in zip(cu, cu[1:]):
+                seg = toks[a:e]
+                # labels: next token inside the segment, ignored at its last position
+                assert labels[row, a:e - 1].tolist() == seg[1:]
+                assert labels[row, e - 1].item() == IGNORE_INDEX
+                current += seg
+                if seg[-1] == EOS_ID:
+                    rebuilt.append(current)
+                    current = []
+                else:  # a segment not ending a document must end the sequence
+                    assert e == SEQ_LEN
+    info = manifest["splits"][split]
+    assert n_seq == info["sequences"] > 0
+    assert rebuilt == expected[: len(rebuilt)]
+    # what is left is the start of the next document; the rest of the stream was dropped
+    tail = sum(len(d) for d in expected[len(rebuilt):]) - len(current)
+    if current:
+        assert current == expected[len(rebuilt)][: len(current)]
+    assert tail == info["dropped_tokens"] < SEQ_LEN
+    assert info["documents"] == len(expected)
+    assert info["document_tokens"] == sum(map(len, expected))
+    # text round trip through the tokenizer
+    texts = [t for t, v in zip(read_texts(corpus_slice(0, 40)), prep.validation_mask(np.arange(40), 0.1, 0))
+             if v == (split == "val")]
+    assert [tokenizer().decode(d[:-1]) for d in rebuilt] == texts[: len(rebuilt)]
+
+
+def test_manifest_records_what_the_loader_checks():
+    m = read_manifest(str(prepared()))
+    tok = tokenizer()
+    assert m["tokenizer"]["hash"] == tok.hash and m["tokenizer"]["vocab_size"] == tok.vocab_size
+    assert m["tokenizer"]["eos_id"] == EOS_ID and m["dtype"] == "uint16" and m["seq_len"] == SEQ_LEN
+    assert m["columns"]["tokens"] == f"ndarray:uint16:{SEQ_LEN}"
+    assert set(m["splits"]) == {"train", "val"}
+    assert (prepared() / "tokenizer.model").read_bytes() == tokenizer_path().read_bytes()
+    assert m["dataset_id"].startswith("sha256:")
+
+
+def _cfg(out, **kw):
+    return PrepareConfig(corpus=CorpusConfig(source=str(corpus_slice(0, 40))), tokenizer=str(tokenizer_path()),
+                         out=str(out), seq_len=SEQ_LEN, val_fraction=0.1, docs_per_task=8, **kw)
+
+
+def test_output_does_not_depend_on_worker_count(tmp_path):
+    a = read_manifest(str(prepared(workers=2)))
+    m = prep.prepare_dataset(_cfg(tmp_path / "one", num_workers=1), progress=False)
+    assert m["dataset_id"] == a["dataset_id"]
+
+
+def test_crash_leaves_nothing_complete_and_rerun_restarts(tmp_path, monkeypatch):
+    out = tmp_path / "ds"
+
+    class Crash(prep.Packer):
+        def add(self, flat, lengths):
+            if self.documents > 10:
+                raise RuntimeError("simulated crash")
+            yield from super().add(flat, lengths)
+
+    monkeypatch.setattr(prep, "Packer", Crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prep.prepare_dataset(_cfg(out, num_workers=1), progress=False)
+    assert not out.exists()  # never a directory that looks complete
+    assert (tmp_path / "ds.partial" / "train").is_dir()
+    with pytest.raises(DataError, match="interrupted prepare"):
+        read_manifest(str(tmp_path / "ds.partial"))
+    monkeypatch.undo()
+    m = prep.prepare_dataset(_cfg(out, num_workers=1), progress=False)
+    assert not (tmp_path / "ds.partial").exists()
+    assert m["dataset_id"] == read_manifest(str(prepared()))["dataset_id"]
+    # a rerun with the same settings is a no-op; other settings need --overwrite
+    stamp = (out / MANIFEST_NAME).stat().st_mtime_ns
+    assert prep.prepare_dataset(_cfg(out, num_workers=1), progress=False)["dataset_id"] == m["dataset_id"]
+    assert (out / MANIFEST_NAME).stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="other settings.*--overwrite"):
+        prep.prepare_dataset(_cfg(out, num_workers=1, add_bos=True), progress=False)
+    m2 = prep.prepare_dataset(_cfg(out, num_workers=1, add_bos=True, overwrite=True), progress=False)
+    assert m2["add_bos"] and m2["dataset_id"] != m["dataset_id"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["ds"]
+
+
+def test_compressed_shards_read_back_identically(tmp_path):
+    out = tmp_path / "zstd"
+    prep.prepare_dataset(_cfg(out, num_workers=2, compression="zstd"), progress=False)
+    assert list((out / "train").glob("*.mds.zstd"))
+    plain = _read_all(data_config(tmp_path / "a", prepared()), "val")
+    packed = _read_all(data_config(tmp_path / "b", out, verify="hash"), "val")
+    assert len(plain) == len(packed) > 0
+    for x, y in zip(plain, packed):
+        assert np.array_equal(x["input_ids"], y["input_ids"])
+
+
+def test_upload_tree_writes_manifest_last(tmp_path, monkeypatch):
+    from streaming.base.storage.upload import LocalUploader
+
+    order = []
+    original = LocalUploader.upload_file
+    monkeypatch.setattr(LocalUploader, "upload_file", lambda self, f: (order.append(f), original(self, f)))
+    src = prepared()
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    prep._upload_tree(src, str(dst))
+    assert order[-1] == MANIFEST_NAME and len(order) == len([p for p in src.rglob("*") if p.is_file()])
+    assert json.loads((dst / MANIFEST_NAME).read_text())["dataset_id"] == read_manifest(str(src))["dataset_id"]
+    assert sorted(p.name for p in (dst / "train").iterdir()) == sorted(p.name for p in (src / "train").iterdir())

@@ -1,0 +1,158 @@
+"""Chunked scan (fp32) against the naive loop (float64 oracle) for h_t = a_t h_{t-1} + x_t.
+
+Compared: output, final state and the gradient of every input, as max|diff| / max|ref|.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels.reference.linear_recurrence import chunk_linear_recurrence, naive_linear_recurrence
+
+TOL = 1e-4
+NAMES = ("x", "a", "initial_state")
+
+
+def make_a(shape, regime: str, gen: torch.Generator) -> torch.Tensor:
+    """Decays: RG-LRU range [0, 1], its edges, or any sign (with exact 0 and -1)."""
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if regime == "unit":
+        return u
+    if regime == "near0":
+        return 1e-6 * u
+    if regime == "near1":
+        return 1.0 - 1e-5 * u
+    if regime == "signed":
+        a = 2.0 * u - 1.0
+        pick = torch.randint(6, shape, generator=gen)
+        a = torch.where(pick == 0, torch.zeros_like(a), a)
+        a = torch.where(pick == 1, -torch.ones_like(a), a)
+        return torch.where(pick == 2, 1.0 - 1e-5 * u, a)
+    raise ValueError(regime)
+
+
+def make_inputs(Bsz, T, Dm, regime, *, n_state=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inp = dict(x=torch.randn(Bsz, T, Dm, generator=gen, dtype=torch.float64),
+               a=make_a((Bsz, T, Dm), regime, gen))
+    if n_state is not None:
+        inp["initial_state"] = torch.randn(n_state, Dm, generator=gen, dtype=torch.float64)
+    return inp
+
+
+def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, **kwargs):
+    leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+    h, state = fn(leaves["x"], leaves["a"], initial_state=leaves.get("initial_state"), **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (h * torch.randn(h.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
+    if state is not None:
+        loss = loss + (state * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
+    names = [k for k in NAMES if k in leaves]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], materialize_grads=True)
+    return h.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
+
+
+def assert_close(got, ref, what: str, tol: float = TOL) -> None:
+    got, ref = got.double(), ref.double()
+    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def compare(res, ref) -> None:
+    assert_close(res[0], ref[0], "h")
+    if ref[1] is not None:
+        assert_close(res[1], ref[1], "final_state")
+    assert res[2].keys() == ref[2].keys()
+    for k in ref[2]:
+        assert_close(res[2][k], ref[2][k], f"grad {k}")
+
+
+# (T, D, regime, with_init, chunk_size): chunk 4 at T=200 recurses three levels deep
+CASES = [
+    (1, 8, "unit", True, 64),
+    (1, 3, "signed", False, 64),
+    (63, 16, "near1", True, 64),
+    (63, 5, "signed", True, 8),
+    (65, 8, "near0", False, 64),
+    (65, 16, "signed", True, 64),
+    (200, 8, "unit", False, 16),
+    (200, 4, "near1", True, 4),
+    (200, 12, "signed", True, 64),
+]
+
+
+@pytest.mark.parametrize("T,Dm,regime,with_init,chunk", CASES)
+def test_chunk_matches_naive(T, Dm, regime, with_init, chunk):
+    inp = make_inputs(2, T, Dm, regime, n_state=2 if with_init else None, seed=T + Dm)
+    ref = run(naive_linear_recurrence, inp, torch.float64, output_final_state=True)
+    res = run(chunk_linear_recurrence, inp, torch.float32, output_final_state=True, chunk_size=chunk)
+    assert res[0].dtype == torch.float32 and res[1].dtype == torch.float32
+    compare(res, ref)
+
+
+def test_exact_zeros_and_minus_one_match_fp32_loop():
+    """Same fp32 inputs to both forms: exact zeros cut the history, -1 flips its sign."""
+    inp = make_inputs(1, 130, 6, "signed", n_state=1, seed=4)
+    inp["a"][0, ::7] = 0.0
+    inp["a"][0, 3::7] = -1.0
+    kw = dict(output_final_state=True)
+    compare(run(chunk_linear_recurrence, inp, torch.float32, chunk_size=16, **kw),
+            run(naive_linear_recurrence, inp, torch.float32, **kw))
+
+
+@pytest.mark.parametrize("with_states,regime", [(False, "unit"), (True, "signed"), (True, "near1")])
+def test_packed_documents_equal_separate_runs(with_states, regime):
+    lengths = [1, 37, 1, 1, 0, 90, 1]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
+    n = len(lengths)
+    inp = make_inputs(1, sum(lengths), 8, regime, n_state=n if with_states else None, seed=9)
+    res = run(chunk_linear_recurrence, inp, torch.float32, cu_seqlens=cu, chunk_size=16,
+              output_final_state=True)
+
+    def separate(x, a, *, initial_state=None):
+        hs, states = [], []
+        for i in range(n):
+            s, e = int(cu[i]), int(cu[i + 1])
+            h0 = initial_state[i:i + 1] if initial_state is not None else None
+            h, st = naive_linear_recurrence(x[:, s:e], a[:, s:e], initial_state=h0, output_final_state=True)
+            hs.append(h)
+            states.append(st)
+        return torch.cat(hs, dim=1), torch.cat(states)
+
+    compare(res, run(separate, inp, torch.float64))
+    compare(res, run(naive_linear_recurrence, inp, torch.float64, cu_seqlens=cu, output_final_state=True))
+
+
+def test_public_op_uses_chunked_torch_path():
+    inp = make_inputs(2, 65, 8, "signed", n_state=2, seed=12)
+
+    def op(x, a, **kw):
+        return kernels.linear_recurrence(x, a, backend="torch", **kw)
+
+    compare(run(op, inp, torch.float32, output_final_state=True),
+            run(naive_linear_recurrence, inp, torch.float64, output_final_state=True))
+
+
+def test_low_precision_inputs_keep_dtype_and_fp32_state():
+    inp = make_inputs(2, 50, 8, "unit", seed=2)
+    x, a = inp["x"].to(torch.bfloat16), inp["a"].to(torch.bfloat16)
+    h, state = chunk_linear_recurrence(x, a, output_final_state=True)
+    assert h.dtype == torch.bfloat16 and state.dtype == torch.float32
+    h_ref, state_ref = naive_linear_recurrence(x, a, output_final_state=True)
+    assert_close(h.float(), h_ref.float(), "bf16 h", tol=2e-2)
+    assert_close(state, state_ref, "bf16 state")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(a=torch.zeros(2, 5, 3)), "x and a"),
+    (dict(initial_state=torch.zeros(3, 4)), "initial_state"),
+    (dict(initial_state=torch.zeros(2, 4), cu_seqlens=torch.tensor([0, 5])), "batch size 1"),
+])
+def test_bad_shapes_name_the_argument(kwargs, match):
+    args = dict(x=torch.zeros(2, 5, 4), a=torch.zeros(2, 5, 4))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        kernels.linear_recurrence(args.pop("x"), args.pop("a"), backend="torch", **args)

@@ -1,0 +1,168 @@
+"""The LM wrapper over every family: decoding == forward, packing, pipeline layers, loss, init."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_families import FAMILIES, single_thread, small_config  # noqa: F401  (fixture)
+from pretrain.models import (LanguageModel, build_model, count_parameters, cu_seqlens_from_lengths,
+                             cu_seqlens_from_starts)
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def make_lm(family: str, seed: int = 0, **kw) -> LanguageModel:
+    torch.manual_seed(seed)
+    model = build_model(small_config(family, **kw))
+    with torch.no_grad():  # larger weights than the 0.02 init, so that every layer matters
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def lm(request) -> LanguageModel:
+    return make_lm(request.param)
+
+
+def test_prefill_and_step_equal_forward(lm: LanguageModel) -> None:
+    ids = torch.randint(0, lm.config.vocab_size, (2, 13))
+    full = lm(ids)
+    cache = lm.init_cache(2)
+    head = lm.prefill(ids[:, :6], cache)
+    tail = torch.stack([lm.step(ids[:, t], cache) for t in range(6, 13)], dim=1)
+    torch.testing.assert_close(torch.cat([head, tail], dim=1), full, rtol=1e-4, atol=1e-4)
+    # stepping from an empty cache all the way also matches
+    cache = lm.init_cache(2)
+    steps = torch.stack([lm.step(ids[:, t], cache) for t in range(13)], dim=1)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_rows_equal_separate_documents(lm: LanguageModel) -> None:
+    T = 12
+    lengths = [[5, 1, 6], [12]]
+    ids = torch.randint(0, lm.config.vocab_size, (2, T))
+    cu = cu_seqlens_from_lengths(lengths, T)
+    packed = lm(ids, cu_seqlens=cu)
+    flat_ids, flat_out = ids.reshape(1, -1), packed.reshape(1, 2 * T, -1)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        torch.testing.assert_close(flat_out[:, s:e], lm(flat_ids[:, s:e]), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(packed[0], lm(ids)[0], atol=1e-3)  # documents did interact unpacked
+
+
+def test_generate_greedy_is_argmax_continuation(lm: LanguageModel) -> None:
+    prompt = torch.randint(0, lm.config.vocab_size, (2, 4))
+    out = lm.generate(prompt, max_new_tokens=6, temperature=0.0)
+    assert out.shape == (2, 10) and torch.equal(out[:, :4], prompt)
+    seq = prompt
+    for _ in range(6):
+        seq = torch.cat([seq, lm(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    assert torch.equal(lm.generate(prompt, 6, temperature=1.0, top_k=1), seq)
+
+
+def test_pipeline_layers_compose_to_forward(lm: LanguageModel) -> None:
+    ids = torch.randint(0, lm.config.vocab_size, (2, 9))
+    cu = cu_seqlens_from_starts([[0, 4], [0, 2, 3]], 9)
+    for cu_arg, empty in ((None, torch.empty(0, dtype=torch.int32)), (cu, cu)):
+        x = (ids, empty)
+        for layer in lm.pipeline_layers():
+            x = layer(x)
+        torch.testing.assert_close(x, lm(ids, cu_seqlens=cu_arg), rtol=0, atol=0)
+    assert len(lm.pipeline_layers()) == lm.config.n_layers + 2
+
+
+def test_sampling_is_reproducible_and_stops_at_eos() -> None:
+    lm = make_lm("gated_deltaproduct")
+    prompt = torch.randint(0, lm.config.vocab_size, (3, 3))
+    a = lm.generate(prompt, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    b = lm.generate(prompt, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    greedy = lm.generate(prompt, 8, temperature=0.0)
+    eos = int(greedy[0, 4])  # row 0 produces it as its second new token
+    out = lm.generate(prompt, 8, temperature=0.0, eos_id=eos)
+    assert torch.equal(out[0, :5], greedy[0, :5]) and (out[0, 5:] == eos).all()
+    for row in range(3):  # after the first eos a row only repeats it
+        new = out[row, 3:]
+        hits = (new == eos).nonzero()
+        if hits.numel():
+            assert (new[int(hits[0]):] == eos).all()
+
+
+def test_loss_ignores_masked_labels() -> None:
+    lm = make_lm("mamba2")
+    ids = torch.randint(0, lm.config.vocab_size, (2, 8))
+    labels = torch.roll(ids, -1, dims=1)
+    labels[:, -1] = -100
+    labels[0, :3] = -100
+    logits = lm(ids)
+    keep = labels != -100
+    expected = F.cross_entropy(logits[keep], labels[keep])
+    torch.testing.assert_close(lm.loss(ids, labels), expected)
+    other = labels.clone()
+    other[~keep] = -100
+    torch.testing.assert_close(lm.loss(ids, other), expected)
+    assert lm.loss(ids, torch.full_like(ids, -100)).item() == 0.0
+
+
+def test_cu_seqlens_must_contain_row_boundaries() -> None:
+    lm = make_lm("gated_deltanet")
+    ids = torch.randint(0, lm.config.vocab_size, (2, 6))
+    with pytest.raises(ValueError, match="row boundary"):
+        lm(ids, cu_seqlens=torch.tensor([0, 4, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="row boundary"):
+        lm(ids, cu_seqlens=torch.tensor([0, 6, 10], dtype=torch.int32))
+
+
+def test_cu_seqlens_helpers() -> None:
+    assert cu_seqlens_from_lengths([[2, 4], [6]], 6).tolist() == [0, 2, 6, 12]
+    assert cu_seqlens_from_starts([[0, 2], [3, 6]], 6).tolist() == [0, 2, 6, 9, 12]
+    padded = torch.tensor([[0, 2, -1], [1, 4, 5]])
+    assert cu_seqlens_from_starts(padded, 6).tolist() == [0, 2, 6, 7, 10, 11, 12]
+    with pytest.raises(ValueError, match="row 1"):
+        cu_seqlens_from_lengths([[6], [2, 3]], 6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_meta_count_and_init(family: str) -> None:
+    cfg = small_config(family, d_model=64, n_layers=4)
+    n = count_parameters(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert n == sum(p.numel() for p in model.parameters())
+    assert model.lm_head.weight is model.embed.weight  # tied by default
+    meta = build_model(cfg, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    # meta -> real storage -> init_weights gives a working model
+    meta.to_empty(device="cpu")
+    meta.init_weights()
+    assert torch.isfinite(meta(torch.randint(0, cfg.vocab_size, (1, 7)))).all()
+    # residual outputs are scaled down by 1/sqrt(2 n_layers); other linears keep 0.02
+    std = cfg.initializer_range
+    if family in ("gated_deltaproduct", "gated_deltanet", "mamba2"):
+        w = torch.cat([b.mixer.out_proj.weight.flatten() for b in model.blocks])
+        assert abs(w.std().item() / (std / math.sqrt(2 * cfg.n_layers)) - 1) < 0.15
+    if model.blocks[0].mlp is not None:
+        w = torch.cat([b.mlp.down_proj.weight.flatten() for b in model.blocks])
+        assert abs(w.std().item() / (std / math.sqrt(2 * cfg.n_layers)) - 1) < 0.15
+        w = torch.cat([b.mlp.up_proj.weight.flatten() for b in model.blocks])
+        assert abs(w.std().item() / std - 1) < 0.15
+    emb_std = model.embed.weight.std().item()
+    expected = cfg.d_model**-0.5 if cfg.embedding_scale else std
+    assert abs(emb_std / expected - 1) < 0.1
+
+
+def test_untied_head_has_its_own_weight() -> None:
+    cfg = small_config("hawk")
+    cfg.tie_embeddings = False
+    model = build_model(cfg)
+    assert model.lm_head.weight is not model.embed.weight
+    assert count_parameters(cfg) == count_parameters(small_config("hawk")) + cfg.vocab_size * cfg.d_model
+    non_embedding = count_parameters(cfg, exclude_embeddings=True)
+    assert non_embedding == count_parameters(small_config("hawk"), exclude_embeddings=True)
+    assert non_embedding == sum(p.numel() for p in model.blocks.parameters()) + cfg.d_model  # + final norm
