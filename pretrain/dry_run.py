@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import RunConfig
-from .models import build_model, count_parameters
+from .models import build_model
 
 
 @dataclass
@@ -49,5 +49,6 @@ def dry_run(cfg: RunConfig, batch: int = 2, seq_len: int | None = None) -> DryRu
     grad_norm = torch.linalg.vector_norm(torch.stack(grads)).item()
     if not torch.isfinite(loss) or not torch.isfinite(torch.tensor(grad_norm)):
         raise RuntimeError(f"dry run: non-finite loss {loss.item()} or grad norm {grad_norm}")
-    return DryRunReport(count_parameters(cfg.model), inputs.numel(), loss.item(), grad_norm,
+    n_params = sum(p.numel() for p in model.parameters())
+    return DryRunReport(n_params, inputs.numel(), loss.item(), grad_norm,
                         time.perf_counter() - start)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..varlen import seq_bounds
-from .ssd import acc_dtype
+from .linear_recurrence import acc_dtype
 
 
 def naive_causal_conv1d(x, weight, bias=None, *, activation=None, cu_seqlens=None,
@@ -37,47 +37,55 @@ def naive_causal_conv1d(x, weight, bias=None, *, activation=None, cu_seqlens=Non
     return y.to(x.dtype), (torch.stack(finals) if output_final_state else None)
 
 
+def _conv(x_cf: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise 'valid' convolution of channels-first [b, D, W-1+T] to [b, T, D]."""
+    return F.conv1d(x_cf, weight[:, None, :], groups=weight.shape[0]).transpose(1, 2)
+
+
 def chunk_causal_conv1d(x, weight, bias=None, *, activation=None, cu_seqlens=None,
                         initial_state=None, output_final_state=False):
-    """Vectorised form of ``naive_causal_conv1d``: W shifted multiply-adds, no per-token loop.
+    """Vectorised form of ``naive_causal_conv1d`` (one depthwise F.conv1d, no token loop).
 
-    Each sequence (batch row or packed document) is viewed with its W-1 state entries in
-    front: tap j of token t reads position t-(W-1)+j of that view. For packed documents the
-    view is built by a gather whose out-of-document reads go to the document's initial
-    state (or zero), so documents never mix and nothing is padded.
+    Each sequence is viewed with its W-1 state entries in front: tap j of token t reads
+    position t-(W-1)+j of that view. Packed documents are convolved as one sequence, then
+    the first W-1 tokens of each document (the only ones whose window crosses its start)
+    are recomputed by a gather whose out-of-document reads go to that document's initial
+    state (or zero). Documents never mix and nothing is padded.
     """
     Bsz, T, Dm = x.shape
     W = weight.shape[1]
     acc = acc_dtype(x.dtype)
     xf, wf = x.to(acc), weight.to(acc)
     n_seq = Bsz if cu_seqlens is None else cu_seqlens.numel() - 1
-    state = (initial_state.to(acc) if initial_state is not None
-             else xf.new_zeros(n_seq, Dm, W - 1)).transpose(1, 2)  # [N, W-1, D]
-    if cu_seqlens is None:
-        xp = torch.cat([state, xf], dim=1)  # [B, W-1+T, D]
-        y = sum(xp[:, j:j + T] * wf[:, j] for j in range(W))
-        final = xp[:, T:]
+    state = initial_state.to(acc) if initial_state is not None else xf.new_zeros(n_seq, Dm, W - 1)
+    if T == 0:  # F.conv1d rejects inputs shorter than the kernel
+        y, final = xf, state
+    elif cu_seqlens is None:
+        xp = torch.cat([state, xf.transpose(1, 2)], dim=2)  # [B, D, W-1+T]
+        y = _conv(xp, wf)
+        final = xp[:, :, T:]
     else:
+        y = _conv(F.pad(xf.transpose(1, 2), (W - 1, 0)), wf)[0]  # as if one document
         cu = cu_seqlens.long()
-        lengths = cu[1:] - cu[:-1]
-        doc = torch.repeat_interleave(torch.arange(n_seq, device=x.device), lengths)
-        # source table: packed tokens, then each document's W-1 state rows
-        table = torch.cat([xf[0], state.reshape(n_seq * (W - 1), Dm)], dim=0)
-
-        def source(pos: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-            """Table row of view position pos (absolute, may precede the doc start) of doc d."""
-            before = pos - cu[d]  # < 0: inside the state, -1 is its newest entry
-            return torch.where(before >= 0, pos, T + d * (W - 1) + (W - 1) + before)
-
-        t = torch.arange(T, device=x.device)
-        taps = torch.arange(W, device=x.device) - (W - 1)
-        idx = source(t[:, None] + taps, doc[:, None])  # [T, W]
-        y = (table[idx] * wf.t()).sum(1)[None]
         d = torch.arange(n_seq, device=x.device)
+        # source table: packed tokens, then each document's W-1 state rows (oldest first)
+        table = torch.cat([xf[0], state.transpose(1, 2).reshape(n_seq * (W - 1), Dm)], dim=0)
+
+        def source(pos: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
+            """Table row of view position pos (absolute, may precede its doc's start)."""
+            before = pos - cu[doc]  # < 0: inside the state, -1 is its newest entry
+            return torch.where(before >= 0, pos, T + doc * (W - 1) + (W - 1) + before)
+
+        head = cu[:-1, None] + torch.arange(W - 1, device=x.device)  # first W-1 tokens per doc
+        inside = head < cu[1:, None]
+        pos, doc = head[inside], d[:, None].expand_as(head)[inside]
+        taps = torch.arange(W, device=x.device) - (W - 1)
+        fixed = (table[source(pos[:, None] + taps, doc[:, None])] * wf.t()).sum(1)
+        y = y.index_copy(0, pos, fixed)[None]
         last = torch.arange(W - 1, device=x.device) - (W - 1)
-        final = table[source(cu[1:, None] + last, d[:, None])]  # [N, W-1, D]
+        final = table[source(cu[1:, None] + last, d[:, None])].transpose(1, 2)  # [N, D, W-1]
     if bias is not None:
         y = y + bias.to(acc)
     if activation == "silu":
         y = F.silu(y)
-    return y.to(x.dtype), (final.transpose(1, 2).contiguous() if output_final_state else None)
+    return y.to(x.dtype), (final.contiguous() if output_final_state else None)

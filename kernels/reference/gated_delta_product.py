@@ -139,9 +139,9 @@ def _chunk_dense(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None
     M = eye_k - k_out_t @ w                 # S' = M S0 + b
     b = k_out_t @ u
     states = []
-    for c in range(nc):
+    for M_c, b_c in zip(M.unbind(2), b.unbind(2)):  # unbind: one backward, not nc scatters
         states.append(S)
-        S = M[:, :, c] @ S + b[:, :, c]
+        S = M_c @ S + b_c
     o = scale * (q_eff @ torch.stack(states, 2) + o_u)  # [B,H,nc,ct,V]
     o = o.reshape(B, H, nc * ct, V)[:, :, :T].transpose(1, 2).contiguous()
     return o, S

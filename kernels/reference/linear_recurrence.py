@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from ..varlen import seq_bounds
-from .ssd import acc_dtype
 
-CHUNK_SIZE = 64
+CHUNK_SIZE = 16
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of every reference op: fp32 for half/bf16/fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def naive_linear_recurrence(x, a, *, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -32,37 +36,40 @@ def naive_linear_recurrence(x, a, *, initial_state=None, output_final_state=Fals
     return h_all.to(x.dtype), (torch.stack(finals) if output_final_state else None)
 
 
-def _prefix_scan(a: torch.Tensor, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hillis-Steele scan of (a, x) pairs along ``dim``: (prod_{k<=t} a_k, h_t from h = 0).
+def _local_scan(a: torch.Tensor, x: torch.Tensor, dim: int, with_cum: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Scan every chunk at once along ``dim``: (prod_{k<=t} a_k, h_t from h = 0).
 
-    Only products and sums of the inputs, so zeros and signs of a are exact (no logs).
+    A short loop over the chunk positions, vectorised over all chunks and channels. Only
+    products and sums of the inputs, so zeros and signs of a are exact (no logs); unbind and
+    stack keep the backward to a few full-size passes.
     """
-    n = a.shape[dim]
-    d = 1
-    while d < n:
-        head_x, head_a = x.narrow(dim, 0, d), a.narrow(dim, 0, d)
-        tail_a = a.narrow(dim, d, n - d)
-        x = torch.cat([head_x, x.narrow(dim, d, n - d) + tail_a * x.narrow(dim, 0, n - d)], dim)
-        a = torch.cat([head_a, tail_a * a.narrow(dim, 0, n - d)], dim)
-        d *= 2
-    return a, x
+    As, Xs = a.unbind(dim), x.unbind(dim)
+    h, cum = [Xs[0]], [As[0]]
+    for a_l, x_l in zip(As[1:], Xs[1:]):
+        h.append(a_l * h[-1] + x_l)
+        if with_cum:
+            cum.append(a_l * cum[-1])
+    return (torch.stack(cum, dim) if with_cum else None), torch.stack(h, dim)
 
 
 def scan(a: torch.Tensor, x: torch.Tensor, chunk: int = CHUNK_SIZE) -> torch.Tensor:
     """h_t = a_t h_{t-1} + x_t along dim 1 of [b, T, ...] from h = 0, chunked.
 
-    Within chunks a log-depth scan; the chunk end states form the same recurrence one level
-    up (chunk decay = product of its a), solved recursively, then carried into each chunk.
+    Every chunk is scanned from zero in parallel; the chunk end states obey the same
+    recurrence one level up (chunk decay = product of its a) and are solved recursively,
+    then carried into each chunk. T/chunk-fold less Python work per level than a token loop.
     """
     b, T = a.shape[:2]
+    if T == 0:
+        return x
     if T <= chunk:
-        return _prefix_scan(a, x, 1)[1]
+        return _local_scan(a, x, 1, with_cum=False)[1]
     nc = -(-T // chunk)
     pad = nc * chunk - T
     rest = a.shape[2:]
     a = F.pad(a, (0, 0) * len(rest) + (0, pad), value=1.0).reshape(b, nc, chunk, *rest)
     x = F.pad(x, (0, 0) * len(rest) + (0, pad)).reshape(b, nc, chunk, *rest)
-    cum, local = _prefix_scan(a, x, 2)
+    cum, local = _local_scan(a, x, 2, with_cum=True)
     ends = scan(cum[:, :, -1], local[:, :, -1], chunk)  # state at each chunk end
     carry = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
     h = local + cum * carry[:, :, None]

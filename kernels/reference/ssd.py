@@ -11,13 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ..varlen import packed_to_padded, padded_to_packed, seq_bounds
+from .linear_recurrence import acc_dtype, scan
 
-CHUNK_SIZE = 64
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32 for half/bf16/fp32 inputs, fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
+CHUNK_SIZE = 32
 
 
 def decay(dt: torch.Tensor, A: torch.Tensor, allow_neg_eigval: bool) -> torch.Tensor:
@@ -82,7 +78,9 @@ def _ssd_core(x, dt, A, Bm, Cm, h0, neg: bool, reset, chunk: int):
     b, T, H, P = x.shape
     G, N = Bm.shape[2], Bm.shape[3]
     R = H // G
-    L = max(1, min(chunk, T))
+    if T == 0:
+        return x.new_zeros(b, 0, H, P), (h0 if h0 is not None else x.new_zeros(b, H, P, N))
+    L = min(chunk, T)
     nc = -(-T // L)
     pad = nc * L - T
     if pad:
@@ -108,18 +106,20 @@ def _ssd_core(x, dt, A, Bm, Cm, h0, neg: bool, reset, chunk: int):
     # intra-chunk (quadratic) part: y_l = sum_{s<=l} (C_l . B_s) M[l, s] dt_s x_s
     scores = torch.einsum("bclgn,bcsgn->bcgls", Cm, Bm)
     y = torch.einsum("bcgrls,bcsgrp->bclgrp", scores[:, :, :, None] * M, xdt)
-    # per-chunk states from zero, then exact state passing over chunks (same segment trick)
+    # per-chunk states from zero, then exact state passing over chunks: the chunk end states
+    # obey h_c = total_c h_{c-1} + S_c, the elementwise linear recurrence
     to_end = M[..., -1, :].permute(0, 1, 4, 2, 3)  # [b, c, s, g, r]
     states = torch.einsum("bcsgrp,bcsgn->bcgrpn", xdt * to_end[..., None], Bm)
-    first = h0.reshape(b, 1, G, R, P, N) if h0 is not None else states.new_zeros(b, 1, G, R, P, N)
-    states = torch.cat([first, states], dim=1)
-    total = (cum[..., -1] if neg else v.sum(-1)).permute(0, 2, 3, 1)  # [b,g,r,c]
-    total = F.pad(total, (1, 0), value=1.0 if neg else 0.0)
-    Mc = segment_decay(total, log_space=not neg)  # [b, g, r, c+1, c+1]
-    carried = torch.einsum("bgrzc,bcgrpn->bzgrpn", Mc, states)
-    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", Cm, carried[:, :-1]) * cum.permute(0, 1, 4, 2, 3)[..., None]
+    total = cum[..., -1][..., None, None]  # [b, c, g, r, 1, 1]
+    if h0 is not None:
+        h0 = h0.reshape(b, 1, G, R, P, N)
+        states = torch.cat([states[:, :1] + total[:, :1] * h0, states[:, 1:]], dim=1)
+    ends = scan(total.expand_as(states), states)
+    start = torch.zeros_like(ends[:, :1]) if h0 is None else h0
+    carried = torch.cat([start, ends[:, :-1]], dim=1)  # state entering each chunk
+    y = y + torch.einsum("bclgn,bcgrpn->bclgrp", Cm, carried) * cum.permute(0, 1, 4, 2, 3)[..., None]
     y = y.reshape(b, nc * L, H, P)[:, :T]
-    return y, carried[:, -1].reshape(b, H, P, N)
+    return y, ends[:, -1].reshape(b, H, P, N)
 
 
 def chunk_ssd(x, dt, A, B, C, *, D=None, allow_neg_eigval=False, initial_state=None,
