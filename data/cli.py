@@ -62,7 +62,7 @@ def _cmd_tokenizer(a: argparse.Namespace) -> None:
     path = train_tokenizer(iter_documents(_corpus(a)), a.out, vocab_size=t.vocab_size,
                            model_type=t.model_type, train_chars=t.train_chars,
                            character_coverage=t.character_coverage, byte_fallback=t.byte_fallback,
-                           split_digits=t.split_digits, num_threads=t.num_threads)
+                           split_digits=t.split_digits, num_threads=t.num_threads, progress=True)
     tok = Tokenizer.load(path)
     print(json.dumps({"path": str(path), **tok.describe()}, indent=2))
 

@@ -49,11 +49,13 @@ class DataConfig:
     num_workers: int = _rng(2, ge=0)  # DataLoader worker processes per rank
     prefetch_factor: int = _rng(2, ge=1)
     pin_memory: bool = False
-    # Node-local cache root for shard copies and streaming's temp files; None:
-    # $LINRNN_DATA_CACHE or <system tmp>/linrnn-data-<uid>. Each job gets its own subdir.
+    # Local uncompressed datasets are read in place. Remote or compressed ones (or all, with
+    # copy_local) are copied shard by shard into a node-local cache under cache_root
+    # (None: $LINRNN_DATA_CACHE or <system tmp>/linrnn-data-<uid>), one subdir per job.
+    copy_local: bool = False  # e.g. to move data off a slow shared filesystem
     cache_root: str | None = None
     job_id: str | None = None  # None: SLURM_JOB_ID, torchrun's master port, or the pid
-    cache_limit: str | None = None  # e.g. "200gb": evict least recently used shards
+    cache_limit: str | None = None  # e.g. "200gb": evict least recently used cached shards
     predownload: int | None = None  # samples to fetch ahead per worker (None: 8 * batch)
     download_timeout: float = _rng(300.0, gt=0.0)
     # Check shards before reading: "size" (every shard present with its recorded size; cheap),

@@ -202,26 +202,35 @@ def _count_lines(path: Path) -> int:
 
 
 def count_documents(cfg: CorpusConfig, resolved: ResolvedCorpus) -> int | None:
-    """A cheap document count for progress bars (None when it would cost a full read)."""
-    total = 0
-    if resolved.kind == "hub":
-        total = None  # type: ignore[assignment]
-    else:
-        for path, fmt in resolved.files:
-            compressed = path.name.lower().endswith(_COMPRESSED)
-            if fmt == "json" and path.suffix == ".jsonl" and not compressed:
-                total += _count_lines(path)
-            elif fmt == "parquet":
-                import pyarrow.parquet as pq
+    """A cheap document count for progress bars (None when it would cost a full read).
 
-                total += pq.ParquetFile(path).metadata.num_rows
-            elif fmt == "text" and cfg.text_sample_by == "document":
-                total += 1
-            elif fmt == "text" and cfg.text_sample_by == "line" and not compressed:
-                total += _count_lines(path)
-            else:
-                total = None  # type: ignore[assignment]
-                break
+    An unreadable file gives None here; reading it later raises the DataError that names it.
+    """
+    try:
+        total = _count(cfg, resolved)
+    except Exception:
+        total = None
     if cfg.max_documents is not None:
         return cfg.max_documents if total is None else min(total, cfg.max_documents)
+    return total
+
+
+def _count(cfg: CorpusConfig, resolved: ResolvedCorpus) -> int | None:
+    if resolved.kind == "hub":
+        return None
+    total = 0
+    for path, fmt in resolved.files:
+        compressed = path.name.lower().endswith(_COMPRESSED)
+        if fmt == "json" and path.suffix == ".jsonl" and not compressed:
+            total += _count_lines(path)
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        elif fmt == "text" and cfg.text_sample_by == "document":
+            total += 1
+        elif fmt == "text" and cfg.text_sample_by == "line" and not compressed:
+            total += _count_lines(path)
+        else:
+            return None
     return total

@@ -29,7 +29,7 @@ def build_demo_data(out_dir: str | os.PathLike, *, vocab_size: int = 2048, seq_l
     retrain = not tok_path.is_file() or Tokenizer.load(tok_path).vocab_size != vocab_size
     if retrain:
         train_tokenizer(iter_documents(corpus_cfg), tok_path.parent, vocab_size=vocab_size,
-                        train_chars=10_000_000)
+                        train_chars=10_000_000, progress=progress)
     data_dir = out / "data"
     cfg = PrepareConfig(corpus=corpus_cfg, tokenizer=str(tok_path), out=str(data_dir), seq_len=seq_len,
                         val_fraction=val_fraction, num_workers=num_workers, overwrite=retrain)

@@ -1,9 +1,10 @@
 """Per-rank, resumable batches from prepared datasets (streaming's ``StreamingDataset``).
 
 ``TokenLoader(cfg, batch_size)`` yields dicts from ``data.packing.collate_packed``:
-``input_ids``/``labels`` ``[B, T]`` int64, global ``cu_seqlens`` int32 over the flattened
-batch, and ``seq_cu_seqlens`` per row. Several sources form a weighted mixture (streams
-with proportions); shuffling is deterministic from ``shuffle_seed``.
+``input_ids``/``labels`` ``[B, T]`` int64 and global ``cu_seqlens`` int32 over the
+flattened batch (``data.packing.row_cu_seqlens`` splits it per row). Several sources form
+a weighted mixture (streams with proportions); shuffling is deterministic from
+``shuffle_seed``.
 
 Resume: ``state_dict()`` records the epoch and the number of samples the whole job has
 consumed (batches yielded x batch size x world size) in streaming's format. Loading it
@@ -13,17 +14,25 @@ order by ``num_canonical_nodes`` (stored in the state), not by the physical layo
 global step covers the same set of samples whatever the layout; the order of samples
 inside one global batch may differ.
 
+Local uncompressed datasets are read in place; remote or compressed ones are copied shard
+by shard into a per-job, per-node cache (``cache_root/<job>/node<k>``; a job keyed by the
+process id has its cache and temp directory removed when the process exits).
+
 Ranks come from the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) or
 from explicit ``rank``/``world_size`` arguments. Explicit ranks simulate a job in one
 process (tests, benchmarks): each simulated rank acts as its own node with its own cache
-directory. Every job gets its own cache and temp directory under ``cache_root``; stale
-shared memory left by a killed job is unlinked once per process before the first loader.
+directory. Every job gets its own cache directory under ``cache_root`` and its own temp
+directory (``<system tmp>/linrnn-<job>``, set as this process's ``tempfile.tempdir``,
+where streaming keeps its lock files); stale shared memory left by a killed job is
+unlinked once per process before the first loader.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,13 +47,14 @@ from .packing import collate_packed, example_from_sample
 STATE_VERSION = 1
 _DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 _shm_cleaned = False
+_system_tmp = tempfile.gettempdir()  # before any loader redirects tempfile.tempdir
 
 
 def default_cache_root() -> Path:
     env = os.environ.get("LINRNN_DATA_CACHE")
     if env:
         return Path(env)
-    return Path(tempfile.gettempdir()) / f"linrnn-data-{os.getuid()}"
+    return Path(_system_tmp) / f"linrnn-data-{os.getuid()}"
 
 
 def job_id_from_env() -> str:
@@ -55,6 +65,29 @@ def job_id_from_env() -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("MASTER_PORT"):
         return f"dist{os.environ['MASTER_PORT']}"
     return f"pid{os.getpid()}"
+
+
+def _use_job_tmpdir(job: str) -> str | None:
+    """Point this process's temp dir (where streaming keeps its lock files) at a per-job dir.
+
+    It lives directly in the system temp dir, not under ``cache_root``: multiprocessing puts
+    AF_UNIX sockets there, whose paths must stay under ~100 characters.
+    """
+    path = os.path.join(_system_tmp, f"linrnn-{job}")
+    if len(path) > 60:
+        return None  # too long for sockets: keep the system temp dir
+    os.makedirs(path, exist_ok=True)
+    tempfile.tempdir = path
+    return path
+
+
+_cleanup_registered: set[str] = set()
+
+
+def _remove_at_exit(path: Path) -> None:
+    if str(path) not in _cleanup_registered:
+        _cleanup_registered.add(str(path))
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -83,8 +116,14 @@ class SourceInfo:
         return self.manifest["dataset_id"]
 
 
-def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike) -> tuple[list[SourceInfo], str]:
-    """Read and check every source's manifest for ``split``; returns them and the tokenizer hash."""
+def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike,
+                 verify: str | None = None) -> tuple[list[SourceInfo], str]:
+    """Read and check every source's manifest for ``split``; returns them and the tokenizer hash.
+
+    Local shards are verified at ``verify`` (default ``cfg.verify``); remote ones are checked
+    by streaming as they download when ``cfg.verify == "hash"``.
+    """
+    verify = cfg.verify if verify is None else verify
     if not cfg.sources:
         raise DataError("data.sources is empty: list the prepared datasets to read, e.g. "
                         "data.sources=[{path: runs/demo/data}] (made by `linrnn-prepare prepare`)")
@@ -102,7 +141,7 @@ def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike) -> tup
             expected = manifest["tokenizer"]["hash"]
         check_compatible(manifest, src.path, seq_len=cfg.seq_len, tokenizer_hash=expected, split=split)
         if not is_remote(src.path):
-            verify_split(Path(src.path) / split, manifest["splits"][split], cfg.verify)
+            verify_split(Path(src.path) / split, manifest["splits"][split], verify)
         infos.append(SourceInfo(src.path, src.weight, manifest))
     assert expected is not None
     return infos, expected
@@ -156,26 +195,36 @@ class TokenLoader:
         else:
             self.rank, self.world_size = sdist.get_rank(), sdist.get_world_size()
             node = self.rank // sdist.get_local_world_size()
+        # Hashing reads every byte: one rank per node does it, the others check sizes.
+        leader = self.explicit or sdist.get_local_rank() == 0
+        verify = cfg.verify if leader or cfg.verify != "hash" else "size"
         is_train = self.split == cfg.train_split
         self.shuffle = (cfg.shuffle and is_train) if shuffle is None else shuffle
 
         job = cfg.job_id or job_id_from_env()
         self.job_dir = Path(cfg.cache_root or default_cache_root()) / job
         node_dir = self.job_dir / f"node{node}"
-        tmp_dir = self.job_dir / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        tempfile.tempdir = str(tmp_dir)  # streaming keeps its lock files in gettempdir()
-        self.sources, self.tokenizer_hash = open_sources(cfg, self.split, node_dir / "meta" / self.split)
+        job_tmp = _use_job_tmpdir(job)
+        ephemeral = cfg.job_id is None and job.startswith("pid")  # nothing to reuse after exit
+        if ephemeral and job_tmp:
+            _remove_at_exit(Path(job_tmp))
+        self._cached = False  # whether any source is copied into the job cache
+        self.sources, self.tokenizer_hash = open_sources(cfg, self.split, node_dir / "meta" / self.split, verify)
 
         env = _single_process_env() if self.explicit else contextlib.nullcontext()
         with env:
-            self._clean_stale_shm()
+            self._clean_stale_shm(leader)
             weighted = is_train and len(self.sources) > 1
             total_w = sum(s.weight for s in self.sources)
-            streams = [
-                Stream(remote=s.path, local=str(node_dir / s.dataset_id.split(":")[1][:16]),
-                       split=self.split, proportion=(s.weight / total_w) if weighted else None)
-                for s in self.sources]
+            streams = []
+            for s in self.sources:
+                if self._in_place(s):
+                    remote, local = None, os.path.abspath(s.path)
+                else:
+                    remote, local = s.path, str(node_dir / s.dataset_id.split(":")[1][:16])
+                    self._cached = True
+                streams.append(Stream(remote=remote, local=local, split=self.split,
+                                      proportion=(s.weight / total_w) if weighted else None))
             cls = _make_dataset_class()
             try:
                 self.dataset = cls(
@@ -187,6 +236,9 @@ class TokenLoader:
                     cache_limit=cfg.cache_limit, download_timeout=cfg.download_timeout,
                     validate_hash="xxh64" if cfg.verify == "hash" else None)
             except ValueError as e:
+                if "Reused local directory" in str(e) and len({s.path for s in self.sources}) < len(self.sources):
+                    raise DataError("data.sources lists the same dataset twice: merge the entries "
+                                    "(weights add up)") from None
                 if "Reused local directory" in str(e):
                     raise DataError(f"the shard cache {str(node_dir)!r} is in use by another live loader "
                                     "of this job: close() the old TokenLoader first, or set a distinct "
@@ -200,6 +252,9 @@ class TokenLoader:
             self.dataset._parallel_rank_world = world.copy()
             self.dataset.length = math.ceil(self.dataset.epoch_size / self.world_size)
 
+        if self._cached and ephemeral:
+            _remove_at_exit(self.job_dir)
+
         workers = cfg.num_workers if num_workers is None else num_workers
         self._loader = DataLoader(
             self.dataset, batch_size=batch_size, collate_fn=collate_packed, num_workers=workers,
@@ -207,13 +262,25 @@ class TokenLoader:
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None)
         self._batches = 0  # batches yielded since the current epoch's iteration began
 
-    def _clean_stale_shm(self) -> None:
-        global _shm_cleaned
-        if self.cfg.clean_stale_shm and not _shm_cleaned:
-            from streaming.base.util import clean_stale_shared_memory
+    def _in_place(self, src: SourceInfo) -> bool:
+        """Read a local, uncompressed dataset where it is (no copy, nothing written there)."""
+        return (not is_remote(src.path) and not src.manifest.get("compression")
+                and not self.cfg.copy_local and self.cfg.cache_limit is None)
 
-            clean_stale_shared_memory()
-            _shm_cleaned = True
+    def _clean_stale_shm(self, leader: bool) -> None:
+        """Once per process: one rank per node unlinks dead jobs' segments, the others wait."""
+        global _shm_cleaned
+        if not self.cfg.clean_stale_shm or _shm_cleaned:
+            return
+        from torch import distributed as dist
+
+        from .shm import clean_stale_shm
+
+        if leader:
+            clean_stale_shm()
+        if not self.explicit and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        _shm_cleaned = True
 
     # ------------------------------------------------------------------ iteration
 
@@ -223,6 +290,20 @@ class TokenLoader:
         for batch in self._loader:
             self._batches += 1
             yield batch
+
+    def forever(self) -> Iterator[dict]:
+        """Batches across epochs without end (each epoch reshuffled), for step-based training."""
+        empty_passes = 0
+        while True:
+            got = False
+            for batch in self:
+                got = True
+                yield batch
+            # a state saved at an epoch's very end resumes into one empty pass; two mean no data
+            empty_passes = 0 if got else empty_passes + 1
+            if empty_passes >= 2:
+                raise DataError(f"split {self.split!r} yields no batch of {self.batch_size} sequences: "
+                                "lower the batch size or prepare more data")
 
     def __len__(self) -> int:
         n = len(self.dataset)

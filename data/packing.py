@@ -16,7 +16,8 @@ predicts across a boundary.
 
 Batches. The models take packed input: ``[1, B*T]`` tokens with global ``cu_seqlens``
 over the flattened batch; ``collate_packed`` builds those offsets (int32) together with
-``input_ids``/``labels`` of shape ``[B, T]`` (flatten with ``.view(1, -1)``).
+``input_ids``/``labels`` of shape ``[B, T]`` (flatten with ``.view(1, -1)``);
+``row_cu_seqlens`` gives each row's own offsets back.
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def example_from_sample(sample: dict) -> dict[str, np.ndarray]:
 def collate_packed(examples: Sequence[dict[str, np.ndarray]]) -> dict:
     """Stack examples; ``cu_seqlens`` becomes global offsets over the flattened ``B*T`` batch.
 
-    ``seq_cu_seqlens`` keeps each row's own offsets (a list of int32 tensors) for code that
-    runs rows separately.
+    Every row edge ``i*T`` is one of the offsets, so ``row_cu_seqlens`` recovers each row's
+    own offsets. Three tensors per batch keep the worker -> trainer transfer cheap.
     """
     import torch  # lazily: prepare's tokenizer workers import this module without needing torch
 
@@ -107,9 +108,17 @@ def collate_packed(examples: Sequence[dict[str, np.ndarray]]) -> dict:
     parts = [e["cu_seqlens"][:-1].astype(np.int64) + i * T for i, e in enumerate(examples)]
     parts.append(np.array([len(examples) * T], dtype=np.int64))
     cu = torch.from_numpy(np.concatenate(parts).astype(np.int32))
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "cu_seqlens": cu,
-        "seq_cu_seqlens": [torch.from_numpy(e["cu_seqlens"]) for e in examples],
-    }
+    return {"input_ids": input_ids, "labels": labels, "cu_seqlens": cu}
+
+
+def row_cu_seqlens(cu_seqlens, batch: int, seq_len: int) -> list:
+    """Global offsets over ``[B*T]`` -> each row's offsets ``[0, ..., T]`` (int32 tensors)."""
+    import torch
+
+    cu = cu_seqlens.long()
+    out = []
+    for i in range(batch):
+        lo, hi = i * seq_len, (i + 1) * seq_len
+        sel = cu[(cu >= lo) & (cu <= hi)] - lo
+        out.append(sel.to(torch.int32))
+    return out

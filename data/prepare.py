@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,17 @@ from tqdm import tqdm
 from .config import PrepareConfig
 from .corpus import count_documents, iter_documents, resolve_corpus
 from .errors import DataError
-from .manifest import (FORMAT, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, dataset_id, is_remote,
-                       read_manifest, sha256_file, write_json_atomic)
+from .manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    dataset_id,
+    is_remote,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 from .packing import Packer, token_dtype
 from .tokenizer import MODEL_FILENAME, Tokenizer, encode_task, init_worker
 
@@ -78,15 +87,13 @@ def _tasks(docs: Iterator[str], per_task: int, add_bos: bool, stats: dict) -> It
         yield np.array(idx, dtype=np.int64), texts, add_bos
 
 
-def _encode_indexed(task: tuple) -> tuple:
-    indices, texts, add_bos = task
-    _, flat, lengths, chars = encode_task((0, texts, add_bos))
-    return indices, flat, lengths, chars
+def tokenizer_pool(tok: Tokenizer, workers: int) -> Any:
+    """Processes that each hold the model and run ``encode_task``.
 
-
-def _pool_context() -> mp.context.BaseContext:
-    # fork starts workers instantly and shares the imported modules; spawn elsewhere.
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    fork starts them instantly and shares the imported modules; spawn where fork is missing.
+    """
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    return ctx.Pool(workers, initializer=init_worker, initargs=(tok.model_bytes,))
 
 
 @contextlib.contextmanager
@@ -138,7 +145,7 @@ def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: b
     columns = {"tokens": f"ndarray:{dtype.name}:{cfg.seq_len}", "cu_seqlens": "ndarray:int32"}
     split_names = ["train"] + (["val"] if cfg.val_fraction > 0 else [])
     workers = cfg.num_workers or (os.cpu_count() or 1)
-    pool = _pool_context().Pool(workers, initializer=init_worker, initargs=(tok.model_bytes,))
+    pool = tokenizer_pool(tok, workers)
     writers = {s: MDSWriter(out=str(staging / s), columns=columns, compression=cfg.compression,
                             hashes=["xxh64"], size_limit=cfg.shard_size) for s in split_names}
     packers = {s: Packer(cfg.seq_len, dtype) for s in split_names}
@@ -168,7 +175,7 @@ def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: b
         pending: collections.deque = collections.deque()
         docs = iter_documents(cfg.corpus, resolved)
         for task in _tasks(docs, cfg.docs_per_task, cfg.add_bos, stats):
-            pending.append(pool.apply_async(_encode_indexed, (task,)))
+            pending.append(pool.apply_async(encode_task, (task,)))
             if len(pending) >= 2 * workers + 2:  # bounded: the corpus may be far larger than RAM
                 handle(pending.popleft().get())
         while pending:
@@ -243,8 +250,9 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
         shutil.copyfile(tok.path, staging / MODEL_FILENAME)  # type: ignore[arg-type]
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": "linrnn-prepare",
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seq_len": cfg.seq_len, "add_bos": cfg.add_bos, "tokenizer": {**tok.describe(), "file": MODEL_FILENAME},
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seq_len": cfg.seq_len, "add_bos": cfg.add_bos, "compression": cfg.compression,
+            "tokenizer": {**tok.describe(), "file": MODEL_FILENAME},
             "settings": settings, **result,
         }
         manifest["dataset_id"] = dataset_id(manifest)

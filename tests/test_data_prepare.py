@@ -5,15 +5,15 @@ import json
 
 import numpy as np
 import pytest
+from test_data_common import SEQ_LEN, corpus_slice, data_config, prepared, read_texts, tokenizer, tokenizer_path
 
 import data.prepare as prep
 from data import DataError
 from data.config import CorpusConfig, PrepareConfig
 from data.loader import TokenLoader
 from data.manifest import MANIFEST_NAME, read_manifest
-from data.packing import IGNORE_INDEX
+from data.packing import IGNORE_INDEX, row_cu_seqlens
 from data.tokenizer import EOS_ID
-from test_data_common import SEQ_LEN, corpus_slice, data_config, prepared, read_texts, tokenizer, tokenizer_path
 
 
 def _expected_docs(count: int, fraction: float) -> tuple[list[list[int]], list[list[int]]]:
@@ -43,7 +43,7 @@ def test_round_trip_reproduces_every_document(tmp_path, split):
         assert flat_cu[0] == 0 and flat_cu[-1] == ids.numel()
         for row in range(ids.shape[0]):
             n_seq += 1
-            cu = b["seq_cu_seqlens"][row].tolist()
+            cu = row_cu_seqlens(b["cu_seqlens"], ids.shape[0], SEQ_LEN)[row].tolist()
             assert cu[0] == 0 and cu[-1] == SEQ_LEN
             toks = ids[row].tolist()
             for a, e in zip(cu, cu[1:]):
@@ -140,13 +140,67 @@ def test_compressed_shards_read_back_identically(tmp_path):
 def test_upload_tree_writes_manifest_last(tmp_path, monkeypatch):
     from streaming.base.storage.upload import LocalUploader
 
+    src = prepared()
     order = []
     original = LocalUploader.upload_file
     monkeypatch.setattr(LocalUploader, "upload_file", lambda self, f: (order.append(f), original(self, f)))
-    src = prepared()
     dst = tmp_path / "copy"
     dst.mkdir()
     prep._upload_tree(src, str(dst))
     assert order[-1] == MANIFEST_NAME and len(order) == len([p for p in src.rglob("*") if p.is_file()])
     assert json.loads((dst / MANIFEST_NAME).read_text())["dataset_id"] == read_manifest(str(src))["dataset_id"]
     assert sorted(p.name for p in (dst / "train").iterdir()) == sorted(p.name for p in (src / "train").iterdir())
+
+
+def test_corpus_formats_give_the_same_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.corpus import count_documents, iter_documents, resolve_corpus
+
+    texts = read_texts(corpus_slice(0, 40))[:6]
+    pq.write_table(pa.table({"body": texts}), tmp_path / "a.parquet")
+    (tmp_path / "txt").mkdir()
+    for i, t in enumerate(texts):
+        (tmp_path / "txt" / f"{i:02d}.txt").write_text(t)
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    cases = [CorpusConfig(source=str(tmp_path / "a.parquet"), text_field="body"),
+             CorpusConfig(source=str(tmp_path / "txt")),
+             CorpusConfig(source=str(tmp_path / "txt" / "*.txt")),
+             CorpusConfig(source=str(tmp_path / "b.jsonl"), text_field="body")]
+    for cfg in cases:
+        assert list(iter_documents(cfg)) == texts, cfg.source
+        assert count_documents(cfg, resolve_corpus(cfg)) == len(texts)
+    both = CorpusConfig(source=f"{tmp_path / 'b.jsonl'},{tmp_path / 'a.parquet'}", text_field="body",
+                        max_documents=9)
+    assert list(iter_documents(both)) == texts + texts[:3]
+
+
+def test_cli_tokenizer_prepare_inspect(tmp_path, capsys):
+    from data.cli import main
+
+    src = str(corpus_slice(0, 40))
+    assert main(["tokenizer", "--input", src, "--out", str(tmp_path / "tok"), "--vocab-size", "400",
+                 "--train-chars", "100000", "--threads", "1"]) == 0
+    tok = json.loads(capsys.readouterr().out)
+    assert tok["vocab_size"] == 400 and tok["eos_id"] == EOS_ID
+    assert main(["prepare", "--input", src, "--tokenizer", tok["path"], "--out", str(tmp_path / "ds"),
+                 "--seq-len", "64", "--val-fraction", "0.2", "--workers", "1", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["seq_len"] == 64 and out["splits"]["val"]["sequences"] > 0
+    assert main(["inspect", str(tmp_path / "ds"), "--verify", "hash"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["dataset_id"] == out["dataset_id"] and "ok:" in captured.err
+
+
+def test_demo_data_builds_once_and_follows_settings(tmp_path):
+    from data.demo import build_demo_data
+
+    paths = build_demo_data(tmp_path, vocab_size=400, seq_len=64, max_documents=30, progress=False)
+    m = read_manifest(str(paths["data"]))
+    assert m["seq_len"] == 64 and m["tokenizer"]["vocab_size"] == 400 and m["splits"]["val"]["sequences"] > 0
+    stamp = paths["tokenizer"].stat().st_mtime_ns
+    assert build_demo_data(tmp_path, vocab_size=400, seq_len=64, max_documents=30, progress=False) == paths
+    assert paths["tokenizer"].stat().st_mtime_ns == stamp and read_manifest(str(paths["data"])) == m
+    build_demo_data(tmp_path, vocab_size=400, seq_len=32, max_documents=30, progress=False)
+    assert read_manifest(str(paths["data"]))["seq_len"] == 32

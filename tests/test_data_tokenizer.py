@@ -5,12 +5,12 @@ import pickle
 
 import numpy as np
 import pytest
+from test_data_common import VOCAB, corpus_slice, read_texts, tokenizer, tokenizer_path
 
 from data import DataError
-from data.corpus import iter_documents
 from data.config import CorpusConfig
+from data.corpus import iter_documents
 from data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, encode_documents_flat, train_tokenizer
-from test_data_common import VOCAB, corpus_slice, read_texts, tokenizer, tokenizer_path
 
 
 def test_special_ids_and_vocab():

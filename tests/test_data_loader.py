@@ -1,0 +1,158 @@
+"""Loader: rank partitioning, exact mid-epoch resume (also 2 ranks -> 1), mixtures, seeds.
+
+Ranks are simulated in one process through explicit ``rank``/``world_size`` (each acts as
+its own node with its own cache directory), which keeps these tests cheap.
+"""
+from __future__ import annotations
+
+import pytest
+from test_data_common import data_config, prepared, sample_key
+
+from data import DataError
+from data.loader import TokenLoader, data_info
+
+BATCH = 4
+
+
+def _keys(loader, max_batches=None):
+    """Per-batch lists of sample identities, for up to ``max_batches`` batches."""
+    out = []
+    for batch in loader:
+        out.append([sample_key(row) for row in batch["input_ids"]])
+        if max_batches is not None and len(out) == max_batches:
+            break
+    return out
+
+
+def _all_samples(tmp_path):
+    with TokenLoader(data_config(tmp_path / "all", prepared(), drop_last=False), BATCH, shuffle=False) as ld:
+        return [k for b in _keys(ld) for k in b]
+
+
+def test_two_ranks_read_disjoint_samples_covering_the_epoch(tmp_path):
+    everything = _all_samples(tmp_path)
+    assert len(everything) % 2 == 0  # else streaming pads one rank with a repeated sample
+    cfg = data_config(tmp_path, prepared())
+    r0, r1 = (TokenLoader(cfg, BATCH // 2, rank=r, world_size=2) for r in (0, 1))
+    a = [k for b in _keys(r0) for k in b]
+    b = [k for b in _keys(r1) for k in b]
+    assert len(r0) == len(r1) == len(everything) // BATCH
+    assert set(a).isdisjoint(b)
+    assert sorted(a + b) == sorted(everything)
+    assert r0.state_dict() == r1.state_dict()  # the job's position, the same on every rank
+    r0.close()
+    r1.close()
+
+
+def test_shuffle_is_deterministic_from_the_seed(tmp_path):
+    orders = []
+    for i, seed in enumerate((5, 5, 6)):
+        with TokenLoader(data_config(tmp_path / str(i), prepared(), shuffle_seed=seed), BATCH) as ld:
+            orders.append(_keys(ld, max_batches=20))
+    assert orders[0] == orders[1]
+    assert orders[0] != orders[2]
+    stored = _all_samples(tmp_path)
+    assert orders[0] != [stored[i:i + BATCH] for i in range(0, 20 * BATCH, BATCH)]  # it does shuffle
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, workers):
+    cfg = data_config(tmp_path, prepared(), num_workers=workers)
+    with TokenLoader(cfg, BATCH) as ld:
+        full = _keys(ld)
+        state_end = ld.state_dict()
+    k = 37
+    with TokenLoader(cfg, BATCH) as ld:
+        first = _keys(ld, max_batches=k)
+        state = ld.state_dict()
+    assert state["streaming"]["sample_in_epoch"] == k * BATCH
+    with TokenLoader(cfg, BATCH) as ld:  # a new process in a real job: same job cache, fresh loader
+        ld.load_state_dict(state)
+        rest = _keys(ld)
+        assert ld.state_dict() == state_end
+    assert first + rest == full
+    if workers == 0:  # a state saved at an epoch's end continues with the next epoch
+        with TokenLoader(cfg, BATCH) as ld:
+            uninterrupted = ld.forever()
+            nxt = [next(uninterrupted) for _ in range(len(full) + 5)][len(full):]
+        with TokenLoader(cfg, BATCH) as ld:
+            ld.load_state_dict(state_end)
+            resumed = ld.forever()
+            assert [next(resumed)["input_ids"].tolist() for _ in range(5)] == [b["input_ids"].tolist() for b in nxt]
+        assert [sample_key(r) for r in nxt[0]["input_ids"]] != full[0]  # a new epoch is reshuffled
+
+
+def test_resume_from_two_ranks_on_one_rank_keeps_the_global_order(tmp_path):
+    cfg = data_config(tmp_path, prepared(), num_canonical_nodes=2)
+
+    def two_rank_steps(loaders, max_steps=None):
+        per_rank = [_keys(ld, max_steps) for ld in loaders]
+        return [set(a) | set(b) for a, b in zip(*per_rank)]
+
+    ranks = [TokenLoader(cfg, BATCH // 2, rank=r, world_size=2) for r in (0, 1)]
+    reference = two_rank_steps(ranks)
+    for ld in ranks:
+        ld.close()
+
+    k = 25
+    ranks = [TokenLoader(cfg, BATCH // 2, rank=r, world_size=2) for r in (0, 1)]
+    before = two_rank_steps(ranks, k)
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict()
+    for ld in ranks:
+        ld.close()
+    with TokenLoader(cfg, BATCH) as one:  # same global batch on one rank
+        one.load_state_dict(state)
+        after = [set(b) for b in _keys(one)]
+    assert before == reference[:k]
+    assert after == reference[k:]
+
+    with TokenLoader(cfg, BATCH // 2) as wrong:  # global batch 2 != 4
+        with pytest.raises(DataError, match="global batch"):
+            wrong.load_state_dict(state)
+
+
+def test_weighted_mixture_draws_the_configured_proportions(tmp_path):
+    a, b = prepared(0, 40), prepared(40, 30)
+    with TokenLoader(data_config(tmp_path / "a", a, drop_last=False), BATCH, shuffle=False) as ld:
+        from_a = {k for batch in _keys(ld) for k in batch}
+    cfg = data_config(tmp_path, a, b, weights=(3.0, 1.0), epoch_size=400)
+    with TokenLoader(cfg, BATCH) as ld:
+        keys = [k for batch in _keys(ld) for k in batch]
+        state = ld.state_dict()
+    assert len(keys) == 400
+    n_a = sum(k in from_a for k in keys)
+    assert n_a == 300
+    info = data_info(cfg)
+    assert [s["weight"] for s in info["sources"]] == [3.0, 1.0]
+    with TokenLoader(data_config(tmp_path, a, b, weights=(1.0, 1.0), epoch_size=400), BATCH) as other:
+        with pytest.raises(DataError, match="mixture weights"):
+            other.load_state_dict(state)
+        other.load_state_dict(state, strict=False)  # knowingly accepted
+
+
+def test_validation_split_is_read_in_order_without_shuffle(tmp_path):
+    cfg = data_config(tmp_path, prepared())
+    with TokenLoader(cfg, 2, split="val") as ld:
+        first = _keys(ld)
+    with TokenLoader(cfg, 2, split="val") as ld:
+        assert _keys(ld) == first and not ld.shuffle
+    assert len(first) == data_info(cfg, "val")["sources"][0]["splits"]["val"]["sequences"] // 2
+
+
+def test_local_datasets_are_read_in_place_and_never_written(tmp_path):
+    ds = prepared()
+
+    def snapshot():
+        return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in ds.rglob("*"))
+
+    before = snapshot()
+    orders = []
+    for copy in (False, True):
+        cfg = data_config(tmp_path / str(copy), ds, copy_local=copy)
+        with TokenLoader(cfg, BATCH) as ld:
+            orders.append(_keys(ld, max_batches=10))
+        cached = list((tmp_path / str(copy) / "cache").rglob("shard.*.mds"))
+        assert bool(cached) == copy
+    assert orders[0] == orders[1]
+    assert snapshot() == before
