@@ -4,4 +4,9 @@ Public API: ``gated_delta_product``, ``ssd``, ``linear_recurrence``, ``causal_co
 """
 from .ops import causal_conv1d, gated_delta_product, linear_recurrence, ssd
 
+try:  # registers the Triton kernels with kernels.dispatch; absent Triton keeps the torch path
+    from . import triton as _triton_kernels  # noqa: F401
+except ImportError:
+    pass
+
 __all__ = ["gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d"]

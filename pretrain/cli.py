@@ -1,17 +1,53 @@
-"""``linrnn-train`` (also ``python -m pretrain``): the training entry point."""
+"""``linrnn-train`` (also ``python -m pretrain``): the training entry point.
+
+Exit codes (the launcher / sbatch script acts on them):
+  0   finished (or nothing left to do: the newest checkpoint is at ``max_steps``)
+  75  stopped early on SIGTERM/SIGUSR1 or the wall-clock budget, after saving a complete
+      checkpoint: requeue the same command and it resumes there (EX_TEMPFAIL)
+  1   training failed (e.g. too many non-finite steps in a row); the last good checkpoint
+      is untouched
+  2   bad input: config, data, tokenizer/vocab or checkpoint-directory mismatch; nothing
+      was written
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from .config_loader import ConfigError, dump_config, load_config
+from .preemption import REQUEUE_EXIT_CODE
+
+EXIT_BAD_INPUT = 2
+DRY_RUN_MAX_PARAMS = 1_000_000_000  # above this the plan is printed without running the model
+
+
+def print_plan(cfg) -> bool:
+    """Parameters, FLOPs per token and memory per GPU for the layout; True if small enough
+    to also run the model here."""
+    from .flops import flops_per_token
+    from .memory import estimate_memory
+
+    f = flops_per_token(cfg.model, cfg.data.seq_len)
+    mem = estimate_memory(cfg)
+    parts = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in f.mixers.items())
+    print(f"plan: {mem.parameters / 1e6:.1f}M parameters; forward FLOPs/token {f.forward / 1e6:.1f}M "
+          f"({parts}, mlp {f.mlp / 1e6:.1f}M, head {f.head / 1e6:.1f}M); training {f.train / 1e6:.1f}M")
+    print("plan: " + mem.describe())
+    if not mem.fits:
+        print(f"warning: the estimate exceeds parallel.gpu_memory_gb={cfg.parallel.gpu_memory_gb:g}: raise "
+              "parallel.zero_stage, enable parallel.activation_checkpointing, lower micro_batch_size, or "
+              "use more GPUs (parallel.plan_world_size)", file=sys.stderr)
+    return mem.parameters <= DRY_RUN_MAX_PARAMS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linrnn-train",
-        description="Pretrain a linear-RNN language model from a run config.",
-        epilog="Example: linrnn-train configs/runs/demo.yaml optim.lr=1e-3 parallel.zero_stage=2",
+        description="Pretrain a linear-RNN language model from a run config. Rerunning the same "
+                    "command resumes from the newest complete checkpoint.",
+        epilog=f"Example: linrnn-train configs/runs/demo.yaml optim.lr=1e-3 parallel.zero_stage=2. "
+               f"Exit codes: 0 done, {REQUEUE_EXIT_CODE} preempted (checkpoint saved, requeue), "
+               f"1 training failed, {EXIT_BAD_INPUT} bad input.",
     )
     parser.add_argument("config", help="run config YAML (see configs/runs/)")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied in order")
@@ -20,24 +56,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("resolved config:\n" + dump_config(cfg), flush=True)
+        return EXIT_BAD_INPUT
+    if _is_main():
+        print("resolved config:\n" + dump_config(cfg), flush=True)
     if args.dry_run:
         from .dry_run import dry_run
 
+        if not print_plan(cfg):
+            print("the synthetic forward/backward is skipped for models above "
+                  f"{DRY_RUN_MAX_PARAMS / 1e9:.0f}B parameters on this machine")
+            return 0
         r = dry_run(cfg)
         print(f"dry run ok: {r.parameters / 1e6:.2f}M parameters, {r.tokens} tokens, "
               f"loss {r.loss:.4f}, grad norm {r.grad_norm:.3f}, {r.seconds:.2f}s forward+backward")
         return 0
-    print("error: the DeepSpeed training engine is not in this build yet; "
-          "use --dry-run to check a config and model", file=sys.stderr)
-    return 2
+    from data.errors import DataError
+
+    from .checkpoint import CheckpointError
+    from .trainer import EXIT_FAILED, TrainError, train
+
+    try:
+        result = train(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    return result.exit_code
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class ParallelConfig:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
     offload_optimizer: bool = False
+    reduce_bucket_size: int = _rng(50_000_000, ge=1)  # ZeRO communication bucket (elements)
+    gpu_memory_gb: float = _rng(80.0, gt=0.0)  # the plan (--dry-run) warns above this per GPU
+    plan_world_size: int | None = _rng(None, ge=1)  # ranks the plan assumes (None: $WORLD_SIZE or 1)
 
     def check(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
@@ -62,6 +65,7 @@ class LoggingConfig:
     every_steps: int = _rng(10, ge=1)
     log_dir: str | None = None  # defaults to <checkpoint.dir>/logs
     wandb_project: str | None = None  # the key comes from WANDB_API_KEY, never the config
+    tensorboard: bool = True  # also write TensorBoard scalars (when tensorboard is installed)
 
 
 @dataclass
@@ -69,6 +73,15 @@ class EvalConfig:
     every_steps: int = _rng(0, ge=0)  # 0: no periodic validation
     val_batches: int = _rng(50, ge=1)
     suites: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FaultConfig:
+    """Deterministic fault injection, for tests and drills of the recovery paths."""
+
+    nan_loss_steps: list[int] = field(default_factory=list)  # make these steps' loss NaN
+    preempt_at_step: int | None = None  # raise the preemption flag before this step
+    crash_in_save_at_step: int | None = None  # kill the process midway through this save
 
 
 @dataclass
@@ -84,3 +97,5 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    max_nonfinite_steps: int = _rng(5, ge=1)  # this many skipped steps in a row stop the run
+    faults: FaultConfig = field(default_factory=FaultConfig)

@@ -1,28 +1,159 @@
-"""``make demo``: the end-to-end job on a CPU, as far as this build goes.
+"""``make demo``: the whole job on a CPU in a few minutes, end to end.
 
-Today: resolve the demo run config, build the tiny GatedDeltaProduct model and run one
-packed batch forward and backward. Data, training with resume and evals join as they land.
+1. data: fetch the Shakespeare demo corpus, train a sentencepiece tokenizer, write MDS
+   shards (``data.demo.build_demo_data``; cached, so reruns skip it);
+2. train the tiny GatedDeltaProduct with ``linrnn-train`` in a subprocess, and interrupt
+   it with SIGTERM midway: it saves and exits with the requeue code 75, as on SLURM;
+3. rerun the same command: it resumes from the newest complete checkpoint and finishes;
+4. prove the resume is exact: replay the steps between the last periodic checkpoint and
+   the interruption from that checkpoint and compare the losses bit for bit;
+5. export (safetensors + config + tokenizer), load it without DeepSpeed, sample text;
+6. print where everything is.
+
+Everything is written under ``runs/demo/`` of the repository; checkpoints and exports
+are recreated on every run, the data only when its settings change.
 """
 from __future__ import annotations
 
+import math
+import shutil
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
-from .config_loader import CONFIGS_DIR, dump_config, load_config
-from .dry_run import dry_run
+from .config_loader import CONFIGS_DIR, load_config, save_config
+from .preemption import REQUEUE_EXIT_CODE
+from .run_log import read_metrics
 
+REPO = CONFIGS_DIR.parent
 DEMO_CONFIG = CONFIGS_DIR / "runs" / "demo.yaml"
+OUT = REPO / "runs" / "demo"
+INTERRUPT_AFTER = 35  # SIGTERM once this many steps are logged (between checkpoints 30 and 45)
+
+
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def _train_cmd(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "pretrain", str(config), *overrides]
+
+
+def _run(cmd: list[str], log: Path) -> int:
+    with open(log, "a") as f:
+        return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def _losses(log_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(log_dir / "metrics.jsonl")}
+
+
+def _fail(msg: str, log: Path) -> int:
+    say(f"FAILED: {msg}; the trainer's output is in {log}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(DEMO_CONFIG, list(argv if argv is not None else sys.argv[1:]))
-    print(f"[demo] config {DEMO_CONFIG}:\n{dump_config(cfg)}", flush=True)
-    r = dry_run(cfg)
-    print(f"[demo] model: {r.parameters / 1e6:.2f}M parameters, layers {cfg.model.layer_types()}")
-    print(f"[demo] forward+backward on {r.tokens} packed tokens: loss {r.loss:.4f} "
-          f"(ln V = {__import__('math').log(cfg.model.vocab_size):.4f}), grad norm {r.grad_norm:.3f}, "
-          f"{r.seconds:.2f}s")
-    print("[demo] done. This build stops here: data preparation, DeepSpeed training with "
-          "resume, export and evals are added by their own issues.")
+    t_start = time.time()
+    overrides = list(argv if argv is not None else sys.argv[1:])
+    cfg = load_config(DEMO_CONFIG, [f"data.sources=[{{path: {OUT / 'data'}}}]",
+                                    f"checkpoint.dir={OUT / 'checkpoints'}",
+                                    f"data.cache_root={OUT / 'cache'}", *overrides])
+    ckpt_dir = Path(cfg.checkpoint.dir)
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    say("1/6 data: demo corpus -> tokenizer -> MDS shards")
+    from data.demo import build_demo_data
+
+    t = time.time()
+    paths = build_demo_data(OUT, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len, progress=False)
+    say(f"    corpus {paths['corpus']}, tokenizer {paths['tokenizer']}, shards {paths['data']} "
+        f"({time.time() - t:.0f}s)")
+
+    for d in (ckpt_dir, OUT / "verify", OUT / "export"):
+        shutil.rmtree(d, ignore_errors=True)
+    config = OUT / "demo.yaml"
+    save_config(cfg, config)
+    cmd = _train_cmd(config)
+    log = OUT / "train.log"
+    log.write_text("")
+    metrics = ckpt_dir / "logs" / "metrics.jsonl"
+
+    say(f"2/6 train {cfg.max_steps} steps: {' '.join(cmd[1:])}  (output: {log})")
+    say(f"    will send SIGTERM after step {INTERRUPT_AFTER}, like a SLURM preemption")
+    t = time.time()
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if metrics.is_file() and any(r["step"] >= INTERRUPT_AFTER for r in read_metrics(metrics)):
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.2)
+        rc = proc.wait()
+    if rc != REQUEUE_EXIT_CODE:
+        return _fail(f"expected exit code {REQUEUE_EXIT_CODE} after SIGTERM, got {rc}", log)
+    stopped = read_metrics(metrics, "preempted")[-1]["step"]
+    say(f"    stopped at step {stopped} with exit code {rc} (requeue), checkpoint saved ({time.time() - t:.0f}s)")
+
+    from .checkpoint import list_checkpoints
+
+    earlier = [(s, p) for s, p, ok in list_checkpoints(ckpt_dir) if ok and s < stopped]
+    base_step, base = earlier[-1]
+    verify = OUT / "verify"
+    shutil.copytree(base, verify / base.name)
+
+    say(f"3/6 rerun the same command: resumes at step {stopped} and finishes")
+    t = time.time()
+    rc = _run(cmd, log)
+    if rc != 0:
+        return _fail(f"the resumed run exited with {rc}", log)
+    main_losses = _losses(ckpt_dir / "logs")
+    say(f"    done ({time.time() - t:.0f}s)")
+
+    say(f"4/6 exact resume check: replay steps {base_step + 1}..{stopped} from {base.name}")
+    t = time.time()
+    rc = _run(_train_cmd(config, f"checkpoint.dir={verify}", f"faults.preempt_at_step={stopped}",
+                         "eval.every_steps=0"), log)
+    replay = _losses(verify / "logs")
+    steps = list(range(base_step + 1, stopped + 1))
+    exact = rc == REQUEUE_EXIT_CODE and all(replay.get(s) == main_losses.get(s) for s in steps)
+    for s in steps:
+        say(f"    step {s}: first run {main_losses.get(s)!r}  replay {replay.get(s)!r}")
+    say(f"    {'identical' if exact else 'DIFFERENT'} ({time.time() - t:.0f}s)")
+
+    say("5/6 export and load without DeepSpeed")
+    from data.tokenizer import Tokenizer
+
+    from .export import export_checkpoint, load_exported
+
+    export = export_checkpoint(ckpt_dir, OUT / "export")
+    model = load_exported(export)
+    tok = Tokenizer.load(export / "tokenizer.model")
+    import torch
+
+    prompt = torch.tensor([tok.encode("ROMEO:\n")])
+    out = model.generate(prompt, 40, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
+    say("    sample: " + repr(tok.decode(out[0].tolist())))
+
+    val = read_metrics(ckpt_dir / "logs" / "metrics.jsonl", "val")
+    first, last = val[0], val[-1]
+    fell = last["loss"] < first["loss"] - 1.0
+    say("6/6 where everything is")
+    say(f"    corpus:       {paths['corpus']}")
+    say(f"    tokenizer:    {paths['tokenizer']}")
+    say(f"    shards:       {paths['data']}")
+    say(f"    run config:   {config}")
+    say(f"    checkpoints:  {ckpt_dir}  (latest: {(ckpt_dir / 'latest').read_text().strip()})")
+    say(f"    metrics:      {ckpt_dir / 'logs' / 'metrics.jsonl'}")
+    say(f"    export:       {export}")
+    say(f"    validation loss: {first['loss']:.3f} at step {first['step']} (ln V = "
+        f"{math.log(cfg.model.vocab_size):.3f}) -> {last['loss']:.3f} at step {last['step']}")
+    say(f"    total {time.time() - t_start:.0f}s")
+    if not (exact and fell):
+        return _fail("the resume was not exact" if not exact else "the validation loss did not fall", log)
+    say("ok")
     return 0
 
 

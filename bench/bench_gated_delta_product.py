@@ -1,0 +1,183 @@
+"""GPU benchmark of the Triton Gated DeltaProduct kernels.
+
+For each grid point (B*T tokens, H, K = V, n_h) prints forward and forward+backward time,
+achieved TFLOP/s and peak memory of: our Triton kernels, the torch chunked path of
+``kernels`` (optional, slow) and, when ``fla`` (the fla-core wheel) is importable,
+flash-linear-attention's ``chunk_gated_delta_product`` (and ``chunk_gated_delta_rule``
+for n_h = 1), with time ratios comparator / ours (> 1 means we are faster).
+
+TFLOP/s counts the chunked algorithm's matmuls, per sub-step row with chunks of C = 64
+rows: KK^T, W and U (2C(2K+V)), the state pass (4KV), the output (2KV + 2C(K+V));
+forward+backward is counted as 3x forward. Needs only torch and triton to import;
+``--results FILE`` appends a Markdown table with the GPU name.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+Row = dict
+CHUNK = 64
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=ints, default=[16384, 32768, 65536], help="B*T values")
+    p.add_argument("--seqlen", type=int, default=4096, help="T (B = tokens // T)")
+    p.add_argument("--heads", type=ints, default=[8, 16])
+    p.add_argument("--headdim", type=ints, default=[64, 128, 256], help="K = V values")
+    p.add_argument("--nh", type=ints, default=[1, 2, 3], help="Householder steps per token")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--torch", action="store_true", help="also time the (slow) torch chunked path")
+    p.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
+    p.add_argument("--target", action="store_true",
+                   help="only the issue's target point: B=4 T=4096 H=16 K=V=128 n_h in {1,2}")
+    p.add_argument("--results", default=None, help="append a Markdown table to this file")
+    a = p.parse_args(argv)
+    if a.target:
+        a.tokens, a.seqlen, a.heads, a.headdim, a.nh = [16384], 4096, [16], [128], [1, 2]
+    return a
+
+
+def flops_fwd(B: int, T: int, H: int, K: int, V: int, n_h: int) -> float:
+    rows = B * H * T * n_h
+    return float(rows * (2 * CHUNK * (2 * K + V) + 4 * K * V + 2 * K * V + 2 * CHUNK * (K + V)))
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn on the GPU."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def peak_mib(fn: Callable[[], object]) -> float:
+    """Peak allocated memory during one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def make_inputs(B: int, T: int, H: int, K: int, V: int, n_h: int, dtype: torch.dtype) -> dict:
+    dev = "cuda"
+    nrm = torch.nn.functional.normalize
+    return dict(
+        q=nrm(torch.randn(B, T, H, K, device=dev), dim=-1).to(dtype).requires_grad_(),
+        k=nrm(torch.randn(B, T, n_h, H, K, device=dev), dim=-1).to(dtype).requires_grad_(),
+        v=torch.randn(B, T, n_h, H, V, device=dev, dtype=dtype).requires_grad_(),
+        beta=torch.rand(B, T, n_h, H, device=dev).mul(2).to(dtype).requires_grad_(),
+        g=torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=dev) + 3).to(dtype).requires_grad_(),
+    )
+
+
+def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool) -> dict[str, Callable[[], torch.Tensor]]:
+    import kernels
+
+    q, k, v, beta, g = x["q"], x["k"], x["v"], x["beta"], x["g"]
+    B, T, H, K = q.shape
+    out: dict[str, Callable[[], torch.Tensor]] = {
+        "ours": lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="triton")[0]}
+    if use_torch:
+        out["torch"] = lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="torch")[0]
+    if use_fla:
+        try:
+            from fla.ops.gated_delta_product import chunk_gated_delta_product
+        except Exception as exc:  # fla is optional, for the comparison only
+            print(f"  fla unavailable: {type(exc).__name__}: {str(exc)[:100]}")
+            return out
+        kf = k.reshape(B, T * n_h, H, K)
+        vf = v.reshape(B, T * n_h, H, v.shape[-1])
+        bf = beta.reshape(B, T * n_h, H)
+        out["fla_gdp"] = lambda: chunk_gated_delta_product(
+            q=q, k=kf, v=vf, g=g, beta=bf, num_householder=n_h, scale=K**-0.5)[0]
+        if n_h == 1:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+            out["fla_gdn"] = lambda: chunk_gated_delta_rule(
+                q=q, k=k[:, :, 0], v=v[:, :, 0], g=g, beta=beta[:, :, 0], scale=K**-0.5)[0]
+    return out
+
+
+def measure(name: str, fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Row | None:
+    def step():
+        for t in leaves:
+            t.grad = None
+        o = fwd()
+        o.backward(torch.ones_like(o))
+    try:
+        with torch.no_grad():
+            t_f = bench(fwd)
+        return dict(impl=name, fwd=t_f, fwdbwd=bench(step), mem=peak_mib(step))
+    except Exception as exc:  # a comparator that fails is reported, not fatal
+        print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    a = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gated_delta_product needs a CUDA GPU")
+    dtype = getattr(torch, a.dtype)
+    gpu = torch.cuda.get_device_name()
+    rows: list[Row] = []
+    for tokens in a.tokens:
+        B, T = max(1, tokens // a.seqlen), min(a.seqlen, tokens)
+        for H in a.heads:
+            for D in a.headdim:
+                for n_h in a.nh:
+                    torch.manual_seed(0)
+                    x = make_inputs(B, T, H, D, D, n_h, dtype)
+                    fl = flops_fwd(B, T, H, D, D, n_h)
+                    print(f"B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype} on {gpu}")
+                    res = {}
+                    for name, fn in impls(x, n_h, a.torch, not a.no_fla).items():
+                        r = measure(name, fn, list(x.values()))
+                        if r is None:
+                            continue
+                        r.update(B=B, T=T, H=H, D=D, n_h=n_h, tflops_fwd=fl / r["fwd"] / 1e9,
+                                 tflops_fwdbwd=3 * fl / r["fwdbwd"] / 1e9)
+                        res[name] = r
+                    ours = res.get("ours")
+                    for name, r in res.items():
+                        ratio = ""
+                        if ours is not None and name != "ours":
+                            r["ratio_fwd"] = r["fwd"] / ours["fwd"]
+                            r["ratio_fwdbwd"] = r["fwdbwd"] / ours["fwdbwd"]
+                            ratio = f"  {name}/ours: fwd {r['ratio_fwd']:.2f}x fwd+bwd {r['ratio_fwdbwd']:.2f}x"
+                        print(f"  {name:8s} fwd {r['fwd']:8.3f} ms ({r['tflops_fwd']:6.1f} TFLOP/s)  "
+                              f"fwd+bwd {r['fwdbwd']:8.3f} ms ({r['tflops_fwdbwd']:6.1f} TFLOP/s)  "
+                              f"peak {r['mem']:8.1f} MiB{ratio}")
+                        rows.append(r)
+                    del x
+                    torch.cuda.empty_cache()
+    if a.results:
+        write_results(a.results, rows, gpu, a.dtype)
+    return rows
+
+
+def write_results(path: str, rows: list[Row], gpu: str, dtype: str) -> None:
+    lines = [f"\n## gated_delta_product on {gpu} ({dtype})\n",
+             "| B | T | H | K=V | n_h | impl | fwd ms | fwd+bwd ms | TFLOP/s fwd+bwd | peak MiB | comparator/ours fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['ratio_fwdbwd']:.2f}" if "ratio_fwdbwd" in r else ""
+        lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['n_h']} | {r['impl']} | "
+                     f"{r['fwd']:.3f} | {r['fwdbwd']:.3f} | {r['tflops_fwdbwd']:.1f} | {r['mem']:.0f} | {ratio} |")
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

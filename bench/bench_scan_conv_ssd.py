@@ -1,0 +1,218 @@
+"""GPU benchmark of the Triton linear_recurrence, causal_conv1d and SSD kernels.
+
+Prints, per op: forward and forward+backward time, achieved GB/s (memory-bound scan and
+conv; with the GPU's measured copy bandwidth for the scan) or TFLOP/s (SSD, counting the
+chunked algorithm's matmuls), and ratios against the torch path of ``kernels`` and the
+public comparators when importable: flash-linear-attention (HGRN recurrence for the scan,
+chunk_simple_gla for SSD), mamba-ssm's mamba_chunk_scan_combined, Dao's causal_conv1d.
+Needs only torch and triton to import; ``--results FILE`` appends a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+Row = dict
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="linear_recurrence,causal_conv1d,ssd")
+    p.add_argument("--tokens", type=int, default=32768, help="B*T")
+    p.add_argument("--seqlen", type=int, default=4096, help="T (B = tokens // T)")
+    p.add_argument("--dim", type=int, default=2560, help="channels of the scan and the conv")
+    p.add_argument("--width", type=int, default=4, help="conv width")
+    p.add_argument("--heads", type=int, default=32, help="SSD heads")
+    p.add_argument("--headdim", type=int, default=64, help="SSD P")
+    p.add_argument("--dstate", type=int, default=128, help="SSD N")
+    p.add_argument("--groups", type=int, default=1, help="SSD groups of B/C")
+    p.add_argument("--neg", action="store_true", help="SSD with allow_neg_eigval")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference path")
+    p.add_argument("--results", default=None, help="append a Markdown table to this file")
+    return p.parse_args(argv)
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of fn on the GPU."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def fwd_bwd(fwd: Callable[[], object], leaves: list[torch.Tensor]) -> Callable[[], None]:
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fwd()
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        out.backward(torch.ones_like(out))
+    return step
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def timed(name: str, fwd: Callable[[], object], leaves: list[torch.Tensor]) -> Row | None:
+    try:
+        return dict(impl=name, fwd=bench(fwd), fwdbwd=bench(fwd_bwd(fwd, leaves)))
+    except Exception as exc:  # a comparator that fails to run is reported, not fatal
+        print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / bench(lambda: dst.copy_(src)) / 1e6  # GB/s
+
+
+def bench_linear_recurrence(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    B, T, D = a.tokens // a.seqlen, a.seqlen, a.dim
+    x = leaf(torch.randn(B, T, D, device="cuda", dtype=dtype))
+    gate = leaf(torch.rand(B, T, D, device="cuda", dtype=dtype) * 0.1 + 0.9)
+    esz = x.element_size()
+    fwd_bytes, bwd_bytes = 3 * x.numel() * esz, 5 * x.numel() * esz  # x,a->h ; a,h,dh->dx,da
+    rows = [timed("triton", lambda: kernels.linear_recurrence(x, gate, backend="triton"), [x, gate])]
+    if not a.no_torch:
+        rows.append(timed("torch", lambda: kernels.linear_recurrence(x, gate, backend="torch"), [x, gate]))
+    try:
+        from fla.ops.hgrn import fused_recurrent_hgrn  # same elementwise scan, log gate
+
+        g = leaf(gate.detach().float().log().to(dtype))
+        rows.append(timed("fla fused_recurrent_hgrn", lambda: fused_recurrent_hgrn(x, g), [x, g]))
+    except ImportError:
+        print("  fla not importable: no HGRN comparator")
+    copy = copy_bandwidth(x.numel() * esz)
+    for r in rows:
+        if r:
+            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
+            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
+            r["% copy bw (fwd)"] = 100 * r["GB/s fwd"] / copy
+    print(f"  measured copy bandwidth: {copy:.0f} GB/s")
+    return [r for r in rows if r]
+
+
+def bench_causal_conv1d(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    B, T, D, W = a.tokens // a.seqlen, a.seqlen, a.dim, a.width
+    x = leaf(torch.randn(B, T, D, device="cuda", dtype=dtype))
+    w = leaf(torch.randn(D, W, device="cuda", dtype=dtype) / W**0.5)
+    b = leaf(torch.randn(D, device="cuda", dtype=dtype))
+    nbytes = 2 * x.numel() * x.element_size()
+    rows = [timed("triton", lambda: kernels.causal_conv1d(x, w, b, activation="silu", backend="triton"), [x, w, b])]
+    if not a.no_torch:
+        rows.append(timed("torch", lambda: kernels.causal_conv1d(x, w, b, activation="silu", backend="torch"), [x, w, b]))
+    try:
+        from causal_conv1d import causal_conv1d_fn
+
+        xt = leaf(x.detach().transpose(1, 2))  # channels-last view, as mamba uses it
+        rows.append(timed("causal_conv1d (Dao)", lambda: causal_conv1d_fn(xt, w, b, activation="silu"), [xt, w, b]))
+    except ImportError:
+        print("  causal_conv1d package not importable: no comparator")
+    for r in rows:
+        if r:
+            r["GB/s fwd"] = nbytes / r["fwd"] / 1e6
+    return [r for r in rows if r]
+
+
+def ssd_flops(T_total: int, H: int, P: int, N: int, L: int = 64) -> tuple[float, float]:
+    """Matmul FLOPs of the chunked algorithm per token and head, chunk length L."""
+    fwd = 2 * L * N + 2 * L * P + 4 * P * N
+    bwd = 2 * L * (3 * N + 2 * P + L) + 12 * P * N
+    return float(T_total * H * fwd), float(T_total * H * bwd)
+
+
+def bench_ssd(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    B, T, H, P, N, G = a.tokens // a.seqlen, a.seqlen, a.heads, a.headdim, a.dstate, a.groups
+    dev = "cuda"
+    x = leaf(torch.randn(B, T, H, P, device=dev, dtype=dtype))
+    dt = leaf((torch.rand(B, T, H, device=dev) * 0.1 + 0.001).to(dtype))
+    A = leaf(-torch.rand(H, device=dev) * 15 - 1)
+    Bm = leaf(torch.randn(B, T, G, N, device=dev, dtype=dtype) * N**-0.5)
+    Cm = leaf(torch.randn(B, T, G, N, device=dev, dtype=dtype) * N**-0.5)
+    D = leaf(torch.randn(H, device=dev))
+    leaves = [x, dt, A, Bm, Cm, D]
+
+    def ours(backend):
+        return lambda: kernels.ssd(x, dt, A, Bm, Cm, D=D, allow_neg_eigval=a.neg, backend=backend)
+
+    rows = [timed("triton", ours("triton"), leaves)]
+    if not a.no_torch:
+        rows.append(timed("torch", ours("torch"), leaves))
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+        rows.append(timed("mamba_chunk_scan_combined",
+                          lambda: mamba_chunk_scan_combined(x, dt, A, Bm, Cm, chunk_size=256, D=D), leaves))
+    except ImportError:
+        print("  mamba-ssm not importable: no mamba comparator")
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla  # same scalar-decay recurrence
+
+        q = leaf(Cm.detach().repeat_interleave(H // G, dim=2))
+        k = leaf(Bm.detach().repeat_interleave(H // G, dim=2))
+        v = leaf((x.detach() * dt.detach()[..., None]).to(dtype))
+        g = leaf((dt.detach().float() * A.detach()).to(dtype))
+        extra = {}
+        if "head_first" in inspect.signature(chunk_simple_gla).parameters:
+            extra["head_first"] = False  # older fla releases default to [B, H, T, K]
+        rows.append(timed("fla chunk_simple_gla",
+                          lambda: chunk_simple_gla(q=q, k=k, v=v, g=g, scale=1.0, **extra), [q, k, v, g]))
+    except ImportError:
+        print("  fla not importable: no chunk_simple_gla comparator")
+    f_fwd, f_bwd = ssd_flops(B * T, H, P, N)
+    for r in rows:
+        if r:
+            r["TFLOP/s fwd"] = f_fwd / r["fwd"] / 1e9
+            r["TFLOP/s fwd+bwd"] = (f_fwd + f_bwd) / r["fwdbwd"] / 1e9
+    return [r for r in rows if r]
+
+
+def report(op: str, rows: list[Row], lines: list[str]) -> None:
+    if not rows:
+        return
+    base = rows[0]
+    keys = [k for k in rows[0] if k not in ("impl",)]
+    head = f"| {op} | " + " | ".join(f"{k}" + (" ms" if k in ("fwd", "fwdbwd") else "") for k in keys) + \
+        " | triton speed-up fwd | triton speed-up fwd+bwd |"
+    lines += [head, "|" + "---|" * (len(keys) + 3)]
+    for r in rows:
+        vals = " | ".join(f"{r.get(k, float('nan')):.3f}" for k in keys)
+        lines.append(f"| {r['impl']} | {vals} | {r['fwd'] / base['fwd']:.2f}x | {r['fwdbwd'] / base['fwdbwd']:.2f}x |")
+    lines.append("")
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_scan_conv_ssd: needs a CUDA GPU (the kernels' CPU tests are in tests/)")
+    dtype = getattr(torch, a.dtype)
+    gpu = torch.cuda.get_device_name()
+    lines = [f"## {gpu}, {a.dtype}, B*T = {a.tokens}, T = {a.seqlen}", ""]
+    funcs = dict(linear_recurrence=bench_linear_recurrence, causal_conv1d=bench_causal_conv1d, ssd=bench_ssd)
+    for op in a.ops.split(","):
+        print(f"{op}:")
+        report(op, funcs[op](a, dtype), lines)
+    text = "\n".join(lines)
+    print(text)
+    if a.results:
+        with open(a.results, "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Triton Gated DeltaProduct: host launchers, autograd.Function, registration.
+
+Activation memory: the forward saves only its inputs (and the initial state); the
+backward recomputes W, U, the per-chunk states and D, so nothing O(T*K*V) outlives a call.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..dispatch import register_triton
+from .gated_delta_product_bwd import gdp_dd_local_kernel, gdp_dh_kernel, gdp_grad_kernel
+from .gated_delta_product_common import CHUNK_ROWS, chunk_layout, dot_precision
+from .gated_delta_product_fwd import gdp_output_kernel, gdp_prep_kernel, gdp_state_kernel
+
+Tensor = torch.Tensor
+
+
+def _blocks(K: int, V: int) -> tuple[int, int, int]:
+    """(BK: all of K, BVF: all of V, BV: a V block for the state-sized kernels)."""
+    bk = max(16, triton.next_power_of_2(K))
+    bvf = max(16, triton.next_power_of_2(V))
+    return bk, bvf, min(bvf, 64)
+
+
+class _Problem:
+    """Flattened views and chunk tables shared by the forward and backward launchers."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
+                 cu_seqlens: Tensor | None, scale: float):
+        B, T, H, K = q.shape
+        self.n_h, self.V = k.shape[2], v.shape[-1]
+        self.B, self.T, self.H, self.K = B, T, H, K
+        self.scale = float(scale)
+        # Offsets on the host: a dense batch needs no device sync to lay out its chunks.
+        cs = [b * T for b in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
+        self.N = len(cs) - 1
+        self.bt, self.chunks, self.seq_chunk, self.NC = chunk_layout(cs, self.n_h, q.device)
+        self.q = q.reshape(B * T, H, K).contiguous()
+        self.k = k.reshape(B * T * self.n_h, H, K).contiguous()
+        self.v = v.reshape(B * T * self.n_h, H, self.V).contiguous()
+        self.beta = beta.reshape(B * T * self.n_h, H).contiguous()
+        self.g = g.reshape(B * T, H).contiguous() if g is not None else None
+        self.prec = dot_precision(q.dtype)
+        self.BK, self.BVF, self.BV = _blocks(K, self.V)
+
+    def consts(self) -> dict:
+        return dict(H=self.H, K=self.K, V=self.V, N_H=self.n_h, BC=CHUNK_ROWS, BK=self.BK,
+                    HAS_G=self.g is not None, PREC=self.prec)
+
+    def g_arg(self) -> Tensor:
+        return self.g if self.g is not None else self.beta  # never read when HAS_G is False
+
+    def recompute(self, h0: Tensor | None, store_t: bool, want_ht: bool):
+        """W, U (and (I+A)^-1), then the per-chunk entering states and D."""
+        R, H, K, V = self.k.shape[0], self.H, self.K, self.V
+        f32, dev = torch.float32, self.q.device
+        w = torch.empty(R, H, K, dtype=f32, device=dev)
+        u = torch.empty(R, H, V, dtype=f32, device=dev)
+        tinv = torch.empty(R if store_t else 1, H, CHUNK_ROWS, dtype=f32, device=dev)
+        c = self.consts()
+        if self.NC:
+            gdp_prep_kernel[(self.NC, H)](self.k, self.v, self.beta, self.g_arg(), self.chunks,
+                                          w, u, tinv, BVF=self.BVF, STORE_T=store_t, **c)
+        hs = torch.empty(max(self.NC, 1), H, K, V, dtype=f32, device=dev)
+        d = torch.empty(R, H, V, dtype=f32, device=dev)
+        ht = torch.empty(self.N, H, K, V, dtype=f32, device=dev) if want_ht else hs
+        h0c = h0.float().contiguous() if h0 is not None else hs
+        gdp_state_kernel[(self.N, H, triton.cdiv(V, self.BV))](
+            self.k, self.g_arg(), w, u, h0c, self.chunks, self.seq_chunk, hs, d, ht,
+            BV=self.BV, HAS_H0=h0 is not None, STORE_HT=want_ht, **c)
+        return w, u, tinv, hs, d, (ht if want_ht else None)
+
+
+def gdp_forward(p: _Problem, h0: Tensor | None, want_ht: bool) -> tuple[Tensor, Tensor | None]:
+    _, _, _, hs, d, ht = p.recompute(h0, store_t=False, want_ht=want_ht)
+    o = torch.empty(p.B * p.T, p.H, p.V, dtype=p.q.dtype, device=p.q.device)
+    if p.NC:
+        gdp_output_kernel[(p.NC, p.H, triton.cdiv(p.V, p.BV))](
+            p.q, p.k, p.g_arg(), hs, d, o, p.chunks, p.scale, BV=p.BV, **p.consts())
+    return o.view(p.B, p.T, p.H, p.V), ht
+
+
+def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None):
+    """Gradients (dq, dk, dv, dbeta, dg, dh0) in the layouts of the op's inputs."""
+    H, K, V, R = p.H, p.K, p.V, p.k.shape[0]
+    f32, dev = torch.float32, p.q.device
+    w, u, tinv, hs, d, _ = p.recompute(h0, store_t=True, want_ht=False)
+    do = do.reshape(p.B * p.T, H, V).contiguous()
+    c = p.consts()
+    dd = torch.zeros(R, H, V, dtype=f32, device=dev)
+    nv = triton.cdiv(V, p.BV)
+    if p.NC:
+        gdp_dd_local_kernel[(p.NC, H, nv)](p.q, p.k, p.g_arg(), do, dd, p.chunks, p.scale,
+                                          BV=p.BV, **c)
+    dhs = torch.empty(max(p.NC, 1), H, K, V, dtype=f32, device=dev)
+    dh0 = torch.empty(p.N, H, K, V, dtype=f32, device=dev) if h0 is not None else dhs
+    dhtc = dht.float().contiguous() if dht is not None else dhs
+    gdp_dh_kernel[(p.N, H, nv)](p.q, p.k, p.g_arg(), w, do, dd, dhtc, p.chunks, p.seq_chunk,
+                                dhs, dh0, p.scale, BV=p.BV, HAS_DHT=dht is not None,
+                                STORE_DH0=h0 is not None, **c)
+    dq = torch.zeros_like(p.q)
+    dk = torch.empty_like(p.k)
+    dv = torch.empty_like(p.v)
+    dbeta = torch.empty_like(p.beta)
+    dg = torch.zeros(p.B * p.T, H, dtype=f32, device=dev) if p.g is not None else None
+    if p.NC:
+        gdp_grad_kernel[(p.NC, H)](
+            p.q, p.k, p.v, p.beta, p.g_arg(), w, u, tinv, hs, dhs, d, dd, do,
+            dq, dk, dv, dbeta, dg if dg is not None else dd, p.chunks, p.scale,
+            BV=p.BV, **c)
+    B, T, n_h = p.B, p.T, p.n_h
+    return (dq.view(B, T, H, K), dk.view(B, T, n_h, H, K), dv.view(B, T, n_h, H, V),
+            dbeta.view(B, T, n_h, H), dg.view(B, T, H) if dg is not None else None,
+            dh0 if h0 is not None else None)
+
+
+class GatedDeltaProductFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
+        p = _Problem(q, k, v, beta, g, cu_seqlens, scale)
+        o, ht = gdp_forward(p, initial_state, output_final_state)
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
+        ctx.scale = scale
+        ctx.g_dtype = g.dtype if g is not None else None
+        ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, g, h0, cu_seqlens = ctx.saved_tensors
+        p = _Problem(q, k, v, beta, g, cu_seqlens, ctx.scale)
+        dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht)
+        if dg is not None:
+            dg = dg.to(ctx.g_dtype)
+        if dh0 is not None:
+            dh0 = dh0.to(ctx.h0_dtype)
+        return dq, dk, dv, db, dg, None, dh0, None, None
+
+
+def triton_gated_delta_product(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None,
+                               *, scale: float, initial_state: Tensor | None = None,
+                               output_final_state: bool = False,
+                               cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The op's Triton backend (inputs already validated by ``kernels.gated_delta_product``)."""
+    o, ht = GatedDeltaProductFunction.apply(q, k, v, beta, g, scale, initial_state,
+                                            output_final_state, cu_seqlens)
+    return o, (ht if output_final_state else None)
+
+
+register_triton("gated_delta_product", triton_gated_delta_product)

@@ -1,0 +1,80 @@
+"""Shared pieces of the Gated DeltaProduct Triton kernels: chunk layout and gate spans.
+
+The n_h Householder steps of a token are n_h consecutive *sub-steps*: k, v and beta are
+read as ``[T*n_h, H, ...]`` (their natural memory layout), a token's gate sits on its
+first sub-step and its output is read after its last. A chunk holds ``BT = 64 // n_h``
+whole tokens (``BT*n_h <= 64`` sub-steps) in a tile of ``BC = 64`` rows; rows past the
+chunk's end are masked to identity steps (k = 0, beta = 0, gate 0).
+
+Every log decay is a sum over the gates of its span (a masked sum or a cumsum over a
+masked matrix), never a difference of two cumsums: a difference cancels large values and
+leaves fp32 rounding that swamps the tiny true decays (and g-gradients) of strong gates.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.standard import _sum_combine
+
+CHUNK_ROWS = 64  # sub-steps per tile
+
+
+# tl.reduce / tl.associative_scan with the standard sum combiner instead of tl.sum /
+# tl.cumsum (and tl.full instead of tl.zeros): those are jit functions made when triton is
+# imported, so they fail under TRITON_INTERPRET=1 set after that import (the tests
+# re-import these modules under the interpreter); with this combiner the interpreter
+# still takes its fast numpy path. Helpers are inlined where they would sit in loops:
+# each jit call costs milliseconds in the interpreter.
+__all__ = ["_sum_combine", "chunk_gates", "chunk_layout", "dot_precision", "CHUNK_ROWS"]
+
+
+@triton.jit
+def chunk_gates(g_ptr, tok0, ntok, h, H: tl.constexpr, N_H: tl.constexpr,
+                BC: tl.constexpr, HAS_G: tl.constexpr):
+    """Log decays of one chunk, all in fp32.
+
+    Returns (gam [BC]: gate of each sub-step, cum [BC]: sum over chunk start..p inclusive,
+    rest [BC]: sum over p+1..chunk end, total: sum of the chunk, seg [BC, BC]: sum over
+    s+1..p for s < p and 0 elsewhere).
+    """
+    i = tl.arange(0, BC)
+    if HAS_G:
+        first = (i % N_H == 0) & (i < ntok * N_H)
+        tok = (tok0 + i // N_H).to(tl.int64)
+        gam = tl.load(g_ptr + tok * H + h, mask=first, other=0.0).to(tl.float32)
+    else:
+        gam = tl.full([BC], 0.0, tl.float32)
+    le = i[None, :] <= i[:, None]  # [p, p']: p' <= p
+    cum = tl.reduce(tl.where(le, gam[None, :], 0.0), 1, _sum_combine)
+    rest = tl.reduce(tl.where(le, 0.0, gam[None, :]), 1, _sum_combine)
+    total = tl.reduce(gam, 0, _sum_combine)
+    # seg[p, s] = sum_{s < p' <= p} gam[p'] as a column-wise cumsum of M[p', s] = gam[p'] [p' > s]
+    seg = tl.associative_scan(tl.where(i[:, None] > i[None, :], gam[:, None], 0.0), 0, _sum_combine)
+    return gam, cum, rest, total, seg
+
+
+def chunk_layout(cs: list[int], n_h: int, dev: torch.device) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+    """Tokens per chunk and chunk tables for packed sequences with offsets ``cs`` (host list).
+
+    Returns (BT, chunk_tok [NC, 2] int32 = (first token, token count) per chunk,
+    seq_chunk0 [N+1] int32 = index of each sequence's first chunk, NC).
+    """
+    if n_h > CHUNK_ROWS:
+        raise ValueError(f"gated_delta_product: n_h={n_h} exceeds {CHUNK_ROWS} sub-steps per chunk")
+    bt = CHUNK_ROWS // n_h
+    tok, cnt, starts = [], [], [0]
+    for s, e in zip(cs, cs[1:]):
+        for t0 in range(s, e, bt):
+            tok.append(t0)
+            cnt.append(min(bt, e - t0))
+        starts.append(len(tok))
+    table = torch.tensor([tok, cnt], dtype=torch.int32).T.contiguous().to(dev)
+    if not tok:
+        table = torch.zeros(0, 2, dtype=torch.int32, device=dev)
+    return bt, table, torch.tensor(starts, dtype=torch.int32, device=dev), len(tok)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get full-precision dots (as the fp32 reference); half inputs use tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"

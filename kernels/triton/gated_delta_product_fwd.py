@@ -1,0 +1,148 @@
+"""Forward kernels of the chunked Gated DeltaProduct (see gated_delta_product_common).
+
+Within a chunk entering with state S0, the scaled deltas of its sub-steps are
+D = U - W S0 with [W | U] = (I + A)^-1 diag(beta) [K e^cum | V] (WY / UT form, A strictly
+lower: A[p, s] = beta_p (k_p . k_s) e^seg[p, s]); the chunk leaves with
+S' = e^total S0 + (K e^rest)^T D, and o_p = scale (q_p e^cum_p S0 + sum_{s<=p} e^seg (q_p . k_s) D_s).
+
+Three kernels: ``prep`` (parallel over chunks: KK^T, the triangular solve, W and U),
+``state`` (sequential over the chunks of a sequence, fp32 state in registers; writes each
+chunk's entering state and D) and ``output`` (parallel over chunks).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .gated_delta_product_common import _sum_combine, chunk_gates
+
+
+@triton.jit
+def unit_lower_inverse(A, nrows, BC: tl.constexpr):
+    """(I + A)^-1 for strictly lower A by forward substitution over rows, fp32."""
+    rows = tl.arange(0, BC)
+    inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    for r in range(1, nrows):
+        sel = rows[:, None] == r
+        a = tl.reduce(tl.where(sel, A, 0.0), 0, _sum_combine)           # A[r, :]
+        upd = tl.reduce(a[:, None] * inv, 0, _sum_combine)              # sum_j A[r, j] inv[j, :]
+        inv = tl.where(sel, inv - upd[None, :], inv)
+    return inv
+
+
+@triton.jit
+def gdp_prep_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, chunk_ptr, w_ptr, u_ptr, t_ptr,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
+                    BC: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
+                    HAS_G: tl.constexpr, STORE_T: tl.constexpr, PREC: tl.constexpr):
+    ic = tl.program_id(0)
+    h = tl.program_id(1)
+    tok0 = tl.load(chunk_ptr + 2 * ic)
+    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    nrows = ntok * N_H
+    i = tl.arange(0, BC)
+    ck = tl.arange(0, BK)
+    cv = tl.arange(0, BVF)
+    rm = i < nrows
+    row = (tok0 * N_H + i).to(tl.int64)
+    kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
+                 mask=rm[:, None] & (ck < K)[None, :], other=0.0).to(tl.float32)
+    vb = tl.load(v_ptr + row[:, None] * (H * V) + h * V + cv[None, :],
+                 mask=rm[:, None] & (cv < V)[None, :], other=0.0).to(tl.float32)
+    bb = tl.load(beta_ptr + row * H + h, mask=rm, other=0.0).to(tl.float32)
+    _, cum, _, _, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
+    strict = i[:, None] > i[None, :]
+    kk = tl.dot(kb, tl.trans(kb), input_precision=PREC)
+    A = tl.where(strict, bb[:, None] * kk * tl.exp(tl.where(strict, seg, 0.0)), 0.0)
+    inv = unit_lower_inverse(A, nrows, BC)
+    kg = kb * (bb * tl.exp(cum))[:, None]
+    w = tl.dot(inv, kg, input_precision=PREC)
+    u = tl.dot(inv, vb * bb[:, None], input_precision=PREC)
+    tl.store(w_ptr + row[:, None] * (H * K) + h * K + ck[None, :], w,
+             mask=rm[:, None] & (ck < K)[None, :])
+    tl.store(u_ptr + row[:, None] * (H * V) + h * V + cv[None, :], u,
+             mask=rm[:, None] & (cv < V)[None, :])
+    if STORE_T:
+        tl.store(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], inv, mask=rm[:, None])
+
+
+@triton.jit
+def gdp_state_kernel(k_ptr, g_ptr, w_ptr, u_ptr, h0_ptr, chunk_ptr, seq_chunk_ptr,
+                     hs_ptr, d_ptr, ht_ptr,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
+                     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                     PREC: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    i = tl.arange(0, BC)
+    ck = tl.arange(0, BK)
+    cv = iv * BV + tl.arange(0, BV)
+    km = ck < K
+    vm = cv < V
+    sm = km[:, None] & vm[None, :]
+    s_off = h * (K * V) + ck[:, None] * V + cv[None, :]
+    if HAS_H0:
+        S = tl.load(h0_ptr + n.to(tl.int64) * (H * K * V) + s_off, mask=sm, other=0.0).to(tl.float32)
+    else:
+        S = tl.full([BK, BV], 0.0, tl.float32)
+    c0 = tl.load(seq_chunk_ptr + n)
+    c1 = tl.load(seq_chunk_ptr + n + 1)
+    for ic in range(c0, c1):
+        tok0 = tl.load(chunk_ptr + 2 * ic)
+        ntok = tl.load(chunk_ptr + 2 * ic + 1)
+        rm = i < ntok * N_H
+        row = (tok0 * N_H + i).to(tl.int64)
+        tl.store(hs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + s_off, S, mask=sm)
+        kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
+                     mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        wb = tl.load(w_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
+                     mask=rm[:, None] & km[None, :], other=0.0)
+        ub = tl.load(u_ptr + row[:, None] * (H * V) + h * V + cv[None, :],
+                     mask=rm[:, None] & vm[None, :], other=0.0)
+        d = ub - tl.dot(wb, S, input_precision=PREC)
+        tl.store(d_ptr + row[:, None] * (H * V) + h * V + cv[None, :], d,
+                 mask=rm[:, None] & vm[None, :])
+        _, _, rest, total, _ = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
+        kr = kb * tl.exp(rest)[:, None]
+        S = S * tl.exp(total) + tl.dot(tl.trans(kr), d, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht_ptr + n.to(tl.int64) * (H * K * V) + s_off, S, mask=sm)
+
+
+@triton.jit
+def gdp_output_kernel(q_ptr, k_ptr, g_ptr, hs_ptr, d_ptr, o_ptr, chunk_ptr, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
+                      BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      HAS_G: tl.constexpr, PREC: tl.constexpr):
+    ic = tl.program_id(0)
+    h = tl.program_id(1)
+    iv = tl.program_id(2)
+    tok0 = tl.load(chunk_ptr + 2 * ic)
+    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    i = tl.arange(0, BC)
+    ck = tl.arange(0, BK)
+    cv = iv * BV + tl.arange(0, BV)
+    km = ck < K
+    vm = cv < V
+    rm = i < ntok * N_H
+    last = rm & (i % N_H == N_H - 1)
+    row = (tok0 * N_H + i).to(tl.int64)
+    tok = (tok0 + i // N_H).to(tl.int64)
+    qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
+                 mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
+    kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
+                 mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
+    _, cum, _, _, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
+    causal = i[:, None] >= i[None, :]
+    P = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    P = tl.where(causal, P * tl.exp(tl.where(causal, seg, 0.0)), 0.0)
+    S = tl.load(hs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + h * (K * V) + ck[:, None] * V + cv[None, :],
+                mask=km[:, None] & vm[None, :], other=0.0)
+    d = tl.load(d_ptr + row[:, None] * (H * V) + h * V + cv[None, :],
+                mask=rm[:, None] & vm[None, :], other=0.0)
+    o = tl.dot(qb * tl.exp(cum)[:, None], S, input_precision=PREC) + tl.dot(P, d, input_precision=PREC)
+    o = o * scale
+    tl.store(o_ptr + tok[:, None] * (H * V) + h * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=last[:, None] & vm[None, :])

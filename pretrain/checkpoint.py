@@ -1,0 +1,188 @@
+"""Checkpoints that are either complete or ignored.
+
+Layout under ``checkpoint.dir``::
+
+    step_00000100/
+        ds/...           DeepSpeed engine state (module, optimizer / ZeRO partitions)
+        rng/rank00000.pt every RNG of each rank (torch, CUDA, numpy, python)
+        run.json         step, tokens seen, data-loader state, tokenizer hash, model shape
+        config.yaml      the resolved run config
+        COMPLETE         written last, after every rank finished writing
+    latest               names the newest complete step directory
+
+Why a marker: a kill can land anywhere in a multi-file, multi-rank save. Resume takes the
+newest directory that has ``COMPLETE`` and never looks at anything else, so a torn save is
+just an ignored directory (cleaned up by the next save). ``latest`` is rewritten
+atomically after the marker, so it too only ever names a complete checkpoint. Pruning
+removes a directory's marker before its files for the same reason.
+
+Safe loading: run state is JSON and RNG state loads with ``weights_only=True``; the
+DeepSpeed state is read by DeepSpeed's own loader.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+LATEST = "latest"
+DS_TAG = "ds"
+_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be used by this run; the message says why."""
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"{_PREFIX}{step:08d}"
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(_PREFIX):
+        return None
+    try:
+        return int(name[len(_PREFIX):])
+    except ValueError:
+        return None
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) for every step directory, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        s = _step_of(p)
+        if s is not None and p.is_dir():
+            out.append((s, p, (p / MARKER).is_file()))
+    return sorted(out)
+
+
+def newest_complete(root: str | os.PathLike) -> Path | None:
+    complete = [p for _, p, ok in list_checkpoints(root) if ok]
+    return complete[-1] if complete else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, run_state: dict[str, Any],
+                    config_text: str, *, rank: int, keep_last: int,
+                    before_marker: Callable[[], None] | None = None) -> Path:
+    """Write one checkpoint collectively (every rank calls this); returns its directory."""
+    root = Path(root)
+    d = step_dir(root, step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if d.exists():  # a torn save of this step from a killed job, or a re-save
+            (d / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(d)
+        (d / "rng").mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(d), tag=DS_TAG, client_state={}, save_latest=False)
+    torch.save(rng_state(), d / "rng" / f"rank{rank:05d}.pt")
+    if rank == 0:
+        write_atomic(d / "run.json", json.dumps(run_state, indent=2, sort_keys=True))
+        write_atomic(d / "config.yaml", config_text)
+    if before_marker is not None:
+        before_marker()
+    _barrier()
+    if rank == 0:
+        write_atomic(d / MARKER, f"step {step}\n")
+        write_atomic(root / LATEST, d.name + "\n")
+        prune(root, keep_last)
+    _barrier()
+    return d
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop torn ones older than them."""
+    entries = list_checkpoints(root)
+    complete = [(s, p) for s, p, ok in entries if ok]
+    if not complete:
+        return
+    keep = {p for _, p in complete[-keep_last:]}
+    newest_step = complete[-1][0]
+    for s, p, ok in entries:
+        if p in keep or (not ok and s > newest_step):
+            continue
+        (p / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def read_run_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {str(path)!r} is marked complete but its run.json "
+                              f"cannot be read ({e}): delete that directory to fall back") from None
+
+
+def load_rng(path: Path, rank: int) -> dict[str, Any] | None:
+    """This rank's RNG state, or None when the checkpoint had fewer ranks (elastic resume)."""
+    f = path / "rng" / f"rank{rank:05d}.pt"
+    if not f.is_file():
+        return None
+    return torch.load(f, weights_only=True)
+
+
+def load_engine_state(engine: Any, path: Path) -> None:
+    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no engine state in {str(path / DS_TAG)!r}")

@@ -1,0 +1,80 @@
+"""Wrap the plain LM for DeepSpeed: loss module, activation checkpointing, the engine.
+
+The models know nothing of DeepSpeed; this is the one place where a ``LanguageModel``
+meets ZeRO. ``LossModule`` makes the loss the module's ``forward`` so that DeepSpeed's
+hooks (ZeRO-3 parameter gathering) run the way they do for any ``engine(...)`` call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import RunConfig
+from .ds_config import deepspeed_config, grad_accum_steps
+from .models import LanguageModel, build_model
+from .optim import build_optimizer
+
+
+class LossModule(nn.Module):
+    """``forward(input_ids, labels, cu_seqlens)`` -> mean token loss of the wrapped LM."""
+
+    def __init__(self, lm: LanguageModel):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm.loss(input_ids, labels, cu_seqlens=cu_seqlens)
+
+
+class _Checkpointed(nn.Module):
+    """Recompute a block in the backward instead of storing its activations."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled() or kwargs.get("cache") is not None:
+            return self.block(x, **kwargs)
+        return checkpoint(lambda h: self.block(h, **kwargs), x, use_reentrant=False)
+
+
+def apply_activation_checkpointing(lm: LanguageModel) -> None:
+    """Per-block activation checkpointing. Parameter names gain ``.block``; the export
+    strips it again (see ``export.clean_state_dict``)."""
+    for i, block in enumerate(lm.blocks):
+        if not isinstance(block, _Checkpointed):
+            lm.blocks[i] = _Checkpointed(block)
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+@dataclass
+class Engine:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    lm: LanguageModel
+    grad_accum: int
+    ds_config: dict
+    dtype: torch.dtype
+
+
+def build_engine(cfg: RunConfig, dp_world: int) -> Engine:
+    """Model (seeded, so every rank starts equal), optimizer and the DeepSpeed engine."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)
+    lm = build_model(cfg.model)
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(lm)
+    module = LossModule(lm)
+    optimizer = build_optimizer(module, cfg.optim)
+    ds_cfg = deepspeed_config(cfg, dp_world)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
+    return Engine(engine, lm, grad_accum_steps(cfg, dp_world), ds_cfg, precision_dtype(cfg.parallel.precision))

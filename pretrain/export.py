@@ -1,0 +1,165 @@
+"""Consolidated export: a DeepSpeed checkpoint -> a directory anyone loads without DeepSpeed.
+
+Layout of an export::
+
+    model.safetensors   fp32 weights (or --dtype), LanguageModel parameter names; with tied
+                        embeddings the head is not stored twice (safetensors refuses aliases)
+    config.yaml         the ModelConfig (``load_exported`` builds the model from it)
+    run_config.yaml     the resolved run config the checkpoint was trained with
+    tokenizer.model     the sentencepiece model of the training data (when found)
+    export.json         step, tokens seen, tokenizer hash, source checkpoint
+
+Weights come from DeepSpeed's own ZeRO consolidation (``zero_to_fp32``: the fp32 master
+weights of every rank's partition) or, without ZeRO partitions, from the module state
+loaded with ``weights_only=True``. Loading an export runs no code: safetensors + YAML.
+
+Console script: ``linrnn-export = pretrain.export:main``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .config_loader import build_dataclass, dump_config
+from .model_config import ModelConfig
+from .models import LanguageModel, build_model
+
+WEIGHTS, CONFIG, RUN_CONFIG, TOKENIZER, META = (
+    "model.safetensors", "config.yaml", "run_config.yaml", "tokenizer.model", "export.json")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, or a checkpoint root (-> its newest complete checkpoint)."""
+    p = Path(path)
+    if (p / ckpt.MARKER).is_file():
+        return p
+    newest = ckpt.newest_complete(p)
+    if newest is None:
+        if p.is_dir() and (p / "run.json").is_file():
+            raise ckpt.CheckpointError(f"{str(p)!r} is an incomplete checkpoint (no {ckpt.MARKER} marker)")
+        raise ckpt.CheckpointError(f"no complete checkpoint in {str(p)!r}")
+    return newest
+
+
+def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Engine names -> LanguageModel names: drop the ``lm.`` wrapper and the activation-
+    checkpointing wrapper's ``.block``."""
+    out = {}
+    for k, v in sd.items():
+        k = k[3:] if k.startswith("lm.") else k
+        k = re.sub(r"^blocks\.(\d+)\.block\.", r"blocks.\1.", k)
+        out[k] = v
+    return out
+
+
+def consolidated_state_dict(step_path: Path) -> dict[str, torch.Tensor]:
+    ds_dir = step_path / ckpt.DS_TAG
+    if any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("*zero*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(step_path), tag=ckpt.DS_TAG)
+    else:
+        states = sorted(ds_dir.glob("mp_rank_*_model_states.pt"))
+        if not states:
+            raise ckpt.CheckpointError(f"no DeepSpeed model state in {str(ds_dir)!r}")
+        sd = torch.load(states[0], map_location="cpu", weights_only=True)["module"]
+    return clean_state_dict({k: v.float() for k, v in sd.items()})
+
+
+def model_config_from(d: dict) -> ModelConfig:
+    return build_dataclass(ModelConfig, d, prefix="model")
+
+
+def find_tokenizer(run_config: dict) -> Path | None:
+    data = run_config.get("data", {})
+    candidates = [data.get("tokenizer")] + [str(Path(s["path"]) / TOKENIZER) for s in data.get("sources", [])]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c)
+    return None
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
+    """Write the export of ``checkpoint`` (a step dir or a checkpoint root) to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    step_path = resolve_checkpoint(checkpoint)
+    run_state = ckpt.read_run_state(step_path)
+    run_config = yaml.safe_load((step_path / "config.yaml").read_text())
+    mcfg = model_config_from(run_state["model"])
+    sd = consolidated_state_dict(step_path)
+    expected = build_model(mcfg, device="meta").state_dict()
+    missing = set(expected) - set(sd) - ({"lm_head.weight"} if mcfg.tie_embeddings else set())
+    if missing:
+        raise ckpt.CheckpointError(f"checkpoint {str(step_path)!r} lacks parameters {sorted(missing)[:5]}")
+    if mcfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    sd = {k: v.to(torch_dtype).contiguous() for k, v in sd.items() if k in expected}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / WEIGHTS), metadata={"format": "pt"})
+    (out / CONFIG).write_text(dump_config(mcfg))
+    shutil.copyfile(step_path / "config.yaml", out / RUN_CONFIG)
+    tok = find_tokenizer(run_config)
+    if tok is not None:
+        shutil.copyfile(tok, out / TOKENIZER)
+    meta = {"step": run_state["step"], "tokens_seen": run_state["tokens_seen"],
+            "tokenizer_hash": run_state.get("tokenizer_hash"), "source": str(step_path.resolve()),
+            "dtype": dtype, "tokenizer_file": TOKENIZER if tok is not None else None}
+    (out / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> LanguageModel:
+    """Build the ``LanguageModel`` of an export and load its weights (no DeepSpeed)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    mcfg = model_config_from(yaml.safe_load((p / CONFIG).read_text()))
+    model = build_model(mcfg, device="meta")
+    if any(True for _ in model.buffers()):  # buffers are not in the file: initialise for real
+        model = build_model(mcfg, device=device)
+    else:  # every tensor comes from the file: skip the (slow, for big models) random init
+        model.to_empty(device=device)
+        if mcfg.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+    sd = load_file(str(p / WEIGHTS), device=str(device))
+    result = model.load_state_dict(sd, strict=False)
+    allowed = {"lm_head.weight"} if mcfg.tie_embeddings else set()
+    if set(result.missing_keys) - allowed or result.unexpected_keys:
+        raise ValueError(f"export {str(p)!r} does not match its config: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="linrnn-export",
+        description="Consolidate a training checkpoint into safetensors + config + tokenizer.")
+    parser.add_argument("checkpoint", help="a step_XXXXXXXX directory, or a checkpoint.dir (newest complete)")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    except ckpt.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Estimated GPU memory per rank for a run layout, so a 7B job fails at planning, not at
+step 1 after an hour in the queue.
+
+Model states (bytes per parameter, mixed precision with fp32 master weights, ZeRO paper
+accounting): weights 2 (bf16) or 4 (fp32); gradients the same; optimizer 12 (fp32 master
++ Adam m, v) or 8 in pure fp32. ZeRO-1 shards the optimizer over the data-parallel ranks,
+ZeRO-2 also the gradients, ZeRO-3 also the weights; pipeline stages divide all of them;
+``offload_optimizer`` moves the optimizer to host memory.
+
+Activations (bytes per token per layer): every tensor a block keeps for its backward is an
+output of a projection (their widths are read off the model), plus a few ``d_model``-wide
+tensors (norm inputs, residual, mixer/MLP outputs) -- times the element size and a factor 2
+for the activation-function inputs kept beside outputs. With activation checkpointing only
+each block's input is kept, plus one block's full set during its recomputation. The fp32
+logits and their gradient add ``8 V`` bytes per token. A rough, slightly pessimistic
+estimate: it ignores the chunked kernels' per-chunk states (small beside projections).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .config import RunConfig
+from .models import build_model
+
+
+@dataclass
+class MemoryEstimate:
+    parameters: int
+    world_size: int
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    budget_gb: float
+
+    @property
+    def total_gb(self) -> float:
+        return self.weights_gb + self.grads_gb + self.optimizer_gb + self.activations_gb
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gb <= self.budget_gb
+
+    def describe(self) -> str:
+        return (f"estimated memory per GPU ({self.world_size} rank(s)): weights {self.weights_gb:.1f} GB, "
+                f"gradients {self.grads_gb:.1f} GB, optimizer {self.optimizer_gb:.1f} GB, activations "
+                f"{self.activations_gb:.1f} GB = {self.total_gb:.1f} GB of {self.budget_gb:.0f} GB")
+
+
+def block_activation_width(model: nn.Module, d_model: int) -> int:
+    """Elements per token one block keeps for its backward (projection outputs + d-wide)."""
+    block = model.blocks[0]
+    width = sum(m.out_features for m in block.modules() if isinstance(m, nn.Linear))
+    return 2 * width + 6 * d_model
+
+
+def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEstimate:
+    p = cfg.parallel
+    world = world_size or p.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    pp = p.pipeline_stages
+    dp = max(world // pp, 1)
+    model = build_model(cfg.model, device="meta")
+    n = sum(t.numel() for t in model.parameters())
+    half = p.precision in ("bf16", "fp16")
+    w_b, g_b, o_b = (2, 2, 12) if half else (4, 4, 8)
+    weights = n * w_b / pp / (dp if p.zero_stage >= 3 else 1)
+    grads = n * g_b / pp / (dp if p.zero_stage >= 2 else 1)
+    optim = 0.0 if p.offload_optimizer else n * o_b / pp / (dp if p.zero_stage >= 1 else 1)
+    tokens = p.micro_batch_size * cfg.data.seq_len
+    elem = 2 if half else 4
+    per_layer = block_activation_width(model, cfg.model.d_model) * elem
+    layers = max(cfg.model.n_layers // pp, 1)
+    if p.activation_checkpointing:
+        act = tokens * (layers * cfg.model.d_model * elem + per_layer)
+    else:
+        act = tokens * layers * per_layer
+    # pipeline: the first stage holds up to pp micro-batches in flight (1F1B)
+    act *= pp if pp > 1 else 1
+    act += tokens * 8 * cfg.model.vocab_size
+    gb = 2**30
+    return MemoryEstimate(n, world, weights / gb, grads / gb, optim / gb, act / gb, p.gpu_memory_gb)

@@ -1,0 +1,69 @@
+"""Preemption: a signal only raises a flag; the ranks agree on it at a step boundary.
+
+SLURM sends SIGTERM (or, with ``--signal=USR1@120``, SIGUSR1) before killing a job.
+Saving inside a signal handler would race the training step and the other ranks, so the
+handler just records the request; the trainer all-reduces the flag (MAX) once per step,
+so every rank stops after the same step, saves collectively and exits with
+``REQUEUE_EXIT_CODE``, which the sbatch script (or any launcher) takes as "requeue me".
+"""
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
+REQUEUE_EXIT_CODE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    """Signal handlers plus the per-step agreement; use as a context manager."""
+
+    def __init__(self, wall_clock_budget_s: float | None = None, device: torch.device | None = None):
+        self.requested: str | None = None
+        self.budget = wall_clock_budget_s
+        self.start = time.monotonic()
+        self.device = device or torch.device("cpu")
+        self._old: dict[int, object] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> StopFlag:
+        for s in SIGNALS:
+            self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)  # type: ignore[arg-type]
+
+    def request(self, reason: str) -> None:
+        self.requested = reason
+
+    def agree(self, seconds_per_step: float, seconds_per_save: float) -> str | None:
+        """Collective: the reason to stop now if any rank has one, else None.
+
+        The wall-clock budget counts as a reason once the time left would not cover one
+        more step and a save (with a 10% margin).
+        """
+        local = 0.0
+        if self.requested:
+            local = 2.0
+        elif self.budget is not None:
+            elapsed = time.monotonic() - self.start
+            if elapsed + 1.1 * (seconds_per_step + seconds_per_save) > self.budget:
+                local = 1.0
+        flag = torch.tensor([local], dtype=torch.float32, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        value = flag.item()
+        if value >= 2.0:
+            return self.requested or "signal on another rank"
+        if value >= 1.0:
+            return "wall-clock budget"
+        return None

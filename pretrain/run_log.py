@@ -1,0 +1,87 @@
+"""Metrics out of rank 0: stdout, a JSONL file, TensorBoard and (optionally) W&B.
+
+The JSONL file is the machine-readable record (tests compare per-step losses from it);
+every record carries ``step`` and an ``event`` ("train", "val", "skip", "resume", ...).
+TensorBoard is written when the package is installed; W&B only when
+``logging.wandb_project`` is set, with the key read by wandb from ``WANDB_API_KEY``
+(never passed, printed or saved here).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    def __init__(self, log_dir: str | os.PathLike, *, enabled: bool, tensorboard: bool = True,
+                 wandb_project: str | None = None, run_name: str = "run", config: dict | None = None):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                self._tb = None
+        if wandb_project:
+            try:
+                import wandb
+
+                self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+            except ImportError:
+                print("warning: logging.wandb_project is set but wandb is not installed", file=sys.stderr)
+
+    def write(self, event: str, step: int, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"event": event, "step": step, **fields}
+        self._file.write(json.dumps(rec, default=_json_default) + "\n")  # type: ignore[union-attr]
+        numeric = {k: v for k, v in fields.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(f"{event}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{event}/{k}": v for k, v in numeric.items()}, step=step)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return str(v)
+
+
+def read_metrics(path: str | os.PathLike, event: str = "train") -> list[dict]:
+    """Records of one event type from a metrics.jsonl file, in file order."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("event") == event:
+                out.append(rec)
+    return out

@@ -1,0 +1,348 @@
+"""The training loop: data -> DeepSpeed steps -> logs, validation, checkpoints, stops.
+
+Order of business in ``train``: every check that can refuse the run (data paths, the
+tokenizer against ``model.vocab_size``, an existing checkpoint directory from another run)
+happens before anything is written, so bad input never touches an existing checkpoint.
+Then the engine is built, the newest complete checkpoint (if any) is restored, and the
+loop runs until ``max_steps``, a preemption/budget stop (save, exit 75), or too many
+non-finite steps in a row (no save, exit 1).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .config_loader import config_to_dict, dump_config
+from .distributed import DistEnv, device, init_distributed
+from .engine import Engine, build_engine
+from .flops import device_peak_flops, flops_per_token
+from .optim import set_lr
+from .preemption import REQUEUE_EXIT_CODE, StopFlag
+from .run_checks import check_data, check_resume
+from .run_log import RunLog
+from .schedule import lr_at
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+class TrainError(RuntimeError):
+    """The run stopped for a reason the user must act on; the message says which."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done" | "preempted"
+    step: int
+    exit_code: int
+    checkpoint: Path | None
+    reason: str = ""
+
+
+def _peak_memory_gb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _allreduce_sum(values: list[float], dev: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+class Batches:
+    """Endless micro-batches of one rank (epochs chained), with the loader's resume state."""
+
+    def __init__(self, cfg: RunConfig, batch_size: int):
+        from data.loader import TokenLoader
+
+        self.loader = TokenLoader(cfg.data, batch_size)
+        self.epoch = 0
+        self._it = None
+
+    def next(self) -> dict:
+        while True:
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch += 1
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict, strict: bool) -> None:
+        self.loader.load_state_dict(state, strict=strict)
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, info: dict[str, Any], resume_from: Path | None):
+        self.cfg, self.env = cfg, env
+        self.dev = device()
+        self.info, self.resume_from = info, resume_from
+        self.log_dir = Path(cfg.logging.log_dir or Path(cfg.checkpoint.dir) / "logs")
+        self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
+                          wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
+                          config=config_to_dict(cfg))
+        self.eng: Engine = build_engine(cfg, env.world_size)
+        self.batches = Batches(cfg, cfg.parallel.micro_batch_size)
+        self.val = None
+        self.step = 0
+        self.tokens = 0
+        self.seq_len = cfg.data.seq_len
+        self.flops = flops_per_token(cfg.model, self.seq_len)
+        self.peak = device_peak_flops(cfg.parallel.precision)
+        self.last_saved: int | None = None
+        self.save_seconds = 0.0
+
+    # ------------------------------------------------------------------ resume / save
+
+    def restore(self) -> None:
+        path = self.resume_from
+        if path is None:
+            return
+        state = ckpt.read_run_state(path)
+        ckpt.load_engine_state(self.eng.engine, path)
+        rng = ckpt.load_rng(path, self.env.rank)
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+        same_world = state.get("world_size") == self.env.world_size
+        if not same_world and state.get("zero_stage", self.cfg.parallel.zero_stage) >= 1:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(path)!r} was saved by {state.get('world_size')} ranks with ZeRO-"
+                f"{state.get('zero_stage')} (optimizer state partitioned per rank); this job has "
+                f"{self.env.world_size}: resume on {state.get('world_size')} ranks. Only ZeRO-0 checkpoints "
+                "resume on another number of ranks in this build")
+        self.batches.load_state_dict(state["data"], strict=same_world)
+        self.step, self.tokens = state["step"], state["tokens_seen"]
+        self.last_saved = self.step
+        self.log.print(f"[train] resumed from {path} at step {self.step} ({self.tokens} tokens)")
+        self.log.write("resume", self.step, path=str(path), tokens_seen=self.tokens)
+
+    def save(self) -> Path:
+        cfg = self.cfg
+        start = time.perf_counter()
+        run_state = {
+            "step": self.step, "tokens_seen": self.tokens, "data": self.batches.state_dict(),
+            "tokenizer_hash": self.info["tokenizer_hash"], "model": config_to_dict(cfg.model),
+            "world_size": self.env.world_size, "zero_stage": cfg.parallel.zero_stage,
+            "global_batch_size": cfg.parallel.global_batch_size, "max_steps": cfg.max_steps,
+            "seq_len": cfg.data.seq_len, "torch": torch.__version__,
+        }
+        crash = cfg.faults.crash_in_save_at_step == self.step
+
+        def before_marker() -> None:
+            if crash:  # the fault drill: die with the files written but no marker
+                os._exit(137)
+
+        path = ckpt.save_checkpoint(self.eng.engine, cfg.checkpoint.dir, self.step, run_state, dump_config(cfg),
+                                    rank=self.env.rank, keep_last=cfg.checkpoint.keep_last,
+                                    before_marker=before_marker if crash else None)
+        self.last_saved = self.step
+        self.save_seconds = time.perf_counter() - start
+        self.log.print(f"[train] checkpoint {path} ({self.save_seconds:.1f}s)")
+        self.log.write("checkpoint", self.step, path=str(path), seconds=self.save_seconds)
+        return path
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> tuple[float, float | None, bool, int]:
+        """One optimizer step over ``grad_accum`` micro-batches.
+
+        Returns (loss, grad norm, skipped, data fingerprint); the fingerprint is the sum of
+        the step's token ids over all ranks, which does not depend on how the global batch
+        is split, so logs show that a resumed (or re-sized) job read the same samples."""
+        e = self.eng.engine
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.max_steps)
+        set_lr(e.optimizer, lr)
+        inject_nan = self.step in self.cfg.faults.nan_loss_steps
+        loss_sum, bad, id_sum = 0.0, 0.0, 0.0
+        for _ in range(self.eng.grad_accum):
+            b = self.batches.next()
+            ids = b["input_ids"].to(self.dev, non_blocking=True)
+            id_sum += float(b["input_ids"].sum())
+            labels = b["labels"].to(self.dev, non_blocking=True)
+            cu = b["cu_seqlens"].to(self.dev, non_blocking=True)
+            loss = e(ids, labels, cu)
+            if inject_nan:
+                loss = loss * float("nan")
+            value = loss.detach().float().item()
+            if math.isfinite(value):
+                loss_sum += value
+            else:
+                bad += 1
+            e.backward(loss)
+            if not e.is_gradient_accumulation_boundary():
+                e.step()
+        manual = e.zero_optimization_stage() == 0 and self.eng.dtype == torch.float32
+        grad_bad = 0.0
+        norm = None
+        if manual:  # plain optimizer: DeepSpeed does not skip non-finite steps itself
+            grads = [p.grad for p in e.module.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else 0.0
+            grad_bad = 0.0 if math.isfinite(norm) else 1.0
+        loss_sum, bad, grad_bad, id_sum = _allreduce_sum([loss_sum, bad, grad_bad, id_sum], self.dev)
+        skipped_before = e.skipped_steps
+        if manual and (bad or grad_bad):
+            for p in e.module.parameters():
+                p.grad = None  # AdamW leaves parameters without gradients (and their state) alone
+            clip = e._config.gradient_clipping
+            e._config.gradient_clipping = 0.0  # nothing to clip (DeepSpeed's clip needs gradients)
+            try:
+                e.step()
+            finally:
+                e._config.gradient_clipping = clip
+        else:
+            e.step()
+        skipped = bool(bad or grad_bad) or e.skipped_steps > skipped_before
+        if not manual:
+            g = e.get_global_grad_norm()
+            norm = None if g is None else float(g)
+        n = self.eng.grad_accum * self.env.world_size
+        loss = loss_sum / max(n - bad, 1) if not skipped else float("nan")
+        return loss, norm, skipped, int(id_sum)
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        cfg = self.cfg
+        if self.val is None:
+            from data.loader import TokenLoader
+
+            if cfg.data.val_split not in self.info["sources"][0]["splits"]:
+                return None
+            self.val = TokenLoader(cfg.data, cfg.parallel.micro_batch_size, split=cfg.data.val_split,
+                                   shuffle=False, num_workers=0)
+        e = self.eng.engine
+        e.eval()
+        total, count = 0.0, 0.0
+        for i, b in enumerate(self.val):
+            if i >= cfg.eval.val_batches:
+                break
+            loss = e(b["input_ids"].to(self.dev), b["labels"].to(self.dev), b["cu_seqlens"].to(self.dev))
+            total += loss.float().item()
+            count += 1
+        e.train()
+        total, count = _allreduce_sum([total, count], self.dev)
+        return total / count if count else None
+
+    def maybe_validate(self) -> None:
+        every = self.cfg.eval.every_steps
+        if every and (self.step % every == 0 or self.step == self.cfg.max_steps):
+            val = self.validate()
+            if val is not None:
+                self.log.print(f"[val] step {self.step}: loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f})")
+                self.log.write("val", self.step, loss=val)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        self.restore()
+        e = self.eng.engine
+        tokens_per_step = cfg.parallel.global_batch_size * self.seq_len
+        if self.step >= cfg.max_steps:
+            self.log.print(f"[train] nothing to do: the checkpoint is at step {self.step} >= max_steps")
+            return TrainResult("done", self.step, EXIT_OK, self.resume_from)
+        if self.resume_from is None:
+            self.log.write("start", 0, config=config_to_dict(cfg), world_size=self.env.world_size,
+                           grad_accum=self.eng.grad_accum, flops_per_token=self.flops.train)
+            self.maybe_validate()
+        self.log.print(f"[train] {sum(p.numel() for p in self.eng.lm.parameters()) / 1e6:.2f}M parameters, "
+                       f"{self.env.world_size} rank(s), ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}, "
+                       f"grad accum {self.eng.grad_accum}, {self.flops.train / 1e6:.1f} MFLOP/token (fwd+bwd)")
+        bad_run = 0
+        started_at = self.step
+        window_t, window_steps = time.perf_counter(), 0
+        step_seconds = 0.0
+        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop:
+            while self.step < cfg.max_steps:
+                if cfg.faults.preempt_at_step == self.step and self.step > started_at:
+                    stop.request("fault drill: preempt_at_step")
+                reason = stop.agree(step_seconds, self.save_seconds)
+                if reason:
+                    self.log.print(f"[train] stopping at step {self.step}: {reason}; saving for requeue")
+                    path = self.save() if self.last_saved != self.step else ckpt.step_dir(cfg.checkpoint.dir, self.step)
+                    self.log.write("preempted", self.step, reason=reason, exit_code=REQUEUE_EXIT_CODE)
+                    return TrainResult("preempted", self.step, REQUEUE_EXIT_CODE, path, reason)
+                t0 = time.perf_counter()
+                loss, norm, skipped, fingerprint = self.train_step()
+                step_seconds = time.perf_counter() - t0
+                lr = lr_at(self.step, cfg.optim, cfg.max_steps)
+                self.step += 1
+                self.tokens += tokens_per_step
+                window_steps += 1
+                if skipped:
+                    bad_run += 1
+                    self.log.print(f"[train] step {self.step}: non-finite loss or gradient, step skipped "
+                                   f"({bad_run} in a row)")
+                    self.log.write("skip", self.step, consecutive=bad_run)
+                    if bad_run >= cfg.max_nonfinite_steps:
+                        last = ckpt.newest_complete(cfg.checkpoint.dir)
+                        raise TrainError(
+                            f"{bad_run} consecutive steps had a non-finite loss or gradient (last: step "
+                            f"{self.step}); stopping without saving. The last good checkpoint is "
+                            f"{str(last) if last else 'none'}. Lower optim.lr, check the data, or raise "
+                            "max_nonfinite_steps.")
+                    continue
+                bad_run = 0
+                rec: dict[str, Any] = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens_seen": self.tokens,
+                                       "data_fingerprint": fingerprint}
+                if self.step % cfg.logging.every_steps == 0 or self.step == cfg.max_steps:
+                    elapsed = time.perf_counter() - window_t
+                    tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    rec.update(tokens_per_s=tps, peak_mem_gb=_peak_memory_gb(self.dev),
+                               mfu=(tps * self.flops.train / (self.env.world_size * self.peak)) if self.peak else None)
+                    window_t, window_steps = time.perf_counter(), 0
+                    mfu = f", MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
+                    gn = f"{norm:.3f}" if norm is not None else "n/a"
+                    self.log.print(f"[train] step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.2e}, "
+                                   f"grad norm {gn}, {tps:,.0f} tok/s{mfu}, peak mem {rec['peak_mem_gb']:.2f} GB")
+                self.log.write("train", self.step, **rec)
+                self.maybe_validate()
+                every = cfg.checkpoint.every_steps
+                if every and self.step % every == 0 and self.step < cfg.max_steps:
+                    self.save()
+            path = self.save() if self.last_saved != self.step else ckpt.step_dir(cfg.checkpoint.dir, self.step)
+        self.log.print(f"[train] done: {self.step} steps, {self.tokens:,} tokens; final checkpoint {path}")
+        self.log.write("done", self.step, tokens_seen=self.tokens, checkpoint=str(path))
+        return TrainResult("done", self.step, EXIT_OK, path)
+
+    def close(self) -> None:
+        for loader in (self.batches, self.val):
+            if loader is not None:
+                loader.close()
+        self.log.close()
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) the configured job in this process; collective over all ranks."""
+    info = check_data(cfg)  # refuse bad input before touching anything
+    resume_from = check_resume(cfg, info["tokenizer_hash"])
+    env = init_distributed()
+    trainer = Trainer(cfg, env, info, resume_from)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+__all__ = ["train", "Trainer", "TrainResult", "TrainError", "EXIT_OK", "EXIT_FAILED", "REQUEUE_EXIT_CODE"]

@@ -1,0 +1,72 @@
+"""Shared builders for the training tests (no tests here).
+
+A tiny GatedDeltaProduct on the data tests' prepared Shakespeare slice (vocab 512,
+seq_len 128), fp32 on the CPU, and helpers to run ``linrnn-train`` as a subprocess with
+its own rank environment and to read per-step losses from the JSONL log.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pretrain.distributed import free_port
+from pretrain.run_log import read_metrics
+from test_data_common import SEQ_LEN, VOCAB, prepared
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_path() -> str:
+    """The prepared test dataset; subprocesses get the parent's through $LINRNN_TEST_DATA."""
+    return os.environ.get("LINRNN_TEST_DATA") or str(prepared())
+
+
+def run_config(tmp: Path, ckpt_dir: str = "ckpt", **over) -> dict:
+    cfg = {
+        "name": "t", "seed": 3, "max_steps": 6,
+        "model": {"preset": "gated_deltaproduct-tiny", "vocab_size": VOCAB, "d_model": 32, "n_layers": 2,
+                  "deltaproduct": {"num_heads": 2, "head_dim": 16}},
+        "data": {"sources": [{"path": data_path()}], "seq_len": SEQ_LEN, "num_workers": 0,
+                 "cache_root": str(tmp / "data_cache")},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "parallel": {"zero_stage": 1, "micro_batch_size": 2, "global_batch_size": 4, "precision": "fp32"},
+        "checkpoint": {"dir": str(tmp / ckpt_dir), "every_steps": 2, "keep_last": 2},
+        "logging": {"every_steps": 1, "tensorboard": False},
+        "eval": {"every_steps": 0},
+    }
+    for k, v in over.items():
+        node = cfg
+        *parts, last = k.split(".")
+        for p in parts:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return cfg
+
+
+def write_config(tmp: Path, name: str = "run.yaml", **over) -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(run_config(tmp, **over)))
+    return path
+
+
+def env(rank: int = 0, world: int = 1, port: int | None = None) -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()), OMP_NUM_THREADS="1",
+             PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DS_ACCELERATOR="cpu",
+             LINRNN_TEST_DATA=data_path())
+    return e
+
+
+def train_cli(config: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain", str(config), *overrides], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(ckpt_dir: Path) -> dict[int, float]:
+    """step -> loss from the run's JSONL log; a step redone after a resume keeps its last value."""
+    return {r["step"]: r["loss"] for r in read_metrics(ckpt_dir / "logs" / "metrics.jsonl")}

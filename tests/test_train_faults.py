@@ -1,0 +1,147 @@
+"""Single-process runs of ``linrnn-train`` through its CLI: kill during a save, SIGTERM,
+non-finite losses, bad input, and the export round trip.
+
+One uninterrupted reference run (module fixture) gives the per-step losses that every
+interrupted-and-resumed run must reproduce exactly (fp32 on the CPU is deterministic).
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from data import DataError
+from pretrain import checkpoint as ckpt
+from pretrain.config_loader import ConfigError, load_config
+from pretrain.export import export_checkpoint, load_exported, main as export_main
+from pretrain.models import build_model
+from pretrain.preemption import REQUEUE_EXIT_CODE
+from pretrain.run_log import read_metrics
+from pretrain.trainer import train
+from test_train_common import ROOT, env, losses, train_cli, write_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = write_config(tmp)
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = losses(tmp / "ckpt")
+    assert sorted(ref) == list(range(1, 7)) and all(math.isfinite(v) for v in ref.values())
+    assert ref[6] < ref[1]
+    return tmp, ref
+
+
+def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, reference):
+    _, ref = reference
+    cfg = write_config(tmp_path)
+    r = train_cli(cfg, "faults.crash_in_save_at_step=4")
+    assert r.returncode == 137, r.stderr[-3000:]
+    root = tmp_path / "ckpt"
+    torn = ckpt.step_dir(root, 4)
+    assert torn.is_dir() and not (torn / ckpt.MARKER).exists()  # files written, no marker
+    assert ckpt.newest_complete(root).name == "step_00000002"
+    assert (root / ckpt.LATEST).read_text().strip() == "step_00000002"
+    r = train_cli(cfg)  # the rerun (drill off)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step_00000002" in r.stdout
+    assert losses(root) == ref
+    assert (ckpt.step_dir(root, 4) / ckpt.MARKER).is_file()  # the torn save was replaced
+
+
+def test_sigterm_saves_exits_with_requeue_code_and_rerun_matches(tmp_path, reference):
+    _, ref = reference
+    cfg = write_config(tmp_path)
+    root = tmp_path / "ckpt"
+    log = root / "logs" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain", str(cfg)], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if log.is_file() and any(r["step"] >= 2 for r in read_metrics(log)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+    stop = read_metrics(log, "preempted")
+    assert len(stop) == 1 and stop[0]["reason"] == "SIGTERM"
+    stopped_at = stop[0]["step"]
+    assert 2 <= stopped_at < 6
+    assert ckpt.newest_complete(root) == ckpt.step_dir(root, stopped_at)
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {stopped_at}" in r.stdout
+    assert losses(root) == ref
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, stage):
+    cfg = write_config(tmp_path)
+    r = train_cli(cfg, f"parallel.zero_stage={stage}", "max_steps=10", "max_nonfinite_steps=3",
+                  "faults.nan_loss_steps=[2,4,5,6]")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "3 consecutive steps had a non-finite loss" in r.stderr
+    root = tmp_path / "ckpt"
+    assert "step_00000004" in r.stderr  # names the last good checkpoint
+    assert ckpt.newest_complete(root).name == "step_00000004"
+    log = root / "logs" / "metrics.jsonl"
+    assert [s["step"] for s in read_metrics(log, "skip")] == [3, 5, 6, 7]
+    train_steps = {s["step"]: s for s in read_metrics(log)}
+    assert sorted(train_steps) == [1, 2, 4]
+    assert all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in train_steps.values())
+    # the skipped step applied nothing: step 4 (after a skip) is as finite as the rest, and
+    # the checkpoint's weights are finite
+    sd = torch.load(ckpt.step_dir(root, 4) / "ds" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def _snapshot(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, reference):
+    ref_tmp, _ = reference
+    base = write_config(tmp_path)
+    cfg = load_config(base, [f"data.sources=[{{path: {tmp_path / 'nope'}}}]"])
+    with pytest.raises(DataError, match="nope"):
+        train(cfg)
+    cfg = load_config(base, ["model.vocab_size=1024"])
+    with pytest.raises(ConfigError, match="model.vocab_size=512"):
+        train(cfg)
+    assert not (tmp_path / "ckpt").exists()
+    other = ref_tmp / "ckpt"
+    before = _snapshot(other)
+    cfg = load_config(base, [f"checkpoint.dir={other}", "model.d_model=64"])
+    with pytest.raises(ckpt.CheckpointError, match="another model shape.*d_model"):
+        train(cfg)
+    assert _snapshot(other) == before
+
+
+def test_export_round_trip(tmp_path, reference):
+    ref_tmp, _ = reference
+    root = ref_tmp / "ckpt"
+    out = tmp_path / "export"
+    assert export_main([str(root), str(out)]) == 0
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["step"] == 6 and (out / "tokenizer.model").is_file()
+    model = load_exported(out)
+    cfg = load_config(root / "step_00000006" / "config.yaml")
+    engine_state = torch.load(root / "step_00000006" / "ds" / "mp_rank_00_model_states.pt",
+                              weights_only=True)["module"]
+    direct = build_model(cfg.model)
+    direct.load_state_dict({k[3:]: v for k, v in engine_state.items()})
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids), direct(ids))
+    again = export_checkpoint(root / "step_00000006", tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

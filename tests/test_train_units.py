@@ -1,0 +1,143 @@
+"""Pure pieces of the trainer: schedules, weight-decay groups, FLOP counts, the checkpoint
+directory rules, the DeepSpeed config. No process group, no DeepSpeed engine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch.nn as nn
+
+from pretrain import checkpoint as ckpt
+from pretrain.config import OptimizerConfig, RunConfig
+from pretrain.config_loader import ConfigError, load_config, load_model_config
+from pretrain.ds_config import deepspeed_config, grad_accum_steps
+from pretrain.flops import flops_per_token, mean_window, mixer_flops
+from pretrain.models import build_model
+from pretrain.models.layers import ShortConvolution
+from pretrain.optim import param_groups
+from pretrain.schedule import lr_at
+
+
+def test_schedules():
+    cos = OptimizerConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, cos, 100) == pytest.approx(0.1)
+    assert lr_at(9, cos, 100) == pytest.approx(1.0)
+    assert lr_at(55, cos, 100) == pytest.approx(0.55)  # halfway through the decay
+    assert lr_at(100, cos, 100) == pytest.approx(0.1)
+    wsd = OptimizerConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert [lr_at(s, wsd, 100) for s in (10, 79)] == [1.0, 1.0]
+    assert lr_at(89, wsd, 100) == pytest.approx(0.5)
+    assert lr_at(99, wsd, 100) == pytest.approx(0.0)
+    const = OptimizerConfig(lr=2.0, warmup_steps=0, schedule="constant")
+    assert {lr_at(s, const, 50) for s in range(50)} == {2.0}
+
+
+def test_no_weight_decay_on_norms_biases_and_marked_gates():
+    cfg = load_model_config("griffin-tiny", ["vocab_size=64"])
+    model = build_model(cfg)
+    groups = {g["name"]: g for g in param_groups(model, 0.1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
+    assert any(n.endswith("a_param") for n in no_decay)  # marked _no_weight_decay
+    assert any(n.endswith(".bias") for n in no_decay)
+    assert "norm.weight" in no_decay and any("mixer_norm" in n for n in no_decay)
+    assert "embed.weight" in decay and any(n.endswith("out_proj.weight") for n in decay)
+    assert len(decay) + len(no_decay) == len({id(p) for p in model.parameters()})  # tied weight once
+
+
+@pytest.mark.parametrize("preset", ["gated_deltaproduct-tiny", "mamba2-tiny", "hawk-tiny", "griffin-tiny"])
+def test_mixer_flops_cover_every_weight_of_the_mixer(preset):
+    """The projection/conv part of each family's count equals 2 x (weights) per token."""
+    cfg = load_model_config(preset)
+    model = build_model(cfg, device="meta")
+    seq = 512
+    for block in model.blocks:
+        weights = sum(m.weight.numel() for m in block.mixer.modules()
+                      if isinstance(m, (nn.Linear, ShortConvolution)))
+        weights += sum(m.weight.numel() for m in block.mixer.modules() if type(m).__name__ == "BlockDiagLinear")
+        flops = mixer_flops(block.mixer_name, cfg, seq)
+        sequence_mixing = flops - 2 * weights
+        assert sequence_mixing > 0, block.mixer_name
+        assert sequence_mixing < flops  # projections are counted, not only the recurrence
+    total = flops_per_token(cfg, seq)
+    assert total.head == 2 * cfg.d_model * cfg.vocab_size
+    assert total.train == 3 * total.forward
+
+
+def test_attention_span_and_recurrence_scaling():
+    assert mean_window(4, 8) == pytest.approx(2.5)
+    assert mean_window(1000, 10) == pytest.approx((55 + 990 * 10) / 1000)
+    cfg = load_model_config("gated_deltaproduct-tiny")
+    a = mixer_flops("gated_deltaproduct", cfg, 128)
+    cfg.deltaproduct.num_householder += 1
+    assert mixer_flops("gated_deltaproduct", cfg, 128) > a  # each Householder step costs
+    assert mixer_flops("gated_deltaproduct", cfg, 128) == mixer_flops("gated_deltaproduct", cfg, 8192)
+
+
+def test_grad_accumulation_keeps_the_global_batch():
+    cfg = load_config(None, ["parallel.micro_batch_size=2", "parallel.global_batch_size=8"])
+    assert grad_accum_steps(cfg, 1) == 4 and grad_accum_steps(cfg, 2) == 2 and grad_accum_steps(cfg, 4) == 1
+    with pytest.raises(ConfigError, match="global_batch_size=8"):
+        grad_accum_steps(cfg, 3)
+    ds = deepspeed_config(cfg, 2)
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert "bf16" in ds and ds["zero_optimization"]["stage"] == 1
+
+
+def _fake(root, step, complete):
+    d = ckpt.step_dir(root, step)
+    d.mkdir(parents=True)
+    (d / "run.json").write_text("{}")
+    if complete:
+        (d / ckpt.MARKER).write_text("ok")
+    return d
+
+
+def test_only_complete_checkpoints_count_and_pruning(tmp_path):
+    assert ckpt.newest_complete(tmp_path / "nothing") is None
+    _fake(tmp_path, 10, True)
+    _fake(tmp_path, 20, True)
+    _fake(tmp_path, 25, False)  # torn save, older than the newest complete one after 30
+    _fake(tmp_path, 30, True)
+    _fake(tmp_path, 40, False)  # torn save in progress / killed: ignored
+    assert ckpt.newest_complete(tmp_path).name == "step_00000030"
+    ckpt.prune(tmp_path, keep_last=2)
+    left = [(s, ok) for s, _, ok in ckpt.list_checkpoints(tmp_path)]
+    assert left == [(20, True), (30, True), (40, False)]
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    import torch
+
+    state = ckpt.rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_run_config_defaults_are_consistent():
+    cfg = RunConfig()
+    assert cfg.max_nonfinite_steps >= 1 and cfg.faults.nan_loss_steps == []
+    assert not math.isnan(cfg.optim.lr)
+
+
+def test_stop_flag_signals_and_wall_clock_budget():
+    import os
+    import signal
+
+    from pretrain.preemption import StopFlag
+
+    with StopFlag() as stop:
+        assert stop.agree(1.0, 1.0) is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # the handler only records it
+        assert stop.agree(1.0, 1.0) == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    with StopFlag(wall_clock_budget_s=100.0) as stop:
+        assert stop.agree(seconds_per_step=10.0, seconds_per_save=5.0) is None
+        stop.start -= 85.0  # 85 s gone: one more step + save (16.5 s with margin) would overrun
+        assert stop.agree(seconds_per_step=10.0, seconds_per_save=5.0) == "wall-clock budget"

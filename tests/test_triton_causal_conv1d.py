@@ -1,0 +1,162 @@
+"""Triton causal_conv1d (under TRITON_INTERPRET=1 on the CPU) against the naive loop.
+
+fp32 kernel vs float64 naive oracle: output, final conv state and the gradients of x,
+weight, bias and initial state, as max|diff| / max|ref| <= 1e-4; widths 1..4, SiLU on and
+off, packed documents shorter than the width. ``gpu`` tests: bf16 vs fp32 references.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.reference.causal_conv1d import naive_causal_conv1d  # noqa: E402
+
+TOL = 1e-4
+NAMES = ("x", "weight", "bias", "initial_state")
+MODULE = "kernels.triton.causal_conv1d"
+
+
+@pytest.fixture
+def tk():
+    """The kernel module re-imported under the interpreter, for this test only.
+
+    ``triton.jit`` picks interpreter or compiler when a kernel is defined, so setting the
+    variable at import time is not enough once another test module imported ``kernels``.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield importlib.reload(importlib.import_module(MODULE))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        importlib.reload(importlib.import_module(MODULE))
+
+
+def make_inputs(Bsz, T, Dm, W, *, bias=True, n_state=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inp = dict(x=torch.randn(Bsz, T, Dm, generator=gen, dtype=torch.float64),
+               weight=torch.randn(Dm, W, generator=gen, dtype=torch.float64) / W**0.5)
+    if bias:
+        inp["bias"] = torch.randn(Dm, generator=gen, dtype=torch.float64)
+    if n_state is not None:
+        inp["initial_state"] = torch.randn(n_state, Dm, W - 1, generator=gen, dtype=torch.float64)
+    return inp
+
+
+def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, device="cpu", **kwargs):
+    leaves = {k: v.detach().to(device, dtype).requires_grad_() for k, v in inputs.items()}
+    y, state = fn(leaves["x"], leaves["weight"], leaves.get("bias"),
+                  initial_state=leaves.get("initial_state"), **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device)).sum()
+    if state is not None:
+        loss = loss + (state.double() * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(device)).sum()
+    names = [k for k in NAMES if k in leaves]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], materialize_grads=True)
+    return y.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
+
+
+def assert_close(got, ref, what: str, tol: float = TOL) -> None:
+    got, ref = got.double().cpu(), ref.double().cpu()
+    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    if ref.numel():
+        err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def compare(res, ref, tol: float = TOL) -> None:
+    assert_close(res[0], ref[0], "y", tol)
+    assert (res[1] is None) == (ref[1] is None)
+    if ref[1] is not None:
+        assert_close(res[1], ref[1], "final_state", tol)
+    assert res[2].keys() == ref[2].keys()
+    for k in ref[2]:
+        assert_close(res[2][k], ref[2][k], f"grad {k}", tol)
+
+
+# (B, T, D, W, silu, bias, with_init)
+CASES = [
+    (2, 1, 8, 4, True, True, True),
+    (1, 2, 5, 4, False, False, True),
+    (2, 37, 16, 4, True, True, True),
+    (1, 33, 70, 3, True, False, False),
+    (2, 19, 8, 2, False, True, True),
+    (1, 17, 8, 1, True, True, True),
+]
+
+
+@pytest.mark.parametrize("Bsz,T,Dm,W,silu,bias,with_init", CASES)
+def test_matches_naive(tk, Bsz, T, Dm, W, silu, bias, with_init):
+    inp = make_inputs(Bsz, T, Dm, W, bias=bias, n_state=Bsz if with_init else None, seed=T + W)
+    kw = dict(activation="silu" if silu else None, output_final_state=True)
+    res = run(tk.causal_conv1d, inp, torch.float32, block_t=16, **kw)
+    assert res[0].dtype == torch.float32 and res[1].dtype == torch.float32
+    compare(res, run(naive_causal_conv1d, inp, torch.float64, **kw))
+
+
+@pytest.mark.parametrize("W,with_states", [(4, True), (4, False), (3, True)])
+def test_packed_documents_shorter_than_width(tk, W, with_states):
+    """Documents of length 0..3 next to long ones: no tap may cross into a neighbour."""
+    lengths = [1, 2, 23, 1, 0, 3, 1, 9, 2]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    inp = make_inputs(1, sum(lengths), 8, W, n_state=len(lengths) if with_states else None, seed=W)
+    kw = dict(cu_seqlens=cu, activation="silu", output_final_state=True)
+    compare(run(tk.causal_conv1d, inp, torch.float32, block_t=16, **kw),
+            run(naive_causal_conv1d, inp, torch.float64, **kw))
+
+
+def test_public_op_dispatches_without_final_state(tk):
+    inp = make_inputs(2, 21, 8, 4, n_state=2, seed=12)
+
+    def op(x, w, b, **kw):
+        return kernels.causal_conv1d(x, w, b, backend="triton", **kw)
+
+    res = run(op, inp, torch.float32, activation="silu")
+    assert res[1] is None
+    compare(res, run(naive_causal_conv1d, inp, torch.float64, activation="silu"))
+
+
+def test_bf16_keeps_dtype_and_fp32_state(tk):
+    inp = make_inputs(1, 20, 8, 4, seed=2)
+    x, w, b = (inp[k].to(torch.bfloat16) for k in ("x", "weight", "bias"))
+    y, state = tk.causal_conv1d(x, w, b, activation="silu", output_final_state=True)
+    assert y.dtype == torch.bfloat16 and state.dtype == torch.float32
+    y_ref, state_ref = naive_causal_conv1d(x, w, b, activation="silu", output_final_state=True)
+    assert_close(state, state_ref, "bf16 state")
+    assert_close(y.float(), y_ref.float(), "bf16 y", tol=1e-2)
+
+
+def rel_rmse(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cu", [None, [0, 1, 3, 700, 701, 2048]])
+def test_gpu_bf16_against_fp32_reference(cu):
+    from kernels.reference.causal_conv1d import chunk_causal_conv1d
+    from kernels.triton.causal_conv1d import causal_conv1d
+
+    Bsz = 2 if cu is None else 1
+    cu_t = torch.tensor(cu, device="cuda") if cu is not None else None
+    n = Bsz if cu is None else len(cu) - 1
+    inp = make_inputs(Bsz, 2048, 512, 4, n_state=n, seed=3)
+    kw = dict(activation="silu", output_final_state=True, cu_seqlens=cu_t, device="cuda")
+    # both sides see the same bf16-rounded inputs: this measures the kernel, not the rounding
+    inp = {k: (v.to(torch.bfloat16).double() if v is not None else None) for k, v in inp.items()}
+    res = run(causal_conv1d, inp, torch.bfloat16, **kw)
+    ref = run(chunk_causal_conv1d, inp, torch.float32, **kw)
+    assert rel_rmse(res[0], ref[0]) <= 5e-3 and rel_rmse(res[1], ref[1]) <= 5e-3
+    for k in ref[2]:
+        assert rel_rmse(res[2][k], ref[2][k]) <= 1e-2, k
+    compare(run(causal_conv1d, inp, torch.float32, **kw), ref, tol=1e-4)

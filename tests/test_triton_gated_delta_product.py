@@ -1,0 +1,228 @@
+"""Triton Gated DeltaProduct (under TRITON_INTERPRET=1 on the CPU) against a float64 oracle.
+
+fp32 kernels vs the per-token recurrence run in float64: output, final state and the
+gradient of every input (q, k, v, beta, g, initial state), as max|diff| / max|ref| <= 1e-4.
+The cases spread T over chunk edges (64 // n_h tokens per chunk), n_h, head sizes (K != V
+too), gate regimes (none, exactly 0, mild, <= -20, -1e4, mixed per token), beta near 0 and
+near 2, with and without initial state, and packed documents of length 0, 1 and more.
+The ``gpu`` tests run the compiled kernels in bf16 against the fp32 chunked reference.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.reference.gated_delta_product import (  # noqa: E402
+    chunk_gated_delta_product,
+    naive_gated_delta_product,
+)
+from test_kernels_gated_delta_product import make_inputs  # noqa: E402
+
+TOL = 1e-4
+NAMES = ("q", "k", "v", "beta", "g", "initial_state")
+MODULES = ("common", "fwd", "bwd", "")  # reload order: dependencies first
+
+
+def _reload_all() -> object:
+    mod = None
+    for part in MODULES:
+        name = "kernels.triton.gated_delta_product" + (f"_{part}" if part else "")
+        mod = importlib.reload(importlib.import_module(name))
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """The kernel modules re-imported under the interpreter for this module's tests.
+
+    ``triton.jit`` picks interpreter or compiler when a kernel is defined, so the variable
+    must be set before (re-)import; afterwards the compiled versions are restored.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield _reload_all()
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        _reload_all()
+
+
+def oracle64(q, k, v, beta, g=None, *, scale, initial_state=None, output_final_state=False,
+             cu_seqlens=None):
+    """The op's definition token by token in float64 (same steps as the naive reference)."""
+    B, T, H, K = q.shape
+    n_h, V = k.shape[2], v.shape[-1]
+    bounds = [(b, b, 0, T) for b in range(B)] if cu_seqlens is None else [
+        (i, 0, s, e) for i, (s, e) in enumerate(zip(cu_seqlens.tolist(), cu_seqlens.tolist()[1:]))]
+    outs, finals = [], []
+    for i, b, s, e in bounds:
+        S = initial_state[i] if initial_state is not None else q.new_zeros(H, K, V)
+        seq = []
+        for t in range(s, e):
+            if g is not None:
+                S = S * g[b, t].exp()[:, None, None]
+            for j in range(n_h):
+                kt, vt, bt = k[b, t, j], v[b, t, j], beta[b, t, j]
+                kS = torch.einsum("hk,hkv->hv", kt, S)
+                S = S + bt[:, None, None] * kt[:, :, None] * (vt - kS)[:, None, :]
+            seq.append(scale * torch.einsum("hk,hkv->hv", q[b, t], S))
+        outs.append(torch.stack(seq) if seq else q.new_zeros(0, H, V))
+        finals.append(S)
+    o = torch.cat(outs)[None] if cu_seqlens is not None else torch.stack(outs)
+    return o, (torch.stack(finals) if output_final_state else None)
+
+
+def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, **kwargs):
+    """Output, final state and the gradients of a fixed random projection of both."""
+    leaves = {n: t.detach().to(dtype).clone().requires_grad_() for n, t in inputs.items()}
+    o, state = fn(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], leaves.get("g"),
+                  initial_state=leaves.get("initial_state"), **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (o * torch.randn(o.shape, generator=gen).to(o)).sum()
+    if state is not None:
+        loss = loss + (state * torch.randn(state.shape, generator=gen).to(state)).sum()
+    names = [n for n in NAMES if n in leaves]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names], materialize_grads=True)
+    return o.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
+
+
+def assert_close(got, ref, what: str, tol: float = TOL) -> None:
+    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    got, ref = got.double(), ref.double()
+    err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def compare(res, ref) -> None:
+    assert res[0].dtype == torch.float32
+    assert_close(res[0], ref[0], "o")
+    assert (res[1] is None) == (ref[1] is None)
+    if ref[1] is not None:
+        assert res[1].dtype == torch.float32
+        assert_close(res[1], ref[1], "final_state")
+    assert res[2].keys() == ref[2].keys()
+    for n in ref[2]:
+        assert res[2][n].dtype == torch.float32, f"grad {n} dtype"
+        assert_close(res[2][n], ref[2][n], f"grad {n}")
+
+
+def test_oracle_is_the_naive_reference():
+    """The float64 oracle is the naive reference's recurrence (checked in fp32)."""
+    inp = make_inputs(2, 9, 2, 16, 8, 3, gates="mixed", betas="mid", n_state=2, seed=5)
+    kw = dict(scale=0.3, output_final_state=True)
+    compare(run(oracle64, inp, torch.float32, **kw), run(naive_gated_delta_product, inp, torch.float32, **kw))
+
+
+# (B, T, H, K, V, n_h, gates, betas, with_init): a covering spread, not the full product.
+CASES = [
+    (2, 1, 1, 16, 16, 1, "mild", "mid", True),
+    (1, 1, 3, 32, 16, 3, "strong", "near0", False),
+    (1, 63, 1, 16, 32, 1, "zero", "near2", True),
+    (1, 64, 1, 64, 64, 1, "mild", "mid", True),
+    (1, 65, 3, 16, 16, 2, "mixed", "near2", True),
+    (2, 65, 1, 32, 64, 3, "none", "near0", False),
+    (1, 200, 1, 16, 16, 2, "strong", "near2", True),
+    (1, 200, 1, 32, 16, 3, "mixed", "mid", False),
+    (1, 64, 3, 64, 32, 3, "huge", "mid", True),
+    (1, 200, 1, 16, 16, 1, "none", "near2", True),
+    (1, 63, 3, 32, 32, 2, "strong", "mid", True),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,n_h,gates,betas,with_init", CASES)
+def test_matches_oracle(tk, B, T, H, K, V, n_h, gates, betas, with_init):
+    torch.manual_seed(0)
+    inp = make_inputs(B, T, H, K, V, n_h, gates=gates, betas=betas,
+                      n_state=B if with_init else None, seed=T + 7 * n_h + H)
+    kw = dict(scale=K**-0.5, output_final_state=True)
+    compare(run(tk.triton_gated_delta_product, inp, torch.float32, **kw),
+            run(oracle64, inp, torch.float64, **kw))
+
+
+# (cu_seqlens, H, K, V, n_h, gates, with_init): length-1 and empty documents included.
+PACKED = [
+    ([0, 1, 2, 66, 67, 130], 3, 16, 16, 2, "mixed", True),
+    ([0, 70, 71, 71, 200], 1, 16, 32, 3, "strong", False),
+    ([0, 1, 65, 129], 1, 32, 16, 1, "mild", True),
+]
+
+
+@pytest.mark.parametrize("cu,H,K,V,n_h,gates,with_init", PACKED)
+def test_packed_documents(tk, cu, H, K, V, n_h, gates, with_init):
+    """Through the public op (dispatch included); state resets at every document start."""
+    torch.manual_seed(0)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    inp = make_inputs(1, cu[-1], H, K, V, n_h, gates=gates, betas="mid",
+                      n_state=len(cu) - 1 if with_init else None, seed=len(cu))
+    kw = dict(scale=K**-0.5, output_final_state=True, cu_seqlens=cu_seqlens)
+    compare(run(kernels.gated_delta_product, inp, torch.float32, backend="triton", **kw),
+            run(oracle64, inp, torch.float64, **kw))
+
+
+def test_without_final_state(tk):
+    """No final state requested: None comes back and the gradients still match."""
+    inp = make_inputs(1, 40, 2, 16, 16, 2, gates="mild", betas="mid", n_state=1, seed=3)
+    res = run(tk.triton_gated_delta_product, inp, torch.float32, scale=0.25)
+    assert res[1] is None
+    compare(res, run(oracle64, inp, torch.float64, scale=0.25))
+
+
+def _rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    return ((x - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-300)).sqrt().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_h", [1, 2, 3])
+def test_gpu_bf16_tolerances(n_h):
+    """bf16 kernels vs the fp32 chunked reference on the GPU (issue tolerances)."""
+    torch.manual_seed(0)
+    B, T, H, K, V = 1, 8192, 2, 128, 128
+    inp = make_inputs(B, T, H, K, V, n_h, gates="mild", betas="mid", n_state=B, seed=n_h)
+    inp = {n: t.cuda() for n, t in inp.items()}
+    kw = dict(scale=K**-0.5, output_final_state=True)
+    ref = run(chunk_gated_delta_product, inp, torch.float32, seed=2, **kw)
+    bf = {n: (t if n == "initial_state" else t.bfloat16()) for n, t in inp.items()}
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in bf.items()}
+    o, st = kernels.gated_delta_product(leaves["q"], leaves["k"], leaves["v"], leaves["beta"],
+                                        leaves["g"], initial_state=leaves["initial_state"],
+                                        backend="triton", **kw)
+    gen = torch.Generator().manual_seed(2)
+    wo = torch.randn(o.shape, generator=gen).cuda()
+    ws = torch.randn(st.shape, generator=gen).cuda()
+    loss = (o.float() * wo).sum() + (st * ws).sum()
+    names = list(NAMES)
+    grads = dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
+    limits = {"o": 5e-3, "state": 5e-3, "q": 1e-2, "k": 1e-2, "v": 1e-2, "initial_state": 1e-2,
+              "beta": 2e-2, "g": 2e-2}
+    errs = {"o": _rel_rmse(o, ref[0]), "state": _rel_rmse(st, ref[1])}
+    errs.update({n: _rel_rmse(grads[n], ref[2][n]) for n in names})
+    bad = {n: e for n, e in errs.items() if not e <= limits[n]}
+    assert not bad, f"relative RMSE over the limits: {bad} (all: {errs})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gates,betas", [("huge", "near2"), ("zero", "near0"), ("strong", "near2")])
+def test_gpu_extremes_finite(gates, betas):
+    """Extreme gates and beta at both ends: finite outputs and gradients in bf16."""
+    torch.manual_seed(0)
+    inp = make_inputs(2, 1000, 4, 128, 128, 2, gates=gates, betas=betas, n_state=2, seed=1)
+    leaves = {n: (t.cuda() if n == "initial_state" else t.cuda().bfloat16()).requires_grad_()
+              for n, t in inp.items()}
+    o, st = kernels.gated_delta_product(leaves["q"], leaves["k"], leaves["v"], leaves["beta"],
+                                        leaves["g"], initial_state=leaves["initial_state"],
+                                        output_final_state=True, backend="triton")
+    (o.float().square().sum() + st.square().sum()).backward()
+    assert torch.isfinite(o).all() and torch.isfinite(st).all()
+    for n, t in leaves.items():
+        assert torch.isfinite(t.grad).all(), f"grad {n} not finite"

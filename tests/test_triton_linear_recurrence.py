@@ -1,0 +1,188 @@
+"""Triton linear_recurrence (under TRITON_INTERPRET=1 on the CPU) against the naive loop.
+
+fp32 kernel vs float64 naive oracle: output, final state and the gradient of every input,
+as max|diff| / max|ref| <= 1e-4. Small time tiles make short sequences cross tile edges.
+The ``gpu`` tests run the compiled kernel in bf16 against fp32 references.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels.reference.linear_recurrence import naive_linear_recurrence  # noqa: E402
+
+TOL = 1e-4
+NAMES = ("x", "a", "initial_state")
+MODULE = "kernels.triton.linear_recurrence"
+
+
+@pytest.fixture
+def tk():
+    """The kernel module re-imported under the interpreter, for this test only.
+
+    ``triton.jit`` picks interpreter or compiler when a kernel is defined, so setting the
+    variable at import time is not enough once another test module imported ``kernels``.
+    """
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield importlib.reload(importlib.import_module(MODULE))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        importlib.reload(importlib.import_module(MODULE))
+
+
+def make_a(shape, regime: str, gen: torch.Generator) -> torch.Tensor:
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if regime == "unit":
+        return u
+    if regime == "near0":
+        return 1e-6 * u
+    if regime == "near1":
+        return 1.0 - 1e-5 * u
+    if regime == "near-1":
+        return -1.0 + 1e-5 * u
+    if regime == "signed":  # any sign, with exact 0 and -1 and values near 1
+        a = 2.0 * u - 1.0
+        pick = torch.randint(6, shape, generator=gen)
+        a = torch.where(pick == 0, torch.zeros_like(a), a)
+        a = torch.where(pick == 1, -torch.ones_like(a), a)
+        return torch.where(pick == 2, 1.0 - 1e-5 * u, a)
+    raise ValueError(regime)
+
+
+def make_inputs(Bsz, T, Dm, regime, *, n_state=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inp = dict(x=torch.randn(Bsz, T, Dm, generator=gen, dtype=torch.float64),
+               a=make_a((Bsz, T, Dm), regime, gen))
+    if n_state is not None:
+        inp["initial_state"] = torch.randn(n_state, Dm, generator=gen, dtype=torch.float64)
+    return inp
+
+
+def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, device="cpu", **kwargs):
+    leaves = {k: v.detach().to(device, dtype).requires_grad_() for k, v in inputs.items()}
+    h, state = fn(leaves["x"], leaves["a"], initial_state=leaves.get("initial_state"), **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (h.double() * torch.randn(h.shape, generator=gen, dtype=torch.float64).to(device)).sum()
+    if state is not None:
+        loss = loss + (state.double() * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(device)).sum()
+    names = [k for k in NAMES if k in leaves]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], materialize_grads=True)
+    return h.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
+
+
+def assert_close(got, ref, what: str, tol: float = TOL) -> None:
+    got, ref = got.double().cpu(), ref.double().cpu()
+    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    if ref.numel():
+        err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+        assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+
+
+def compare(res, ref, tol: float = TOL) -> None:
+    assert_close(res[0], ref[0], "h", tol)
+    assert (res[1] is None) == (ref[1] is None)
+    if ref[1] is not None:
+        assert_close(res[1], ref[1], "final_state", tol)
+    assert res[2].keys() == ref[2].keys()
+    for k in ref[2]:
+        assert_close(res[2][k], ref[2][k], f"grad {k}", tol)
+
+
+# (B, T, D, regime, with_init, block_t)
+CASES = [
+    (2, 1, 8, "unit", True, 16),
+    (1, 63, 5, "signed", True, 16),
+    (2, 65, 16, "near1", True, 16),
+    (1, 65, 8, "near0", False, 64),
+    (2, 47, 12, "near-1", True, 16),
+    (1, 130, 70, "signed", True, 32),
+]
+
+
+@pytest.mark.parametrize("Bsz,T,Dm,regime,with_init,block_t", CASES)
+def test_matches_naive(tk, Bsz, T, Dm, regime, with_init, block_t):
+    inp = make_inputs(Bsz, T, Dm, regime, n_state=Bsz if with_init else None, seed=T + Dm)
+    res = run(tk.linear_recurrence, inp, torch.float32, output_final_state=True, block_t=block_t)
+    assert res[0].dtype == torch.float32 and res[1].dtype == torch.float32
+    compare(res, run(naive_linear_recurrence, inp, torch.float64, output_final_state=True))
+
+
+def test_exact_zeros_and_minus_one(tk):
+    """Exact zeros cut the history and -1 flips it, across a tile edge."""
+    inp = make_inputs(1, 40, 6, "signed", n_state=1, seed=4)
+    inp["a"][0, ::7] = 0.0
+    inp["a"][0, 3::7] = -1.0
+    kw = dict(output_final_state=True)
+    compare(run(tk.linear_recurrence, inp, torch.float32, block_t=16, **kw),
+            run(naive_linear_recurrence, inp, torch.float64, **kw))
+
+
+@pytest.mark.parametrize("with_states,regime", [(False, "unit"), (True, "signed")])
+def test_packed_documents(tk, with_states, regime):
+    lengths = [1, 37, 1, 1, 0, 20, 1]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    inp = make_inputs(1, sum(lengths), 8, regime, n_state=len(lengths) if with_states else None, seed=9)
+    kw = dict(cu_seqlens=cu, output_final_state=True)
+    compare(run(tk.linear_recurrence, inp, torch.float32, block_t=16, **kw),
+            run(naive_linear_recurrence, inp, torch.float64, **kw))
+
+
+def test_public_op_dispatches_without_final_state(tk):
+    """backend='triton' reaches the kernel; no final state means no dh_T in the backward."""
+    inp = make_inputs(2, 33, 8, "signed", n_state=2, seed=12)
+
+    def op(x, a, **kw):
+        return kernels.linear_recurrence(x, a, backend="triton", **kw)
+
+    res = run(op, inp, torch.float32)
+    assert res[1] is None
+    compare(res, run(naive_linear_recurrence, inp, torch.float64))
+
+
+def test_bf16_keeps_dtype_and_fp32_state(tk):
+    inp = make_inputs(1, 20, 8, "unit", seed=2)
+    x, a = inp["x"].to(torch.bfloat16), inp["a"].to(torch.bfloat16)
+    h, state = tk.linear_recurrence(x, a, output_final_state=True)
+    assert h.dtype == torch.bfloat16 and state.dtype == torch.float32
+    h_ref, state_ref = naive_linear_recurrence(x, a, output_final_state=True)
+    assert_close(state, state_ref, "bf16 state")
+    assert_close(h.float(), h_ref.float(), "bf16 h", tol=1e-2)
+
+
+def rel_rmse(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cu", [None, [0, 1, 700, 701, 2048]])
+def test_gpu_bf16_against_fp32_reference(cu):
+    from kernels.reference.linear_recurrence import chunk_linear_recurrence
+    from kernels.triton.linear_recurrence import linear_recurrence
+
+    Bsz = 2 if cu is None else 1
+    cu_t = torch.tensor(cu, device="cuda") if cu is not None else None
+    n = Bsz if cu is None else len(cu) - 1
+    inp = make_inputs(Bsz, 2048, 512, "unit", n_state=n, seed=3)
+    inp["a"] = inp["a"].sqrt().sqrt()  # long memories, the hard case for bf16
+    kw = dict(output_final_state=True, cu_seqlens=cu_t, device="cuda")
+    # both sides see the same bf16-rounded inputs: this measures the kernel, not the rounding
+    inp = {k: (v.to(torch.bfloat16).double() if v is not None else None) for k, v in inp.items()}
+    res = run(linear_recurrence, inp, torch.bfloat16, **kw)
+    ref = run(chunk_linear_recurrence, inp, torch.float32, **kw)
+    assert rel_rmse(res[0], ref[0]) <= 5e-3 and rel_rmse(res[1], ref[1]) <= 5e-3
+    for k in ref[2]:
+        assert rel_rmse(res[2][k], ref[2][k]) <= 1e-2, k
+    compare(run(linear_recurrence, inp, torch.float32, **kw), ref, tol=1e-4)
