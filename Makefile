@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install $(TORCH_PINS) -e '.[dev]'
+	$(BIN)/python -m pip install $(TORCH_PINS) -e '.[dev,lmeval]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

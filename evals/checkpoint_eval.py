@@ -1,0 +1,108 @@
+"""Checkpoint evaluation suites on an exported model: ``lm`` (perplexity, bits per byte and
+the length-extrapolation curve on a text file), ``passkey``, ``kv_lookup``, ``fewshot``;
+``checkpoint`` runs them all. Writes results.json, results.md and PNG plots."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import incontext, lm
+from .checkpoint import LoadedCheckpoint
+from .report import heatmap, line_plot, write_json
+
+CHECKPOINT_SUITES = {"lm": ["lm"], "passkey": ["passkey"], "kv_lookup": ["kv_lookup"], "fewshot": ["fewshot"],
+                     "checkpoint": ["lm", "passkey", "kv_lookup", "fewshot"]}
+
+
+@dataclass
+class CheckpointEvalOptions:
+    text: str | None = None
+    heldout: str | None = None  # "run" (the run's validation split) or a prepared dataset dir
+    heldout_batches: int = 50
+    context: int | None = None  # default: the run's data.seq_len, else 512
+    extrapolation_factor: int = 8
+    max_tokens: int | None = 200_000
+    passkey_lengths: list[int] | None = None  # default: context/2 .. factor*context
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 5
+    kv_pairs: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    fewshot_lengths: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    shots: int = 8
+    seed: int = 0
+    progress: bool = True
+
+
+def expand(suite: str) -> list[str]:
+    parts: list[str] = []
+    for s in [x.strip() for x in suite.split(",") if x.strip()]:
+        parts += [p for p in CHECKPOINT_SUITES[s] if p not in parts]
+    return parts
+
+
+def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: CheckpointEvalOptions,
+                         out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    context = opts.context or ck.train_context or 512
+    start = time.time()
+    res: dict[str, Any] = {"kind": "checkpoint_eval", "checkpoint": str(ck.path), "meta": ck.meta,
+                           "train_context": context, "results": {}}
+    md = [f"# Checkpoint evaluation: {ck.path}", "", f"- training context: {context} tokens",
+          f"- step: {ck.meta.get('step', 'unknown')}", ""]
+    r = res["results"]
+    if "lm" in parts and opts.heldout:
+        dcfg = lm.heldout_data_config(opts.heldout, ck.run_config)
+        held = lm.heldout_perplexity(ck.model, ck.tokenizer, dcfg, opts.heldout_batches, progress=opts.progress)
+        r["heldout"] = {"data": opts.heldout, "split": dcfg.val_split, **held.to_dict()}
+        md += ["## Held-out shards", "", "| data | split | tokens | perplexity | bits/byte |", "|---|---|---|---|---|",
+               f"| {opts.heldout} | {dcfg.val_split} | {held.tokens} | {held.perplexity:.3f} | "
+               f"{held.bits_per_byte:.4f} |", ""]
+    if "lm" in parts and (opts.text or not opts.heldout):
+        if not opts.text:
+            raise ValueError("suite 'lm' needs --text FILE and/or --heldout run|DATASET_DIR")
+        stream, n_bytes = lm.encode_text(ck.tokenizer, lm.read_text(opts.text), opts.max_tokens)
+        ppl = lm.perplexity(ck.model, stream, n_bytes, context, progress=opts.progress)
+        ext = lm.length_extrapolation(ck.model, stream, context, opts.extrapolation_factor)
+        r["lm"] = {"text": opts.text, **ppl.to_dict()}
+        r["length_extrapolation"] = ext.to_dict()
+        md += ["## Language modelling", "", "| text | tokens | context | perplexity | bits/byte |", "|---|---|---|---|---|",
+               f"| {opts.text} | {ppl.tokens} | {ppl.context} | {ppl.perplexity:.3f} | {ppl.bits_per_byte:.4f} |", "",
+               f"Length extrapolation: {ext.windows} windows of {ext.length} tokens; loss by position in "
+               f"`length_extrapolation.png`.", ""]
+        line_plot(out / "length_extrapolation.png", ext.bucket_starts, {"loss": ext.bucket_loss},
+                  "position (tokens)", "loss (nats)", "loss by position", vline=(context, "training context"))
+    if "passkey" in parts:
+        lengths = opts.passkey_lengths or sorted({max(64, context // 2), context, *(
+            context * f for f in (2, 4, 8) if f <= opts.extrapolation_factor)})
+        pk = incontext.passkey(ck.model, ck.tokenizer, lengths, opts.depths, opts.trials, opts.seed, opts.progress)
+        r["passkey"] = pk.to_dict()
+        md += ["## Passkey retrieval", "", "| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
+               "|---|" + "---|" * len(lengths)]
+        md += [f"| {d:.2f} | " + " | ".join(f"{a:.2f}" for a in row) + " |" for d, row in zip(pk.depths, pk.accuracy)]
+        md.append("")
+        heatmap(out / "passkey.png", pk.accuracy, [f"{d:.2f}" for d in pk.depths], [str(L) for L in lengths],
+                "context length (tokens)", "needle depth", "passkey retrieval accuracy")
+    if "kv_lookup" in parts:
+        kv = incontext.kv_lookup(ck.model, ck.tokenizer, opts.kv_pairs, max(opts.trials, 10), opts.seed, opts.progress)
+        r["kv_lookup"] = kv
+        md += ["## In-context key-value lookup", "", "| pairs | " + " | ".join(map(str, kv["pairs"])) + " |",
+               "|---|" + "---|" * len(kv["pairs"]), "| accuracy | " + " | ".join(f"{a:.2f}" for a in kv["accuracy"]) + " |", ""]
+        line_plot(out / "kv_lookup.png", kv["pairs"], {"accuracy": kv["accuracy"], "chance": kv["chance"]},
+                  "key-value pairs", "accuracy", "in-context key-value lookup", logx=True)
+    if "fewshot" in parts:
+        series = {}
+        for task in ("parity", "modular_arithmetic"):
+            fs = incontext.fewshot(ck.model, ck.tokenizer, task, opts.fewshot_lengths, opts.shots,
+                                   max(opts.trials, 10), opts.seed, opts.progress)
+            r[f"fewshot_{task}"] = fs
+            series[f"{task} (chance {fs['chance']:.2f})"] = fs["accuracy"]
+            md += [f"## Few-shot {task} ({opts.shots} shots)", "",
+                   "| length | " + " | ".join(map(str, fs["lengths"])) + " |", "|---|" + "---|" * len(fs["lengths"]),
+                   "| accuracy | " + " | ".join(f"{a:.2f}" for a in fs["accuracy"]) + " |", ""]
+        line_plot(out / "fewshot.png", opts.fewshot_lengths, series, "length", "accuracy", "few-shot state tracking")
+    res["wall_time_s"] = round(time.time() - start, 1)
+    write_json(out / "results.json", res)
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    return res
+

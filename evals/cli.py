@@ -1,0 +1,226 @@
+"""``linrnn-eval``: benchmark an architecture on synthetic tasks, or evaluate a checkpoint.
+
+    linrnn-eval gated_deltaproduct-tiny --suite state_tracking --out runs/eval/gdp
+    linrnn-eval gated_deltanet-tiny --suite parity --neg-eigval both --seeds 0,1,2 --out out/
+    linrnn-eval mamba2-tiny --suite mqar -o d_model=64 -o n_layers=2 --lr 1e-3,3e-3 --out out/
+
+    linrnn-eval runs/export --suite checkpoint --text heldout.txt --out out/
+
+The model is a preset name, a model YAML, or an exported checkpoint directory (whose
+config is used for the architecture benchmarks; the checkpoint suites lm, passkey,
+kv_lookup, fewshot and checkpoint (all four) evaluate its weights). Results: ``results.json``,
+``results.md`` and one PNG per task in ``--out``. Runs can be split over ranks
+(``RANK``/``WORLD_SIZE``, e.g. under torchrun or srun): each rank trains its share and
+rank 0 writes the report.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import suites
+from .bench import ModelSpecError, RunRecord, expand_variants, record_dict, run_one, summarise
+from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint_eval import CHECKPOINT_SUITES, CheckpointEvalOptions, expand, run_checkpoint_evals
+from .report import benchmark_markdown, benchmark_plots, write_json
+from .train import TrainConfig
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        t, _, p = item.lower().partition("x")
+        out.append((int(t), int(p)))
+    return out
+
+
+def _bools(text: str) -> list[bool] | None:
+    return {"true": [True], "false": [False], "both": [True, False], "none": None}[text]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="linrnn-eval", description=__doc__.split("\n\n")[0].replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"architecture suites: {', '.join(suites.SUITES)}; "
+                                       f"checkpoint suites: {', '.join(CHECKPOINT_SUITES)}")
+    p.add_argument("model", help="model preset name, model YAML, or exported checkpoint directory")
+    p.add_argument("--suite", required=True, help="suite name(s), comma-separated")
+    p.add_argument("--out", required=True, help="output directory for results.json, results.md, plots")
+    g = p.add_argument_group("model variants")
+    g.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override (repeatable), e.g. -o d_model=64 -o n_layers=2")
+    g.add_argument("--neg-eigval", choices=["true", "false", "both", "none"], default="none",
+                   help="eigenvalue range [-1,1] (true), [0,1] (false), both, or the preset's (none)")
+    g.add_argument("--n-h", type=_ints, default=None, help="Householder counts to compare, e.g. 1,2,3")
+    g = p.add_argument_group("training")
+    g.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seeds (default 0)")
+    g.add_argument("--lr", type=_floats, default=[1e-3], help="learning rates to sweep, e.g. 1e-4,1e-3,1e-2")
+    g.add_argument("--steps", type=int, default=TrainConfig.steps)
+    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    g.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    g.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    g.add_argument("--eval-every", type=int, default=TrainConfig.eval_every)
+    g.add_argument("--val-size", type=int, default=TrainConfig.val_size)
+    g.add_argument("--target-acc", type=float, default=TrainConfig.target_acc,
+                   help="stop training once validation accuracy reaches this")
+    g.add_argument("--stop-metric", choices=["token", "sequence"], default="token")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    g = p.add_argument_group("conditions")
+    g.add_argument("--train-lengths", type=_range, default=None, help="state tracking: LO:HI, e.g. 3:40")
+    g.add_argument("--test-lengths", type=_ints, default=None, help="state tracking: e.g. 40,128,256")
+    g.add_argument("--mqar-vocab", type=int, default=None, help="MQAR vocabulary (default 8192)")
+    g.add_argument("--mqar-train", type=_pairs, default=None, help="MQAR train grid, e.g. 64x4,128x8")
+    g.add_argument("--mqar-test", type=_pairs, default=None, help="MQAR test grid, e.g. 256x16,512x64")
+    g.add_argument("--eval-size", type=int, default=512, help="test sequences per condition")
+    g.add_argument("--threshold", type=float, default=0.99,
+                   help="sequence accuracy that counts a length as solved")
+    g = p.add_argument_group("checkpoint suites")
+    g.add_argument("--text", default=None, help="text file for perplexity, bits per byte, length curve")
+    g.add_argument("--heldout", default=None, metavar="run|DATASET_DIR",
+                   help="suite lm: also score prepared shards' validation split (run: the run's own data)")
+    g.add_argument("--heldout-batches", type=int, default=50, help="at most this many batches of held-out shards")
+    g.add_argument("--context", type=int, default=None, help="training context (default: the run's data.seq_len)")
+    g.add_argument("--extrapolation-factor", type=int, default=8, help="length curve up to this x context")
+    g.add_argument("--max-tokens", type=int, default=200_000, help="score at most this many text tokens")
+    g.add_argument("--passkey-lengths", type=_ints, default=None, help="prompt lengths in tokens")
+    g.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0, 1]")
+    g.add_argument("--trials", type=int, default=5, help="prompts per passkey cell (>= 10 for the others)")
+    g.add_argument("--kv-pairs", type=_ints, default=[4, 8, 16, 32], help="pairs for key-value lookup")
+    g.add_argument("--fewshot-lengths", type=_ints, default=[2, 4, 8, 16], help="lengths for few-shot prompts")
+    g.add_argument("--shots", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (small models on few cores: 1 is often fastest)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _shard() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_benchmarks(args: argparse.Namespace) -> dict:
+    tasks = [suites.customise(bt, train_lengths=args.train_lengths, test_lengths=args.test_lengths,
+                              mqar_vocab=args.mqar_vocab, mqar_train=args.mqar_train, mqar_test=args.mqar_test)
+             for bt in suites.suite_tasks(args.suite)]
+    variants = expand_variants(args.model, args.override, _bools(args.neg_eigval), args.n_h)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                      warmup=args.warmup, eval_every=args.eval_every, val_size=args.val_size,
+                      target_acc=args.target_acc, stop_metric=args.stop_metric, device=device)
+    jobs = [(bt, v, lr, s) for bt in tasks for v in variants for lr in args.lr for s in args.seeds]
+    rank, world = _shard()
+    if device == "cuda" and world > 1:  # one GPU per rank on a node
+        cfg.device = device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    out = Path(args.out)
+    start = time.time()
+    mine = [run_one(bt, v, TrainConfig(**{**cfg.__dict__, "lr": lr, "seed": s}), args.eval_size,
+                    args.threshold, progress=not args.no_progress)
+            for i, (bt, v, lr, s) in enumerate(jobs) if i % world == rank]
+    records = [record_dict(r) for r in mine]
+    if world > 1:
+        # The fingerprint ties rank files to this command line, so a rerun into the same
+        # directory never merges another run's leftovers.
+        fingerprint = hashlib.sha256(json.dumps(vars(args), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        write_json(out / f"records.rank{rank}-of-{world}.json", {"fingerprint": fingerprint, "records": records})
+        if rank != 0:
+            return {}
+        records = _gather(out, world, fingerprint)
+    rows = summarise([RunRecord(**r) for r in records])
+    header = {"model": args.model, "suite": args.suite, "overrides": " ".join(args.override) or "none",
+              "seeds": args.seeds, "learning rates": args.lr, "max steps": args.steps,
+              "batch size": args.batch_size, "device": device, "ranks": world,
+              "wall time (s)": round(time.time() - start, 1)}
+    result = {"kind": "architecture_benchmark", "header": header, "summary": rows, "runs": records}
+    write_json(out / "results.json", result)
+    (out / "results.md").write_text(benchmark_markdown(rows, header))
+    benchmark_plots(rows, out)
+    return result
+
+
+def _gather(out: Path, world: int, fingerprint: str, timeout_s: float = 24 * 3600) -> list[dict]:
+    """Rank 0 waits for every rank's record file of this run (ranks finish at different times)."""
+    paths = [out / f"records.rank{r}-of-{world}.json" for r in range(world)]
+
+    def ready(p: Path) -> bool:
+        try:
+            return p.is_file() and json.loads(p.read_text()).get("fingerprint") == fingerprint
+        except (OSError, json.JSONDecodeError):
+            return False
+
+    deadline = time.time() + timeout_s
+    while not all(ready(p) for p in paths):
+        if time.time() > deadline:
+            raise TimeoutError(f"ranks did not finish: waiting for {[str(p) for p in paths if not ready(p)]}")
+        time.sleep(2.0)
+    return [rec for p in paths for rec in json.loads(p.read_text())["records"]]
+
+
+def run_checkpoint(args: argparse.Namespace) -> dict:
+    if not Path(args.model).exists() and "/" not in args.model and args.model in _presets():
+        raise CheckpointError(f"suite {args.suite!r} evaluates trained weights: pass an exported checkpoint "
+                              f"directory, not the preset {args.model!r}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    ck = load_checkpoint(args.model, device=device)
+    opts = CheckpointEvalOptions(text=args.text, heldout=args.heldout, heldout_batches=args.heldout_batches,
+                                 context=args.context, extrapolation_factor=args.extrapolation_factor,
+                                 max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths, depths=args.depths,
+                                 trials=args.trials, kv_pairs=args.kv_pairs, fewshot_lengths=args.fewshot_lengths,
+                                 shots=args.shots, seed=args.seeds[0], progress=not args.no_progress)
+    return run_checkpoint_evals(ck, expand(args.suite), opts, Path(args.out))
+
+
+def _presets() -> list[str]:
+    from pretrain.config_loader import list_model_presets
+
+    return list_model_presets()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        names = [s.strip() for s in args.suite.split(",") if s.strip()]
+        unknown = [n for n in names if n not in suites.SUITES and n not in CHECKPOINT_SUITES]
+        if unknown or not names:
+            all_suites = [*suites.SUITES, *CHECKPOINT_SUITES]
+            close = difflib.get_close_matches(unknown[0] if unknown else "", all_suites, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown suite {(unknown or [args.suite])[0]!r}{hint}; suites: {', '.join(all_suites)}")
+        ckpt_suites = [n for n in names if n in CHECKPOINT_SUITES]
+        if ckpt_suites and len(ckpt_suites) != len(names):
+            raise ValueError("run checkpoint suites and architecture benchmarks in separate calls "
+                             "(they write the same result files)")
+        result = run_checkpoint(args) if ckpt_suites else run_benchmarks(args)
+    except (ModelSpecError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"linrnn-eval: error: {e}", file=sys.stderr)
+        return 2
+    if result:
+        print(f"wrote {Path(args.out) / 'results.md'}")
+        print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""In-context evals of a pretrained LM with its own tokenizer: passkey retrieval over
+lengths and depths, key-value lookup with natural words, few-shot parity and modular
+arithmetic.
+
+Retrieval is scored by greedy exactness under teacher forcing (every target token is the
+argmax given the prompt and the target's previous tokens), which is what greedy decoding
+would produce, at the cost of one forward pass. Few-shot tasks are multiple choice: the
+answer with the highest log-likelihood wins.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from data.tokenizer import Tokenizer
+
+from .tasks import Condition, ModularArithmeticTask, ParityTask
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+# Used when the tokenizer has too few whole-word pieces (small demo vocabularies): the
+# words then span several tokens, and greedy exactness covers all of them.
+COMMON_WORDS = tuple("""apple river stone light water table music garden window yellow forest silver market
+winter summer bridge castle dragon island rocket planet orange purple mountain pencil doctor
+engine candle mirror basket ladder thunder pillow butter jacket camera wallet spider rabbit
+turtle falcon tiger zebra violin guitar piano trumpet copper marble velvet cotton ribbon anchor
+harbor valley meadow desert canyon glacier lantern compass saddle barrel kettle hammer shovel
+blanket helmet carpet curtain cabinet bottle teapot button needle feather""".split())
+PASSKEY_INTRO = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+
+
+@torch.no_grad()
+def score_target(model: torch.nn.Module, prompt: list[int], target: list[int]) -> tuple[float, bool]:
+    """Log-likelihood of ``target`` after ``prompt``, and whether greedy decoding yields it."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + target], device=device)
+    logits = model(ids[:, :-1])[0, len(prompt) - 1:]
+    tgt = ids[0, len(prompt):]
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return float(logp.gather(1, tgt[:, None]).sum()), bool((logits.argmax(-1) == tgt).all())
+
+
+@dataclass
+class PasskeyResult:
+    lengths: list[int]
+    depths: list[float]
+    accuracy: list[list[float]]  # [depth][length]
+    trials: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int]]:
+    """A prompt of at most ``length`` tokens (filled sentence by sentence) with the key at
+    relative ``depth`` of the filler."""
+    head = tok.encode(PASSKEY_INTRO)
+    needle = tok.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    question = tok.encode("What is the pass key? The pass key is")
+    sentences = [tok.encode(x.strip() + ". ") for x in FILLER.split(". ") if x.strip()]
+    budget = length - 1 - len(head) - len(needle) - len(question)
+    filler: list[list[int]] = []
+    while budget >= len(sentences[len(filler) % len(sentences)]):
+        filler.append(sentences[len(filler) % len(sentences)])
+        budget -= len(filler[-1])
+    before = round(depth * len(filler))
+    flat = lambda parts: [t for part in parts for t in part]  # noqa: E731
+    prompt = [tok.bos_id, *head, *flat(filler[:before]), *needle, *flat(filler[before:]), *question]
+    return prompt, tok.encode(" " + key)
+
+
+def passkey(model: torch.nn.Module, tok: Tokenizer, lengths: list[int], depths: list[float], trials: int = 5,
+            seed: int = 0, progress: bool = True) -> PasskeyResult:
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    acc = []
+    bar = tqdm(total=len(lengths) * len(depths) * trials, desc="passkey", disable=not progress, leave=False)
+    for d in depths:
+        row = []
+        for L in lengths:
+            hits = 0
+            for _ in range(trials):
+                key = str(int(torch.randint(10_000, 100_000, (1,), generator=gen)))
+                hits += score_target(model, *passkey_prompt(tok, L, d, key))[1]
+                bar.update(1)
+            row.append(hits / trials)
+        acc.append(row)
+    bar.close()
+    return PasskeyResult(lengths, depths, acc, trials)
+
+
+def word_pieces(tok: Tokenizer, min_len: int = 3, limit: int = 2000) -> list[str]:
+    """Whole-word vocabulary pieces ("▁house" -> "house"): natural tokens for keys and values."""
+    words = []
+    for i in range(tok.vocab_size):
+        piece = tok.sp.id_to_piece(i)
+        if piece.startswith("\u2581") and piece[1:].isalpha() and len(piece) > min_len and piece[1:].islower():
+            words.append(piece[1:])
+            if len(words) >= limit:
+                break
+    return words
+
+
+def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], trials: int = 20, seed: int = 0,
+              progress: bool = True) -> dict:
+    """``key: value`` lines of random words, then one key again; accuracy by number of pairs.
+    Words are the tokenizer's whole-word pieces (one token each) when it has enough."""
+    model.eval()
+    words = word_pieces(tok)
+    if len(words) < 2 * max(pair_counts):
+        words = list(COMMON_WORDS)
+    if len(words) < 2 * max(pair_counts):
+        raise ValueError(f"kv_lookup: at most {len(words) // 2} pairs of distinct words, "
+                         f"asked for {max(pair_counts)}")
+    gen = torch.Generator().manual_seed(seed)
+    acc = []
+    for n in tqdm(pair_counts, desc="kv lookup", disable=not progress, leave=False):
+        hits = 0
+        for _ in range(trials):
+            pick = torch.randperm(len(words), generator=gen)[: 2 * n].tolist()
+            keys, values = [words[i] for i in pick[:n]], [words[i] for i in pick[n:]]
+            q = int(torch.randint(n, (1,), generator=gen))
+            text = "Remember these pairs.\n" + "".join(f"{k}: {v}\n" for k, v in zip(keys, values)) + f"{keys[q]}:"
+            hits += score_target(model, [tok.bos_id, *tok.encode(text)], tok.encode(" " + values[q]))[1]
+        acc.append(hits / trials)
+    return {"pairs": pair_counts, "accuracy": acc, "trials": trials, "chance": [1 / n for n in pair_counts]}
+
+
+def _choose(model: torch.nn.Module, prompt: list[int], choices: list[list[int]]) -> int:
+    scores = [score_target(model, prompt, c)[0] for c in choices]
+    return max(range(len(choices)), key=scores.__getitem__)
+
+
+def fewshot(model: torch.nn.Module, tok: Tokenizer, task: str, lengths: list[int], shots: int = 8,
+            trials: int = 20, seed: int = 0, progress: bool = True) -> dict:
+    """Few-shot ``parity`` ("1 0 1 -> 0") or ``modular_arithmetic`` ("3+4*2 = 1", mod 5)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    if task == "parity":
+        src, n_choices = ParityTask(scoring="last"), 2
+
+        def render(ids: list[int]) -> str:
+            return " ".join(map(str, ids)) + " ->"
+    elif task == "modular_arithmetic":
+        src, n_choices = ModularArithmeticTask(modulus=5), 5
+
+        def render(ids: list[int]) -> str:
+            return src.render(ids[:-1]) + " ="
+    else:
+        raise ValueError(f"fewshot task must be 'parity' or 'modular_arithmetic', got {task!r}")
+    choices = [tok.encode(f" {c}") for c in range(n_choices)]
+    acc = []
+    for L in tqdm(lengths, desc=f"few-shot {task}", disable=not progress, leave=False):
+        hits = 0
+        for _ in range(trials):
+            ids, labels = src.sample(shots + 1, Condition(L), gen)
+            answers = labels[:, -1].tolist()
+            lines = [f"{render(r)} {a}\n" for r, a in zip(ids[:-1].tolist(), answers[:-1])]
+            prompt = [tok.bos_id, *tok.encode("".join(lines) + render(ids[-1].tolist()))]
+            hits += _choose(model, prompt, choices) == answers[-1]
+        acc.append(hits / trials)
+    return {"task": task, "lengths": lengths, "accuracy": acc, "shots": shots, "trials": trials,
+            "chance": 1 / n_choices}

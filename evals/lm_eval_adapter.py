@@ -1,0 +1,141 @@
+"""lm-evaluation-harness adapter: an exported checkpoint as ``--model linrnn``.
+
+    python -m evals.lm_eval_adapter run --model linrnn --model_args pretrained=EXPORT_DIR \
+        --device cuda --tasks lambada_openai,hellaswag,piqa,arc_easy,arc_challenge,winogrande,wikitext
+
+(``--device`` and ``--batch_size`` go to lm_eval's own flags, not into ``--model_args``;
+``max_length`` (default: the run's data.seq_len) and ``max_gen_toks`` may go there.)
+
+(importing this module registers the model; the module's ``main`` then hands the command
+line to lm_eval's own CLI). Needs ``pip install lm_eval`` (optional dependency).
+
+Scoring uses right-padded batches: the models are causal, so padding after a sequence
+never changes its earlier outputs. Generation uses the recurrent step path (prefill, then
+one ``step`` per token on a fixed-size state).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint
+
+
+@register_model("linrnn")
+class LinRNNLM(LM):
+    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 8,
+                 max_length: int | None = None, max_gen_toks: int = 256, **_: Any) -> None:
+        super().__init__()
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        ck = load_checkpoint(pretrained, device=dev)
+        self.model, self.tok = ck.model.eval(), ck.tokenizer
+        self._dev = torch.device(dev)
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_length = int(max_length or ck.train_context or 2048)
+        self.max_gen_toks = int(max_gen_toks)
+
+    # ------------------------------------------------------------------ tokens
+
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation tokens, tokenized together so merges across the seam match
+        how the text would be tokenized as a whole (trailing context spaces move right)."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole = self.tok.encode(context + continuation)
+        ctx = self.tok.encode(context) if context else []
+        if whole[: len(ctx)] != ctx:
+            return [self.tok.bos_id, *ctx], self.tok.encode(continuation)
+        return [self.tok.bos_id, *ctx], whole[len(ctx):]
+
+    @torch.no_grad()
+    def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+        """Sum log-prob of each continuation and whether greedy decoding produces it."""
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
+        for b in tqdm(range(0, len(order), self.batch_size), desc=desc, leave=False, disable=len(order) < 50):
+            idx = order[b:b + self.batch_size]
+            seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):] for i in idx]
+            width = max(len(s) for s in seqs) - 1
+            inp = torch.full((len(idx), width), self.tok.pad_id, dtype=torch.long)
+            for r, s in enumerate(seqs):
+                inp[r, : len(s) - 1] = torch.tensor(s[:-1])
+            logp = F.log_softmax(self.model(inp.to(self._dev)).float(), dim=-1).cpu()
+            for r, (i, s) in enumerate(zip(idx, seqs)):
+                n = len(pairs[i][1])
+                if n == 0:
+                    continue
+                tgt = torch.tensor(s[-n:])
+                rows = logp[r, len(s) - 1 - n: len(s) - 1]
+                out[i] = (float(rows.gather(1, tgt[:, None]).sum()), bool((rows.argmax(-1) == tgt).all()))
+        return out
+
+    # ------------------------------------------------------------------ lm_eval API
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._score([self._split(*req.args) for req in requests])
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for req in requests:
+            (text,) = req.args
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                token_list=self.tok.encode(text), prefix_token=self.tok.bos_id,
+                max_seq_len=self.max_length, context_len=1)]
+            results.append(sum(lp for lp, _ in self._score(windows, "rolling")))
+        return results
+
+    @torch.no_grad()
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        results = []
+        for req in tqdm(requests, desc="generate", leave=False, disable=disable_tqdm or len(requests) < 20):
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            results.append(self.generate(context, until, max_new, temperature))
+        return results
+
+    def generate(self, context: str, until: list[str], max_new: int, temperature: float = 0.0) -> str:
+        """Decode with the recurrent cache until a stop string, EOS, or ``max_new`` tokens."""
+        ids = [self.tok.bos_id, *self.tok.encode(context)][-self.max_length:]
+        cache = self.model.init_cache(1, device=self._dev)
+        logits = self.model.prefill(torch.tensor([ids], device=self._dev), cache)[:, -1]
+        new: list[int] = []
+        text = ""
+        for _ in range(max_new):
+            if temperature > 0:
+                nxt = int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1))
+            else:
+                nxt = int(logits.argmax(-1))
+            if nxt == self.tok.eos_id:
+                break
+            new.append(nxt)
+            text = self.tok.decode(new)
+            if any(u in text for u in until):
+                break
+            logits = self.model.step(torch.tensor([nxt], device=self._dev), cache)
+        for u in until:
+            if u and u in text:
+                text = text[: text.index(u)]
+        return text
+
+
+def main() -> None:
+    """lm_eval's CLI with the ``linrnn`` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Write results: ``results.json`` (everything), ``results.md`` (tables), PNG plots.
+
+The Markdown table puts every variant of a task side by side with the columns the
+literature reports: accuracy at the longest trained length, at the longest tested length,
+and the longest length at which whole sequences are right.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic write (temp + rename) so a crash never leaves half a result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable))
+    tmp.replace(path)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, (set, tuple)):
+        return list(v)
+    return str(v)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def benchmark_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = ["# Architecture benchmark", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        trows = [r for r in rows if r["task"] == task]
+        conds = trows[0]["by_condition"]
+        is_mqar = any(c["pairs"] for c in conds)
+        names = [f"{c['length']}/{c['pairs']}" if is_mqar else str(c["length"]) for c in conds]
+        metric = "token_acc" if is_mqar else "seq_acc"
+        lines += ["", f"## {task}", "",
+                  f"{'Per-query accuracy (%) at seq_len/pairs' if is_mqar else 'Cumulative sequence accuracy (%) by length'}; "
+                  f"trained up to length {trows[0]['train_max']}; best learning rate of the sweep, mean over seeds.", ""]
+        cols = ["model", "params", "lr", "converged", "steps", "val acc", "longest solved", *names]
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "---|" * len(cols))
+        for r in trows:
+            solved = str(r["longest_solved"]) if r["longest_solved"] == r["longest_solved_max"] \
+                else f"{r['longest_solved']}-{r['longest_solved_max']}"
+            cells = [r["variant"], _count(r["params"]), f"{r['lr']:g}",
+                     f"{r['converged']}/{len(r['seeds'])}", f"{r['steps']:.0f}", _pct(r["val_acc"]), solved,
+                     *(_pct(c[metric]) for c in r["by_condition"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def benchmark_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """One PNG per task: accuracy against length (or seq_len/pairs) for every variant."""
+    paths = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        trows = [r for r in rows if r["task"] == task]
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        is_mqar = any(c["pairs"] for c in trows[0]["by_condition"])
+        for r in trows:
+            if is_mqar:
+                xs = list(range(len(r["by_condition"])))
+                ax.plot(xs, [c["token_acc"] for c in r["by_condition"]], marker="o", label=r["variant"])
+                ax.set_xticks(xs, [f"{c['length']}/{c['pairs']}" for c in r["by_condition"]], rotation=30)
+            elif r["curve"]:
+                ax.plot(range(1, len(r["curve"]) + 1), r["curve"], label=r["variant"])
+            else:
+                ax.plot([c["length"] for c in r["by_condition"]], [c["seq_acc"] for c in r["by_condition"]],
+                        marker="o", label=r["variant"])
+        if not is_mqar:
+            ax.axvline(trows[0]["train_max"], color="grey", linestyle=":", label="longest trained")
+        ax.set_xlabel("seq_len / pairs" if is_mqar else "sequence length")
+        ax.set_ylabel("accuracy" if is_mqar else "cumulative sequence accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{task}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def line_plot(path: Path, xs: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str,
+              title: str, logx: bool = False, vline: tuple[float, str] | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, ys in series.items():
+        ax.plot(xs[: len(ys)], ys, marker="o", label=name)
+    if vline is not None:
+        ax.axvline(vline[0], color="grey", linestyle=":", label=vline[1])
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1 or vline is not None:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def heatmap(path: Path, matrix: list[list[float]], rows: list[str], cols: list[str], xlabel: str,
+            ylabel: str, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(cols), 1 + 0.5 * len(rows)))
+    im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

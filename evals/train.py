@@ -1,0 +1,134 @@
+"""Train a freshly built model on a synthetic task: plain PyTorch AdamW, CPU or GPU.
+
+Deliberately not the DeepSpeed trainer: benchmarks are small, many (models x seeds x
+learning rates) and must run anywhere. Each step draws one condition (length, pairs) from
+the training set, so a batch needs no padding. Validation runs on a fixed held-out set at
+the training conditions and training stops once it reaches ``target_acc``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import correct_mask, token_accuracy
+from .tasks import Condition, Task
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = 50
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    val_size: int = 256
+    target_acc: float = 0.99
+    stop_metric: Literal["token", "sequence"] = "token"
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    converged: bool
+    best_val_acc: float
+    final_loss: float
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """No weight decay on biases, norms, embeddings' peers and params marked ``_no_weight_decay``."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def validation_set(task: Task, conditions: list[Condition], size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``size`` sequences spread over the training conditions, from a seed of their own."""
+    gen = torch.Generator().manual_seed(seed + 1_000_003)
+    per = max(1, size // len(conditions))
+    return [task.sample(per, c, gen) for c in conditions]
+
+
+def validation_accuracy(model: torch.nn.Module, val: list[tuple[torch.Tensor, torch.Tensor]],
+                        metric: str) -> float:
+    was_training = model.training
+    model.eval()
+    hits = total = 0.0
+    for ids, labels in val:
+        correct = correct_mask(model, ids, labels)
+        if metric == "sequence":
+            hits += float(correct.all(dim=1).sum())
+            total += ids.shape[0]
+        else:
+            scored = int((labels != -100).sum())
+            hits += token_accuracy(correct, labels) * scored
+            total += scored
+    model.train(was_training)
+    return hits / max(total, 1.0)
+
+
+def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition], cfg: TrainConfig,
+                  progress: bool = True, desc: str = "train") -> TrainResult:
+    """Train until ``cfg.steps`` or validation accuracy >= ``cfg.target_acc``."""
+    if not conditions:
+        raise ValueError("train_on_task: no training conditions")
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    val = validation_set(task, conditions, cfg.val_size, cfg.seed)
+    history: list[dict] = []
+    best, loss_value, converged, step = 0.0, float("nan"), False, 0
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in range(1, cfg.steps + 1):
+        cond = conditions[int(torch.randint(len(conditions), (1,), generator=gen))]
+        ids, labels = task.sample(cfg.batch_size, cond, gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, cfg)
+        loss = model.loss(ids.to(device), labels.to(device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: non-finite loss {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        loss_value = float(loss.detach())
+        bar.update(1)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            acc = validation_accuracy(model, val, cfg.stop_metric)
+            best = max(best, acc)
+            history.append({"step": step, "loss": round(loss_value, 5), "val_acc": round(acc, 5)})
+            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{acc:.3f}")
+            if acc >= cfg.target_acc:
+                converged = True
+                break
+    bar.close()
+    return TrainResult(step, converged, best, loss_value, time.perf_counter() - start, history)

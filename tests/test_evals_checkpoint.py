@@ -1,0 +1,190 @@
+"""Checkpoint evaluation on an exported tiny model (safetensors + config + tokenizer):
+perplexity and bits per byte agree with a direct loss, the length curve, passkey, key-value
+lookup and few-shot runs write their results, and a broken export errors clearly."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from data.tokenizer import Tokenizer, train_tokenizer
+from evals import incontext, lm
+from evals.checkpoint import CheckpointError, load_checkpoint
+from evals.cli import main
+from pretrain import export
+from pretrain.config_loader import dump_config, load_model_config
+from pretrain.models import build_model
+
+WORDS = ("house river green stone light water table music garden window little yellow forest silver "
+         "market winter summer bridge castle dragon island rocket planet orange purple mountain").split()
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def corpus(n: int, seed: int) -> str:
+    rnd = random.Random(seed)
+    lines = [incontext.FILLER, "The pass key is 12345. What is the pass key?"]
+    for _ in range(n):
+        lines.append(" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(4, 12))) + f" {rnd.randint(0, 999)}.")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple:
+    root = tmp_path_factory.mktemp("export")
+    tok_path = train_tokenizer([corpus(400, 0)], root / "tok", vocab_size=320, num_threads=1)
+    tok = Tokenizer.load(tok_path)
+    cfg = load_model_config("gated_deltanet-tiny", [f"vocab_size={tok.vocab_size}", "d_model=32", "n_layers=2",
+                                                    "deltaproduct.head_dim=8"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    out = root / "model"
+    out.mkdir()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(sd, str(out / export.WEIGHTS))
+    (out / export.CONFIG).write_text(dump_config(cfg))
+    (out / export.RUN_CONFIG).write_text("data:\n  seq_len: 64\n")
+    (out / export.TOKENIZER).write_bytes(tok_path.read_bytes())
+    (out / export.META).write_text(json.dumps({"step": 7}))
+    text = root / "heldout.txt"
+    text.write_text(corpus(60, 1))
+    return out, text, model
+
+
+def test_loading_restores_the_weights_and_context(exported) -> None:
+    out, _, model = exported
+    ck = load_checkpoint(out)
+    assert ck.train_context == 64 and ck.meta["step"] == 7
+    ids = torch.randint(0, ck.tokenizer.vocab_size, (2, 12))
+    torch.testing.assert_close(ck.model(ids), model.eval()(ids))
+
+
+def test_perplexity_and_bits_per_byte_match_a_direct_loss(exported) -> None:
+    out, text_file, model = exported
+    ck = load_checkpoint(out)
+    text = lm.read_text(text_file)
+    stream, n_bytes = lm.encode_text(ck.tokenizer, text)
+    assert n_bytes == len(text.encode()) and ck.tokenizer.decode(stream[1:].tolist()) == text
+    whole = lm.perplexity(ck.model, stream, n_bytes, context=stream.numel(), progress=False)
+    with torch.no_grad():
+        direct = float(model.loss(stream[None, :-1], stream[None, 1:]))
+    assert whole.tokens == stream.numel() - 1
+    assert whole.nll_per_token == pytest.approx(direct, rel=1e-5)
+    assert whole.bits_per_byte == pytest.approx(direct * whole.tokens / math.log(2) / n_bytes, rel=1e-5)
+    windows = lm.perplexity(ck.model, stream, n_bytes, context=50, progress=False)
+    assert windows.tokens == whole.tokens  # every token predicted exactly once, last window shorter
+    V = ck.tokenizer.vocab_size
+    assert 0.5 * V < windows.perplexity < 2 * V  # an untrained model is near uniform
+    ext = lm.length_extrapolation(ck.model, stream, 64, factor=4, buckets=8)
+    assert ext.length == 256 and len(ext.bucket_loss) == 8 and ext.windows >= 1
+
+
+def test_passkey_prompts_place_the_needle_and_score_greedy_exactness(exported) -> None:
+    out, _, _ = exported
+    ck = load_checkpoint(out)
+    tok = ck.tokenizer
+    early, target = incontext.passkey_prompt(tok, 200, 0.0, "12345")
+    late, _ = incontext.passkey_prompt(tok, 200, 1.0, "12345")
+    needle = tok.encode("The pass key is 12345.")
+    find = lambda seq: next(i for i in range(len(seq)) if seq[i:i + len(needle)] == needle)  # noqa: E731
+    assert find(early) < find(late) and 150 <= len(early) <= 200 and len(early) == len(late)
+    assert tok.decode(target).strip() == "12345"
+
+    class Echo(torch.nn.Module):
+        """Predicts each next token of a fixed sequence: greedy-exact on it, wrong elsewhere."""
+
+        def __init__(self, seq):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seq = seq
+
+        def forward(self, ids):
+            logits = torch.zeros(*ids.shape, tok.vocab_size)
+            for t in range(ids.shape[1]):
+                logits[:, t, self.seq[t + 1] if t + 1 < len(self.seq) else 0] = 1.0
+            return logits
+
+    assert incontext.score_target(Echo(early + target), early, target)[1]
+    assert not incontext.score_target(Echo(early + tok.encode(" 54321")), early, target)[1]
+
+
+def test_checkpoint_suite_via_cli_writes_everything(exported, tmp_path) -> None:
+    out, text_file, _ = exported
+    res_dir = tmp_path / "res"
+    rc = main([str(out), "--suite", "checkpoint", "--text", str(text_file), "--out", str(res_dir), "--no-progress",
+               "--extrapolation-factor", "2", "--passkey-lengths", "64,128", "--depths", "0,1", "--trials", "2",
+               "--kv-pairs", "2,4", "--fewshot-lengths", "2,4", "--shots", "2", "--device", "cpu"])
+    assert rc == 0
+    data = json.loads((res_dir / "results.json").read_text())
+    r = data["results"]
+    assert data["train_context"] == 64 and r["lm"]["bits_per_byte"] > 0
+    assert r["passkey"]["lengths"] == [64, 128] and len(r["passkey"]["accuracy"]) == 2
+    assert r["kv_lookup"]["pairs"] == [2, 4] and all(0 <= a <= 1 for a in r["kv_lookup"]["accuracy"])
+    assert r["fewshot_parity"]["chance"] == 0.5 and r["fewshot_modular_arithmetic"]["lengths"] == [2, 4]
+    md = (res_dir / "results.md").read_text()
+    assert "bits/byte" in md and "Passkey" in md and "Few-shot parity" in md
+    for png in ("length_extrapolation.png", "passkey.png", "kv_lookup.png", "fewshot.png"):
+        assert (res_dir / png).stat().st_size > 1000
+
+
+def test_heldout_shards_are_scored_with_documents_kept_apart(exported, tmp_path) -> None:
+    from data.config import CorpusConfig, PrepareConfig
+    from data.prepare import prepare_dataset
+
+    out, _, _ = exported
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": corpus(6, i)}) + "\n" for i in range(30)))
+    ds = tmp_path / "ds"
+    prepare_dataset(PrepareConfig(corpus=CorpusConfig(source=str(docs)), tokenizer=str(out / export.TOKENIZER),
+                                  out=str(ds), seq_len=64, val_fraction=0.3, num_workers=1), progress=False)
+    ck = load_checkpoint(out)
+    cfg = lm.heldout_data_config(str(ds), ck.run_config)
+    assert cfg.seq_len == 64 and cfg.val_split == "val"
+    res = lm.heldout_perplexity(ck.model, ck.tokenizer, cfg, max_batches=3, batch_size=4, progress=False)
+    assert 0 < res.tokens <= 3 * 4 * 64 and res.bytes > res.tokens  # several bytes per token
+    assert 0.5 * ck.tokenizer.vocab_size < res.perplexity < 2 * ck.tokenizer.vocab_size
+    assert res.bits_per_byte == pytest.approx(res.nll_per_token * res.tokens / math.log(2) / res.bytes)
+    rc = main([str(out), "--suite", "lm", "--heldout", str(ds), "--heldout-batches", "2", "--out",
+               str(tmp_path / "res"), "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    data = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert data["results"]["heldout"]["split"] == "val" and "lm" not in data["results"]
+    with pytest.raises(ValueError, match="data.sources"):
+        lm.heldout_data_config("run", ck.run_config)
+
+
+@pytest.mark.parametrize("remove,message", [(export.TOKENIZER, "has no tokenizer"), (export.WEIGHTS, "has no model.safetensors")])
+def test_broken_exports_error_clearly(exported, tmp_path, capsys, remove, message) -> None:
+    out, text_file, _ = exported
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in out.iterdir():
+        if f.name != remove:
+            (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(broken)
+    rc = main([str(broken), "--suite", "passkey", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_checkpoint_suites_refuse_presets_missing_paths_and_missing_text(exported, tmp_path, capsys) -> None:
+    out, _, _ = exported
+    assert main(["mamba2-tiny", "--suite", "passkey", "--out", str(tmp_path / "a")]) == 2
+    assert "not the preset" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), "--suite", "lm", "--out", str(tmp_path / "b")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([str(out), "--suite", "lm", "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "needs --text FILE and/or --heldout" in capsys.readouterr().err
+    assert main([str(out), "--suite", "lm,parity", "--out", str(tmp_path / "d")]) == 2
+    assert "separate calls" in capsys.readouterr().err

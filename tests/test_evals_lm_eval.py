@@ -1,0 +1,95 @@
+"""The lm-evaluation-harness adapter on local task files (offline): scores agree with the
+model's own forward pass, generation matches greedy decoding, and lm_eval runs the three
+request types end to end. Skipped when lm_eval is not installed (optional dependency)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from evals.lm_eval_adapter import LinRNNLM  # noqa: E402
+from test_evals_checkpoint import exported, single_thread  # noqa: E402,F401  (fixtures)
+
+
+def req(kind: str, args: tuple) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def test_loglikelihood_matches_a_direct_forward_pass(exported) -> None:
+    out, _, model = exported
+    lm = LinRNNLM(pretrained=str(out), device="cpu", batch_size=3)
+    pairs = [("The sky is", " blue."), ("house river", " green stone 12"), ("", "water"), ("A b ", "c")]
+    got = lm.loglikelihood([req("loglikelihood", p) for p in pairs])
+    for (ctx, cont), (lp, greedy) in zip(pairs, got):
+        c, t = lm._split(ctx, cont)
+        ids = torch.tensor([c + t])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[:, :-1]), -1)[0, len(c) - 1:]
+        assert lp == pytest.approx(float(logp.gather(1, ids[0, len(c):, None]).sum()), rel=1e-4, abs=1e-4)
+        assert greedy == bool((logp.argmax(-1) == ids[0, len(c):]).all())
+        assert lm.tok.decode(c[1:] + t) == ctx + cont and len(t) >= 1  # nothing lost at the seam
+
+
+def test_rolling_loglikelihood_counts_every_token_once(exported) -> None:
+    out, text_file, model = exported
+    text = text_file.read_text()[:400]
+    short = LinRNNLM(pretrained=str(out), device="cpu", max_length=4096)
+    windows = LinRNNLM(pretrained=str(out), device="cpu", max_length=32)
+    ids = torch.tensor([[short.tok.bos_id, *short.tok.encode(text)]])
+    with torch.no_grad():
+        direct = -float(model.loss(ids[:, :-1], ids[:, 1:])) * (ids.shape[1] - 1)
+    (whole,) = short.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])
+    (chunked,) = windows.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])
+    assert whole == pytest.approx(direct, rel=1e-4)
+    assert chunked < 0 and math.isfinite(chunked)
+
+
+def test_generation_uses_the_step_path_and_stops_at_until(exported) -> None:
+    out, _, model = exported
+    lm = LinRNNLM(pretrained=str(out), device="cpu")
+    ctx = "The grass is green. The sky"
+    ids = torch.tensor([[lm.tok.bos_id, *lm.tok.encode(ctx)]])
+    greedy = model.generate(ids, max_new_tokens=12, temperature=0.0)[0, ids.shape[1]:].tolist()
+    text = lm.tok.decode(greedy[: greedy.index(lm.tok.eos_id)] if lm.tok.eos_id in greedy else greedy)
+    (full,) = lm.generate_until([req("generate_until", (ctx, {"until": [], "max_gen_toks": 12}))])
+    assert text.startswith(full) and (full == text or lm.tok.eos_id in greedy)
+    if len(full) > 2:
+        stop = full[1:3]
+        (cut,) = lm.generate_until([req("generate_until", (ctx, {"until": [stop], "max_gen_toks": 12}))])
+        assert stop not in cut and full.startswith(cut)
+
+
+def test_lm_eval_runs_local_tasks_offline(exported, tmp_path) -> None:
+    out, _, _ = exported
+    data = tmp_path / "data.jsonl"
+    rows = [{"question": f"Is {w} a word?", "choices": [" yes", " no"], "answer": i % 2, "text": f"{w} river stone."}
+            for i, w in enumerate(["house", "music", "garden", "window"])]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (tmp_path / "choice.yaml").write_text(
+        "task: linrnn_local_choice\n" + common + "output_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_target: answer\ndoc_to_choice: '{{choices}}'\n"
+        "metric_list:\n  - metric: acc\n")
+    (tmp_path / "rolling.yaml").write_text(
+        "task: linrnn_local_rolling\n" + common + "output_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+    (tmp_path / "gen.yaml").write_text(
+        "task: linrnn_local_gen\n" + common + "output_type: generate_until\n"
+        "doc_to_text: '{{question}}'\ndoc_to_target: '{{choices[answer]}}'\n"
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n"
+        "metric_list:\n  - metric: exact_match\n")
+    lm = LinRNNLM(pretrained=str(out), device="cpu", batch_size=4)
+    res = simple_evaluate(model=lm, tasks=["linrnn_local_choice", "linrnn_local_rolling", "linrnn_local_gen"],
+                          task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), bootstrap_iters=0, log_samples=False)
+    r = res["results"]
+    assert 0.0 <= r["linrnn_local_choice"]["acc,none"] <= 1.0
+    assert r["linrnn_local_rolling"]["bits_per_byte,none"] > 0
+    assert 0.0 <= r["linrnn_local_gen"]["exact_match,none"] <= 1.0
