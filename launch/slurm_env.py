@@ -1,0 +1,133 @@
+"""SLURM's variables -> torch.distributed's, plus per-job node-local directories.
+
+Inside an ``srun`` step every task knows its place from SLURM (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID, SLURM_NODEID, the step's node list and tasks per node); torch.distributed
+wants RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The
+master is the first host of the step's node list (where task 0 runs) and the port is a
+function of the job id, so every task computes the same rendezvous without talking to
+the others, and a requeued job (same id) gets the same one.
+
+Directories: shared file systems make bad caches (Triton's compile cache and streaming's
+shard copies thrash NFS/Lustre and race between nodes), so each node gets its own under a
+node-local root: ``$LINRNN_LOCAL_ROOT``, else ``$TMPDIR``, else ``/tmp``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+from .nodelist import expand_nodelist, expand_tasks_per_node
+
+# Below Linux's ephemeral range (32768+), so the derived port rarely collides with a
+# client socket; 20000 consecutive job ids never share a port on one node.
+PORT_BASE, PORT_SPAN = 10000, 20000
+TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def in_srun_step(env: Mapping[str, str] | None = None) -> bool:
+    """True inside a task started by ``srun`` (not the batch script itself)."""
+    env = os.environ if env is None else env
+    step = env.get("SLURM_STEP_ID")
+    return "SLURM_PROCID" in env and step is not None and step not in ("batch", "extern", "4294967294")
+
+
+def master_port(job_id: str | int) -> int:
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def _hosts(env: Mapping[str, str]) -> list[str]:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise RuntimeError("SLURM_JOB_NODELIST is not set: not inside a SLURM allocation")
+    return expand_nodelist(nodelist)
+
+
+def torch_env_from_slurm(env: Mapping[str, str] | None = None, nproc_per_task: int = 1) -> dict[str, str]:
+    """The torch.distributed variables of this srun task.
+
+    ``nproc_per_task > 1``: each task is a node agent that starts that many local ranks
+    (one task per node, torchrun-style); the values returned are for its local rank 0 and
+    ``RANK`` is the node's first global rank.
+    """
+    env = os.environ if env is None else env
+    try:
+        procid, ntasks = int(env["SLURM_PROCID"]), int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+        nodeid = int(env.get("SLURM_NODEID", "0"))
+        job_id = env["SLURM_JOB_ID"]
+    except KeyError as e:
+        raise RuntimeError(f"{e.args[0]} is not set: not inside an srun step") from None
+    hosts = _hosts(env)
+    per_node_spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    per_node = expand_tasks_per_node(per_node_spec) if per_node_spec else [ntasks]
+    if nproc_per_task > 1:
+        if any(n != 1 for n in per_node):
+            raise RuntimeError(f"--nproc {nproc_per_task} under srun needs one task per node "
+                               f"(this step has tasks per node {per_node_spec}): use srun --ntasks-per-node=1")
+        rank, world = procid * nproc_per_task, ntasks * nproc_per_task
+        local, local_world = 0, nproc_per_task
+    else:
+        rank, world = procid, ntasks
+        local = int(env.get("SLURM_LOCALID", "0"))
+        local_world = per_node[nodeid] if nodeid < len(per_node) else per_node[0]
+    port = env.get("LINRNN_MASTER_PORT") or str(master_port(job_id))
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+            "LOCAL_WORLD_SIZE": str(local_world), "NODE_RANK": str(nodeid),
+            "MASTER_ADDR": hosts[0], "MASTER_PORT": port}
+
+
+def local_root(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("LINRNN_LOCAL_ROOT") or env.get("TMPDIR") or "/tmp")
+
+
+def job_tag(env: Mapping[str, str] | None = None) -> str:
+    """``job<id>`` under SLURM (array tasks have their own job id), else ``local<pid>``."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID")
+    return f"job{job}" if job else f"local{os.getpid()}"
+
+
+def job_dir(env: Mapping[str, str] | None = None) -> Path:
+    """This job's directory on this node (kept short: sockets live under its tmp/)."""
+    return local_root(env) / f"linrnn-{job_tag(env)}"
+
+
+def job_dirs_env(env: Mapping[str, str] | None = None, create: bool = True) -> dict[str, str]:
+    """TMPDIR, LINRNN_DATA_CACHE and TRITON_CACHE_DIR for this job on this node.
+
+    TMPDIR and the data cache are per job (a requeued job has the same id and finds its
+    shard copies again); the Triton cache is per node and user, kept across jobs because
+    compiled kernels stay valid and compiling them costs minutes. Values the user set
+    (LINRNN_DATA_CACHE, TRITON_CACHE_DIR) are kept.
+    """
+    env = os.environ if env is None else env
+    root = job_dir(env)
+    out = {"TMPDIR": str(root / "tmp"),
+           "LINRNN_DATA_CACHE": env.get("LINRNN_DATA_CACHE") or str(root / "data"),
+           "TRITON_CACHE_DIR": env.get("TRITON_CACHE_DIR")
+           or str(local_root(env) / f"linrnn-triton-{os.getuid()}")}
+    if create:
+        for path in out.values():
+            os.makedirs(path, exist_ok=True)
+    return out
+
+
+def clean_job_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Remove this job's directory on this node (the sbatch script calls it once the job
+    is over for good, not before a requeue, so the resumed job keeps its cache)."""
+    path = job_dir(env)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def describe(torch_env: Mapping[str, str], env: Mapping[str, str] | None = None) -> str:
+    """One log line per rank: where it runs and how it meets the others."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID")
+    where = f"job {job} restart {env.get('SLURM_RESTART_COUNT', '0')}, " if job else ""
+    return (f"[launch] {where}rank {torch_env['RANK']}/{torch_env['WORLD_SIZE']} local "
+            f"{torch_env['LOCAL_RANK']}/{torch_env['LOCAL_WORLD_SIZE']} on {socket.gethostname()}, "
+            f"master {torch_env['MASTER_ADDR']}:{torch_env['MASTER_PORT']}")

@@ -1,0 +1,132 @@
+"""The sbatch scripts' own logic, without SLURM: bash runs them with stand-in ``srun`` and
+``scontrol`` on PATH, so the requeue decisions are checked in a second (the real-cluster
+runs are in test_slurm.py)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "slurm"
+FAKE_SRUN = r"""#!/bin/bash
+echo "srun $*" >> "$CALLS"
+case "$*" in *--clean*) exit 0;; esac
+trap 'echo got-$((++n)) >> "$CALLS"; exit 75' USR1
+trap 'exit 75' TERM
+[ -n "$FAKE_DIE_ON_USR1" ] && trap - USR1
+touch "$READY"
+for _ in $(seq "$FAKE_WAIT"); do sleep 0.05; done
+exit "$FAKE_RC"
+"""
+FAKE_SCONTROL = '#!/bin/bash\necho "scontrol $*" >> "$CALLS"\n'
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SLURM.glob("*.sbatch")) + ["ci_install.sh", "eval_sweep.sh"])
+def test_scripts_parse(script):
+    r = subprocess.run(["bash", "-n", str(SLURM / script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_pretrain_defaults_requeue_signal_and_one_log():
+    head = [line for line in (SLURM / "pretrain.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --requeue" in head and "#SBATCH --open-mode=append" in head
+    assert any(line.startswith("#SBATCH --signal=B:USR1@") for line in head)
+    assert any(line.startswith("#SBATCH --output=") and "%j" in line for line in head)
+
+
+def _run(tmp_path: Path, rc: int, restart: int = 0, send: signal.Signals | None = None,
+         max_requeues: str | None = None, die_on_usr1: bool = False) -> tuple[int, str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls, ready = tmp_path / "calls", tmp_path / "ready"
+    for f in (calls, ready):
+        f.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), READY=str(ready), FAKE_RC=str(rc), FAKE_WAIT="400" if send else "0",
+               SLURM_JOB_ID="77", SLURM_RESTART_COUNT=str(restart), SLURM_JOB_NODELIST="vm", SLURM_NTASKS="2",
+               SLURM_JOB_NUM_NODES="1")
+    if die_on_usr1:  # the rank has not installed its signal handler yet
+        env["FAKE_DIE_ON_USR1"] = "1"
+    if max_requeues is not None:
+        env["LINRNN_MAX_REQUEUES"] = max_requeues
+    p = subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), "run.yaml", "optim.lr=1e-3"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if send is not None:
+        deadline = time.monotonic() + 10
+        while not ready.exists():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.02)
+        p.send_signal(send)
+    out, _ = p.communicate(timeout=30)
+    return p.returncode, out, calls.read_text() if calls.exists() else ""
+
+
+def test_finished_run_cleans_up_and_does_not_requeue(tmp_path):
+    code, out, calls = _run(tmp_path, rc=0)
+    assert code == 0 and "scontrol" not in calls, out
+    assert "-m launch -- " in calls and "-m pretrain run.yaml optim.lr=1e-3" in calls and "--clean" in calls
+    assert "SLURM_RESTART_COUNT=0" in out
+
+
+def test_failed_run_does_not_requeue(tmp_path):
+    code, out, calls = _run(tmp_path, rc=1)
+    assert code == 1 and "scontrol" not in calls, out
+
+
+def test_requeue_code_requeues_the_job(tmp_path):
+    code, out, calls = _run(tmp_path, rc=75, restart=2)
+    assert code == 0 and "scontrol requeue 77" in calls, out
+    assert "--clean" not in calls  # the resumed job keeps its node-local cache
+
+
+def test_usr1_is_forwarded_once_and_leads_to_requeue(tmp_path):
+    code, out, calls = _run(tmp_path, rc=0, send=signal.SIGUSR1)
+    assert "got SIGUSR1" in out and calls.count("got-") == 1, (out, calls)
+    assert code == 0 and "scontrol requeue 77" in calls, out
+
+
+def test_usr1_during_startup_still_requeues(tmp_path):
+    code, out, calls = _run(tmp_path, rc=0, send=signal.SIGUSR1, die_on_usr1=True)
+    assert code == 0 and "scontrol requeue 77" in calls, out
+
+
+def test_sigterm_stops_without_requeue(tmp_path):
+    code, out, calls = _run(tmp_path, rc=0, send=signal.SIGTERM)
+    assert code == 75 and "scontrol" not in calls and "not requeuing" in out, out
+
+
+def test_requeue_cap(tmp_path):
+    code, out, calls = _run(tmp_path, rc=75, restart=3, max_requeues="3")
+    assert code == 75 and "scontrol" not in calls and "requeue cap reached" in out, out
+
+
+def test_eval_script_on_an_export_passes_suite_and_options(tmp_path):
+    import sys
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\necho "srun $*" >> "$CALLS"\n')
+    (bin_dir / "srun").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), SLURM_JOB_ID="5",
+               SLURM_JOB_NUM_NODES="1", LINRNN_PYTHON=sys.executable, LINRNN_EVAL_SUITE="parity",
+               PYTHONPATH=str(ROOT))
+    # an option right after the checkpoint is not taken for the suite
+    r = subprocess.run(["bash", str(SLURM / "eval.sbatch"), str(export), "--seeds", "0,1"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = calls.read_text().splitlines()[0]
+    assert first.endswith(f"-m evals.cli {export} --suite parity --out {export}/eval/parity --no-progress "
+                          "--seeds 0,1"), first
