@@ -13,7 +13,10 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install $(TORCH_PINS) -e '.[dev,lmeval]'
+	$(BIN)/python -m pip install $(TORCH_PINS) -e '.[dev]'
+	# lm-evaluation-harness (for the lm-eval adapter) in a second step: resolving it together
+	# with mosaicml-streaming's transformers<5 makes pip backtrack through every release.
+	$(BIN)/python -m pip install 'lm_eval==0.4.13'
 	@touch $(STAMP)
 
 venv: $(STAMP)

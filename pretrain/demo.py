@@ -8,7 +8,8 @@
 4. prove the resume is exact: replay the steps between the last periodic checkpoint and
    the interruption from that checkpoint and compare the losses bit for bit;
 5. export (safetensors + config + tokenizer), load it without DeepSpeed, sample text;
-6. print where everything is.
+6. evaluate the export on the held-out shards (`linrnn-eval --suite lm`);
+7. print where everything is.
 
 Everything is written under ``runs/demo/`` of the repository; checkpoints and exports
 are recreated on every run, the data only when its settings change.
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_dir = Path(cfg.checkpoint.dir)
     OUT.mkdir(parents=True, exist_ok=True)
 
-    say("1/6 data: demo corpus -> tokenizer -> MDS shards")
+    say("1/7 data: demo corpus -> tokenizer -> MDS shards")
     from data.demo import build_demo_data
 
     t = time.time()
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     log.write_text("")
     metrics = ckpt_dir / "logs" / "metrics.jsonl"
 
-    say(f"2/6 train {cfg.max_steps} steps: {' '.join(cmd[1:])}  (output: {log})")
+    say(f"2/7 train {cfg.max_steps} steps: {' '.join(cmd[1:])}  (output: {log})")
     say(f"    will send SIGTERM after step {INTERRUPT_AFTER}, like a SLURM preemption")
     t = time.time()
     with open(log, "a") as f:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     verify = OUT / "verify"
     shutil.copytree(base, verify / base.name)
 
-    say(f"3/6 rerun the same command: resumes at step {stopped} and finishes")
+    say(f"3/7 rerun the same command: resumes at step {stopped} and finishes")
     t = time.time()
     rc = _run(cmd, log)
     if rc != 0:
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     main_losses = _losses(ckpt_dir / "logs")
     say(f"    done ({time.time() - t:.0f}s)")
 
-    say(f"4/6 exact resume check: replay steps {base_step + 1}..{stopped} from {base.name}")
+    say(f"4/7 exact resume check: replay steps {base_step + 1}..{stopped} from {base.name}")
     t = time.time()
     rc = _run(_train_cmd(config, f"checkpoint.dir={verify}", f"faults.preempt_at_step={stopped}",
                          "eval.every_steps=0"), log)
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"    step {s}: first run {main_losses.get(s)!r}  replay {replay.get(s)!r}")
     say(f"    {'identical' if exact else 'DIFFERENT'} ({time.time() - t:.0f}s)")
 
-    say("5/6 export and load without DeepSpeed")
+    say("5/7 export and load without DeepSpeed")
     from data.tokenizer import Tokenizer
 
     from .export import export_checkpoint, load_exported
@@ -137,10 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     out = model.generate(prompt, 40, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
     say("    sample: " + repr(tok.decode(out[0].tolist())))
 
+    say("6/7 evaluate the export on the held-out shards (linrnn-eval --suite lm)")
+    t = time.time()
+    eval_dir = OUT / "eval"
+    rc = _run([sys.executable, "-m", "evals.cli", str(export), "--suite", "lm", "--heldout", "run",
+               "--out", str(eval_dir), "--max-tokens", "20000", "--no-progress"], log)
+    if rc != 0:
+        return _fail(f"the evaluation exited with {rc}", log)
+    import json
+
+    heldout = json.loads((eval_dir / "results.json").read_text())["results"]["heldout"]
+    say(f"    perplexity {heldout['perplexity']:.1f}, {heldout['bits_per_byte']:.3f} bits/byte over "
+        f"{heldout['tokens']} held-out tokens ({time.time() - t:.0f}s)")
+
     val = read_metrics(ckpt_dir / "logs" / "metrics.jsonl", "val")
     first, last = val[0], val[-1]
     fell = last["loss"] < first["loss"] - 1.0
-    say("6/6 where everything is")
+    say("7/7 where everything is")
     say(f"    corpus:       {paths['corpus']}")
     say(f"    tokenizer:    {paths['tokenizer']}")
     say(f"    shards:       {paths['data']}")
@@ -148,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"    checkpoints:  {ckpt_dir}  (latest: {(ckpt_dir / 'latest').read_text().strip()})")
     say(f"    metrics:      {ckpt_dir / 'logs' / 'metrics.jsonl'}")
     say(f"    export:       {export}")
+    say(f"    eval:         {eval_dir / 'results.md'}")
     say(f"    validation loss: {first['loss']:.3f} at step {first['step']} (ln V = "
         f"{math.log(cfg.model.vocab_size):.3f}) -> {last['loss']:.3f} at step {last['step']}")
     say(f"    total {time.time() - t_start:.0f}s")
