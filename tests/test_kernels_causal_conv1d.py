@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import kernels
+from kernel_checks import TOL, assert_close, compare_results, run_with_grads  # noqa: F401
 from kernels.reference.causal_conv1d import chunk_causal_conv1d, naive_causal_conv1d
 
-TOL = 1e-4
 NAMES = ("x", "weight", "bias", "initial_state")
 
 
@@ -26,35 +26,13 @@ def make_inputs(Bsz, T, Dm, W, *, with_bias=True, n_state=None, seed=0):
 
 
 def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, **kwargs):
-    leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
-    y, state = fn(leaves["x"], leaves["weight"], leaves.get("bias"),
-                  initial_state=leaves.get("initial_state"), **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-    if state is not None:
-        loss = loss + (state * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-    names = [k for k in NAMES if k in leaves]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names], materialize_grads=True)
-    return y.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
-
-
-def assert_close(got, ref, what: str, tol: float = TOL) -> None:
-    got, ref = got.double(), ref.double()
-    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    if ref.numel() == 0:  # width-1 conv: the state is empty
-        return
-    err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+    return run_with_grads(lambda leaves: fn(leaves["x"], leaves["weight"], leaves.get("bias"),
+                                      initial_state=leaves.get("initial_state"), **kwargs),
+                          inputs, NAMES, dtype, seed)
 
 
 def compare(res, ref) -> None:
-    assert_close(res[0], ref[0], "y")
-    if ref[1] is not None:
-        assert_close(res[1], ref[1], "final_state")
-    assert res[2].keys() == ref[2].keys()
-    for k in ref[2]:
-        assert_close(res[2][k], ref[2][k], f"grad {k}")
+    compare_results(res, ref, "y", same_state_presence=False)
 
 
 # (T, D, W, activation, with_bias, with_init): T=1, 2 are shorter than the conv state

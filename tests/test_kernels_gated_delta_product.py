@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from kernel_checks import TOL, assert_close, compare_results  # noqa: F401
 from kernels.reference.gated_delta_product import (
     chunk_gated_delta_product,
     naive_gated_delta_product,
 )
 
-TOL = 1e-4
 NAMES = ("q", "k", "v", "beta", "g", "initial_state")
 
 
@@ -68,23 +68,8 @@ def run(fn, inputs: dict, seed: int = 1, **kwargs):
     return o.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
 
 
-def assert_close(got, ref, what: str, tol: float = TOL) -> None:
-    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    got, ref = got.double(), ref.double()
-    err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
-
-
 def compare(res, ref) -> None:
-    assert_close(res[0], ref[0], "o")
-    assert (res[1] is None) == (ref[1] is None)
-    if ref[1] is not None:
-        assert res[1].dtype == torch.float32
-        assert_close(res[1], ref[1], "final_state")
-    assert res[2].keys() == ref[2].keys()
-    for n in ref[2]:
-        assert_close(res[2][n], ref[2][n], f"grad {n}")
+    compare_results(res, ref, "o", state_dtype=torch.float32)
 
 
 # (B, T, H, K, V, n_h, gates, betas, with_init, chunk): a spread, not a full product.

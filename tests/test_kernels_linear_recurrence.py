@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import kernels
+from kernel_checks import TOL, assert_close, compare_results, run_with_grads  # noqa: F401
 from kernels.reference.linear_recurrence import chunk_linear_recurrence, naive_linear_recurrence
 
-TOL = 1e-4
 NAMES = ("x", "a", "initial_state")
 
 
@@ -42,32 +42,12 @@ def make_inputs(Bsz, T, Dm, regime, *, n_state=None, seed=0):
 
 
 def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, **kwargs):
-    leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
-    h, state = fn(leaves["x"], leaves["a"], initial_state=leaves.get("initial_state"), **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    loss = (h * torch.randn(h.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-    if state is not None:
-        loss = loss + (state * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-    names = [k for k in NAMES if k in leaves]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names], materialize_grads=True)
-    return h.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
-
-
-def assert_close(got, ref, what: str, tol: float = TOL) -> None:
-    got, ref = got.double(), ref.double()
-    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+    return run_with_grads(lambda leaves: fn(leaves["x"], leaves["a"], initial_state=leaves.get("initial_state"), **kwargs),
+                          inputs, NAMES, dtype, seed)
 
 
 def compare(res, ref) -> None:
-    assert_close(res[0], ref[0], "h")
-    if ref[1] is not None:
-        assert_close(res[1], ref[1], "final_state")
-    assert res[2].keys() == ref[2].keys()
-    for k in ref[2]:
-        assert_close(res[2][k], ref[2][k], f"grad {k}")
+    compare_results(res, ref, "h", same_state_presence=False)
 
 
 # (T, D, regime, with_init, chunk_size): chunk 4 at T=200 recurses three levels deep

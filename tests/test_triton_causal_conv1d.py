@@ -6,39 +6,24 @@ off, packed documents shorter than the width. ``gpu`` tests: bf16 vs fp32 refere
 """
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from kernel_checks import TOL, assert_close, compare_results, interpreted_module, rel_rmse, run_with_grads  # noqa: E402,F401
 import kernels  # noqa: E402
 from kernels.reference.causal_conv1d import naive_causal_conv1d  # noqa: E402
 
-TOL = 1e-4
 NAMES = ("x", "weight", "bias", "initial_state")
 MODULE = "kernels.triton.causal_conv1d"
 
 
 @pytest.fixture
 def tk():
-    """The kernel module re-imported under the interpreter, for this test only.
-
-    ``triton.jit`` picks interpreter or compiler when a kernel is defined, so setting the
-    variable at import time is not enough once another test module imported ``kernels``.
-    """
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield importlib.reload(importlib.import_module(MODULE))
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-        importlib.reload(importlib.import_module(MODULE))
+    """The kernel module re-imported under the interpreter, for this test only."""
+    with interpreted_module(MODULE) as mod:
+        yield mod
 
 
 def make_inputs(Bsz, T, Dm, W, *, bias=True, n_state=None, seed=0):
@@ -53,35 +38,13 @@ def make_inputs(Bsz, T, Dm, W, *, bias=True, n_state=None, seed=0):
 
 
 def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, device="cpu", **kwargs):
-    leaves = {k: v.detach().to(device, dtype).requires_grad_() for k, v in inputs.items()}
-    y, state = fn(leaves["x"], leaves["weight"], leaves.get("bias"),
-                  initial_state=leaves.get("initial_state"), **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    loss = (y.double() * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(device)).sum()
-    if state is not None:
-        loss = loss + (state.double() * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(device)).sum()
-    names = [k for k in NAMES if k in leaves]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names], materialize_grads=True)
-    return y.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
-
-
-def assert_close(got, ref, what: str, tol: float = TOL) -> None:
-    got, ref = got.double().cpu(), ref.double().cpu()
-    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    if ref.numel():
-        err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-        assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+    return run_with_grads(lambda leaves: fn(leaves["x"], leaves["weight"], leaves.get("bias"),
+                                      initial_state=leaves.get("initial_state"), **kwargs),
+                          inputs, NAMES, dtype, seed, device)
 
 
 def compare(res, ref, tol: float = TOL) -> None:
-    assert_close(res[0], ref[0], "y", tol)
-    assert (res[1] is None) == (ref[1] is None)
-    if ref[1] is not None:
-        assert_close(res[1], ref[1], "final_state", tol)
-    assert res[2].keys() == ref[2].keys()
-    for k in ref[2]:
-        assert_close(res[2][k], ref[2][k], f"grad {k}", tol)
+    compare_results(res, ref, "y", tol)
 
 
 # (B, T, D, W, silu, bias, with_init)
@@ -134,11 +97,6 @@ def test_bf16_keeps_dtype_and_fp32_state(tk):
     y_ref, state_ref = naive_causal_conv1d(x, w, b, activation="silu", output_final_state=True)
     assert_close(state, state_ref, "bf16 state")
     assert_close(y.float(), y_ref.float(), "bf16 y", tol=1e-2)
-
-
-def rel_rmse(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu

@@ -9,9 +9,6 @@ The ``gpu`` tests run the compiled kernels in bf16 against the fp32 chunked refe
 """
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
@@ -22,38 +19,19 @@ from kernels.reference.gated_delta_product import (  # noqa: E402
     chunk_gated_delta_product,
     naive_gated_delta_product,
 )
+from kernel_checks import TOL, assert_close, compare_results, interpreted_module  # noqa: E402,F401
 from test_kernels_gated_delta_product import make_inputs  # noqa: E402
 
-TOL = 1e-4
 NAMES = ("q", "k", "v", "beta", "g", "initial_state")
-MODULES = ("common", "fwd", "bwd", "")  # reload order: dependencies first
-
-
-def _reload_all() -> object:
-    mod = None
-    for part in MODULES:
-        name = "kernels.triton.gated_delta_product" + (f"_{part}" if part else "")
-        mod = importlib.reload(importlib.import_module(name))
-    return mod
+PACKAGE = "kernels.triton.gated_delta_product"
+MODULES = tuple(PACKAGE + (f"_{part}" if part else "") for part in ("common", "fwd", "bwd", ""))  # reload order: dependencies first
 
 
 @pytest.fixture(scope="module")
 def tk():
-    """The kernel modules re-imported under the interpreter for this module's tests.
-
-    ``triton.jit`` picks interpreter or compiler when a kernel is defined, so the variable
-    must be set before (re-)import; afterwards the compiled versions are restored.
-    """
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield _reload_all()
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-        _reload_all()
+    """The kernel modules re-imported under the interpreter for this module's tests."""
+    with interpreted_module(*MODULES) as mod:
+        yield mod
 
 
 def oracle64(q, k, v, beta, g=None, *, scale, initial_state=None, output_final_state=False,
@@ -95,25 +73,8 @@ def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, **kwargs):
     return o.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
 
 
-def assert_close(got, ref, what: str, tol: float = TOL) -> None:
-    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    got, ref = got.double(), ref.double()
-    err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
-    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
-
-
 def compare(res, ref) -> None:
-    assert res[0].dtype == torch.float32
-    assert_close(res[0], ref[0], "o")
-    assert (res[1] is None) == (ref[1] is None)
-    if ref[1] is not None:
-        assert res[1].dtype == torch.float32
-        assert_close(res[1], ref[1], "final_state")
-    assert res[2].keys() == ref[2].keys()
-    for n in ref[2]:
-        assert res[2][n].dtype == torch.float32, f"grad {n} dtype"
-        assert_close(res[2][n], ref[2][n], f"grad {n}")
+    compare_results(res, ref, "o", floor=1e-300, dtype=torch.float32)
 
 
 def test_oracle_is_the_naive_reference():

@@ -6,39 +6,24 @@ The ``gpu`` tests run the compiled kernel in bf16 against fp32 references.
 """
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from kernel_checks import TOL, assert_close, compare_results, interpreted_module, rel_rmse, run_with_grads  # noqa: E402,F401
 import kernels  # noqa: E402
 from kernels.reference.linear_recurrence import naive_linear_recurrence  # noqa: E402
 
-TOL = 1e-4
 NAMES = ("x", "a", "initial_state")
 MODULE = "kernels.triton.linear_recurrence"
 
 
 @pytest.fixture
 def tk():
-    """The kernel module re-imported under the interpreter, for this test only.
-
-    ``triton.jit`` picks interpreter or compiler when a kernel is defined, so setting the
-    variable at import time is not enough once another test module imported ``kernels``.
-    """
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield importlib.reload(importlib.import_module(MODULE))
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-        importlib.reload(importlib.import_module(MODULE))
+    """The kernel module re-imported under the interpreter, for this test only."""
+    with interpreted_module(MODULE) as mod:
+        yield mod
 
 
 def make_a(shape, regime: str, gen: torch.Generator) -> torch.Tensor:
@@ -70,34 +55,12 @@ def make_inputs(Bsz, T, Dm, regime, *, n_state=None, seed=0):
 
 
 def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, device="cpu", **kwargs):
-    leaves = {k: v.detach().to(device, dtype).requires_grad_() for k, v in inputs.items()}
-    h, state = fn(leaves["x"], leaves["a"], initial_state=leaves.get("initial_state"), **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    loss = (h.double() * torch.randn(h.shape, generator=gen, dtype=torch.float64).to(device)).sum()
-    if state is not None:
-        loss = loss + (state.double() * torch.randn(state.shape, generator=gen, dtype=torch.float64).to(device)).sum()
-    names = [k for k in NAMES if k in leaves]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names], materialize_grads=True)
-    return h.detach(), (state.detach() if state is not None else None), dict(zip(names, grads))
-
-
-def assert_close(got, ref, what: str, tol: float = TOL) -> None:
-    got, ref = got.double().cpu(), ref.double().cpu()
-    assert got.shape == ref.shape, f"{what}: shape {list(got.shape)} vs {list(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    if ref.numel():
-        err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-        assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+    return run_with_grads(lambda leaves: fn(leaves["x"], leaves["a"], initial_state=leaves.get("initial_state"), **kwargs),
+                          inputs, NAMES, dtype, seed, device)
 
 
 def compare(res, ref, tol: float = TOL) -> None:
-    assert_close(res[0], ref[0], "h", tol)
-    assert (res[1] is None) == (ref[1] is None)
-    if ref[1] is not None:
-        assert_close(res[1], ref[1], "final_state", tol)
-    assert res[2].keys() == ref[2].keys()
-    for k in ref[2]:
-        assert_close(res[2][k], ref[2][k], f"grad {k}", tol)
+    compare_results(res, ref, "h", tol)
 
 
 # (B, T, D, regime, with_init, block_t)
@@ -159,11 +122,6 @@ def test_bf16_keeps_dtype_and_fp32_state(tk):
     h_ref, state_ref = naive_linear_recurrence(x, a, output_final_state=True)
     assert_close(state, state_ref, "bf16 state")
     assert_close(h.float(), h_ref.float(), "bf16 h", tol=1e-2)
-
-
-def rel_rmse(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double(), ref.double()
-    return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 @pytest.mark.gpu
