@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from .config_loader import ConfigError, dump_config, load_config
-from .preemption import REQUEUE_EXIT_CODE
+from .preemption import REQUEUE_EXIT_CODE, install_early_handlers
 
 EXIT_BAD_INPUT = 2
 DRY_RUN_MAX_PARAMS = 1_000_000_000  # above this the plan is printed without running the model
@@ -64,6 +64,8 @@ def _is_main() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.dry_run:
+        install_early_handlers()  # a signal during start-up becomes a save-and-requeue
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -19,6 +19,24 @@ import torch.distributed as dist
 REQUEUE_EXIT_CODE = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
+_early_request: str | None = None
+
+
+def _record_early(signum: int, frame: FrameType | None) -> None:
+    global _early_request
+    _early_request = signal.Signals(signum).name
+
+
+def install_early_handlers() -> None:
+    """Record a preemption signal that arrives while the job is still starting up.
+
+    SLURM may signal during the minutes spent importing, building the model and loading
+    a checkpoint; without a handler the default action kills the process before it can
+    save. The first ``StopFlag`` picks the recorded request up and stops after one step.
+    """
+    for s in SIGNALS:
+        signal.signal(s, _record_early)
+
 
 class StopFlag:
     """Signal handlers plus the per-step agreement; use as a context manager."""
@@ -34,8 +52,11 @@ class StopFlag:
         self.requested = signal.Signals(signum).name
 
     def __enter__(self) -> StopFlag:
+        global _early_request
         for s in SIGNALS:
             self._old[s] = signal.signal(s, self._handler)
+        if _early_request is not None and self.requested is None:
+            self.requested, _early_request = _early_request, None
         return self
 
     def __exit__(self, *exc: object) -> None:

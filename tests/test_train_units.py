@@ -141,3 +141,23 @@ def test_stop_flag_signals_and_wall_clock_budget():
         assert stop.agree(seconds_per_step=10.0, seconds_per_save=5.0) is None
         stop.start -= 85.0  # 85 s gone: one more step + save (16.5 s with margin) would overrun
         assert stop.agree(seconds_per_step=10.0, seconds_per_save=5.0) == "wall-clock budget"
+
+
+def test_signal_during_start_up_is_kept_for_the_first_stop_flag():
+    import os
+    import signal
+
+    from pretrain.preemption import StopFlag, install_early_handlers
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        install_early_handlers()
+        os.kill(os.getpid(), signal.SIGUSR1)  # recorded, not fatal
+        with StopFlag() as stop:
+            assert stop.requested == "SIGUSR1"
+            assert stop.agree(1.0, 1.0) == "SIGUSR1"
+        with StopFlag() as stop:  # consumed once
+            assert stop.agree(1.0, 1.0) is None
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
