@@ -8,6 +8,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models and per-token oracles run far faster on one intra-op thread: on a busy
+    2-core box OpenMP threads only spin-wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def seeded_single_thread(single_thread):
+    torch.manual_seed(0)
+
+
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

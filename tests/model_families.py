@@ -1,9 +1,6 @@
 """Small configs of every model family, shared by the model tests (fast on a CPU)."""
 from __future__ import annotations
 
-import pytest
-import torch
-
 from pretrain.model_config import (AttentionConfig, DeltaProductConfig, Mamba2Config, ModelConfig,
                                    RGLRUConfig)
 
@@ -28,10 +25,3 @@ def small_config(family: str, *, vocab_size: int = 48, d_model: int = 32, n_laye
     raise ValueError(f"unknown family {family!r}")
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    """Tiny models run far faster on one intra-op thread (OpenMP spin-waits on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -14,13 +14,7 @@ from evals.tasks import Condition
 from evals.train import TrainConfig, lr_at
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 # A one-layer GatedDeltaNet, two 16-dim heads, no conv, no MLP: nothing but the recurrence

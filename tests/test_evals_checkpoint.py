@@ -23,13 +23,7 @@ WORDS = ("house river green stone light water table music garden window little y
          "market winter summer bridge castle dragon island rocket planet orange purple mountain").split()
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def corpus(n: int, seed: int) -> str:

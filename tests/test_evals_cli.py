@@ -11,13 +11,7 @@ from evals.cli import main
 from pretrain.config_loader import dump_config, load_model_config
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 TINY = ["-o", "n_layers=1", "-o", "d_model=16", "-o", "deltaproduct.head_dim=8", "-o", "deltaproduct.num_heads=2",

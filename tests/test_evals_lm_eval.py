@@ -16,7 +16,9 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from evals.lm_eval_adapter import LinRNNLM  # noqa: E402
-from test_evals_checkpoint import exported, single_thread  # noqa: E402,F401  (fixtures)
+from test_evals_checkpoint import exported  # noqa: E402,F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def req(kind: str, args: tuple) -> Instance:

@@ -10,13 +10,7 @@ from evals.metrics import (LengthScore, cumulative_sequence_accuracy, evaluate_t
 from evals.tasks import Condition, make_task
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 class ParityOracle(torch.nn.Module):

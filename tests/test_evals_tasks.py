@@ -11,13 +11,7 @@ from evals.tasks import (IGNORE, Condition, GroupWordTask, ModularArithmeticTask
                          group_table, make_task, uniform_length)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -18,13 +18,7 @@ from kernels.reference.gated_delta_product import (
 NAMES = ("q", "k", "v", "beta", "g", "initial_state")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The naive oracle is thousands of tiny ops: extra threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_inputs(B, T, H, K, V, n_h, *, gates="mild", betas="mid", n_state=None, seed=0):

@@ -7,7 +7,6 @@ import torch
 from kernels.reference.gated_delta_product import naive_gated_delta_product
 from pretrain.model_config import DeltaProductConfig, ModelConfig
 from pretrain.models.gated_deltaproduct import GatedDeltaProduct, l2_normalize
-from model_families import single_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_families import FAMILIES, single_thread, small_config  # noqa: F401  (fixture)
+from model_families import FAMILIES, small_config
 from pretrain.models import (LanguageModel, build_model, count_parameters, cu_seqlens_from_lengths,
                              cu_seqlens_from_starts)
 

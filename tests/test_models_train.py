@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model_families import FAMILIES, single_thread, small_config  # noqa: F401  (fixture)
+from model_families import FAMILIES, small_config
 from pretrain.models import build_model, cu_seqlens_from_lengths
 
 pytestmark = pytest.mark.usefixtures("single_thread")

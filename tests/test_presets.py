@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from model_families import single_thread  # noqa: F401  (fixture)
 from pretrain.config_loader import MODEL_PRESETS_DIR, load_model_config
 from pretrain.models import build_model, count_parameters
 
