@@ -1,10 +1,11 @@
-"""Griffin RG-LRU block: loop reference, step/prefill vs forward, packing, init, bounded sqrt grad."""
+"""Griffin RG-LRU block: loop reference, step/prefill vs forward, packing, document-start resets,
+init, bounded sqrt grad."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pretrain.model_config import ModelConfig, RGLRUConfig
-from pretrain.models.griffin import RGLRUBlock, sqrt_bound_derivative
+from pretrain.models.griffin import RGLRUBlock, reset_mask, sqrt_bound_derivative
 
 D_MODEL = 24
 
@@ -21,7 +22,10 @@ def make(lru_width: int | None = 32, num_heads: int = 4) -> RGLRUBlock:
 
 
 def loop_reference(m: RGLRUBlock, x: torch.Tensor) -> torch.Tensor:
-    """The block written token by token from the Griffin equations, with dense gate matrices."""
+    """The block written token by token from the Griffin equations, with dense gate matrices.
+
+    Each row is one document: at t = 0 the input is not scaled by sqrt(1 - a²) (recurrentgemma).
+    """
     Bsz, T, _ = x.shape
     y_branch = F.gelu(F.linear(x, m.linear_y.weight, m.linear_y.bias), approximate="tanh")
     u = F.linear(x, m.linear_x.weight, m.linear_x.bias)
@@ -35,7 +39,7 @@ def loop_reference(m: RGLRUBlock, x: torch.Tensor) -> torch.Tensor:
         gx = torch.sigmoid(u[:, t] @ dense["input_gate"] + m.input_gate.bias.flatten())
         ga = torch.sigmoid(u[:, t] @ dense["a_gate"] + m.a_gate.bias.flatten())
         a = torch.sigmoid(-m.a_param) ** (8.0 * ga)  # exp(-8 ga softplus(Λ)) = σ(-Λ)^(8 ga)
-        h = a * h + torch.sqrt(1 - a**2) * gx * u[:, t]
+        h = a * h + (torch.sqrt(1 - a**2) if t > 0 else 1.0) * gx * u[:, t]
         out.append(h)
     return F.linear(torch.stack(out, 1) * y_branch, m.out_proj.weight, m.out_proj.bias)
 
@@ -72,6 +76,70 @@ def test_prefill_then_step_matches_forward():
     assert cache["h"].dtype == torch.float32
     torch.testing.assert_close(y_pre, y[:, :10], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y_post, y[:, 10:], atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_continuing_a_started_cache_does_not_reset():
+    torch.manual_seed(8)
+    m = make()
+    x = torch.randn(2, 14, D_MODEL)
+    with torch.no_grad():
+        y = m(x)
+        cache = m.init_cache(2, x.device, x.dtype)
+        assert not cache["started"].any()
+        parts = [m(x[:, :1], cache=cache), m(x[:, 1:7], cache=cache), m.step(x[:, 7], cache)[:, None],
+                 m(x[:, 8:], cache=cache)]
+    assert cache["started"].all()
+    torch.testing.assert_close(torch.cat(parts, dim=1), y, atol=1e-5, rtol=1e-5)
+
+
+def conv_output(m: RGLRUBlock, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    return m.conv(m.linear_x(x), cu_seqlens=cu_seqlens)
+
+
+def test_rg_lru_output_at_document_start_is_the_unscaled_gated_input():
+    torch.manual_seed(9)
+    m = make()
+    cu = torch.tensor([0, 5, 6, 6, 13], dtype=torch.int32)  # includes an empty document
+    x = torch.randn(1, 13, D_MODEL)
+    with torch.no_grad():
+        u = conv_output(m, x, cu)
+        reset = reset_mask(1, 13, x.device, cu_seqlens=cu)
+        h, _ = m.rg_lru(u, reset, cu_seqlens=cu)
+        gated = u * torch.sigmoid(m.input_gate(u))
+    assert reset[0, :, 0].nonzero().flatten().tolist() == [0, 5, 6]
+    torch.testing.assert_close(h[0, [0, 5, 6]], gated[0, [0, 5, 6]], atol=1e-6, rtol=1e-6)
+    # elsewhere the input is scaled by sqrt(1 - a²) < 1 and the state carries over
+    with torch.no_grad():
+        ga = torch.sigmoid(m.a_gate(u[0, 1]))
+        a = torch.exp(-8.0 * ga * F.softplus(m.a_param))
+        expected = a * h[0, 0] + torch.sqrt(1 - a**2) * gated[0, 1]
+    torch.testing.assert_close(h[0, 1], expected, atol=1e-6, rtol=1e-5)
+    assert (h[0, 1] - gated[0, 1]).abs().max() > 1e-3
+
+
+def test_first_token_ignores_the_decay_on_every_path():
+    """At a reset h = gate_x · x whatever a is: changing Λ moves later tokens, never a first one."""
+    torch.manual_seed(10)
+    m = make()
+    x = torch.randn(2, 9, D_MODEL)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+
+    def outputs() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            cache = m.init_cache(2, x.device, x.dtype)
+            return {"forward": m(x), "packed": m(x[:1], cu_seqlens=cu),
+                    "prefill": m(x, cache=cache), "step": m.step(x[:, 0], m.init_cache(2, x.device, x.dtype))}
+
+    before = outputs()
+    with torch.no_grad():
+        m.a_param.add_(1.5)
+    after = outputs()
+    for name, first in (("forward", [0]), ("packed", [0, 4]), ("prefill", [0])):
+        torch.testing.assert_close(after[name][:, first], before[name][:, first], atol=1e-6, rtol=0, msg=name)
+        later = [t for t in range(9) if t not in first]
+        assert (after[name][:, later] - before[name][:, later]).abs().min() > 0, name
+    torch.testing.assert_close(after["step"], before["step"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(before["step"], before["forward"][:, 0], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_documents_equal_separate_runs():

@@ -9,6 +9,12 @@ Block: ``out_proj(GeLU(linear_y(x)) * RG_LRU(Conv4(linear_x(x))))``. The RG-LRU 
 The sqrt(1 - a²) factor keeps the state's scale roughly constant as a → 1; its derivative
 blows up there, so (as recurrentgemma does) the backward is capped at 1000 to keep bf16
 training finite. The scan runs in ``kernels.linear_recurrence`` with an fp32 state.
+
+At a reset position (the first token of a document, where h_{t-1} is zeroed) the multiplier
+is 1 instead, as in recurrentgemma (``reset + ~reset · sqrt(1 - a²)``): h_t = gate_x · x_t.
+Resets are t = 0 of every row, every document start under ``cu_seqlens``, and, when
+decoding, the first token a fresh cache sees (the cache's ``started`` flag); a prefill or
+step that continues a started cache does not reset.
 """
 from __future__ import annotations
 
@@ -108,15 +114,36 @@ class RGLRUBlock(nn.Module):
         if self.conv.bias is not None:
             self.conv.bias.zero_()
 
-    def _rg_lru_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised input x̃, decay a), both fp32, from the conv output ``x``."""
+    def _rg_lru_inputs(self, x: torch.Tensor, reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised input x̃, decay a), both fp32, from the conv output ``x``.
+
+        ``reset`` (bool, broadcastable to ``x[..., :1]``) marks document starts: there the
+        input is not scaled and a = 0, so nothing from before the start can leak in.
+        """
         xf = x.float()
         gate_x = torch.sigmoid(self.input_gate(x).float())
         gate_a = torch.sigmoid(self.a_gate(x).float())
         log_a = -RGLRU_C * gate_a * F.softplus(self.a_param.float())
         # 1 - a² = -expm1(2 log a): exact near a = 1 where 1 - exp(..)² would cancel.
-        multiplier = sqrt_bound_derivative(-torch.expm1(2.0 * log_a))
-        return xf * gate_x * multiplier, torch.exp(log_a)
+        multiplier = sqrt_bound_derivative(-torch.expm1(2.0 * log_a)).masked_fill(reset, 1.0)
+        return xf * gate_x * multiplier, torch.exp(log_a).masked_fill(reset, 0.0)
+
+    def rg_lru(
+        self,
+        x: torch.Tensor,
+        reset: torch.Tensor,
+        *,
+        initial_state: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The RG-LRU over the conv output ``x`` [B, T, W]: (h fp32, final state or None)."""
+        x_norm, a = self._rg_lru_inputs(x, reset)
+        return kernels.linear_recurrence(
+            x_norm, a,
+            initial_state=initial_state,
+            output_final_state=initial_state is not None,
+            cu_seqlens=cu_seqlens,
+        )
 
     def forward(
         self,
@@ -129,28 +156,54 @@ class RGLRUBlock(nn.Module):
             raise ValueError("rglru: pass either cache (decoding) or cu_seqlens (packed training), not both")
         y_branch = F.gelu(self.linear_y(x), approximate="tanh")
         xb = self.conv(self.linear_x(x), cu_seqlens=cu_seqlens, cache=cache)
-        x_norm, a = self._rg_lru_inputs(xb)
-        h, final = kernels.linear_recurrence(
-            x_norm, a,
-            initial_state=cache["h"] if cache is not None else None,
-            output_final_state=cache is not None,
-            cu_seqlens=cu_seqlens,
-        )
+        reset = reset_mask(x.shape[0], x.shape[1], x.device, cu_seqlens=cu_seqlens,
+                           started=cache["started"] if cache is not None else None)
+        h, final = self.rg_lru(xb, reset, initial_state=cache["h"] if cache is not None else None,
+                               cu_seqlens=cu_seqlens)
         if cache is not None:
             cache["h"].copy_(final)
+            if x.shape[1] > 0:
+                cache["started"].fill_(True)
         return self.out_proj(h.to(x.dtype) * y_branch)
 
     def init_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> MixerCache:
+        """fp32 state ``h``, the conv window, and ``started`` (False: the next token is a reset)."""
         return {
             "conv": self.conv.init_state(batch_size, device, dtype),
             "h": torch.zeros(batch_size, self.lru_width, device=device, dtype=torch.float32),
+            "started": torch.zeros(batch_size, device=device, dtype=torch.bool),
         }
 
     def step(self, x: torch.Tensor, cache: MixerCache) -> torch.Tensor:
         """One token ``[B, d_model]``: h = a·h + x̃ on the fp32 cached state."""
         y_branch = F.gelu(self.linear_y(x), approximate="tanh")
         xb = self.conv.step(self.linear_x(x), cache)
-        x_norm, a = self._rg_lru_inputs(xb)
+        x_norm, a = self._rg_lru_inputs(xb, ~cache["started"][:, None])
         h = a * cache["h"] + x_norm
         cache["h"].copy_(h)
+        cache["started"].fill_(True)
         return self.out_proj(h.to(x.dtype) * y_branch)
+
+
+def reset_mask(
+    batch: int,
+    length: int,
+    device: torch.device,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    started: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool ``[B, T, 1]``: True where the RG-LRU restarts (a document's first token).
+
+    Packed (``cu_seqlens``): every document start. Otherwise t = 0 of each row, unless a
+    decoding cache has ``started`` for that row. Built on device without a host sync.
+    """
+    if cu_seqlens is not None:
+        # One spare slot absorbs starts equal to T (empty trailing documents).
+        flags = torch.zeros(length + 1, device=device, dtype=torch.bool)
+        flags[cu_seqlens[:-1].long()] = True
+        return flags[:length].expand(batch, length)[..., None]
+    reset = torch.zeros(batch, length, 1, device=device, dtype=torch.bool)
+    if length > 0:
+        reset[:, 0, 0] = True if started is None else ~started
+    return reset
