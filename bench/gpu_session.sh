@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# One GPU session in one command: environment, optional wheels, `pytest -m gpu`, then the
+# kernel and training benchmarks, each stage under its own time cap so that one hanging
+# stage cannot eat a short GPU lease. Stages are independent: a failure is recorded in
+# $OUT/summary.txt and the next stage runs. Run from anywhere; it works in the repo root.
+#
+#   bash bench/gpu_session.sh            # all default stages, at most ~9 minutes
+#   GPU_SESSION_STAGES=pytest,gdp bash bench/gpu_session.sh
+#
+# Stages (default order): env wheels pytest gdp scan conv ssd train; gdp_grid is opt-in.
+#   env       GPU, driver, Python, torch, triton and optional packages -> env.txt
+#   wheels    pip install --no-index --no-deps every *.whl in $WHEELS_DIR (fla-core,
+#             deepspeed and its missing dependencies) into a private folder on PYTHONPATH
+#   pytest    python -m pytest -m gpu on the test modules that hold GPU tests
+#   gdp       bench_gated_delta_product --target --torch (B=4 T=4096 H=16 K=V=128,
+#             n_h 1 and 2, bf16; vs the torch chunked path, and vs fla when importable)
+#   scan, conv, ssd   bench_scan_conv_ssd, one op each, at B*T = 32768 tokens, T = 4096
+#   train     bench_train (1.3B presets, seq 4096), only when deepspeed imports
+#   gdp_grid  a wider GDP grid without the torch path, for time left over
+#
+# Environment:
+#   OUT                  output folder (the device tool sets it; default runs/gpu_session)
+#   GPU_SESSION_STAGES   comma-separated stages to run, in the default order
+#   GPU_SESSION_BUDGET_S all stages together, seconds (default 540); a stage's cap is cut
+#                        to what is left, and a stage is skipped with under 20 s left
+#   CAP_<STAGE>          one stage's cap in seconds, e.g. CAP_PYTEST=240
+#   WHEELS_DIR           folder of wheels (default wheels; absent or empty: nothing to do)
+#   PYTEST_ARGS          replaces the module list given to pytest (-m gpu stays)
+#   GDP_ARGS SCAN_ARGS CONV_ARGS SSD_ARGS TRAIN_ARGS GDP_GRID_ARGS
+#                        replace a benchmark's default arguments (word-split)
+#   PYTHON               interpreter (default python3)
+#
+# Files under $OUT (the device tool returns at most 8): env.txt, pytest.log,
+# pytest_junit.xml, bench_gdp.log, bench_scan_conv_ssd.log, bench_train.log, results.md
+# (the benchmarks' Markdown tables) and summary.txt (printed at the end too).
+# Exit status: 0 when every stage that ran passed, 1 otherwise, 2 for bad arguments.
+set -u -o pipefail
+
+ALL_STAGES="env wheels pytest gdp scan conv ssd train gdp_grid"
+DEFAULT_STAGES="env,wheels,pytest,gdp,scan,conv,ssd,train"
+
+usage() { sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    "") ;;
+    *) echo "gpu_session.sh takes no arguments (got '$1'); choose stages with GPU_SESSION_STAGES" >&2
+       exit 2 ;;
+esac
+
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
+OUT=${OUT:-$REPO/runs/gpu_session}
+mkdir -p "$OUT" || exit 2
+PY=${PYTHON:-python3}
+WHEELS_DIR=${WHEELS_DIR:-wheels}
+SITE=/tmp/gpu_session_site
+BUDGET=${GPU_SESSION_BUDGET_S:-540}
+STAGES=${GPU_SESSION_STAGES:-$DEFAULT_STAGES}
+SUMMARY=$OUT/summary.txt
+RESULTS=$OUT/results.md
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+for s in ${STAGES//,/ }; do
+    case " $ALL_STAGES " in
+        *" $s "*) ;;
+        *) echo "unknown stage '$s' in GPU_SESSION_STAGES; choose from: ${ALL_STAGES// /,}" >&2; exit 2 ;;
+    esac
+done
+[[ $BUDGET =~ ^[0-9]+$ ]] || { echo "GPU_SESSION_BUDGET_S must be whole seconds, got '$BUDGET'" >&2; exit 2; }
+
+# A command started in the background inherits SIGINT as ignored, and then Python installs
+# no KeyboardInterrupt handler: reset it so the caps' SIGINT reaches the stages.
+SIGRESET=()
+env --default-signal=INT true 2>/dev/null && SIGRESET=(env --default-signal=INT)
+
+START=$SECONDS
+for f in summary.txt results.md env.txt pytest.log pytest_junit.xml bench_gdp.log \
+    bench_scan_conv_ssd.log bench_train.log; do
+    rm -f "${OUT:?}/$f"  # a rerun into the same folder starts clean
+done
+: >"$SUMMARY"
+: >"$RESULTS"
+
+wanted() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+# cap_for STAGE DEFAULT -> the stage's cap: CAP_<STAGE> or DEFAULT, cut to the budget left
+cap_for() {
+    local var="CAP_${1^^}" cap left
+    cap=${!var:-$2}
+    left=$((BUDGET - (SECONDS - START)))
+    ((cap > left)) && cap=$left
+    echo $((cap < 0 ? 0 : cap))
+}
+
+FAILED_STAGES=""
+NOTES=$(mktemp)  # the end of each failed stage's output, for the summary
+trap 'rm -f "$NOTES"' EXIT
+record() {  # record STAGE STATUS SECONDS NOTE
+    [[ $2 == ok || $2 == skipped ]] || FAILED_STAGES+=" $1"
+    printf '%-9s %-22s %5ss  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"
+}
+
+# run_stage NAME DEFAULT_CAP LOG CMD... : runs CMD under its cap (SIGINT first, so pytest
+# still writes its junit file and Python prints a traceback; SIGKILL 15 s later), logs to LOG
+run_stage() {
+    local name=$1 cap log=$3 t0 rc status
+    cap=$(cap_for "$1" "$2")
+    shift 3
+    if ! wanted "$name"; then return 0; fi
+    if ((cap < 20)); then
+        record "$name" "skipped" 0 "only ${cap}s of GPU_SESSION_BUDGET_S=${BUDGET} left"
+        return 0
+    fi
+    echo "== $name (cap ${cap}s): $*" | tee -a "$log"
+    local from
+    from=$(($(stat -c %s "$log") + 1))
+    t0=$SECONDS
+    timeout -s INT -k 15 "$cap" "${SIGRESET[@]}" "$@" >>"$log" 2>&1
+    rc=$?
+    case $rc in
+        0) status="ok" ;;
+        124|137) status="timeout after ${cap}s" ;;
+        *) status="failed rc=$rc" ;;
+    esac
+    echo "== $name: $status" >>"$log"
+    if [[ $status != ok ]]; then
+        { echo; echo "## $name: $status, last lines of its output"; tail -c +"$from" "$log" | tail -n 12; } >>"$NOTES"
+    fi
+    record "$name" "$status" $((SECONDS - t0)) "$(basename "$log")"
+}
+
+stage_env() {
+    local f=$OUT/env.txt
+    {
+        echo "date: $(date -u +%FT%TZ)"
+        echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
+        timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+            --format=csv 2>&1 || echo "nvidia-smi failed"
+        timeout 90 "$PY" - <<'EOF'
+import importlib.metadata as md, platform, sys
+print("python", sys.version.split()[0], sys.executable, platform.machine())
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+          f"{p.total_memory / 2**30:.1f} GiB")
+import triton
+print("triton", triton.__version__)
+import importlib.util as iu
+for dist, mod in [("fla-core", "fla"), ("deepspeed", "deepspeed"), ("pydantic", "pydantic"),
+                  ("mosaicml-streaming", "streaming"), ("datasets", "datasets"), ("pytest", "pytest"),
+                  ("pytest-timeout", "pytest_timeout"), ("sentencepiece", "sentencepiece"),
+                  ("numpy", "numpy")]:
+    try:
+        ver = md.version(dist)
+    except md.PackageNotFoundError:
+        ver = "(no metadata)"
+    print(f"  {dist} {ver}", "" if iu.find_spec(mod) else f"- '{mod}' not importable")
+EOF
+    } >>"$f" 2>&1
+}
+
+stage_wheels() {
+    local f=$OUT/env.txt w
+    shopt -s nullglob
+    local wheels=("$WHEELS_DIR"/*.whl)
+    shopt -u nullglob
+    if ((${#wheels[@]} == 0)); then
+        echo "wheels: none in '$WHEELS_DIR' (carry a folder of wheels and set WHEELS_DIR to use it)" >>"$f"
+        return 0
+    fi
+    echo "wheels: installing ${#wheels[@]} from $WHEELS_DIR into $SITE" >>"$f"
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+    if timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$SITE" "${wheels[@]}" >>"$f" 2>&1; then
+        return 0
+    fi
+    # one bad wheel (wrong Python tag, say) should not cost the others: one at a time
+    local bad=0
+    for w in "${wheels[@]}"; do
+        timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$SITE" "$w" >>"$f" 2>&1 || { echo "wheels: FAILED $w" >>"$f"; bad=1; }
+    done
+    return $bad
+}
+
+# the test modules that hold GPU tests: collecting only these keeps an import error in an
+# unrelated module (a package the GPU machine lacks) from stopping the run
+gpu_test_modules() { grep -l "pytest.mark.gpu" tests/test_*.py; }
+
+main() {
+    local t0 st
+    # wheels first, so that env.txt lists the versions the stages will import
+    if wanted wheels; then
+        t0=$SECONDS
+        if stage_wheels; then st=ok; else st="failed"; fi
+        record wheels "$st" $((SECONDS - t0)) "env.txt"
+    fi
+    if wanted env; then
+        t0=$SECONDS
+        if stage_env; then st=ok; else st="failed"; fi
+        record env "$st" $((SECONDS - t0)) "env.txt"
+    fi
+
+    local pytest_args=() timeout_opt=()
+    "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout=150)
+    if [[ -n ${PYTEST_ARGS:-} ]]; then
+        read -r -a pytest_args <<<"$PYTEST_ARGS"
+    else
+        mapfile -t pytest_args < <(gpu_test_modules)
+    fi
+    run_stage pytest 180 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
+        --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
+        "${pytest_args[@]}"
+
+    local gdp=$OUT/bench_gdp.log scan=$OUT/bench_scan_conv_ssd.log
+    # shellcheck disable=SC2086  # the *_ARGS variables are word-split on purpose
+    {
+        run_stage gdp 180 "$gdp" "$PY" -m bench.bench_gated_delta_product \
+            ${GDP_ARGS:---target --torch} --results "$RESULTS"
+        run_stage scan 60 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096} --results "$RESULTS"
+        run_stage conv 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${CONV_ARGS:---ops causal_conv1d --tokens 32768 --seqlen 4096} --results "$RESULTS"
+        run_stage ssd 120 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096} --results "$RESULTS"
+        if wanted train && ! timeout 120 "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+            record train "skipped" 0 "deepspeed does not import: carry its wheels (bench/RESULTS.md)"
+        else
+            run_stage train 180 "$OUT/bench_train.log" "$PY" -m bench.bench_train \
+                ${TRAIN_ARGS:---presets gated_deltaproduct-1.3b mamba2-1.3b griffin-1.3b --seq-len 4096 --micro-batch 1 --steps 10 --warmup 3}
+        fi
+        run_stage gdp_grid 600 "$gdp" "$PY" -m bench.bench_gated_delta_product \
+            ${GDP_GRID_ARGS:---tokens 32768 --heads 16 --headdim 64,128,256 --nh 1,2,3} --results "$RESULTS"
+    }
+}
+
+write_summary() {
+    local f hits
+    {
+        echo
+        echo "total $((SECONDS - START))s of GPU_SESSION_BUDGET_S=${BUDGET}; stages: $STAGES;" \
+            "failed:${FAILED_STAGES:- none}; files in $OUT"
+        cat "$NOTES"
+        if [[ -s $OUT/pytest.log ]]; then
+            echo; echo "## pytest -m gpu"
+            grep -E '^(FAILED|ERROR|SKIPPED) |Interrupted|Timeout|^=* ?[0-9]+ (passed|failed|errors?|skipped|deselected).* in [0-9.]+s' \
+                "$OUT/pytest.log" | tail -n 40
+        fi
+        for f in bench_gdp.log bench_scan_conv_ssd.log bench_train.log; do
+            [[ -s $OUT/$f ]] || continue
+            hits=$(grep -E 'failed \(|unavailable|not importable' "$OUT/$f" | sort | uniq -c | head -n 20)
+            [[ -z $hits ]] || printf '\n## %s: comparators missing or failed\n%s\n' "$f" "$hits"
+        done
+        if [[ -s $OUT/bench_train.log ]]; then
+            echo; echo "## bench_train"
+            grep -E '^\{' "$OUT/bench_train.log"
+        fi
+        if [[ -s $RESULTS ]]; then
+            echo; echo "## results.md"
+            cat "$RESULTS"
+        fi
+    } >>"$SUMMARY" 2>&1
+}
+
+main
+write_summary
+echo "---- $SUMMARY"
+cat "$SUMMARY"
+[[ -z $FAILED_STAGES ]]
