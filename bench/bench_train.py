@@ -31,7 +31,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
                              f"parallel.global_batch_size={args.micro_batch}",
                              f"parallel.zero_stage={args.zero}", f"parallel.precision={args.precision}",
                              f"parallel.activation_checkpointing={str(args.activation_checkpointing).lower()}"])
-    eng = build_engine(cfg, 1)
+    eng = build_engine(cfg, 0, 1)
     e, dev = eng.engine, device()
     gen = torch.Generator().manual_seed(0)
     batches = [tuple(t.to(dev) for t in synthetic_batch(cfg.model.vocab_size, args.micro_batch, args.seq_len, gen))

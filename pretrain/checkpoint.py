@@ -17,10 +17,28 @@ atomically after the marker, so it too only ever names a complete checkpoint. Pr
 removes a directory's marker before its files for the same reason.
 
 Safe loading: run state is JSON and RNG state loads with ``weights_only=True``; the
-DeepSpeed state is read by DeepSpeed's own loader.
+DeepSpeed state is read by DeepSpeed's own loader (and, for an elastic resume, converter),
+which unpickles its own files.
+
+Elastic resume (another number of ranks, same global batch and ZeRO stage): ZeRO-0 engine
+state is whole on every rank and loads as is. ZeRO-1/2/3 optimizer state is partitioned per
+rank, so the first elastic resume from a checkpoint converts it, once, into DeepSpeed's
+universal checkpoint (per parameter: fp32 master weights, Adam moments and step, which fit
+any rank count), and every rank loads that with DeepSpeed's ``load_universal``::
+
+    step_00000100/
+        universal/ds/...  ``ds_to_universal`` output (about the size of ``ds/``), then reused
+
+Rank 0 converts into a hidden temporary directory inside the step directory and renames it
+to ``universal`` when done, so a kill mid-conversion leaves only a temp directory that the
+next attempt deletes, and an existing ``universal`` is always complete. Two slips of
+DeepSpeed's ZeRO-3 universal loader are repaired after loading (``_repair_universal_load``).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import random
@@ -37,6 +55,8 @@ import torch.distributed as dist
 MARKER = "COMPLETE"
 LATEST = "latest"
 DS_TAG = "ds"
+UNIVERSAL = "universal"
+_UNIVERSAL_TMP = ".universal-tmp-"
 _PREFIX = "step_"
 
 
@@ -181,8 +201,91 @@ def load_rng(path: Path, rank: int) -> dict[str, Any] | None:
     return torch.load(f, weights_only=True)
 
 
-def load_engine_state(engine: Any, path: Path) -> None:
-    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+def load_engine_state(engine: Any, path: Path, *, universal: bool = False) -> None:
+    """Load the DeepSpeed state of ``path``; ``universal`` loads ``path/universal`` (made by
+    ``ensure_universal``) instead, which fits any number of ranks."""
+    load_dir = path / UNIVERSAL if universal else path
+    config = engine._config  # DeepSpeed reads ``load_universal`` only while loading
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = universal
+    try:
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    finally:
+        config.load_universal_checkpoint = before
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no engine state in {str(path / DS_TAG)!r}")
+        raise CheckpointError(f"DeepSpeed found no engine state in {str(load_dir / DS_TAG)!r}")
+    if universal:
+        _repair_universal_load(engine.optimizer, load_dir)
+
+
+def _repair_universal_load(optimizer: Any, load_dir: Path) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal loader (0.19): it copies the first param
+    group's hyperparameters onto every group (the no-decay group would get weight decay), and
+    it gives every group the same ``step`` tensor, which torch's AdamW then increments once per
+    group per step (wrong bias correction). Harmless for ZeRO-1/2, which load both right."""
+    saved = torch.load(load_dir / DS_TAG / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)["param_groups"]  # DeepSpeed's own file (loss scaler objects)
+    groups = optimizer.param_groups
+    if len(saved) != len(groups):
+        raise CheckpointError(f"the universal checkpoint {str(load_dir)!r} has {len(saved)} optimizer param "
+                              f"groups, this optimizer {len(groups)}: resume with the optimizer it was saved with")
+    for group, hyper in zip(groups, saved):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
+    for state in optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+# ----------------------------------------------------------------------------- elastic (universal)
+
+
+def convert_to_universal(path: Path) -> Path:
+    """Convert ``path/ds`` (ZeRO partitions of any rank count) to ``path/universal``; once.
+
+    Written to a temp directory and renamed, so ``universal`` only ever exists complete;
+    temp directories of killed conversions are removed first. Returns ``path/universal``."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = path / UNIVERSAL
+    if out.is_dir():
+        return out
+    for stale in path.glob(f"{_UNIVERSAL_TMP}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_UNIVERSAL_TMP, dir=path))
+    # One worker: a process pool forked from a training process (CUDA initialised) is unsafe.
+    args = argparse.Namespace(input_folder=str(path / DS_TAG), output_folder=str(tmp / DS_TAG),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=True)
+    chatter = io.StringIO()  # the converter prints progress bars; keep them for an error message
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal(args)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"converting the ZeRO checkpoint {str(path / DS_TAG)!r} to a universal checkpoint for an "
+            f"elastic resume failed ({type(e).__name__}: {e}); resume on the rank count it was saved "
+            f"with. Converter output:\n{chatter.getvalue()[-2000:]}") from e
+    os.rename(tmp, out)
+    return out
+
+
+def ensure_universal(path: Path, rank: int) -> None:
+    """Collective: rank 0 converts ``path`` (``convert_to_universal``), every rank waits and
+    raises the same ``CheckpointError`` if that failed."""
+    error = ""
+    if rank == 0:
+        try:
+            convert_to_universal(path)
+        except CheckpointError as e:
+            error = str(e)
+        except OSError as e:  # e.g. a read-only checkpoint directory
+            error = (f"cannot write the universal checkpoint into {str(path)!r} for an elastic resume "
+                     f"({e}): make the directory writable, or resume on the rank count it was saved with")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise CheckpointError(error)

@@ -24,6 +24,7 @@ DRY_RUN_MAX_PARAMS = 1_000_000_000  # above this the plan is printed without run
 def print_plan(cfg) -> bool:
     """Parameters, FLOPs per token and memory per GPU for the layout; True if small enough
     to also run the model here."""
+    from .ds_config import grad_accum_steps
     from .flops import flops_per_token
     from .memory import estimate_memory
 
@@ -33,6 +34,15 @@ def print_plan(cfg) -> bool:
     print(f"plan: {mem.parameters / 1e6:.1f}M parameters; forward FLOPs/token {f.forward / 1e6:.1f}M "
           f"({parts}, mlp {f.mlp / 1e6:.1f}M, head {f.head / 1e6:.1f}M); training {f.train / 1e6:.1f}M")
     print("plan: " + mem.describe())
+    pp, world = cfg.parallel.pipeline_stages, mem.world_size
+    if pp > 1:
+        from .pipeline import check_pipeline
+
+        dp = check_pipeline(cfg, world)
+    else:
+        dp = world
+    print(f"plan: layout {pp} pipeline stage(s) x {dp} data-parallel rank(s), ZeRO-{cfg.parallel.zero_stage}, "
+          f"gradient accumulation {grad_accum_steps(cfg, dp)}")
     if not mem.fits:
         print(f"warning: the estimate exceeds parallel.gpu_memory_gb={cfg.parallel.gpu_memory_gb:g}: raise "
               "parallel.zero_stage, enable parallel.activation_checkpointing, lower micro_batch_size, or "
@@ -76,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from .dry_run import dry_run
 
-        if not print_plan(cfg):
+        try:
+            small = print_plan(cfg)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if not small:
             print("the synthetic forward/backward is skipped for models above "
                   f"{DRY_RUN_MAX_PARAMS / 1e9:.0f}B parameters on this machine")
             return 0

@@ -50,6 +50,11 @@ class ParallelConfig:
             raise ValueError(
                 f"global_batch_size: {self.global_batch_size} must be a multiple of "
                 f"parallel.micro_batch_size={self.micro_batch_size}")
+        if self.pipeline_stages > 1 and self.zero_stage != 1:
+            raise ValueError(
+                f"pipeline_stages: {self.pipeline_stages} stages need parallel.zero_stage=1 (DeepSpeed's "
+                f"pipeline engine shards only the optimizer state; got {self.zero_stage}): set zero_stage=1, "
+                "or pipeline_stages=1 for ZeRO-2/3")
 
 
 @dataclass

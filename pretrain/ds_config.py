@@ -25,10 +25,8 @@ def grad_accum_steps(cfg: RunConfig, dp_world: int) -> int:
 
 
 def deepspeed_config(cfg: RunConfig, dp_world: int) -> dict[str, Any]:
+    """``dp_world``: data-parallel ranks (all ranks / pipeline stages)."""
     p = cfg.parallel
-    if p.pipeline_stages > 1:
-        raise ConfigError(f"parallel.pipeline_stages={p.pipeline_stages}: pipeline parallelism is not in this "
-                          "build yet; use parallel.zero_stage (1-3) with pipeline_stages=1")
     gas = grad_accum_steps(cfg, dp_world)
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.offload_optimizer:

@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import RunConfig
 from .ds_config import deepspeed_config, grad_accum_steps
-from .models import LanguageModel, build_model
+from .models import LanguageModel, build_model, count_parameters
+from .models.init import draw_base_seed
 from .optim import build_optimizer
 
 
@@ -58,23 +59,43 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 @dataclass
 class Engine:
-    engine: Any  # deepspeed.DeepSpeedEngine
-    lm: LanguageModel
+    engine: Any  # deepspeed.DeepSpeedEngine, or its PipelineEngine
     grad_accum: int
     ds_config: dict
     dtype: torch.dtype
+    num_parameters: int
+    dp_rank: int  # this rank's data-parallel coordinate: the ranks of one pipeline read the same data
+    dp_world: int
+    stage: int = 0
+    num_stages: int = 1
+
+    @property
+    def pipelined(self) -> bool:
+        return self.num_stages > 1
 
 
-def build_engine(cfg: RunConfig, dp_world: int) -> Engine:
+def build_engine(cfg: RunConfig, rank: int, world_size: int) -> Engine:
     """Model (seeded, so every rank starts equal), optimizer and the DeepSpeed engine."""
     import deepspeed
 
+    dtype = precision_dtype(cfg.parallel.precision)
+    n_params = count_parameters(cfg.model)
+    if cfg.parallel.pipeline_stages > 1:
+        from .pipeline import build_pipeline_module, check_pipeline
+
+        dp_world = check_pipeline(cfg, world_size)
+        module = build_pipeline_module(cfg)
+        ds_cfg = deepspeed_config(cfg, dp_world)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, cfg.optim),
+                                               config=ds_cfg)
+        return Engine(engine, grad_accum_steps(cfg, dp_world), ds_cfg, dtype, n_params,
+                      engine.grid.get_data_parallel_rank(), dp_world, engine.stage_id, engine.num_stages)
     torch.manual_seed(cfg.seed)
-    lm = build_model(cfg.model)
+    lm = build_model(cfg.model, init_seed=draw_base_seed())  # the seed a pipeline's stages would draw
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(lm)
     module = LossModule(lm)
-    optimizer = build_optimizer(module, cfg.optim)
-    ds_cfg = deepspeed_config(cfg, dp_world)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
-    return Engine(engine, lm, grad_accum_steps(cfg, dp_world), ds_cfg, precision_dtype(cfg.parallel.precision))
+    ds_cfg = deepspeed_config(cfg, world_size)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, cfg.optim),
+                                           config=ds_cfg)
+    return Engine(engine, grad_accum_steps(cfg, world_size), ds_cfg, dtype, n_params, rank, world_size)

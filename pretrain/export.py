@@ -10,8 +10,8 @@ Layout of an export::
     export.json         step, tokens seen, tokenizer hash, source checkpoint
 
 Weights come from DeepSpeed's own ZeRO consolidation (``zero_to_fp32``: the fp32 master
-weights of every rank's partition) or, without ZeRO partitions, from the module state
-loaded with ``weights_only=True``. Loading an export runs no code: safetensors + YAML.
+weights of every rank's partition), from a pipeline's per-layer module files, or, without
+ZeRO partitions, from the module state; all loaded with ``weights_only=True``. Loading an export runs no code: safetensors + YAML.
 
 Console script: ``linrnn-export = pretrain.export:main``.
 """
@@ -60,9 +60,31 @@ def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def consolidated_state_dict(step_path: Path) -> dict[str, torch.Tensor]:
+def pipeline_state_dict(ds_dir: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint's per-layer module files -> LanguageModel names.
+
+    DeepSpeed's ``zero_to_fp32`` does not read pipeline checkpoints, so the weights are the
+    modules' own (bf16 in a bf16 run: the rounding of the fp32 masters the model ran with).
+    A tied head is not saved as a layer of its own: the embedding layer holds its weight.
+    """
+    from .models.pipeline import lm_key
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(ds_dir.glob("layer_*-model_states.pt")):
+        index = int(f.name.split("-")[0][len("layer_"):])
+        for name, t in torch.load(f, map_location="cpu", weights_only=True).items():
+            sd[lm_key(index, name, mcfg)] = t
+    return sd
+
+
+def consolidated_state_dict(step_path: Path, mcfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """Every weight of a complete checkpoint in fp32, under LanguageModel names."""
     ds_dir = step_path / ckpt.DS_TAG
-    if any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("*zero*")):
+    if any(ds_dir.glob("layer_*-model_states.pt")):
+        if mcfg is None:
+            mcfg = model_config_from(ckpt.read_run_state(step_path)["model"])
+        sd = pipeline_state_dict(ds_dir, mcfg)
+    elif any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("*zero*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(step_path), tag=ckpt.DS_TAG)
@@ -95,7 +117,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     run_state = ckpt.read_run_state(step_path)
     run_config = yaml.safe_load((step_path / "config.yaml").read_text())
     mcfg = model_config_from(run_state["model"])
-    sd = consolidated_state_dict(step_path)
+    sd = consolidated_state_dict(step_path, mcfg)
     expected = build_model(mcfg, device="meta").state_dict()
     missing = set(expected) - set(sd) - ({"lm_head.weight"} if mcfg.tie_embeddings else set())
     if missing:

@@ -63,6 +63,13 @@ def check_resume(cfg: RunConfig, tokenizer_hash: str) -> Path | None:
         raise ckpt.CheckpointError(
             f"checkpoint {str(newest)!r} was trained with tokenizer {state.get('tokenizer_hash')}, the "
             f"data now has {tokenizer_hash}: resume with the original data, or use a new checkpoint.dir")
+    for key in ("zero_stage", "pipeline_stages"):
+        saved = state.get(key, 1 if key == "pipeline_stages" else None)
+        if saved is not None and saved != getattr(cfg.parallel, key):
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(newest)!r} was saved with parallel.{key}={saved}, the config says "
+                f"{getattr(cfg.parallel, key)}: the optimizer state is laid out for the former; set "
+                f"parallel.{key}={saved} to resume, or use a new checkpoint.dir")
     if state.get("seq_len") not in (None, cfg.data.seq_len):
         raise ckpt.CheckpointError(
             f"checkpoint {str(newest)!r} was trained at data.seq_len={state['seq_len']}, the config "

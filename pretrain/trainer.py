@@ -25,6 +25,7 @@ from .config_loader import config_to_dict, dump_config
 from .distributed import DistEnv, device, init_distributed
 from .engine import Engine, build_engine
 from .flops import device_peak_flops, flops_per_token
+from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
 from .run_checks import check_data, check_resume
@@ -55,8 +56,9 @@ def _peak_memory_gb(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def _allreduce_sum(values: list[float], dev: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
+def _allreduce_sum(values: list[float | torch.Tensor], dev: torch.device) -> list[float]:
+    """Sums over all ranks, in one collective (and one host sync)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev) for v in values])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
@@ -101,7 +103,7 @@ class Trainer:
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
-        self.eng: Engine = build_engine(cfg, env.world_size)
+        self.eng: Engine = build_engine(cfg, env.rank, env.world_size)
         self.batches = Batches(cfg, cfg.parallel.micro_batch_size)
         self.val = None
         self.step = 0
@@ -118,18 +120,25 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return
-        state = ckpt.read_run_state(path)
-        ckpt.load_engine_state(self.eng.engine, path)
+        state = ckpt.read_run_state(path)  # zero_stage and pipeline_stages match (run_checks)
+        saved_stage = self.cfg.parallel.zero_stage
+        same_world = state.get("world_size") == self.env.world_size
+        # ZeRO>=1 partitions the optimizer state per rank: another rank count goes through
+        # DeepSpeed's universal checkpoint (converted once, then reused); ZeRO-0 loads as is.
+        elastic = not same_world and saved_stage >= 1
+        if elastic and self.eng.pipelined:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(path)!r} was saved by {state.get('world_size')} ranks of a "
+                f"{self.eng.num_stages}-stage pipeline; this job has {self.env.world_size}: resume a pipelined "
+                f"run on {state.get('world_size')} ranks (elastic resume covers runs without pipeline stages)")
+        if elastic:
+            self.log.print(f"[train] elastic resume: {state.get('world_size')} -> {self.env.world_size} ranks, "
+                           f"ZeRO-{saved_stage} state via a universal checkpoint")
+            ckpt.ensure_universal(path, self.env.rank)
+        ckpt.load_engine_state(self.eng.engine, path, universal=elastic)
         rng = ckpt.load_rng(path, self.env.rank)
         if rng is not None:
             ckpt.set_rng_state(rng)
-        same_world = state.get("world_size") == self.env.world_size
-        if not same_world and state.get("zero_stage", self.cfg.parallel.zero_stage) >= 1:
-            raise ckpt.CheckpointError(
-                f"checkpoint {str(path)!r} was saved by {state.get('world_size')} ranks with ZeRO-"
-                f"{state.get('zero_stage')} (optimizer state partitioned per rank); this job has "
-                f"{self.env.world_size}: resume on {state.get('world_size')} ranks. Only ZeRO-0 checkpoints "
-                "resume on another number of ranks in this build")
         self.batches.load_state_dict(state["data"], strict=same_world)
         self.step, self.tokens = state["step"], state["tokens_seen"]
         self.last_saved = self.step
@@ -143,6 +152,7 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens, "data": self.batches.state_dict(),
             "tokenizer_hash": self.info["tokenizer_hash"], "model": config_to_dict(cfg.model),
             "world_size": self.env.world_size, "zero_stage": cfg.parallel.zero_stage,
+            "pipeline_stages": cfg.parallel.pipeline_stages,
             "global_batch_size": cfg.parallel.global_batch_size, "max_steps": cfg.max_steps,
             "seq_len": cfg.data.seq_len, "torch": torch.__version__,
         }
@@ -173,7 +183,12 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.max_steps)
         set_lr(e.optimizer, lr)
         inject_nan = self.step in self.cfg.faults.nan_loss_steps
-        loss_sum, bad, id_sum = 0.0, 0.0, 0.0
+        if self.eng.pipelined:
+            return self.pipeline_step(inject_nan)
+        # loss and bad-micro-batch sums stay on the device: one host sync per step, not per micro-batch
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dev)
+        bad = torch.zeros((), dtype=torch.float64, device=self.dev)
+        id_sum = 0.0
         for _ in range(self.eng.grad_accum):
             b = self.batches.next()
             ids = b["input_ids"].to(self.dev, non_blocking=True)
@@ -183,11 +198,10 @@ class Trainer:
             loss = e(ids, labels, cu)
             if inject_nan:
                 loss = loss * float("nan")
-            value = loss.detach().float().item()
-            if math.isfinite(value):
-                loss_sum += value
-            else:
-                bad += 1
+            value = loss.detach().double()
+            finite = torch.isfinite(value)
+            loss_sum += torch.where(finite, value, 0.0)
+            bad += (~finite).double()
             e.backward(loss)
             if not e.is_gradient_accumulation_boundary():
                 e.step()
@@ -198,7 +212,9 @@ class Trainer:
             grads = [p.grad for p in e.module.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else 0.0
             grad_bad = 0.0 if math.isfinite(norm) else 1.0
-        loss_sum, bad, grad_bad, id_sum = _allreduce_sum([loss_sum, bad, grad_bad, id_sum], self.dev)
+        loss_sum, bad, grad_bad, id_sum = _allreduce_sum(
+            [loss_sum, bad, torch.tensor(grad_bad, dtype=torch.float64), torch.tensor(id_sum, dtype=torch.float64)],
+            self.dev)
         skipped_before = e.skipped_steps
         if manual and (bad or grad_bad):
             for p in e.module.parameters():
@@ -219,19 +235,53 @@ class Trainer:
         loss = loss_sum / max(n - bad, 1) if not skipped else float("nan")
         return loss, norm, skipped, int(id_sum)
 
+    def gather_pipeline(self, mine: list[dict]) -> list[tuple]:
+        """Every rank's micro-batches, concatenated in stage order, on every stage of its pipeline.
+
+        Why: the loader sees all ranks as data-parallel (the data order and its resume state
+        are those of a data-parallel job of the same size), while a pipeline needs the same
+        micro-batches on all its stages (the first feeds the inputs, the last the labels).
+        Gathering the token ids is cheap next to the activations the stages exchange."""
+        parts: list[list[dict] | None] = [None] * self.eng.num_stages
+        dist.all_gather_object(parts, mine, group=self.eng.engine.grid.get_pipe_parallel_group())
+        return [((b["input_ids"], b["cu_seqlens"]), b["labels"]) for part in parts for b in part or []]
+
+    def pipeline_step(self, inject_nan: bool) -> tuple[float, float | None, bool, int]:
+        """``train_step`` on a pipeline: DeepSpeed runs the micro-batches (1F1B) and steps."""
+        e = self.eng.engine
+        mine = [self.batches.next() for _ in range(self.eng.grad_accum // self.eng.num_stages)]
+        id_sum = float(sum(b["input_ids"].sum() for b in mine))
+        feed = iter(self.gather_pipeline(mine))
+        skipped_before = e.skipped_steps
+        if inject_nan:
+            e.module.loss_fn = lambda logits, labels: token_loss(logits, labels) * float("nan")
+        try:
+            loss = float(e.train_batch(feed))
+        finally:
+            e.module.loss_fn = token_loss
+        (id_sum,) = _allreduce_sum([id_sum], self.dev)
+        skipped = not math.isfinite(loss) or e.skipped_steps > skipped_before
+        g = e.get_global_grad_norm()
+        return (float("nan") if skipped else loss), (None if g is None else float(g)), skipped, int(id_sum)
+
     # ------------------------------------------------------------------ validation
 
     @torch.no_grad()
     def validate(self) -> float | None:
         cfg = self.cfg
         if self.val is None:
-            from data.loader import TokenLoader
-
             if cfg.data.val_split not in self.info["sources"][0]["splits"]:
                 return None
+            from data.loader import TokenLoader
+
             self.val = TokenLoader(cfg.data, cfg.parallel.micro_batch_size, split=cfg.data.val_split,
                                    shuffle=False, num_workers=0)
         e = self.eng.engine
+        if self.eng.pipelined:
+            micro = self.gather_pipeline([b for _, b in zip(range(cfg.eval.val_batches), self.val)])
+            if not micro:
+                return None
+            return float(e.eval_batch(iter(micro), num_micro_batches=len(micro)))
         e.eval()
         total, count = 0.0, 0.0
         for i, b in enumerate(self.val):
@@ -266,8 +316,10 @@ class Trainer:
             self.log.write("start", 0, config=config_to_dict(cfg), world_size=self.env.world_size,
                            grad_accum=self.eng.grad_accum, flops_per_token=self.flops.train)
             self.maybe_validate()
-        self.log.print(f"[train] {sum(p.numel() for p in self.eng.lm.parameters()) / 1e6:.2f}M parameters, "
-                       f"{self.env.world_size} rank(s), ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}, "
+        layout = f", {self.eng.num_stages} pipeline stages x {self.eng.dp_world} data-parallel" \
+            if self.eng.pipelined else ""
+        self.log.print(f"[train] {self.eng.num_parameters / 1e6:.2f}M parameters, "
+                       f"{self.env.world_size} rank(s){layout}, ZeRO-{cfg.parallel.zero_stage}, {cfg.parallel.precision}, "
                        f"grad accum {self.eng.grad_accum}, {self.flops.train / 1e6:.1f} MFLOP/token (fwd+bwd)")
         bad_run = 0
         started_at = self.step
@@ -338,6 +390,10 @@ def train(cfg: RunConfig) -> TrainResult:
     info = check_data(cfg)  # refuse bad input before touching anything
     resume_from = check_resume(cfg, info["tokenizer_hash"])
     env = init_distributed()
+    if cfg.parallel.pipeline_stages > 1:
+        from .pipeline import check_pipeline
+
+        check_pipeline(cfg, env.world_size)
     trainer = Trainer(cfg, env, info, resume_from)
     try:
         return trainer.run()

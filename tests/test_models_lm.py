@@ -1,6 +1,7 @@
 """The LM wrapper over every family: decoding == forward, packing, pipeline layers, loss, init."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -66,15 +67,40 @@ def test_generate_greedy_is_argmax_continuation(lm: LanguageModel) -> None:
     assert torch.equal(lm.generate(prompt, 6, temperature=1.0, top_k=1), seq)
 
 
-def test_pipeline_layers_compose_to_forward(lm: LanguageModel) -> None:
-    ids = torch.randint(0, lm.config.vocab_size, (2, 9))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipeline_layers_start_equal_to_the_lm_and_compose_to_forward(family: str) -> None:
+    from pretrain.models.pipeline import build_pipeline_layers, lm_key
+
+    cfg = dataclasses.replace(small_config(family), tie_embeddings=FAMILIES.index(family) % 2 == 0)
+    lm = LanguageModel(cfg, init_seed=11)
+    layers = build_pipeline_layers(cfg, base_seed=11)
+    assert len(layers) == cfg.n_layers + 3
+    got = {lm_key(i, name, cfg): p for i, layer in enumerate(layers) for name, p in layer.named_parameters()}
+    want = dict(lm.named_parameters())
+    assert sorted(got) == sorted(want)
+    for name, p in want.items():
+        assert torch.equal(got[name], p), name  # built apart, yet the same weights
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
     cu = cu_seqlens_from_starts([[0, 4], [0, 2, 3]], 9)
     for cu_arg, empty in ((None, torch.empty(0, dtype=torch.int32)), (cu, cu)):
         x = (ids, empty)
-        for layer in lm.pipeline_layers():
+        for layer in layers:
             x = layer(x)
         torch.testing.assert_close(x, lm(ids, cu_seqlens=cu_arg), rtol=0, atol=0)
-    assert len(lm.pipeline_layers()) == lm.config.n_layers + 2
+
+
+def test_init_does_not_depend_on_the_global_rng_after_the_base_seed() -> None:
+    cfg = small_config(FAMILIES[0])
+    a = LanguageModel(cfg, init_seed=5)
+    torch.manual_seed(123)
+    b = LanguageModel(cfg, init_seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    torch.manual_seed(0)
+    c = LanguageModel(cfg)
+    torch.manual_seed(0)
+    d = LanguageModel(cfg)
+    assert all(torch.equal(x, y) for x, y in zip(c.parameters(), d.parameters()))
+    assert not torch.equal(a.embed.weight, c.embed.weight)
 
 
 def test_sampling_is_reproducible_and_stops_at_eos() -> None:
@@ -141,6 +167,7 @@ def test_meta_count_and_init(family: str) -> None:
     # meta -> real storage -> init_weights gives a working model
     meta.to_empty(device="cpu")
     meta.init_weights()
+    assert meta.lm_head.weight is meta.embed.weight  # tied again after to_empty
     assert torch.isfinite(meta(torch.randint(0, cfg.vocab_size, (1, 7)))).all()
     # residual outputs are scaled down by 1/sqrt(2 n_layers); other linears keep 0.02
     std = cfg.initializer_range

@@ -1,10 +1,21 @@
-"""2 ranks over gloo: for ZeRO 1, 2 and 3 an interrupted-and-resumed run reproduces the
-uninterrupted run's per-step losses exactly (fp32); and a 2-rank ZeRO-0 checkpoint resumes
-on 1 rank (elastic) with the same samples and the same loss up to summation order.
+"""Resume over gloo: exact on the same ranks, and elastic (another rank count, same global batch).
 
-One pair of processes runs all three stages (each: reference, run preempted after step 3
-with a checkpoint, resume from it), so DeepSpeed is imported once per rank. The processes
-run this file as a script; the test only spawns them and compares the JSONL logs.
+* Same ranks (2): for ZeRO 1, 2 and 3 an interrupted-and-resumed run reproduces the
+  uninterrupted run's per-step losses exactly (fp32).
+* 2 -> 1 rank for ZeRO 0, 1, 2 and 3 (ZeRO>=1 through DeepSpeed's universal checkpoint), and
+  1 -> 2 ranks for ZeRO-2: the resumed step reads the same samples (data fingerprint), has
+  the same loss up to summation order, and leaves the same fp32 master weights as the
+  uninterrupted run on the saving rank count (which checks the restored Adam moments, step
+  and per-group hyperparameters too: one Adam step with any of them wrong moves weights by
+  1e-5 or more, summation order by 1e-7 or less). A 1-rank and a 2-rank run from scratch
+  only agree in loss: Adam's first steps turn rounding-level gradient differences into
+  lr-sized weight differences.
+
+Three spawns, each importing DeepSpeed once: one rank runs ZeRO-2 (its step-4 checkpoint
+seeds the 1 -> 2 resume); two ranks run every stage (reference, preempted after step 3,
+resumed) and then the 1 -> 2 resume; one rank resumes every 2-rank reference checkpoint of
+step 4. The processes run this file as a script; the tests only spawn them and compare
+logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -14,9 +25,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 STAGES = (1, 2, 3)
 STOP_AT = 3
+ELASTIC_AT = 4  # the step of the checkpoints the elastic runs resume
+GROW_STAGE = 2  # the stage of the 1 -> 2 ranks resume
 
 
 def _raw(tmp: Path, stage: int, ck: str, job: str) -> dict:
@@ -29,41 +43,85 @@ def _raw(tmp: Path, stage: int, ck: str, job: str) -> dict:
     return raw
 
 
-def _driver(tmp: Path, mode: str) -> None:
+def _train(raw: dict, expected: str) -> None:
     from pretrain.config import RunConfig
     from pretrain.config_loader import build_dataclass
     from pretrain.trainer import train
 
-    if mode == "elastic":  # one rank resumes the 2-rank ZeRO-0 checkpoint of step 4
-        result = train(build_dataclass(RunConfig, _raw(tmp, 0, "elastic", "elastic")))
-        assert result.status == "done", result
-        return
-    for stage in STAGES:
-        for kind in ("ref", "cut", "resume"):
-            ck = f"z{stage}-{'ref' if kind == 'ref' else 'cut'}"
-            raw = _raw(tmp, stage, ck, f"{ck}-{kind}")
-            if kind != "ref":
-                raw["faults"] = {"preempt_at_step": STOP_AT}
-            result = train(build_dataclass(RunConfig, raw))
-            expected = "preempted" if kind == "cut" else "done"
-            assert result.status == expected, (stage, kind, result)
-    result = train(build_dataclass(RunConfig, _raw(tmp, 0, "z0-ref", "z0-ref")))  # for the elastic test
-    assert result.status == "done", result
+    result = train(build_dataclass(RunConfig, raw))
+    assert result.status == expected, (raw["checkpoint"]["dir"], result)
+
+
+def _driver(tmp: Path, mode: str) -> None:
+    if mode == "one":  # 1 rank, ZeRO-2: the reference of the 1 -> 2 resume
+        _train(_raw(tmp, GROW_STAGE, "one", "one"), "done")
+    elif mode == "stages":  # 2 ranks
+        for stage in STAGES:
+            for kind in ("ref", "cut", "resume"):
+                ck = f"z{stage}-{'ref' if kind == 'ref' else 'cut'}"
+                raw = _raw(tmp, stage, ck, f"{ck}-{kind}")
+                if kind != "ref":
+                    raw["faults"] = {"preempt_at_step": STOP_AT}
+                _train(raw, "preempted" if kind == "cut" else "done")
+        _train(_raw(tmp, 0, "z0-ref", "z0-ref"), "done")  # for the elastic test
+        _train(_raw(tmp, GROW_STAGE, "grow", "grow"), "done")  # 1 -> 2 ranks
+    elif mode == "shrink":  # 1 rank resumes each 2-rank checkpoint of step 4
+        from pretrain.checkpoint import CheckpointError
+
+        with pytest.raises(CheckpointError, match="saved with parallel.zero_stage=2.*set parallel.zero_stage=2"):
+            _train(_raw(tmp, 1, "e2", "e2-stage"), "done")  # another ZeRO stage is refused
+        for stage in (0, *STAGES):
+            _train(_raw(tmp, stage, f"e{stage}", f"e{stage}"), "done")
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+def _spawn(tmp: Path, mode: str, world: int) -> str:
+    from pretrain.distributed import free_port
+    from test_train_common import env
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, str(tmp), mode], env=env(rank, world, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(world)]
+    outs = [p.communicate(timeout=420)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * world, "\n".join(o[-4000:] for o in outs)
+    return outs[0]
+
+
+def _assert_same_steps(run: Path, ref: Path, steps: list[int]) -> None:
+    """``run`` logged exactly ``steps``, on ``ref``'s samples with its losses (up to summation order)."""
+    from pretrain.run_log import read_metrics
+
+    want = {x["step"]: x for x in read_metrics(ref / "logs" / "metrics.jsonl")}
+    got = {x["step"]: x for x in read_metrics(run / "logs" / "metrics.jsonl")}
+    assert sorted(got) == steps, (run.name, sorted(got))
+    for s in steps:
+        assert got[s]["data_fingerprint"] == want[s]["data_fingerprint"], (run.name, s)  # none skipped
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-4), (run.name, s)
+
+
+def _assert_same_weights(run: Path, ref: Path, step: int) -> None:
+    """The fp32 master weights of both runs' checkpoints of ``step`` agree (see the top)."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.export import consolidated_state_dict
+
+    a, b = (consolidated_state_dict(ckpt.step_dir(r, step)) for r in (run, ref))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{run.name} {k}: {m}")
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_resume_is_exact_for_zero_1_2_3_on_two_ranks(tmp_path):
-    from pretrain.distributed import free_port
+def test_resume_is_exact_on_the_same_ranks_and_elastic_across_rank_counts(tmp_path):
+    from pretrain import checkpoint as ckpt
     from pretrain.run_log import read_metrics
-    from test_train_common import env, losses
+    from test_train_common import losses
 
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path), "stages"], env=env(rank, 2, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(2)]
-    outs = [p.communicate(timeout=420)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-4000:] + outs[1][-4000:]
+    _spawn(tmp_path, "one", 1)
+    shutil.copytree(ckpt.step_dir(tmp_path / "one", ELASTIC_AT), ckpt.step_dir(tmp_path / "grow", ELASTIC_AT))
+    out = _spawn(tmp_path, "stages", 2)
     for stage in STAGES:
         ref = losses(tmp_path / f"z{stage}-ref")
         cut = losses(tmp_path / f"z{stage}-cut")
@@ -72,19 +130,46 @@ def test_resume_is_exact_for_zero_1_2_3_on_two_ranks(tmp_path):
         log = tmp_path / f"z{stage}-cut" / "logs" / "metrics.jsonl"
         assert [r["step"] for r in read_metrics(log, "resume")] == [STOP_AT]  # really resumed
         assert len(read_metrics(log)) == 5  # and redid no step
-    assert "resumed from" in outs[0] and f"at step {STOP_AT}" in outs[0]
+        assert not (tmp_path / f"z{stage}-cut" / f"step_{STOP_AT:08d}" / ckpt.UNIVERSAL).exists()
+    assert "resumed from" in out and f"at step {STOP_AT}" in out
 
-    # elastic: 2 ranks -> 1 rank at the same global batch (grad accumulation 2 -> 4), ZeRO-0
-    shutil.copytree(tmp_path / "z0-ref" / "step_00000004", tmp_path / "elastic" / "step_00000004")
-    r = subprocess.run([sys.executable, __file__, str(tmp_path), "elastic"], env=env(0, 1),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-4000:]
-    assert "resumed from" in r.stdout and "at step 4" in r.stdout
-    ref = {x["step"]: x for x in read_metrics(tmp_path / "z0-ref" / "logs" / "metrics.jsonl")}
-    el = read_metrics(tmp_path / "elastic" / "logs" / "metrics.jsonl")
-    assert [x["step"] for x in el] == [5]
-    assert el[0]["data_fingerprint"] == ref[5]["data_fingerprint"]  # the same samples, none skipped
-    assert el[0]["loss"] == pytest.approx(ref[5]["loss"], rel=1e-4)  # same model state (sum order differs)
+    # 1 -> 2 ranks (ZeRO-2): steps 1-4 on one rank, step 5 on two
+    grow, one = tmp_path / "grow", tmp_path / "one"
+    assert "elastic resume: 1 -> 2 ranks" in out
+    assert [r["step"] for r in read_metrics(grow / "logs" / "metrics.jsonl", "resume")] == [ELASTIC_AT]
+    assert (ckpt.step_dir(grow, ELASTIC_AT) / ckpt.UNIVERSAL).is_dir()
+    _assert_same_steps(one, tmp_path / f"z{GROW_STAGE}-ref", [1, 2, 3, 4, 5])
+    _assert_same_steps(grow, one, [ELASTIC_AT + 1])
+    _assert_same_weights(grow, one, ELASTIC_AT + 1)
+
+    # 2 -> 1 rank at the same global batch (grad accumulation 2 -> 4), every stage
+    for stage in (0, *STAGES):
+        src = ckpt.step_dir(tmp_path / f"z{stage}-ref", ELASTIC_AT)
+        shutil.copytree(src, ckpt.step_dir(tmp_path / f"e{stage}", ELASTIC_AT))
+    stale = ckpt.step_dir(tmp_path / "e1", ELASTIC_AT) / ".universal-tmp-killed" / "ds"
+    stale.mkdir(parents=True)  # a conversion killed half-way: must be ignored and removed
+    (stale / "mp_rank_00_model_states.pt").write_bytes(b"torn")
+    out = _spawn(tmp_path, "shrink", 1)
+    assert out.count("resumed from") == 4 and out.count("elastic resume: 2 -> 1") == 3
+    for stage in (0, *STAGES):
+        step = ckpt.step_dir(tmp_path / f"e{stage}", ELASTIC_AT)
+        assert (step / ckpt.UNIVERSAL).is_dir() == (stage > 0)  # ZeRO-0 needs no conversion
+        assert not list(step.glob(".universal-tmp-*"))
+        _assert_same_steps(tmp_path / f"e{stage}", tmp_path / f"z{stage}-ref", [ELASTIC_AT + 1])
+        _assert_same_weights(tmp_path / f"e{stage}", tmp_path / f"z{stage}-ref", ELASTIC_AT + 1)
+
+
+def test_universal_conversion_failure_is_clean_and_a_finished_one_is_reused(tmp_path):
+    from pretrain import checkpoint as ckpt
+
+    step = ckpt.step_dir(tmp_path, 4)
+    (step / ckpt.DS_TAG).mkdir(parents=True)
+    torch.save({"not": "a ZeRO file"}, step / ckpt.DS_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(ckpt.CheckpointError, match="step_00000004.*universal checkpoint.*resume on the rank count"):
+        ckpt.ensure_universal(step, rank=0)
+    assert sorted(p.name for p in step.iterdir()) == [ckpt.DS_TAG]  # no temp directory left
+    (step / ckpt.UNIVERSAL).mkdir()  # only ever exists complete (renamed into place): reused as is
+    ckpt.ensure_universal(step, rank=0)
 
 
 if __name__ == "__main__":

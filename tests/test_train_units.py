@@ -86,6 +86,27 @@ def test_grad_accumulation_keeps_the_global_batch():
     assert "bf16" in ds and ds["zero_optimization"]["stage"] == 1
 
 
+def test_pipeline_layouts_are_checked_before_anything_starts(capsys):
+    from pretrain.cli import main
+    from pretrain.pipeline import check_pipeline
+
+    with pytest.raises(ConfigError, match="zero_stage=1"):
+        load_config(None, ["parallel.pipeline_stages=2", "parallel.zero_stage=2"])
+    over = ["parallel.pipeline_stages=2", "parallel.zero_stage=1", "parallel.micro_batch_size=2",
+            "parallel.global_batch_size=8", "model.preset=gated_deltaproduct-tiny"]
+    cfg = load_config(None, over)
+    assert check_pipeline(cfg, 2) == 1 and check_pipeline(cfg, 4) == 2  # data-parallel ranks
+    with pytest.raises(ConfigError, match="does not divide the 3 ranks"):
+        check_pipeline(cfg, 3)
+    with pytest.raises(ConfigError, match="micro_batch_size x ranks = 2 x 8"):
+        check_pipeline(cfg, 8)  # 8 ranks load 2 sequences each: 16 > 8
+    with pytest.raises(ConfigError, match="exceeds the"):
+        check_pipeline(load_config(None, over[1:] + ["parallel.pipeline_stages=8", "model.n_layers=2",
+                                                    "parallel.global_batch_size=16"]), 8)
+    assert main(["--dry-run", "configs/runs/demo.yaml", *over, "parallel.plan_world_size=3"]) == 2
+    assert "does not divide the 3 ranks" in capsys.readouterr().err
+
+
 def _fake(root, step, complete):
     d = ckpt.step_dir(root, step)
     d.mkdir(parents=True)

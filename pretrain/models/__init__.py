@@ -9,12 +9,13 @@ from .lm import LanguageModel, sample_next
 from .packing import check_row_boundaries, cu_seqlens_from_lengths, cu_seqlens_from_starts
 
 
-def build_model(config: ModelConfig, device: torch.device | str | None = None) -> LanguageModel:
+def build_model(config: ModelConfig, device: torch.device | str | None = None,
+                init_seed: int | None = None) -> LanguageModel:
     """A freshly initialised LM. ``device="meta"`` builds shapes only (init skipped)."""
     if device is None:
-        return LanguageModel(config)
+        return LanguageModel(config, init_seed)
     with torch.device(device):
-        return LanguageModel(config)
+        return LanguageModel(config, init_seed)
 
 
 def count_parameters(config: ModelConfig, *, exclude_embeddings: bool = False) -> int:

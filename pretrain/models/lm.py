@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from ..model_config import ModelConfig
 from .base import MixerCache
 from .block import Block
-from .layers import RMSNorm, ShortConvolution
+from .init import draw_base_seed, init_block, init_embedding, init_head
+from .layers import RMSNorm
 from .packing import check_row_boundaries
 
 LMCache = list[MixerCache]
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init_seed: int | None = None):
         super().__init__()
         self.config = config
         D, V = config.d_model, config.vocab_size
@@ -34,45 +35,22 @@ class LanguageModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.embed_scale = math.sqrt(D) if config.embedding_scale else 1.0
         if not self.embed.weight.is_meta:  # meta: counting only, or to_empty() + init_weights() later
-            self.init_weights()
+            self.init_weights(init_seed)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, base_seed: int | None = None) -> None:
         """Re-initialise every parameter (also after ``to_empty`` from the meta device).
 
-        Linear/Embedding ~ N(0, initializer_range), biases 0, norms 1; residual-branch
-        outputs (mixer ``out_proj``, MLP ``down_proj``) scaled by 1/sqrt(2 n_layers)
-        (GPT-2) so the residual stream's variance does not grow with depth; then each
-        mixer's own scheme. With ``embedding_scale`` (Griffin) the embedding is drawn with
-        std 1/sqrt(d) so that the scaled embedding has unit variance.
+        The scheme and why each part has its own seed: ``init.py``. ``base_seed`` None draws
+        one from the global RNG, so ``torch.manual_seed`` before building fixes the weights.
         """
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, ShortConvolution):
-                nn.init.kaiming_uniform_(m.weight.view(m.dim, 1, m.width), a=5**0.5)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv1d):
-                m.reset_parameters()
-        emb_std = self.config.d_model**-0.5 if self.config.embedding_scale else std
-        nn.init.normal_(self.embed.weight, 0.0, emb_std)
-        residual_scale = 1.0 / math.sqrt(2 * max(len(self.blocks), 1))
+        base = draw_base_seed() if base_seed is None else base_seed
+        if self.config.tie_embeddings and self.lm_head.weight is not self.embed.weight:
+            self.lm_head.weight = self.embed.weight  # ``to_empty`` unties shared parameters
+        init_embedding(self.embed, self.config, base)
         for block in self.blocks:
-            out_proj = getattr(block.mixer, "out_proj", None)
-            if isinstance(out_proj, nn.Linear):
-                out_proj.weight.mul_(residual_scale)
-            if block.mlp is not None:
-                block.mlp.down_proj.weight.mul_(residual_scale)
-        for block in self.blocks:
-            reset = getattr(block.mixer, "reset_mixer_parameters", None)
-            if callable(reset):
-                reset()
+            init_block(block, self.config, base)
+        init_head(self.norm, None if self.config.tie_embeddings else self.lm_head, self.config, base)
 
     # ------------------------------------------------------------------ training path
 
@@ -108,9 +86,7 @@ class LanguageModel(nn.Module):
         The caller shifts (labels = next tokens) and masks what should not be learned
         (e.g. the first token of the next packed document). An all-masked batch gives 0.
         """
-        logits = self(input_ids, cu_seqlens=cu_seqlens)
-        total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-        return total / (labels != -100).sum().clamp_min(1)
+        return token_loss(self(input_ids, cu_seqlens=cu_seqlens), labels)
 
     # ------------------------------------------------------------------ decoding
 
@@ -157,18 +133,11 @@ class LanguageModel(nn.Module):
             logits = self.step(tok, cache)
         return torch.cat(out, dim=1)
 
-    # ------------------------------------------------------------------ pipeline parallel
 
-    def pipeline_layers(self) -> list[nn.Module]:
-        """The model as a flat list for DeepSpeed's PipelineModule.
-
-        Each layer maps a tuple ``(x, cu_seqlens)`` to ``(hidden, cu_seqlens)`` (the last to
-        logits), where an empty int tensor stands for "no packing" since pipeline stages
-        pass tensors only. Composition equals ``forward``. The layers share this model's
-        parameters (with tied embeddings the head stage holds the embedding weight: a
-        pipeline must tie them across stages, e.g. with TiedLayerSpec).
-        """
-        return [EmbeddingStage(self), *(BlockStage(b) for b in self.blocks), HeadStage(self)]
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits [B, T, V] over labels != -100 (0 when all are masked)."""
+    total = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp_min(1)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -182,47 +151,3 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _maybe(cu_seqlens: torch.Tensor) -> torch.Tensor | None:
-    return cu_seqlens if cu_seqlens.numel() > 0 else None
-
-
-class EmbeddingStage(nn.Module):
-    def __init__(self, lm: LanguageModel):
-        super().__init__()
-        self.embed = lm.embed
-        self.embed_scale = lm.embed_scale
-
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, cu_seqlens = inputs
-        if cu_seqlens.numel() > 0:
-            check_row_boundaries(cu_seqlens, *input_ids.shape)
-        h = self.embed(input_ids)
-        return (h * self.embed_scale if self.embed_scale != 1.0 else h), cu_seqlens
-
-
-class BlockStage(nn.Module):
-    """One block on ``[B, T, d]``; flattens to ``[1, B*T, d]`` itself when packed."""
-
-    def __init__(self, block: Block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        h, cu_seqlens = inputs
-        cu = _maybe(cu_seqlens)
-        shape = h.shape
-        x = h.reshape(1, -1, shape[-1]) if cu is not None else h
-        return self.block(x, cu_seqlens=cu).reshape(shape), cu_seqlens
-
-
-class HeadStage(nn.Module):
-    def __init__(self, lm: LanguageModel):
-        super().__init__()
-        self.norm = lm.norm
-        self.lm_head = lm.lm_head
-
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h, _ = inputs
-        return self.lm_head(self.norm(h)).float()

@@ -1,0 +1,90 @@
+"""Pipeline parallelism: the LM's layer list (``models/pipeline.py``) in DeepSpeed's
+``PipelineModule``, combined with ZeRO-1 and data parallelism.
+
+Layout: ranks form a (pipe, data) grid with data fastest (DeepSpeed's
+``PipeDataParallelTopology``), so stage ``s`` holds ranks ``[s*dp, (s+1)*dp)``. Layers are
+split by parameter count. With tied embeddings, the embedding (first stage) and the output
+head (last stage) are one ``TiedLayerSpec``: DeepSpeed all-reduces that weight's gradient
+between the two stages, so both copies stay equal. Each stage builds only its own layers,
+with the model's per-part seeded init, so a pipelined run starts from the weights the
+unpipelined model has for the same seed and follows its trajectory up to summation order.
+
+Data: the loader treats all ``pp x dp`` ranks as data-parallel, so the data order and its
+resume state equal those of a data-parallel job with as many ranks; each step, the ranks of
+one pipeline gather their micro-batches so that every stage holds the same ones (the
+trainer's ``gather_pipeline``). Hence the global batch is a multiple of
+``micro_batch_size x ranks``, as without a pipeline.
+
+``dynamic_shape``: ``cu_seqlens`` travels between stages with the hidden states, and its
+length depends on how many documents a micro-batch holds.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .config import RunConfig
+from .config_loader import ConfigError
+from .models.init import draw_base_seed
+from .models.lm import token_loss
+from .models.pipeline import BlockLayer, EmbeddingLayer, FinalNormLayer, HeadLayer, tied_head
+
+TIED_KEY = "embed"
+
+
+def _non_reentrant(function: Any, *args: Any) -> Any:
+    return checkpoint(function, *args, use_reentrant=False)
+
+
+def layer_specs(cfg: RunConfig, base_seed: int) -> list:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    m = cfg.model
+    specs: list = []
+    if m.tie_embeddings:
+        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingLayer, m, base_seed, tied_weight_attr="embed.weight"))
+    else:
+        specs.append(LayerSpec(EmbeddingLayer, m, base_seed))
+    specs += [LayerSpec(BlockLayer, m, i, base_seed) for i in range(m.n_layers)]
+    specs.append(LayerSpec(FinalNormLayer, m))
+    if m.tie_embeddings:
+        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingLayer, m, base_seed, forward_fn=tied_head,
+                                   tied_weight_attr="embed.weight"))
+    else:
+        specs.append(LayerSpec(HeadLayer, m, base_seed))
+    return specs
+
+
+def check_pipeline(cfg: RunConfig, world_size: int) -> int:
+    """The data-parallel degree of a valid pipeline layout (raises ConfigError otherwise).
+
+    ``ParallelConfig.check`` already requires ZeRO-1; what depends on the rank count is here."""
+    p = cfg.parallel
+    pp = p.pipeline_stages
+    if world_size % pp:
+        raise ConfigError(f"parallel.pipeline_stages={pp} does not divide the {world_size} ranks of this job: "
+                          "choose a stage count that divides the number of GPUs")
+    if p.global_batch_size % (p.micro_batch_size * world_size):
+        raise ConfigError(
+            f"parallel.global_batch_size={p.global_batch_size} is not a multiple of micro_batch_size x ranks = "
+            f"{p.micro_batch_size} x {world_size}: with pipeline_stages={pp} every rank loads an equal share "
+            "of each step's micro-batches (its stages then share them); change one of them")
+    if pp > cfg.model.n_layers + 3:
+        raise ConfigError(f"parallel.pipeline_stages={pp} exceeds the {cfg.model.n_layers + 3} pipeline layers "
+                          "(embedding, blocks, norm, head): use fewer stages")
+    return world_size // pp
+
+
+def build_pipeline_module(cfg: RunConfig) -> Any:
+    """Every rank calls this collectively (DeepSpeed builds process groups here)."""
+    from deepspeed.pipe import PipelineModule
+
+    torch.manual_seed(cfg.seed)
+    base_seed = draw_base_seed()  # the same on every rank
+    return PipelineModule(
+        layers=layer_specs(cfg, base_seed), num_stages=cfg.parallel.pipeline_stages, loss_fn=token_loss,
+        partition_method="parameters", dynamic_shape=True,
+        activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+        activation_checkpoint_func=_non_reentrant, checkpointable_layers=[BlockLayer.__name__])
