@@ -10,7 +10,13 @@ import triton
 
 from ..dispatch import register_triton
 from .gated_delta_product_bwd import gdp_dd_local_kernel, gdp_dh_kernel, gdp_grad_kernel
-from .gated_delta_product_common import CHUNK_ROWS, chunk_layout, dot_precision
+from .gated_delta_product_common import (
+    CHUNK_ROWS,
+    INV_BLOCK,
+    chunk_layout,
+    dot_precision,
+    inverse_precision,
+)
 from .gated_delta_product_fwd import gdp_output_kernel, gdp_prep_kernel, gdp_state_kernel
 
 Tensor = torch.Tensor
@@ -42,6 +48,7 @@ class _Problem:
         self.beta = beta.reshape(B * T * self.n_h, H).contiguous()
         self.g = g.reshape(B * T, H).contiguous() if g is not None else None
         self.prec = dot_precision(q.dtype)
+        self.inv_prec = inverse_precision(q.dtype)
         self.BK, self.BVF, self.BV = _blocks(K, self.V)
 
     def consts(self) -> dict:
@@ -61,7 +68,8 @@ class _Problem:
         c = self.consts()
         if self.NC:
             gdp_prep_kernel[(self.NC, H)](self.k, self.v, self.beta, self.g_arg(), self.chunks,
-                                          w, u, tinv, BVF=self.BVF, STORE_T=store_t, **c)
+                                          w, u, tinv, BVF=self.BVF, BLK=INV_BLOCK, STORE_T=store_t,
+                                          INV_PREC=self.inv_prec, **c)
         hs = torch.empty(max(self.NC, 1), H, K, V, dtype=f32, device=dev)
         d = torch.empty(R, H, V, dtype=f32, device=dev)
         ht = torch.empty(self.N, H, K, V, dtype=f32, device=dev) if want_ht else hs

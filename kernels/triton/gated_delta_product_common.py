@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.language.standard import _sum_combine
 
 CHUNK_ROWS = 64  # sub-steps per tile
+INV_BLOCK = 16  # diagonal block of the chunk's triangular inverse (CHUNK_ROWS <= 4 blocks)
 
 
 # tl.reduce / tl.associative_scan with the standard sum combiner instead of tl.sum /
@@ -26,7 +27,8 @@ CHUNK_ROWS = 64  # sub-steps per tile
 # re-import these modules under the interpreter); with this combiner the interpreter
 # still takes its fast numpy path. Helpers are inlined where they would sit in loops:
 # each jit call costs milliseconds in the interpreter.
-__all__ = ["_sum_combine", "chunk_gates", "chunk_layout", "dot_precision", "CHUNK_ROWS"]
+__all__ = ["_sum_combine", "chunk_gates", "chunk_layout", "dot_precision", "inverse_precision",
+           "CHUNK_ROWS", "INV_BLOCK"]
 
 
 @triton.jit
@@ -78,3 +80,13 @@ def chunk_layout(cs: list[int], n_h: int, dev: torch.device) -> tuple[int, torch
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get full-precision dots (as the fp32 reference); half inputs use tf32."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def inverse_precision(dtype: torch.dtype) -> str:
+    """Dots inside the chunk's triangular inverse: fp32-accurate for every input dtype.
+
+    Plain tf32 there (10-bit mantissa) rounds the Neumann factors of (I + A)^-1: with
+    correlated keys and beta near 2 it makes W about 5x less accurate than the exact
+    inverse does; tf32x3 (three tf32 products) restores fp32 accuracy on tensor cores.
+    """
+    return "ieee" if dtype == torch.float32 else "tf32x3"

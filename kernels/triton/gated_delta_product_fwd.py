@@ -8,6 +8,15 @@ S' = e^total S0 + (K e^rest)^T D, and o_p = scale (q_p e^cum_p S0 + sum_{s<=p} e
 Three kernels: ``prep`` (parallel over chunks: KK^T, the triangular solve, W and U),
 ``state`` (sequential over the chunks of a sequence, fp32 state in registers; writes each
 chunk's entering state and D) and ``output`` (parallel over chunks).
+
+The triangular solve is blocked (``unit_lower_inverse``): forward substitution inverts only
+the four 16x16 diagonal blocks of I + A, all four at once, then three block-lower products
+finish the inverse. Plain substitution over the 64 rows is 63 dependent steps, each two
+cross-row reductions of a 64x64 tile (shared-memory round trips and barriers on a GPU); the
+blocked form is 15 such steps plus four 64x64 ``tl.dot``s with no row-to-row dependency
+(tensor cores, tf32x3, for half inputs; fp32 FMA for fp32 inputs, whose dots are "ieee").
+Not timed yet (written without a GPU): the claim is the step count, to be confirmed by
+the ``prep`` kernel's time on a device.
 """
 from __future__ import annotations
 
@@ -18,23 +27,41 @@ from .gated_delta_product_common import _sum_combine, chunk_gates
 
 
 @triton.jit
-def unit_lower_inverse(A, nrows, BC: tl.constexpr):
-    """(I + A)^-1 for strictly lower A by forward substitution over rows, fp32."""
+def unit_lower_inverse(A, nrows, BC: tl.constexpr, BLK: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^-1 for the strictly lower part of fp32 A; rows >= nrows are identity rows.
+
+    Blocked: with A = D + L (D its BLKxBLK diagonal blocks, L strictly block-lower),
+    I + A = (I + D)(I + N) with N = (I + D)^-1 L strictly block-lower, so N^4 = 0 for at
+    most four blocks and (I + A)^-1 = (I - N)(I + N^2)(I + D)^-1. (I + D)^-1 comes from
+    forward substitution on all blocks at once: step r updates row r of every block.
+    """
+    tl.static_assert(BC % BLK == 0, "chunk rows must be a multiple of the inverse block")
+    tl.static_assert(BC <= 4 * BLK, "the Neumann series stops at N^3: at most four blocks")
     rows = tl.arange(0, BC)
-    inv = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
-    for r in range(1, nrows):
-        sel = rows[:, None] == r
-        a = tl.reduce(tl.where(sel, A, 0.0), 0, _sum_combine)           # A[r, :]
-        upd = tl.reduce(a[:, None] * inv, 0, _sum_combine)              # sum_j A[r, j] inv[j, :]
-        inv = tl.where(sel, inv - upd[None, :], inv)
-    return inv
+    eye = rows[:, None] == rows[None, :]
+    same = rows[:, None] // BLK == rows[None, :] // BLK
+    A = tl.where((rows[:, None] < nrows) & (rows[:, None] > rows[None, :]), A, 0.0)
+    D = tl.where(same, A, 0.0)
+    dinv = tl.where(eye, 1.0, 0.0)
+    for r in tl.static_range(1, BLK):
+        sel = rows[:, None] % BLK == r
+        # Row r of each block, in one vector: the blocks' columns are disjoint.
+        a = tl.reduce(tl.where(sel, D, 0.0), 0, _sum_combine)
+        # Block-diagonal dinv: column c only sees the a entries of its own block.
+        upd = tl.reduce(a[:, None] * dinv, 0, _sum_combine)
+        dinv = tl.where(sel & same, dinv - upd[None, :], dinv)
+    N = tl.dot(dinv, A - D, input_precision=PREC)
+    N2 = tl.dot(N, N, input_precision=PREC)
+    M = dinv + tl.dot(N2, dinv, input_precision=PREC)
+    return M - tl.dot(N, M, input_precision=PREC)
 
 
 @triton.jit
 def gdp_prep_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, chunk_ptr, w_ptr, u_ptr, t_ptr,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
-                    BC: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
-                    HAS_G: tl.constexpr, STORE_T: tl.constexpr, PREC: tl.constexpr):
+                    BC: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr, BLK: tl.constexpr,
+                    HAS_G: tl.constexpr, STORE_T: tl.constexpr, PREC: tl.constexpr,
+                    INV_PREC: tl.constexpr):
     ic = tl.program_id(0)
     h = tl.program_id(1)
     tok0 = tl.load(chunk_ptr + 2 * ic)
@@ -54,7 +81,7 @@ def gdp_prep_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, chunk_ptr, w_ptr, u_ptr, t_pt
     strict = i[:, None] > i[None, :]
     kk = tl.dot(kb, tl.trans(kb), input_precision=PREC)
     A = tl.where(strict, bb[:, None] * kk * tl.exp(tl.where(strict, seg, 0.0)), 0.0)
-    inv = unit_lower_inverse(A, nrows, BC)
+    inv = unit_lower_inverse(A, nrows, BC, BLK, INV_PREC)
     kg = kb * (bb * tl.exp(cum))[:, None]
     w = tl.dot(inv, kg, input_precision=PREC)
     u = tl.dot(inv, vb * bb[:, None], input_precision=PREC)
