@@ -3,6 +3,8 @@
 The models know nothing of DeepSpeed; this is the one place where a ``LanguageModel``
 meets ZeRO. ``LossModule`` makes the loss the module's ``forward`` so that DeepSpeed's
 hooks (ZeRO-3 parameter gathering) run the way they do for any ``engine(...)`` call.
+With ``parallel.pipeline_stages > 1`` the engine is DeepSpeed's PipelineEngine over the
+layer list instead (``pipeline.py``).
 """
 from __future__ import annotations
 
@@ -64,9 +66,7 @@ class Engine:
     ds_config: dict
     dtype: torch.dtype
     num_parameters: int
-    dp_rank: int  # this rank's data-parallel coordinate: the ranks of one pipeline read the same data
-    dp_world: int
-    stage: int = 0
+    dp_world: int  # data-parallel ranks: all ranks / pipeline stages
     num_stages: int = 1
 
     @property
@@ -74,7 +74,7 @@ class Engine:
         return self.num_stages > 1
 
 
-def build_engine(cfg: RunConfig, rank: int, world_size: int) -> Engine:
+def build_engine(cfg: RunConfig, world_size: int) -> Engine:
     """Model (seeded, so every rank starts equal), optimizer and the DeepSpeed engine."""
     import deepspeed
 
@@ -88,8 +88,8 @@ def build_engine(cfg: RunConfig, rank: int, world_size: int) -> Engine:
         ds_cfg = deepspeed_config(cfg, dp_world)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, cfg.optim),
                                                config=ds_cfg)
-        return Engine(engine, grad_accum_steps(cfg, dp_world), ds_cfg, dtype, n_params,
-                      engine.grid.get_data_parallel_rank(), dp_world, engine.stage_id, engine.num_stages)
+        return Engine(engine, grad_accum_steps(cfg, dp_world), ds_cfg, dtype, n_params, dp_world,
+                      engine.num_stages)
     torch.manual_seed(cfg.seed)
     lm = build_model(cfg.model, init_seed=draw_base_seed())  # the seed a pipeline's stages would draw
     if cfg.parallel.activation_checkpointing:
@@ -98,4 +98,4 @@ def build_engine(cfg: RunConfig, rank: int, world_size: int) -> Engine:
     ds_cfg = deepspeed_config(cfg, world_size)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, cfg.optim),
                                            config=ds_cfg)
-    return Engine(engine, grad_accum_steps(cfg, world_size), ds_cfg, dtype, n_params, rank, world_size)
+    return Engine(engine, grad_accum_steps(cfg, world_size), ds_cfg, dtype, n_params, world_size)

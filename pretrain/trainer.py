@@ -103,7 +103,7 @@ class Trainer:
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
-        self.eng: Engine = build_engine(cfg, env.rank, env.world_size)
+        self.eng: Engine = build_engine(cfg, env.world_size)
         self.batches = Batches(cfg, cfg.parallel.micro_batch_size)
         self.val = None
         self.step = 0
