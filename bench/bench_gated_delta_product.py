@@ -4,7 +4,8 @@ For each grid point (B*T tokens, H, K = V, n_h) prints forward and forward+backw
 achieved TFLOP/s and peak memory of: our Triton kernels, the torch chunked path of
 ``kernels`` (optional, slow) and, when ``fla`` (the fla-core wheel) is importable,
 flash-linear-attention's ``chunk_gated_delta_product`` (and ``chunk_gated_delta_rule``
-for n_h = 1), with time ratios comparator / ours (> 1 means we are faster).
+for n_h = 1) through ``bench/fla_adapters.py``, with time ratios comparator / ours (> 1
+means we are faster).
 
 TFLOP/s counts the chunked algorithm's matmuls, per sub-step row with chunks of C = 64
 rows: KK^T, W and U (2C(2K+V)), the state pass (4KV), the output (2KV + 2C(K+V));
@@ -87,26 +88,24 @@ def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool) -> dict[str, Callab
     import kernels
 
     q, k, v, beta, g = x["q"], x["k"], x["v"], x["beta"], x["g"]
-    B, T, H, K = q.shape
+    K = q.shape[-1]
     out: dict[str, Callable[[], torch.Tensor]] = {
         "ours": lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="triton")[0]}
     if use_torch:
         out["torch"] = lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="torch")[0]
     if use_fla:
-        try:
-            from fla.ops.gated_delta_product import chunk_gated_delta_product
-        except Exception as exc:  # fla is optional, for the comparison only
-            print(f"  fla unavailable: {type(exc).__name__}: {str(exc)[:100]}")
-            return out
-        kf = k.reshape(B, T * n_h, H, K)
-        vf = v.reshape(B, T * n_h, H, v.shape[-1])
-        bf = beta.reshape(B, T * n_h, H)
-        out["fla_gdp"] = lambda: chunk_gated_delta_product(
-            q=q, k=kf, v=vf, g=g, beta=bf, num_householder=n_h, scale=K**-0.5)[0]
-        if n_h == 1:
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-            out["fla_gdn"] = lambda: chunk_gated_delta_rule(
-                q=q, k=k[:, :, 0], v=v[:, :, 0], g=g, beta=beta[:, :, 0], scale=K**-0.5)[0]
+        from bench.fla_adapters import load_fla_kernel
+
+        scale = K**-0.5
+        for name, kernel in (("fla_gdp", "fla"), ("fla_gdn", "fla_gdn")):
+            if kernel == "fla_gdn" and n_h != 1:
+                continue  # fla's gated delta rule is the n_h = 1 case only
+            try:
+                fn = load_fla_kernel(kernel)
+            except Exception as exc:  # fla is optional, for the comparison only
+                print(f"  {name} unavailable: {type(exc).__name__}: {str(exc)[:100]}")
+                continue
+            out[name] = lambda fn=fn: fn(q, k, v, beta, g, scale=scale)[0]
     return out
 
 

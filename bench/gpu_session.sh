@@ -15,7 +15,9 @@
 #   gdp       bench_gated_delta_product --target --torch (B=4 T=4096 H=16 K=V=128,
 #             n_h 1 and 2, bf16; vs the torch chunked path, and vs fla when importable)
 #   scan, conv, ssd   bench_scan_conv_ssd, one op each, at B*T = 32768 tokens, T = 4096
-#   train     bench_train (1.3B presets, seq 4096), only when deepspeed imports
+#   train     bench_train (1.3B presets, seq 4096, 10 steps each), only when deepspeed
+#             imports; the GatedDeltaProduct preset runs twice, with our kernel and with
+#             fla's chunk_gated_delta_product (ours/fla tokens/s), when fla imports
 #   gdp_grid  a wider GDP grid without the torch path, for time left over
 #
 # Environment:
@@ -229,8 +231,10 @@ main() {
         if wanted train && ! timeout 120 "$PY" -c "import deepspeed" >/dev/null 2>&1; then
             record train "skipped" 0 "deepspeed does not import: carry its wheels (bench/RESULTS.md)"
         else
-            run_stage train 180 "$OUT/bench_train.log" "$PY" -m bench.bench_train \
-                ${TRAIN_ARGS:---presets gated_deltaproduct-1.3b mamba2-1.3b griffin-1.3b --seq-len 4096 --micro-batch 1 --steps 10 --warmup 3}
+            # four runs: GDP with ours then fla (the comparison first, in case the cap hits), Mamba2, Griffin
+            run_stage train 240 "$OUT/bench_train.log" "$PY" -m bench.bench_train \
+                ${TRAIN_ARGS:---presets gated_deltaproduct-1.3b mamba2-1.3b griffin-1.3b --seq-len 4096 --micro-batch 1 --steps 10 --warmup 3} \
+                --results "$RESULTS"
         fi
         run_stage gdp_grid 600 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_GRID_ARGS:---tokens 32768 --heads 16 --headdim 64,128,256 --nh 1,2,3} --results "$RESULTS"
