@@ -1,0 +1,252 @@
+"""Registers, spills and shared memory of every Triton kernel, compiled for sm_90 on a CPU.
+
+Runs each public op (forward and backward, ``backend="triton"``) at realistic head sizes
+under the interpreter only to record the launches its host wrapper makes (constexprs,
+argument types, num_warps / num_stages; see ``kernels/triton/aot.py``), compiles every
+distinct launch ahead of time for sm_90 with triton's bundled ptxas, and prints one row per
+kernel. Nothing runs on a GPU and nothing is timed: this catches kernels that do not
+compile, spill, or need more shared memory than a block may have (the launch would fail
+with ``OutOfResources``). Exit status 1 when a kernel fails to compile or exceeds a hard
+limit (shared memory, registers); spills are only flagged.
+
+    python bench/kernel_resources.py                 # the bf16 grid (~10 min on 2 cores)
+    python bench/kernel_resources.py --fp32          # plus fp32 twins (~25 min more)
+    python bench/kernel_resources.py --ops ssd --quick
+    python bench/kernel_resources.py --num-stages 2  # what a launch option change would give
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kernels  # noqa: E402
+from kernels.triton import aot  # noqa: E402
+
+OPS = ("gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# Batch and length only shape the grids and integer arguments (multiples of 16, as in
+# training); 8 sequences make the scan's channel block what a B*T = 32K batch gets.
+BATCH, SEQLEN = 8, 64
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op call (forward and backward) whose launches get compiled."""
+
+    op: str
+    label: str
+    call: Callable[[], None]
+
+
+def _leaf(*shape: int, dtype: torch.dtype, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale + shift).to(dtype).requires_grad_()
+
+
+def _backward(out: torch.Tensor, state: torch.Tensor | None) -> None:
+    loss = out.float().sum()
+    if state is not None:
+        loss = loss + state.float().sum()
+    loss.backward()
+
+
+def gdp_case(dtype: str, K: int, V: int, n_h: int, *, H: int = 16, gate: bool = True,
+             with_state: bool = False) -> Case:
+    """Gated DeltaProduct; ``with_state`` adds initial and final state (prefill, dht, dh0)."""
+    dt = DTYPES[dtype]
+
+    def call() -> None:
+        B, T = BATCH, SEQLEN
+        q, k = _leaf(B, T, H, K, dtype=dt), _leaf(B, T, n_h, H, K, dtype=dt)
+        v, beta = _leaf(B, T, n_h, H, V, dtype=dt), _leaf(B, T, n_h, H, dtype=dt)
+        g = _leaf(B, T, H, dtype=dt, shift=-1.0) if gate else None
+        h0 = _leaf(B, H, K, V, dtype=torch.float32) if with_state else None
+        o, ht = kernels.gated_delta_product(q, k, v, beta, g, initial_state=h0,
+                                            output_final_state=with_state, backend="triton")
+        _backward(o, ht)
+
+    label = f"{dtype} K={K} V={V} n_h={n_h}{'' if gate else ' no-g'}{' +state' if with_state else ''}"
+    return Case("gated_delta_product", label, call)
+
+
+def ssd_case(dtype: str, P: int, N: int, *, H: int = 64, G: int = 1, neg: bool = False,
+             with_state: bool = False) -> Case:
+    """Mamba2 SSD with D; ``neg`` is allow_neg_eigval."""
+    dt = DTYPES[dtype]
+
+    def call() -> None:
+        B, T = BATCH, SEQLEN
+        x, dts = _leaf(B, T, H, P, dtype=dt), _leaf(B, T, H, dtype=dt, scale=0.1, shift=0.5)
+        A, D = _leaf(H, dtype=dt, shift=-1.0), _leaf(H, dtype=dt)
+        Bm, Cm = _leaf(B, T, G, N, dtype=dt), _leaf(B, T, G, N, dtype=dt)
+        h0 = _leaf(B, H, P, N, dtype=torch.float32) if with_state else None
+        y, ht = kernels.ssd(x, dts, A, Bm, Cm, D=D, allow_neg_eigval=neg, initial_state=h0,
+                            output_final_state=with_state, backend="triton")
+        _backward(y, ht)
+
+    label = f"{dtype} P={P} N={N} G={G}{' neg' if neg else ''}{' +state' if with_state else ''}"
+    return Case("ssd", label, call)
+
+
+def scan_case(dtype: str, D: int, *, with_state: bool = False) -> Case:
+    """RG-LRU scan over ``BATCH`` sequences of width D."""
+    dt = DTYPES[dtype]
+
+    def call() -> None:
+        x, a = _leaf(BATCH, SEQLEN, D, dtype=dt), _leaf(BATCH, SEQLEN, D, dtype=dt, scale=0.01, shift=0.9)
+        h0 = _leaf(BATCH, D, dtype=torch.float32) if with_state else None
+        h, ht = kernels.linear_recurrence(x, a, initial_state=h0, output_final_state=with_state,
+                                          backend="triton")
+        _backward(h, ht)
+
+    return Case("linear_recurrence", f"{dtype} D={D}{' +state' if with_state else ''}", call)
+
+
+def conv_case(dtype: str, D: int, W: int = 4, *, with_state: bool = False) -> Case:
+    """Depthwise causal conv with bias and SiLU (as the models use it)."""
+    dt = DTYPES[dtype]
+
+    def call() -> None:
+        x, w, b = _leaf(BATCH, SEQLEN, D, dtype=dt), _leaf(D, W, dtype=dt), _leaf(D, dtype=dt)
+        s0 = _leaf(BATCH, D, W - 1, dtype=torch.float32) if with_state else None
+        y, st = kernels.causal_conv1d(x, w, b, activation="silu", initial_state=s0,
+                                      output_final_state=with_state, backend="triton")
+        _backward(y, st)
+
+    return Case("causal_conv1d", f"{dtype} D={D} W={W}{' +state' if with_state else ''}", call)
+
+
+def full_grid(fp32: bool = False) -> list[Case]:
+    """Shapes of the issues' targets and the model presets (1.3B: GDP H=16 K=V=128;
+    Mamba2 64 heads of P=64, N=128, conv over 4352 channels; Griffin width 2048), in bf16
+    (training); ``fp32`` adds fp32 twins (fp32 dots are FMA loops: GDP's take ~10 min)."""
+    cases = [
+        *(gdp_case("bf16", 128, 128, n_h) for n_h in (1, 2, 3)),
+        gdp_case("bf16", 128, 128, 2, with_state=True),
+        gdp_case("bf16", 64, 64, 2),
+        gdp_case("bf16", 256, 256, 2),
+        ssd_case("bf16", 64, 128),
+        ssd_case("bf16", 64, 128, neg=True, with_state=True),
+        scan_case("bf16", 2048),
+        scan_case("bf16", 2048, with_state=True),
+        conv_case("bf16", 4352),
+        conv_case("bf16", 2048, with_state=True),
+    ]
+    if fp32:
+        cases += [gdp_case("fp32", 128, 128, 2), ssd_case("fp32", 64, 128),
+                  scan_case("fp32", 2048), conv_case("fp32", 2048)]
+    return cases
+
+
+def quick_grid() -> list[Case]:
+    """One realistic bf16 case per op."""
+    return [gdp_case("bf16", 128, 128, 2), ssd_case("bf16", 64, 128), scan_case("bf16", 2048),
+            conv_case("bf16", 4352)]
+
+
+def kernel_config(launch: aot.Launch) -> str:
+    """The launch's block sizes and the flags it switches on, e.g. ``BK=128 BV=64 HAS_G``."""
+    kw = dict(launch.kwargs)
+    blocks = [f"{k}={v}" for k, v in kw.items() if k.startswith("B") and isinstance(v, int)
+              and not isinstance(v, bool)]
+    flags = [k for k, v in kw.items() if v is True]
+    return " ".join(blocks + flags)
+
+
+def measure(launch: aot.Launch, **options) -> dict:
+    """Compile one launch; a row with its resources, or with the compiler's error."""
+    t0 = time.perf_counter()
+    try:
+        res = aot.resources(aot.compile_launch(launch, **options))
+    except Exception as e:  # noqa: BLE001 - the report shows any compiler failure
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return {"error": f"{type(e).__name__}: {first}"[:200], "seconds": time.perf_counter() - t0}
+    return {"res": res, "seconds": time.perf_counter() - t0}
+
+
+def rows_for(cases: list[Case], **options) -> list[dict]:
+    """One row per distinct kernel launch of the cases (a launch repeated by a later case
+    is compiled once, under the first)."""
+    rows, seen = [], set()
+    for case in cases:
+        for launch in aot.record(case.call):
+            key = (launch.module, launch.kernel, aot.specialize(launch, **options).key())
+            if key in seen:
+                continue
+            seen.add(key)
+            row = {"kernel": launch.kernel, "case": case.label, "config": kernel_config(launch)}
+            row.update(measure(launch, **options))
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    return rows
+
+
+HEADER = (f"{'kernel':<26} {'case':<30} {'config':<40} {'regs':>4} {'spill st/ld':>11} "
+          f"{'smem B':>7} {'warps':>5} {'stg':>3} {'s':>5}  flags")
+
+
+def _format_row(row: dict) -> str:
+    head = f"{row['kernel']:<26} {row['case']:<30} {row['config']:<40} "
+    if "error" in row:
+        return head + f"{'-':>4} {'-':>11} {'-':>7} {'-':>5} {'-':>3} {row['seconds']:>5.1f}  FAIL {row['error']}"
+    r: aot.Resources = row["res"]
+    spill = f"{r.spill_stores}/{r.spill_loads}"
+    return (head + f"{r.registers:>4} {spill:>11} {r.shared:>7} {r.num_warps:>5} {r.num_stages:>3} "
+            f"{row['seconds']:>5.1f}  {' '.join(r.warnings())}")
+
+
+def is_hard_failure(row: dict) -> bool:
+    """Rows a real launch could not run: compile errors, too much shared memory or registers."""
+    if "error" in row:
+        return True
+    return any(f != "SPILL" for f in row["res"].warnings())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--quick", action="store_true", help="one bf16 case per op instead of the full grid")
+    p.add_argument("--fp32", action="store_true", help="add fp32 cases to the full grid (slow to compile)")
+    p.add_argument("--num-stages", type=int, default=None,
+                   help="override every launch's num_stages (what-if; the wrappers' choice otherwise)")
+    p.add_argument("--num-warps", type=int, default=None, help="override every launch's num_warps")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        raise SystemExit(f"--ops: unknown op(s) {unknown}; choose from {list(OPS)}")
+    if not aot.can_compile():
+        raise SystemExit("TRITON_INTERPRET is set: run without it (the interpreter is used only "
+                         "to record the launches)")
+    if aot.ptxas_path() is None:
+        raise SystemExit("ptxas not found: needs triton with its NVIDIA backend (or TRITON_PTXAS_PATH)")
+    options = {k: v for k, v in (("num_stages", args.num_stages), ("num_warps", args.num_warps))
+               if v is not None}
+    import triton
+    print(f"triton {triton.__version__}, torch {torch.__version__}; ptxas sm_90a (via triton), "
+          f"compiled on a CPU machine, not timed; shared-memory limit {aot.SM90_SHARED_LIMIT} B/block"
+          + (f"; overrides {options}" if options else ""))
+    print(HEADER, flush=True)
+    torch.manual_seed(0)
+    cases = [c for c in (quick_grid() if args.quick else full_grid(args.fp32)) if c.op in ops]
+    rows = rows_for(cases, **options)
+    bad = [r for r in rows if is_hard_failure(r)]
+    spills = [r for r in rows if "res" in r and "SPILL" in r["res"].warnings()]
+    print(f"{len(rows)} kernels compiled; {len(bad)} cannot launch on sm_90; {len(spills)} spill; "
+          f"compile time {sum(r['seconds'] for r in rows):.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
