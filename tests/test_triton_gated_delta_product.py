@@ -182,6 +182,21 @@ def test_without_final_state(tk):
     compare(res, run(oracle64, inp, torch.float64, scale=0.25))
 
 
+@pytest.mark.parametrize("with_init", [True, False])
+def test_wide_heads_backward_falls_back_to_the_reference(tk, monkeypatch, with_init):
+    """Above GRAD_KERNEL_MAX_K (K = 256 on a GPU) the gradient kernel would not fit an sm_90
+    block; the backward then differentiates the PyTorch chunked form. The limit is lowered
+    here so that a small K takes that path; the forward stays on the kernels."""
+    monkeypatch.setattr(tk, "GRAD_KERNEL_MAX_K", 16)
+    monkeypatch.setattr(tk, "gdp_backward", None)  # the kernel backward must not run
+    cu_seqlens = torch.tensor([0, 5, 40], dtype=torch.int32)
+    inp = make_inputs(1, 40, 2, 32, 16, 2, gates="mixed", betas="near2", n_state=2 if with_init else None,
+                      seed=4)
+    kw = dict(scale=0.2, output_final_state=True, cu_seqlens=cu_seqlens)
+    compare(run(tk.triton_gated_delta_product, inp, torch.float32, **kw),
+            run(oracle64, inp, torch.float64, **kw))
+
+
 def _rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.double(), ref.double()
     return ((x - ref).pow(2).mean() / ref.pow(2).mean().clamp_min(1e-300)).sqrt().item()

@@ -22,11 +22,24 @@ from .gated_delta_product_fwd import gdp_output_kernel, gdp_prep_kernel, gdp_sta
 Tensor = torch.Tensor
 
 
-def _blocks(K: int, V: int) -> tuple[int, int, int]:
-    """(BK: all of K, BVF: all of V, BV: a V block for the state-sized kernels)."""
+def _blocks(K: int, V: int) -> tuple[int, int, int, int]:
+    """(BK: all of K, BVF: all of V, BV: a V block for the state-sized kernels, BVG: the V
+    block of the gradient kernel, which holds six [64, BK] and [64, BV] tiles at once)."""
     bk = max(16, triton.next_power_of_2(K))
     bvf = max(16, triton.next_power_of_2(V))
-    return bk, bvf, min(bvf, 64)
+    return bk, bvf, min(bvf, 64), min(bvf, 32 if bk <= 128 else 16)
+
+
+def _stages(bk: int) -> int:
+    """Software-pipelining depth of the sequential state kernels. Triton's default (3)
+    buffers each loop's loads three times: at K = 256 that outgrows an H100 block's 227 KB of
+    shared memory (``bench/kernel_resources.py``), so the K = 256 kernels run unpipelined."""
+    return 1 if bk >= 256 else 3
+
+
+# The gradient kernel's V loop carries many tiles: pipelined it needs 287-480 KB of shared
+# memory at K = V = 128-256 (cannot launch on sm_90); unpipelined with BVG it fits.
+GRAD_STAGES = 1
 
 
 class _Problem:
@@ -49,7 +62,7 @@ class _Problem:
         self.g = g.reshape(B * T, H).contiguous() if g is not None else None
         self.prec = dot_precision(q.dtype)
         self.inv_prec = inverse_precision(q.dtype)
-        self.BK, self.BVF, self.BV = _blocks(K, self.V)
+        self.BK, self.BVF, self.BV, self.BVG = _blocks(K, self.V)
 
     def consts(self) -> dict:
         return dict(H=self.H, K=self.K, V=self.V, N_H=self.n_h, BC=CHUNK_ROWS, BK=self.BK,
@@ -76,7 +89,7 @@ class _Problem:
         h0c = h0.float().contiguous() if h0 is not None else hs
         gdp_state_kernel[(self.N, H, triton.cdiv(V, self.BV))](
             self.k, self.g_arg(), w, u, h0c, self.chunks, self.seq_chunk, hs, d, ht,
-            BV=self.BV, HAS_H0=h0 is not None, STORE_HT=want_ht, **c)
+            BV=self.BV, HAS_H0=h0 is not None, STORE_HT=want_ht, num_stages=_stages(self.BK), **c)
         return w, u, tinv, hs, d, (ht if want_ht else None)
 
 
@@ -105,7 +118,7 @@ def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None)
     dh0 = torch.empty(p.N, H, K, V, dtype=f32, device=dev) if h0 is not None else dhs
     dhtc = dht.float().contiguous() if dht is not None else dhs
     gdp_dh_kernel[(p.N, H, nv)](p.q, p.k, p.g_arg(), w, do, dd, dhtc, p.chunks, p.seq_chunk,
-                                dhs, dh0, p.scale, BV=p.BV, HAS_DHT=dht is not None,
+                                dhs, dh0, p.scale, BV=p.BV, HAS_DHT=dht is not None, num_stages=_stages(p.BK),
                                 STORE_DH0=h0 is not None, **c)
     dq = torch.zeros_like(p.q)
     dk = torch.empty_like(p.k)
@@ -116,11 +129,37 @@ def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None)
         gdp_grad_kernel[(p.NC, H)](
             p.q, p.k, p.v, p.beta, p.g_arg(), w, u, tinv, hs, dhs, d, dd, do,
             dq, dk, dv, dbeta, dg if dg is not None else dd, p.chunks, p.scale,
-            BV=p.BV, **c)
+            BV=p.BVG, num_stages=GRAD_STAGES, **c)
     B, T, n_h = p.B, p.T, p.n_h
     return (dq.view(B, T, H, K), dk.view(B, T, n_h, H, K), dv.view(B, T, n_h, H, V),
             dbeta.view(B, T, n_h, H), dg.view(B, T, H) if dg is not None else None,
             dh0 if h0 is not None else None)
+
+
+# gdp_grad_kernel holds several [64, BK] fp32 tiles at once: at K = 256 it needs ~360 KB of
+# shared memory even unpipelined, over the 227 KB an sm_90 block may have, so it could not
+# launch. Until it splits K, the backward for K > 128 differentiates the PyTorch chunked
+# form instead: exact gradients, slower, and O(T*K*V) activation memory during the call.
+GRAD_KERNEL_MAX_K = 128
+
+
+def reference_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
+                       h0: Tensor | None, cu_seqlens: Tensor | None, scale: float,
+                       do: Tensor, dht: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The six input gradients, by autograd through ``kernels.reference``'s chunked form."""
+    from ..reference.gated_delta_product import chunk_gated_delta_product
+
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (q, k, v, beta, g, h0)]
+    with torch.enable_grad():
+        o, ht = chunk_gated_delta_product(*leaves[:5], scale=scale, initial_state=leaves[5],
+                                          output_final_state=dht is not None, cu_seqlens=cu_seqlens)
+        outs, grads_out = [o], [do]
+        if dht is not None:
+            outs.append(ht)
+            grads_out.append(dht)
+        wanted = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True))
+    return tuple(next(got) if t is not None else None for t in leaves)
 
 
 class GatedDeltaProductFunction(torch.autograd.Function):
@@ -138,7 +177,10 @@ class GatedDeltaProductFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, beta, g, h0, cu_seqlens = ctx.saved_tensors
         p = _Problem(q, k, v, beta, g, cu_seqlens, ctx.scale)
-        dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht)
+        if p.BK > GRAD_KERNEL_MAX_K:
+            dq, dk, dv, db, dg, dh0 = reference_backward(q, k, v, beta, g, h0, cu_seqlens, ctx.scale, do, dht)
+        else:
+            dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht)
         if dg is not None:
             dg = dg.to(ctx.g_dtype)
         if dh0 is not None:

@@ -240,6 +240,13 @@ def _ssd_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, st_ptr, dy_ptr, d
     tl.store(dD_ptr + sq * H + hd, dD)
 
 
+def _chunk_len(BP: int, BN: int) -> int:
+    """Tokens per chunk. 64 by default; 32 for states of 8192+ elements (e.g. Mamba2's
+    P = 64, N = 128), where the backward kernel at 64 needs ~300 KB of shared memory, over an
+    H100 block's 227 KB (``bench/kernel_resources.py``). The price: twice the saved states."""
+    return 32 if BP * BN >= 8192 else 64
+
+
 def _chunk_offsets(cu: torch.Tensor, BL: int) -> torch.Tensor:
     """First saved-state slot of each sequence (its chunks take consecutive slots)."""
     nch = (cu[1:] - cu[:-1] + BL - 1) // BL
@@ -254,8 +261,8 @@ class _SSD(torch.autograd.Function):
         L, H, P = x.shape
         G, N = Bm.shape[1], Bm.shape[2]
         n_seq = cu.numel() - 1
-        BL = block_l or 64
         BP, BN = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+        BL = block_l or _chunk_len(BP, BN)
         coff = _chunk_offsets(cu, BL)
         slots = L // BL + n_seq  # >= sum over sequences of ceil(len / BL)
         states = torch.empty(slots, H, P, N, device=x.device, dtype=torch.float32)
