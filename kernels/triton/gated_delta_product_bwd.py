@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gated_delta_product_common import _sum_combine, chunk_gates
+from .gated_delta_product_common import _sum_combine, chunk_gates, chunk_scores
 
 
 @triton.jit
@@ -30,24 +30,15 @@ def gdp_dd_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dd_ptr, chunk_ptr, scale,
     tok0 = tl.load(chunk_ptr + 2 * ic)
     ntok = tl.load(chunk_ptr + 2 * ic + 1)
     i = tl.arange(0, BC)
-    ck = tl.arange(0, BK)
     cv = iv * BV + tl.arange(0, BV)
-    km = ck < K
     vm = cv < V
     rm = i < ntok * N_H
     last = rm & (i % N_H == N_H - 1)
     row = (tok0 * N_H + i).to(tl.int64)
     tok = (tok0 + i // N_H).to(tl.int64)
-    qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
-                 mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
-    kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
-                 mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
     dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
                   mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
-    _, _, _, _, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
-    causal = i[:, None] >= i[None, :]
-    P = tl.dot(qb, tl.trans(kb), input_precision=PREC)
-    P = tl.where(causal, P * tl.exp(tl.where(causal, seg, 0.0)), 0.0)
+    _, P, _ = chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H, K, N_H, BC, BK, HAS_G, PREC)
     dd = tl.dot(tl.trans(P), dob, input_precision=PREC) * scale
     tl.store(dd_ptr + row[:, None] * (H * V) + h * V + cv[None, :], dd,
              mask=rm[:, None] & vm[None, :])

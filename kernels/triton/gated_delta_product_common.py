@@ -27,7 +27,7 @@ INV_BLOCK = 16  # diagonal block of the chunk's triangular inverse (CHUNK_ROWS <
 # re-import these modules under the interpreter); with this combiner the interpreter
 # still takes its fast numpy path. Helpers are inlined where they would sit in loops:
 # each jit call costs milliseconds in the interpreter.
-__all__ = ["_sum_combine", "chunk_gates", "chunk_layout", "dot_precision", "inverse_precision",
+__all__ = ["_sum_combine", "chunk_gates", "chunk_scores", "chunk_layout", "dot_precision", "inverse_precision",
            "CHUNK_ROWS", "INV_BLOCK"]
 
 
@@ -54,6 +54,33 @@ def chunk_gates(g_ptr, tok0, ntok, h, H: tl.constexpr, N_H: tl.constexpr,
     # seg[p, s] = sum_{s < p' <= p} gam[p'] as a column-wise cumsum of M[p', s] = gam[p'] [p' > s]
     seg = tl.associative_scan(tl.where(i[:, None] > i[None, :], gam[:, None], 0.0), 0, _sum_combine)
     return gam, cum, rest, total, seg
+
+
+@triton.jit
+def chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H: tl.constexpr, K: tl.constexpr,
+                 N_H: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_G: tl.constexpr,
+                 PREC: tl.constexpr):
+    """What the output and its dD gradient share: (qb [BC, BK], P [BC, BC], cum [BC]).
+
+    qb holds each token's query on its last sub-step (0 on the others), P[p, s] =
+    (q_p . k_s) e^seg[p, s] for s <= p (0 above the diagonal), cum as in ``chunk_gates``.
+    """
+    i = tl.arange(0, BC)
+    ck = tl.arange(0, BK)
+    km = ck < K
+    rm = i < ntok * N_H
+    last = rm & (i % N_H == N_H - 1)
+    row = (tok0 * N_H + i).to(tl.int64)
+    tok = (tok0 + i // N_H).to(tl.int64)
+    qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
+                 mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
+    kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
+                 mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
+    _, cum, _, _, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
+    causal = i[:, None] >= i[None, :]
+    P = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    P = tl.where(causal, P * tl.exp(tl.where(causal, seg, 0.0)), 0.0)
+    return qb, P, cum
 
 
 def chunk_layout(cs: list[int], n_h: int, dev: torch.device) -> tuple[int, torch.Tensor, torch.Tensor, int]:

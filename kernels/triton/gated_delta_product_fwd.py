@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gated_delta_product_common import _sum_combine, chunk_gates
+from .gated_delta_product_common import _sum_combine, chunk_gates, chunk_scores
 
 
 @triton.jit
@@ -157,14 +157,7 @@ def gdp_output_kernel(q_ptr, k_ptr, g_ptr, hs_ptr, d_ptr, o_ptr, chunk_ptr, scal
     last = rm & (i % N_H == N_H - 1)
     row = (tok0 * N_H + i).to(tl.int64)
     tok = (tok0 + i // N_H).to(tl.int64)
-    qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
-                 mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
-    kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
-                 mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
-    _, cum, _, _, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
-    causal = i[:, None] >= i[None, :]
-    P = tl.dot(qb, tl.trans(kb), input_precision=PREC)
-    P = tl.where(causal, P * tl.exp(tl.where(causal, seg, 0.0)), 0.0)
+    qb, P, cum = chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H, K, N_H, BC, BK, HAS_G, PREC)
     S = tl.load(hs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + h * (K * V) + ck[:, None] * V + cv[None, :],
                 mask=km[:, None] & vm[None, :], other=0.0)
     d = tl.load(d_ptr + row[:, None] * (H * V) + h * V + cv[None, :],
