@@ -4,9 +4,12 @@
 # and [0,1]), Mamba2 (both ranges) and Griffin, trained from scratch with `python -m
 # evals.cli`, one run per (task, model, learning rate), several runs at once on the GPU.
 # Every stage and every run has a time cap, so a short lease always ends with results:
-# runs start in the order given (the most telling comparisons first), a run still going at
-# its stage's cap is stopped and counted as timed out, the runs not started are listed as
-# skipped, and the results of the finished runs are merged after every stage.
+# runs start in the order given (the most telling comparisons first); each run gets
+# `--time-limit` EVALS_RUN_MARGIN_S under its stage's cap, so it stops training early, is
+# still scored and saved, and is marked "stopped by time limit" (converged column: "time
+# limit"); a run still going at the cap itself is killed and counted as timed out (its
+# seeds that finished are kept), the runs not started are listed as skipped, and the
+# results are merged after every stage.
 #
 #   bash bench/gpu_evals.sh                 # all default stages, at most ~9 minutes
 #   EVALS_STAGES=env,preflight,s3 S3_STEPS=4000 bash bench/gpu_evals.sh
@@ -44,6 +47,9 @@
 #   EVALS_PARALLEL       runs at once on the GPU (default 4; tiny models leave it idle)
 #   EVALS_THREADS        torch CPU threads per run (default 3; MQAR draws its data on the CPU)
 #   EVALS_MIN_RUN_S      do not start a run with less than this left in its stage (default 30)
+#   EVALS_RUN_MARGIN_S   a run's --time-limit is this much under the time left in its stage
+#                        (default 20: covers Python start-up, which --time-limit does not
+#                        count, about 10 s on a loaded CPU, and a last step that runs over)
 #   EVALS_DEVICE         cuda, cpu, ... (default auto: cuda when available)
 #   EVALS_D_MODEL        d_model of every model (default 128)
 #   EVALS_SEEDS          seeds of every run, comma-separated (default 0)
@@ -102,6 +108,7 @@ PARALLEL=${EVALS_PARALLEL:-4}
 PREFLIGHT_SHAPE=${EVALS_PREFLIGHT_SHAPE:-64x256}
 THREADS=${EVALS_THREADS:-3}
 MIN_RUN_S=${EVALS_MIN_RUN_S:-30}
+RUN_MARGIN_S=${EVALS_RUN_MARGIN_S:-20}
 DEVICE=${EVALS_DEVICE:-auto}
 D_MODEL=${EVALS_D_MODEL:-128}
 SEEDS=${EVALS_SEEDS:-0}
@@ -129,7 +136,7 @@ die() { echo "gpu_evals.sh: $*" >&2; exit 2; }
 for s in ${STAGES//,/ }; do
     [[ " $ALL_STAGES " == *" $s "* ]] || die "unknown stage '$s' in EVALS_STAGES; choose from: ${ALL_STAGES// /,}"
 done
-for v in BUDGET PARALLEL THREADS MIN_RUN_S D_MODEL MAX_FILES; do
+for v in BUDGET PARALLEL THREADS MIN_RUN_S RUN_MARGIN_S D_MODEL MAX_FILES; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive whole number, got '${!v}'"
 done
 [[ $PREFLIGHT_SHAPE =~ ^[1-9][0-9]*x[1-9][0-9]*$ ]] || die "EVALS_PREFLIGHT_SHAPE must be BATCHxSEQ_LEN, e.g. 64x256, got '$PREFLIGHT_SHAPE'"
@@ -362,15 +369,16 @@ backend_for() {
 
 # run_job STAGE ID TOKEN LR DEADLINE: one evals.cli run (in the background), its status -> jobs.tsv
 run_job() {
-    local st=$1 id=$2 tok=$3 lr=$4 deadline=$5 layers backend dir t0 rc status
+    local st=$1 id=$2 tok=$3 lr=$4 deadline=$5 layers backend dir t0 rc status limit
     local -a args envs extra
     layers=$(setting "$st" LAYERS)
     variant_args "$tok" "$layers"
     backend=$(backend_for "$tok")
     dir=$WORK/$st/$id
+    limit=$(($(left_s "$deadline") - RUN_MARGIN_S))
     args=("${VARGS[@]}" --suite "$st" --out "$dir" --steps "$(setting "$st" STEPS)"
           --batch-size "$(setting "$st" BATCH)" --lr "$lr" --seeds "$SEEDS" --device "$DEVICE"
-          --threads "$THREADS" --no-progress)
+          --threads "$THREADS" --time-limit "$((limit < 1 ? 1 : limit))" --no-progress)
     if [[ $st == mqar ]]; then
         args+=(--mqar-train "$(setting mqar TRAIN)" --mqar-test "$(setting mqar TEST)")
     fi
@@ -478,16 +486,19 @@ for st in stages:
     for j in sjobs:
         j["steps"] = j["converged"] = j["train_s"] = j["ms_per_step"] = ""
         f = work / st / j["id"] / "results.json"
-        if j["status"] != "ok" or not f.exists():
+        if not f.exists():  # a run killed at the cap keeps its finished seeds (written after each)
             continue
         res = json.loads(f.read_text())
+        if not res["runs"]:
+            continue
         headers[j["id"]] = res["header"]
         for r in res["runs"]:
             r["job"] = j["id"]
             records.append(r)
         tr = [r["train"] for r in res["runs"]]
         j["steps"] = "/".join(str(t["steps"]) for t in tr)
-        j["converged"] = "/".join("yes" if t["converged"] else "no" for t in tr)
+        j["converged"] = "/".join("yes" if t["converged"] else "time limit" if t.get("stopped_by_time_limit")
+                                  else "no" for t in tr)
         j["train_s"] = "/".join(f"{t['seconds']:.0f}" for t in tr)
         j["ms_per_step"] = "/".join(f"{1e3 * t['seconds'] / max(t['steps'], 1):.1f}" for t in tr)
     md += ["", f"## {st}", ""] + [f"- {s}" for s in settings]

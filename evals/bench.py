@@ -4,11 +4,15 @@ scratch, then scored by length; the best learning rate per (task, variant) is re
 A variant is a model (preset name, model YAML, or exported checkpoint's config) plus
 ``key=value`` overrides; ``neg_eigval`` and ``n_h`` expand into the right keys for the
 pattern's mixers so several eigenvalue ranges and Householder counts compare in one run.
+With a deadline, every run gets an equal share of the time left when it starts (time a
+run does not use passes on to the next) and runs nothing is left for are not started.
 """
 from __future__ import annotations
 
 import itertools
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from pretrain.models import build_model
 
 from .metrics import evaluate_task, longest_solved
 from .suites import BenchTask
-from .tasks import make_task
+from .tasks import Condition, Task, make_task
 from .train import TrainConfig, train_on_task
 
 
@@ -92,32 +96,83 @@ class RunRecord:
     train_max: int
 
 
+@dataclass(frozen=True)
+class Job:
+    """One training run to do: a task, a model variant, a learning rate and a seed."""
+    task: BenchTask
+    variant: Variant
+    lr: float
+    seed: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.task.task, "variant": self.variant.name, "lr": self.lr, "seed": self.seed}
+
+
+def eval_tokens(task: Task, conditions: list[Condition], n: int) -> int:
+    """Tokens ``evaluate_task`` scores: one batch at the longest length for prefix-scored tasks."""
+    if task.prefix_scored:
+        return n * max(c.length for c in conditions)
+    return n * sum(c.length for c in conditions)
+
+
 def run_one(bt: BenchTask, variant: Variant, cfg: TrainConfig, eval_size: int,
-            threshold: float = 0.99, progress: bool = True) -> RunRecord:
-    """Build the variant for the task's vocabulary, train it from scratch, score it."""
+            threshold: float = 0.99, progress: bool = True, deadline: float | None = None) -> RunRecord:
+    """Build the variant for the task's vocabulary, train it from scratch, score it.
+
+    ``deadline`` (``time.monotonic()``) cuts training short so the scoring still ends by it."""
     task = make_task(bt.task, **bt.task_kwargs)
     mcfg = model_config(variant.model, [*variant.overrides, f"vocab_size={task.vocab_size}"])
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg)
     desc = f"{bt.task} | {variant.name} | lr {cfg.lr:g} | seed {cfg.seed}"
-    tr = train_on_task(model, task, list(bt.train), cfg, progress=progress, desc=desc)
+    tr = train_on_task(model, task, list(bt.train), cfg, progress=progress, desc=desc, deadline=deadline,
+                       eval_tokens=eval_tokens(task, list(bt.test), eval_size))
     ev = evaluate_task(model, task, list(bt.test), eval_size, torch.Generator().manual_seed(cfg.seed + 7919))
     return RunRecord(bt.task, variant.name, cfg.lr, cfg.seed, sum(p.numel() for p in model.parameters()),
                      tr.to_dict(), ev.to_dict(), longest_solved(ev.points, threshold), bt.train_max)
 
 
+def run_jobs(jobs: list[Job], cfg: TrainConfig, *, eval_size: int = 512, threshold: float = 0.99,
+             progress: bool = True, deadline: float | None = None,
+             on_record: Callable[[RunRecord], None] | None = None) -> tuple[list[RunRecord], list[Job]]:
+    """Run ``jobs`` in order; returns the records and the jobs not started for lack of time.
+
+    With ``deadline`` (``time.monotonic()``) each run may use the time left divided by the
+    runs left, less what ``on_record`` took last time (it runs after each of them), so early
+    finishers leave more for the rest. ``on_record`` sees every record as soon as its run
+    ends (to save results incrementally)."""
+    records: list[RunRecord] = []
+    record_s = 0.0
+    for i, job in enumerate(jobs):
+        run_deadline = None
+        if deadline is not None:
+            share = (deadline - time.monotonic()) / (len(jobs) - i) - record_s
+            if share <= 0:
+                return records, jobs[i:]
+            run_deadline = time.monotonic() + share
+        rec = run_one(job.task, job.variant, replace(cfg, lr=job.lr, seed=job.seed), eval_size, threshold,
+                      progress, deadline=run_deadline)
+        records.append(rec)
+        if on_record is not None:
+            t0 = time.monotonic()
+            on_record(rec)
+            record_s = time.monotonic() - t0
+    return records, []
+
+
 def run_benchmark(tasks: list[BenchTask], variants: list[Variant], cfg: TrainConfig, *, lrs: list[float],
                   seeds: list[int], eval_size: int = 512, threshold: float = 0.99,
-                  progress: bool = True) -> list[RunRecord]:
-    records = []
-    for bt, variant, lr, seed in itertools.product(tasks, variants, lrs, seeds):
-        records.append(run_one(bt, variant, replace(cfg, lr=lr, seed=seed), eval_size, threshold, progress))
-    return records
+                  progress: bool = True, time_limit: float | None = None) -> list[RunRecord]:
+    """Every (task, variant, lr, seed); ``time_limit`` seconds for all of them together."""
+    jobs = [Job(*j) for j in itertools.product(tasks, variants, lrs, seeds)]
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    return run_jobs(jobs, cfg, eval_size=eval_size, threshold=threshold, progress=progress, deadline=deadline)[0]
 
 
 def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
     """Per (task, variant): the learning rate with the best mean validation accuracy, and
-    its seeds' mean test accuracy by condition, longest solved length and steps."""
+    its seeds' mean test accuracy by condition, longest solved length, steps and how many
+    of its runs a time limit cut short."""
     rows = []
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for r in records:
@@ -137,6 +192,7 @@ def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
             "task": task, "variant": variant, "lr": lr, "seeds": [r.seed for r in best],
             "params": best[0].params, "train_max": best[0].train_max,
             "converged": sum(r.train["converged"] for r in best),
+            "stopped_by_time_limit": sum(r.train.get("stopped_by_time_limit", False) for r in best),
             "steps": statistics.mean(r.train["steps"] for r in best),
             "val_acc": statistics.mean(r.train["best_val_acc"] for r in best),
             "longest_solved": min(r.longest_solved for r in best),

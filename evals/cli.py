@@ -12,6 +12,11 @@ kv_lookup, fewshot and checkpoint (all four) evaluate its weights). Results: ``r
 ``results.md`` and one PNG per task in ``--out``. Runs can be split over ranks
 (``RANK``/``WORLD_SIZE``, e.g. under torchrun or srun): each rank trains its share and
 rank 0 writes the report.
+
+``--time-limit SECONDS`` bounds the whole call: each run gets an equal share of the time
+left, stops training early so it can still be scored, and is marked "stopped by time
+limit"; runs with no time left are not started. The result files are rewritten
+atomically after every run, so a call killed from outside keeps the runs it finished.
 """
 from __future__ import annotations
 
@@ -22,15 +27,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import suites
-from .bench import ModelSpecError, RunRecord, expand_variants, record_dict, run_one, summarise
+from .bench import Job, ModelSpecError, RunRecord, expand_variants, record_dict, run_jobs, summarise
 from .checkpoint import CheckpointError, load_checkpoint
 from .checkpoint_eval import CHECKPOINT_SUITES, CheckpointEvalOptions, expand, run_checkpoint_evals
-from .report import benchmark_markdown, benchmark_plots, write_json
+from .report import benchmark_markdown, benchmark_plots, write_json, write_text
 from .train import TrainConfig
 
 
@@ -53,6 +60,16 @@ def _pairs(text: str) -> list[tuple[int, int]]:
         t, _, p = item.lower().partition("x")
         out.append((int(t), int(p)))
     return out
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, e.g. 540, got {text!r}")
+    return value
 
 
 def _bools(text: str) -> list[bool] | None:
@@ -86,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop training once validation accuracy reaches this")
     g.add_argument("--stop-metric", choices=["token", "sequence"], default="token")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    g.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
+                   help="wall-clock budget of the whole call (counted once the command has loaded): each "
+                        "run gets an equal share of the time left and stops training early to still be "
+                        "scored and saved (marked 'stopped by time limit'); runs with no time left are not "
+                        "started. A run always trains one step, so the call may end up to one step and "
+                        "one evaluation late")
     g = p.add_argument_group("conditions")
     g.add_argument("--train-lengths", type=_range, default=None, help="state tracking: LO:HI, e.g. 3:40")
     g.add_argument("--test-lengths", type=_ints, default=None, help="state tracking: e.g. 40,128,256")
@@ -119,7 +142,13 @@ def _shard() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+GATHER_GRACE_S = 120.0  # with --time-limit: how long past the deadline rank 0 waits for the other ranks
+GATHER_POLL_S = 2.0
+
+
 def run_benchmarks(args: argparse.Namespace) -> dict:
+    start = time.monotonic()
+    deadline = start + args.time_limit if args.time_limit else None
     tasks = [suites.customise(bt, train_lengths=args.train_lengths, test_lengths=args.test_lengths,
                               mqar_vocab=args.mqar_vocab, mqar_train=args.mqar_train, mqar_test=args.mqar_test)
              for bt in suites.suite_tasks(args.suite)]
@@ -128,52 +157,139 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, weight_decay=args.weight_decay,
                       warmup=args.warmup, eval_every=args.eval_every, val_size=args.val_size,
                       target_acc=args.target_acc, stop_metric=args.stop_metric, device=device)
-    jobs = [(bt, v, lr, s) for bt in tasks for v in variants for lr in args.lr for s in args.seeds]
+    jobs = [Job(bt, v, lr, s) for bt in tasks for v in variants for lr in args.lr for s in args.seeds]
     rank, world = _shard()
     if device == "cuda" and world > 1:  # one GPU per rank on a node
         cfg.device = device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    out = Path(args.out)
-    start = time.time()
-    mine = [run_one(bt, v, TrainConfig(**{**cfg.__dict__, "lr": lr, "seed": s}), args.eval_size,
-                    args.threshold, progress=not args.no_progress)
-            for i, (bt, v, lr, s) in enumerate(jobs) if i % world == rank]
-    records = [record_dict(r) for r in mine]
-    if world > 1:
-        # The fingerprint ties rank files to this command line, so a rerun into the same
-        # directory never merges another run's leftovers.
-        fingerprint = hashlib.sha256(json.dumps(vars(args), sort_keys=True, default=str).encode()).hexdigest()[:16]
-        write_json(out / f"records.rank{rank}-of-{world}.json", {"fingerprint": fingerprint, "records": records})
-        if rank != 0:
-            return {}
-        records = _gather(out, world, fingerprint)
-    rows = summarise([RunRecord(**r) for r in records])
-    header = {"model": args.model, "suite": args.suite, "overrides": " ".join(args.override) or "none",
-              "seeds": args.seeds, "learning rates": args.lr, "max steps": args.steps,
-              "batch size": args.batch_size, "device": device, "ranks": world,
-              "wall time (s)": round(time.time() - start, 1)}
-    result = {"kind": "architecture_benchmark", "header": header, "summary": rows, "runs": records}
-    write_json(out / "results.json", result)
-    (out / "results.md").write_text(benchmark_markdown(rows, header))
-    benchmark_plots(rows, out)
-    return result
+    report = _Report(args, Path(args.out), device, world, start, len(jobs))
+    mine = [job for i, job in enumerate(jobs) if i % world == rank]
+    if world == 1:
+        done: list[dict] = []
+        _, skipped = run_jobs(mine, cfg, eval_size=args.eval_size, threshold=args.threshold,
+                              progress=not args.no_progress, deadline=deadline,
+                              on_record=lambda r: report.write(_add(done, r, len(jobs)), [], complete=False))
+        return report.write(done, [j.describe() for j in skipped], complete=True)
+    return _run_rank(args, report, mine, cfg, rank, world, deadline)
 
 
-def _gather(out: Path, world: int, fingerprint: str, timeout_s: float = 24 * 3600) -> list[dict]:
-    """Rank 0 waits for every rank's record file of this run (ranks finish at different times)."""
-    paths = [out / f"records.rank{r}-of-{world}.json" for r in range(world)]
+def _add(done: list[dict], record: RunRecord, total: int) -> list[dict]:
+    """Keep a finished run's record and say so on stdout (logs of long calls show progress)."""
+    done.append(record_dict(record))
+    tr = record.train
+    note = ", stopped by time limit" if tr["stopped_by_time_limit"] else ""
+    print(f"run {len(done)}/{total} done: {record.task} | {record.variant} | lr {record.lr:g} | seed {record.seed}: "
+          f"{tr['steps']} steps, val acc {tr['best_val_acc']:.3f}{note}", flush=True)
+    return done
 
-    def ready(p: Path) -> bool:
-        try:
-            return p.is_file() and json.loads(p.read_text()).get("fingerprint") == fingerprint
-        except (OSError, json.JSONDecodeError):
-            return False
 
-    deadline = time.time() + timeout_s
-    while not all(ready(p) for p in paths):
-        if time.time() > deadline:
-            raise TimeoutError(f"ranks did not finish: waiting for {[str(p) for p in paths if not ready(p)]}")
-        time.sleep(2.0)
-    return [rec for p in paths for rec in json.loads(p.read_text())["records"]]
+def _run_rank(args: argparse.Namespace, report: _Report, mine: list[Job], cfg: TrainConfig, rank: int,
+              world: int, deadline: float | None) -> dict:
+    """This rank's share of the runs; its record file is rewritten after each run, and rank 0
+    merges every rank's file into the report whenever one grows."""
+    # The fingerprint ties rank files to this command line, so a rerun into the same
+    # directory never merges another run's leftovers.
+    fingerprint = hashlib.sha256(json.dumps(vars(args), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    paths = [report.out / f"records.rank{r}-of-{world}.json" for r in range(world)]
+    done: list[dict] = []
+
+    def save(not_started: list[dict], complete: bool) -> None:
+        write_json(paths[rank], {"fingerprint": fingerprint, "complete": complete, "records": done,
+                                 "not_started": not_started})
+        if rank == 0 and not complete:
+            report.write(*_merge([_read_rank(p, fingerprint) for p in paths]), complete=False)
+
+    def on_record(rec: RunRecord) -> None:
+        _add(done, rec, len(mine))
+        save([], complete=False)
+
+    _, skipped = run_jobs(mine, cfg, eval_size=args.eval_size, threshold=args.threshold,
+                          progress=not args.no_progress, deadline=deadline, on_record=on_record)
+    save([j.describe() for j in skipped], complete=True)
+    if rank != 0:
+        return {}
+    wait_until = time.monotonic() + 24 * 3600 if deadline is None else deadline + GATHER_GRACE_S
+    parts = _gather(paths, fingerprint, lambda ps: report.write(*_merge(ps), complete=False), wait_until)
+    missing = [r for r, p in enumerate(parts) if not (p and p["complete"])]
+    if missing:
+        print(f"linrnn-eval: warning: ranks {missing} did not finish; results.json holds the runs they "
+              f"reported", file=sys.stderr)
+    return report.write(*_merge(parts), complete=not missing, missing_ranks=missing)
+
+
+def _read_rank(path: Path, fingerprint: str) -> dict | None:
+    """A rank's record file if it belongs to this command line (files are replaced atomically)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("fingerprint") == fingerprint else None
+
+
+def _merge(parts: list[dict | None]) -> tuple[list[dict], list[dict]]:
+    """Every rank's finished records and not-started runs, in rank order."""
+    return ([rec for p in parts if p for rec in p["records"]],
+            [job for p in parts if p for job in p.get("not_started", [])])
+
+
+def _gather(paths: list[Path], fingerprint: str, on_change: Callable[[list[dict | None]], None],
+            wait_until: float) -> list[dict | None]:
+    """Rank 0 waits until every rank's file says complete (ranks finish at different times) or
+    ``wait_until``; ``on_change`` sees the files whenever one has grown. None: never reported."""
+    seen = None
+    while True:
+        parts = [_read_rank(p, fingerprint) for p in paths]
+        if all(p and p["complete"] for p in parts) or time.monotonic() > wait_until:
+            return parts
+        state = [(len(p["records"]), p["complete"]) if p else None for p in parts]
+        if state != seen:
+            on_change(parts)
+            seen = state
+        time.sleep(GATHER_POLL_S)
+
+
+class _Report:
+    """``results.json``, ``results.md`` and the plots of this call, rewritten as runs finish."""
+
+    def __init__(self, args: argparse.Namespace, out: Path, device: str, world: int, start: float,
+                 n_runs: int) -> None:
+        self.args, self.out, self.device, self.world, self.start, self.n_runs = args, out, device, world, start, n_runs
+        self.plotted: dict[str, str] = {}  # task -> its rows as last plotted
+
+    def write(self, records: list[dict], not_started: list[dict], *, complete: bool,
+              missing_ranks: list[int] | None = None) -> dict[str, Any]:
+        """Write every file atomically; ``complete`` is False while runs are still going."""
+        a = self.args
+        rows = summarise([RunRecord(**r) for r in records])
+        header: dict[str, Any] = {
+            "model": a.model, "suite": a.suite, "overrides": " ".join(a.override) or "none", "seeds": a.seeds,
+            "learning rates": a.lr, "max steps": a.steps, "batch size": a.batch_size, "device": self.device,
+            "ranks": self.world, "time limit (s)": a.time_limit or "none",
+            "runs finished": f"{len(records)} of {self.n_runs}" + ("" if complete else " (in progress)"),
+        }
+        stopped = sum(bool(r["train"].get("stopped_by_time_limit")) for r in records)
+        if stopped:
+            header["runs stopped by time limit"] = stopped
+        if not_started:
+            header["runs not started (time limit)"] = len(not_started)
+        if missing_ranks:
+            header["ranks that did not finish"] = missing_ranks
+        header["wall time (s)"] = round(time.monotonic() - self.start, 1)
+        result = {"kind": "architecture_benchmark", "complete": complete, "header": header, "summary": rows,
+                  "runs": records, "not_started": not_started}
+        write_json(self.out / "results.json", result)
+        write_text(self.out / "results.md", benchmark_markdown(rows, header))
+        self._plot(rows)
+        return result
+
+    def _plot(self, rows: list[dict]) -> None:
+        """Redraw only the tasks whose rows changed (one plot per finished run, not all)."""
+        by_task: dict[str, list[dict]] = {}
+        for r in rows:
+            by_task.setdefault(r["task"], []).append(r)
+        changed = {t: json.dumps(rs, sort_keys=True, default=str) for t, rs in by_task.items()}
+        changed = {t: key for t, key in changed.items() if self.plotted.get(t) != key}
+        benchmark_plots([r for r in rows if r["task"] in changed], self.out)
+        self.plotted.update(changed)
 
 
 def run_checkpoint(args: argparse.Namespace) -> dict:
@@ -219,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if result:
         print(f"wrote {Path(args.out) / 'results.md'}")
         print((Path(args.out) / "results.md").read_text())
-    return 0
+    return 1 if result.get("complete") is False else 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The Markdown table puts every variant of a task side by side with the columns the
 literature reports: accuracy at the longest trained length, at the longest tested length,
-and the longest length at which whole sequences are right.
+and the longest length at which whole sequences are right. Every file is written atomically
+(temp + rename), so results rewritten after each run survive a kill at any moment.
 """
 from __future__ import annotations
 
@@ -19,9 +20,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic write (temp + rename) so a crash never leaves half a result."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_jsonable))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic text write: readers see the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_jsonable))
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -59,8 +65,11 @@ def benchmark_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> st
         for r in trows:
             solved = str(r["longest_solved"]) if r["longest_solved"] == r["longest_solved_max"] \
                 else f"{r['longest_solved']}-{r['longest_solved_max']}"
-            cells = [r["variant"], _count(r["params"]), f"{r['lr']:g}",
-                     f"{r['converged']}/{len(r['seeds'])}", f"{r['steps']:.0f}", _pct(r["val_acc"]), solved,
+            converged = f"{r['converged']}/{len(r['seeds'])}"
+            if r.get("stopped_by_time_limit"):
+                converged += f" ({r['stopped_by_time_limit']} stopped by time limit)"
+            cells = [r["variant"], _count(r["params"]), f"{r['lr']:g}", converged, f"{r['steps']:.0f}",
+                     _pct(r["val_acc"]), solved,
                      *(_pct(c[metric]) for c in r["by_condition"])]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -93,8 +102,10 @@ def benchmark_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"{task}.png"
-        fig.savefig(path, dpi=120)
+        tmp = path.with_name(path.name + ".tmp")
+        fig.savefig(tmp, dpi=120, format="png")
         plt.close(fig)
+        tmp.replace(path)
         paths.append(path)
     return paths
 

@@ -1,17 +1,20 @@
 """Architecture benchmarks end to end on tiny models, and the eigenvalue-range result:
-a one-layer GatedDeltaNet learns parity with eigenvalues in [-1, 1] but not in [0, 1]."""
+a one-layer GatedDeltaNet learns parity with eigenvalues in [-1, 1] but not in [0, 1];
+and a deadline that cuts training short but still scores the run."""
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import replace
 
 import pytest
 import torch
 
-from evals.bench import ModelSpecError, Variant, expand_variants, run_benchmark, run_one, summarise
+from evals.bench import Job, ModelSpecError, Variant, expand_variants, run_benchmark, run_jobs, run_one, summarise
 from evals.report import benchmark_markdown, benchmark_plots
 from evals.suites import BenchTask, customise, suite_tasks
 from evals.tasks import Condition
-from evals.train import TrainConfig, lr_at
+from evals.train import StopClock, TrainConfig, lr_at
 
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
@@ -108,8 +111,48 @@ def test_training_stops_at_target_accuracy() -> None:
 @pytest.mark.gpu
 def test_parity_benchmark_trains_on_cuda() -> None:
     """The same run on the GPU path (Triton kernels): [-1, 1] still learns parity."""
-    from dataclasses import replace
-
     (neg,) = expand_variants("gated_deltanet-tiny", PARITY_MODEL, neg_eigval=[True])
     r = run_one(PARITY, neg, replace(PARITY_TRAIN, device="cuda"), eval_size=256, progress=False)
     assert r.train["converged"] and r.eval["points"][0]["token_acc"] > 0.95, (r.train, r.eval)
+
+
+TINY_VARIANT = Variant("tiny", "gated_deltanet-tiny", ["n_layers=1", "d_model=16", "deltaproduct.head_dim=8"])
+SHORT_PARITY = BenchTask("parity", (Condition(2), Condition(4)), (Condition(4), Condition(8)))
+
+
+def test_deadline_stops_training_after_one_step_and_the_run_is_still_scored() -> None:
+    """A deadline already past: one step, a last validation, the test evaluation, the flag."""
+    cfg = TrainConfig(steps=1000, batch_size=8, eval_every=50, val_size=16)
+    r = run_one(SHORT_PARITY, TINY_VARIANT, cfg, eval_size=16, progress=False, deadline=time.monotonic())
+    assert r.train["stopped_by_time_limit"] and r.train["steps"] == 1
+    assert [h["step"] for h in r.train["history"]] == [1]  # the weights it stopped with were validated
+    assert [p["length"] for p in r.eval["points"]] == [4, 8]
+    (row,) = summarise([r])
+    assert row["stopped_by_time_limit"] == 1
+    assert "| 0/1 (1 stopped by time limit) | 1 |" in benchmark_markdown([row], {})
+    free = run_one(SHORT_PARITY, TINY_VARIANT, replace(cfg, steps=3), eval_size=16, progress=False)
+    assert not free.train["stopped_by_time_limit"] and free.train["steps"] == 3
+
+
+def test_run_jobs_reports_each_record_and_starts_nothing_past_the_deadline() -> None:
+    cfg = TrainConfig(steps=2, batch_size=8, eval_every=2, val_size=8)
+    jobs = [Job(SHORT_PARITY, TINY_VARIANT, 1e-3, seed) for seed in (0, 1)]
+    seen = []
+    records, skipped = run_jobs(jobs, cfg, eval_size=8, progress=False, on_record=seen.append)
+    assert seen == records and [r.seed for r in records] == [0, 1] and skipped == []
+    records, skipped = run_jobs(jobs, cfg, eval_size=8, progress=False, deadline=time.monotonic() - 1)
+    assert records == [] and skipped == jobs
+    assert skipped[1].describe() == {"task": "parity", "variant": "tiny", "lr": 1e-3, "seed": 1}
+
+
+def test_stop_clock_prices_the_next_step_and_the_evaluation_that_must_follow() -> None:
+    clock = StopClock(time.monotonic() + 200.0, val_tokens=100, eval_tokens=10_000)
+    assert not clock.out_of_time(validates=True)
+    clock.step_done(900.0)  # a first step that compiled kernels ...
+    clock.step_done(0.01)
+    clock.step_done(0.01)  # ... is outvoted by the median of the steps since
+    clock.validation_done(1.0)  # 0.01 s per token: the evaluation fits (~150 s with the margin)
+    assert not clock.out_of_time(validates=True)
+    clock.validation_done(10.0)  # 0.1 s per token: ~1000 s of evaluation does not fit
+    assert clock.out_of_time(validates=False)
+    assert StopClock(time.monotonic() - 1.0, 1, 1).out_of_time(validates=False)

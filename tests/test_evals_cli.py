@@ -1,5 +1,6 @@
 """The ``linrnn-eval`` command: help, clear errors for bad input, and a tiny end-to-end
-run (also split over two ranks) that writes JSON, Markdown and plots."""
+run (also split over two ranks) that writes JSON, Markdown and plots; a time limit that
+stops training early, results saved after every run, and a rank that dies."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import json
 import pytest
 import torch
 
+from evals import bench, cli
 from evals.cli import main
 from pretrain.config_loader import dump_config, load_model_config
 
@@ -83,3 +85,74 @@ def test_exported_checkpoint_config_is_benchmarked_and_runs_shard_over_ranks(tmp
     data = json.loads((out / "results.json").read_text())
     assert sorted(r["seed"] for r in data["runs"]) == [0, 1, 2]
     assert data["summary"][0]["variant"] == "export" and data["header"]["ranks"] == 2
+
+
+def test_time_limit_stops_training_early_and_the_run_is_scored_and_marked(tmp_path) -> None:
+    out = tmp_path / "out"
+    rc = main(["gated_deltanet-tiny", "--suite", "parity", "--out", str(out), *TINY,
+               "--steps", "100000", "--time-limit", "2"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    (run,) = data["runs"]
+    assert data["complete"] and data["header"]["time limit (s)"] == 2.0
+    assert run["train"]["stopped_by_time_limit"] and 1 <= run["train"]["steps"] < 100000
+    assert run["train"]["history"][-1]["step"] == run["train"]["steps"]
+    assert [p["length"] for p in run["eval"]["points"]] == [6, 12]
+    assert data["summary"][0]["stopped_by_time_limit"] == 1 and data["header"]["runs stopped by time limit"] == 1
+    assert "(1 stopped by time limit)" in (out / "results.md").read_text()
+    assert (out / "parity.png").is_file()
+
+
+def test_bad_time_limit_is_rejected(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["gated_deltanet-tiny", "--suite", "parity", "--out", "unused", "--time-limit", "0"])
+    assert e.value.code == 2
+    assert "--time-limit: must be a positive number of seconds, e.g. 540, got '0'" in capsys.readouterr().err
+
+
+def _crash_on_run(monkeypatch, n: int) -> None:
+    """Make the n-th training run of this test die (like a kill in the middle of a call)."""
+    calls = []
+
+    def run_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    real = bench.run_one
+    monkeypatch.setattr(bench, "run_one", run_one)
+
+
+def test_results_are_saved_after_every_run_and_survive_a_crash(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    _crash_on_run(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["gated_deltanet-tiny", "--suite", "parity", "--out", str(out), "--seeds", "0,1", *TINY])
+    data = json.loads((out / "results.json").read_text())
+    assert not data["complete"] and [r["seed"] for r in data["runs"]] == [0]
+    assert data["header"]["runs finished"] == "1 of 2 (in progress)"
+    assert "| gated_deltanet-tiny |" in (out / "results.md").read_text() and (out / "parity.png").is_file()
+    assert not list(out.glob("*.tmp"))
+
+
+def test_rank_zero_reports_what_a_dead_rank_finished_once_the_time_limit_is_over(tmp_path, monkeypatch,
+                                                                                  capsys) -> None:
+    out = tmp_path / "out"
+    args = ["gated_deltanet-tiny", "--suite", "parity", "--out", str(out), "--seeds", "0,1,2,3", *TINY,
+            "--time-limit", "3"]
+    monkeypatch.setattr(cli, "GATHER_GRACE_S", 0.0)
+    monkeypatch.setattr(cli, "GATHER_POLL_S", 0.05)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with monkeypatch.context() as m:
+        _crash_on_run(m, 2)  # rank 1 dies after its first run (seed 1)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(args)
+    assert [r["seed"] for r in json.loads((out / "records.rank1-of-2.json").read_text())["records"]] == [1]
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 1
+    data = json.loads((out / "results.json").read_text())
+    assert sorted(r["seed"] for r in data["runs"]) == [0, 1, 2]
+    assert not data["complete"] and data["header"]["ranks that did not finish"] == [1]
+    assert "ranks [1] did not finish" in capsys.readouterr().err
