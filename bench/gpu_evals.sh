@@ -88,20 +88,11 @@ DEFAULT_STAGES="env,preflight,s3,mqar,a5"
 BENCH_STAGES="s3 mqar a5"
 MAX_FILES=${EVALS_MAX_FILES:-8}  # the device tool returns at most 8
 
-usage() { sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-case "${1:-}" in
-    -h|--help) usage; exit 0 ;;
-    "") ;;
-    *) echo "gpu_evals.sh takes no arguments (got '$1'); choose stages with EVALS_STAGES" >&2
-       exit 2 ;;
-esac
-
-cd "$(dirname "$0")/.." || exit 2
-REPO=$PWD
+source "$(dirname "$0")/gpu_common.sh" || exit 2
+gpu_script_start "$0" EVALS_STAGES "$@"
 OUT=${OUT:-$REPO/runs/gpu_evals}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
 BUDGET=${EVALS_BUDGET_S:-540}
 STAGES=${EVALS_STAGES:-$DEFAULT_STAGES}
 PARALLEL=${EVALS_PARALLEL:-4}
@@ -133,9 +124,7 @@ setting() {  # setting STAGE KEY -> $<STAGE>_<KEY> or its default
 }
 
 die() { echo "gpu_evals.sh: $*" >&2; exit 2; }
-for s in ${STAGES//,/ }; do
-    [[ " $ALL_STAGES " == *" $s "* ]] || die "unknown stage '$s' in EVALS_STAGES; choose from: ${ALL_STAGES// /,}"
-done
+check_stages EVALS_STAGES "$STAGES" "$ALL_STAGES"
 for v in BUDGET PARALLEL THREADS MIN_RUN_S RUN_MARGIN_S D_MODEL MAX_FILES; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -gt 0 ]] || die "$v must be a positive whole number, got '${!v}'"
 done

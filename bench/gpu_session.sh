@@ -41,19 +41,10 @@ set -u -o pipefail
 ALL_STAGES="env wheels pytest gdp scan conv ssd train gdp_grid"
 DEFAULT_STAGES="env,wheels,pytest,gdp,scan,conv,ssd,train"
 
-usage() { sed -n '2,/^set -u/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
-case "${1:-}" in
-    -h|--help) usage; exit 0 ;;
-    "") ;;
-    *) echo "gpu_session.sh takes no arguments (got '$1'); choose stages with GPU_SESSION_STAGES" >&2
-       exit 2 ;;
-esac
-
-cd "$(dirname "$0")/.." || exit 2
-REPO=$PWD
+source "$(dirname "$0")/gpu_common.sh" || exit 2
+gpu_script_start "$0" GPU_SESSION_STAGES "$@"
 OUT=${OUT:-$REPO/runs/gpu_session}
 mkdir -p "$OUT" || exit 2
-PY=${PYTHON:-python3}
 WHEELS_DIR=${WHEELS_DIR:-wheels}
 SITE=/tmp/gpu_session_site
 BUDGET=${GPU_SESSION_BUDGET_S:-540}
@@ -63,12 +54,7 @@ RESULTS=$OUT/results.md
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-for s in ${STAGES//,/ }; do
-    case " $ALL_STAGES " in
-        *" $s "*) ;;
-        *) echo "unknown stage '$s' in GPU_SESSION_STAGES; choose from: ${ALL_STAGES// /,}" >&2; exit 2 ;;
-    esac
-done
+check_stages GPU_SESSION_STAGES "$STAGES" "$ALL_STAGES"
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "GPU_SESSION_BUDGET_S must be whole seconds, got '$BUDGET'" >&2; exit 2; }
 
 # A command started in the background inherits SIGINT as ignored, and then Python installs
