@@ -106,3 +106,68 @@ def compare_results(res, ref, out: str, tol: float = TOL, *, floor: float = 1e-3
 def rel_rmse(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.double(), ref.double()
     return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def recurrence_decays(shape, regime: str, gen: torch.Generator) -> torch.Tensor:
+    """float64 decays a for h_t = a_t h_{t-1} + x_t: the RG-LRU range [0, 1] ("unit"), its
+    edges ("near0", "near1"), just above -1 ("near-1"), or any sign with exact 0 and -1 and
+    values near 1 ("signed")."""
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if regime == "unit":
+        return u
+    if regime == "near0":
+        return 1e-6 * u
+    if regime == "near1":
+        return 1.0 - 1e-5 * u
+    if regime == "near-1":
+        return -1.0 + 1e-5 * u
+    if regime == "signed":
+        a = 2.0 * u - 1.0
+        pick = torch.randint(6, shape, generator=gen)
+        a = torch.where(pick == 0, torch.zeros_like(a), a)
+        a = torch.where(pick == 1, -torch.ones_like(a), a)
+        return torch.where(pick == 2, 1.0 - 1e-5 * u, a)
+    raise ValueError(f"unknown decay regime {regime!r}: use unit, near0, near1, near-1 or signed")
+
+
+def recurrence_inputs(Bsz: int, T: int, Dm: int, regime: str, *, n_state: int | None = None,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """float64 x and a [Bsz, T, Dm] (a from ``recurrence_decays``) and, with ``n_state``, an
+    initial state [n_state, Dm], all drawn from one generator seeded with ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    inp = dict(x=torch.randn(Bsz, T, Dm, generator=gen, dtype=torch.float64),
+               a=recurrence_decays((Bsz, T, Dm), regime, gen))
+    if n_state is not None:
+        inp["initial_state"] = torch.randn(n_state, Dm, generator=gen, dtype=torch.float64)
+    return inp
+
+
+def check_bf16_kernel(run: Callable, kernel: Callable, reference: Callable, inputs: dict,
+                      compare: Callable, **kwargs) -> None:
+    """A compiled kernel in bf16 against ``reference`` in fp32: relative RMSE <= 5e-3 for the
+    output and final state, <= 1e-2 for each gradient; then the kernel in fp32 within 1e-4.
+
+    Both sides see the same bf16-rounded inputs, so this measures the kernel, not the
+    rounding. ``run(fn, inputs, dtype, **kwargs)`` returns (output, state, grads);
+    ``compare(res, ref, tol=...)`` checks two such triples.
+    """
+    inputs = {k: (v.to(torch.bfloat16).double() if v is not None else None) for k, v in inputs.items()}
+    res = run(kernel, inputs, torch.bfloat16, **kwargs)
+    ref = run(reference, inputs, torch.float32, **kwargs)
+    assert rel_rmse(res[0], ref[0]) <= 5e-3 and rel_rmse(res[1], ref[1]) <= 5e-3
+    for k in ref[2]:
+        assert rel_rmse(res[2][k], ref[2][k]) <= 1e-2, k
+    compare(run(kernel, inputs, torch.float32, **kwargs), ref, tol=1e-4)
+
+
+def interpreter_fixture(*names: str):
+    """A pytest fixture yielding ``interpreted_module(*names)`` for one test (assign it to the
+    fixture's name in the test module: ``tk = interpreter_fixture("kernels.triton.x")``)."""
+    import pytest
+
+    @pytest.fixture
+    def fixture() -> Iterator[object]:
+        with interpreted_module(*names) as mod:
+            yield mod
+
+    return fixture

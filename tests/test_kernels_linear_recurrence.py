@@ -8,37 +8,10 @@ import pytest
 import torch
 
 import kernels
-from kernel_checks import TOL, assert_close, compare_results, run_with_grads  # noqa: F401
+from kernel_checks import TOL, assert_close, compare_results, recurrence_inputs, run_with_grads  # noqa: F401
 from kernels.reference.linear_recurrence import chunk_linear_recurrence, naive_linear_recurrence
 
 NAMES = ("x", "a", "initial_state")
-
-
-def make_a(shape, regime: str, gen: torch.Generator) -> torch.Tensor:
-    """Decays: RG-LRU range [0, 1], its edges, or any sign (with exact 0 and -1)."""
-    u = torch.rand(shape, generator=gen, dtype=torch.float64)
-    if regime == "unit":
-        return u
-    if regime == "near0":
-        return 1e-6 * u
-    if regime == "near1":
-        return 1.0 - 1e-5 * u
-    if regime == "signed":
-        a = 2.0 * u - 1.0
-        pick = torch.randint(6, shape, generator=gen)
-        a = torch.where(pick == 0, torch.zeros_like(a), a)
-        a = torch.where(pick == 1, -torch.ones_like(a), a)
-        return torch.where(pick == 2, 1.0 - 1e-5 * u, a)
-    raise ValueError(regime)
-
-
-def make_inputs(Bsz, T, Dm, regime, *, n_state=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    inp = dict(x=torch.randn(Bsz, T, Dm, generator=gen, dtype=torch.float64),
-               a=make_a((Bsz, T, Dm), regime, gen))
-    if n_state is not None:
-        inp["initial_state"] = torch.randn(n_state, Dm, generator=gen, dtype=torch.float64)
-    return inp
 
 
 def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, **kwargs):
@@ -66,7 +39,7 @@ CASES = [
 
 @pytest.mark.parametrize("T,Dm,regime,with_init,chunk", CASES)
 def test_chunk_matches_naive(T, Dm, regime, with_init, chunk):
-    inp = make_inputs(2, T, Dm, regime, n_state=2 if with_init else None, seed=T + Dm)
+    inp = recurrence_inputs(2, T, Dm, regime, n_state=2 if with_init else None, seed=T + Dm)
     ref = run(naive_linear_recurrence, inp, torch.float64, output_final_state=True)
     res = run(chunk_linear_recurrence, inp, torch.float32, output_final_state=True, chunk_size=chunk)
     assert res[0].dtype == torch.float32 and res[1].dtype == torch.float32
@@ -75,7 +48,7 @@ def test_chunk_matches_naive(T, Dm, regime, with_init, chunk):
 
 def test_exact_zeros_and_minus_one_match_fp32_loop():
     """Same fp32 inputs to both forms: exact zeros cut the history, -1 flips its sign."""
-    inp = make_inputs(1, 130, 6, "signed", n_state=1, seed=4)
+    inp = recurrence_inputs(1, 130, 6, "signed", n_state=1, seed=4)
     inp["a"][0, ::7] = 0.0
     inp["a"][0, 3::7] = -1.0
     kw = dict(output_final_state=True)
@@ -88,7 +61,7 @@ def test_packed_documents_equal_separate_runs(with_states, regime):
     lengths = [1, 37, 1, 1, 0, 90, 1]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
     n = len(lengths)
-    inp = make_inputs(1, sum(lengths), 8, regime, n_state=n if with_states else None, seed=9)
+    inp = recurrence_inputs(1, sum(lengths), 8, regime, n_state=n if with_states else None, seed=9)
     res = run(chunk_linear_recurrence, inp, torch.float32, cu_seqlens=cu, chunk_size=16,
               output_final_state=True)
 
@@ -107,7 +80,7 @@ def test_packed_documents_equal_separate_runs(with_states, regime):
 
 
 def test_public_op_uses_chunked_torch_path():
-    inp = make_inputs(2, 65, 8, "signed", n_state=2, seed=12)
+    inp = recurrence_inputs(2, 65, 8, "signed", n_state=2, seed=12)
 
     def op(x, a, **kw):
         return kernels.linear_recurrence(x, a, backend="torch", **kw)
@@ -117,7 +90,7 @@ def test_public_op_uses_chunked_torch_path():
 
 
 def test_low_precision_inputs_keep_dtype_and_fp32_state():
-    inp = make_inputs(2, 50, 8, "unit", seed=2)
+    inp = recurrence_inputs(2, 50, 8, "unit", seed=2)
     x, a = inp["x"].to(torch.bfloat16), inp["a"].to(torch.bfloat16)
     h, state = chunk_linear_recurrence(x, a, output_final_state=True)
     assert h.dtype == torch.bfloat16 and state.dtype == torch.float32

@@ -11,19 +11,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_checks import TOL, assert_close, compare_results, interpreted_module, rel_rmse, run_with_grads  # noqa: E402,F401
+from kernel_checks import (TOL, assert_close, check_bf16_kernel, compare_results,  # noqa: E402,F401
+                           interpreter_fixture, run_with_grads)
 import kernels  # noqa: E402
 from kernels.reference.causal_conv1d import naive_causal_conv1d  # noqa: E402
 
 NAMES = ("x", "weight", "bias", "initial_state")
-MODULE = "kernels.triton.causal_conv1d"
-
-
-@pytest.fixture
-def tk():
-    """The kernel module re-imported under the interpreter, for this test only."""
-    with interpreted_module(MODULE) as mod:
-        yield mod
+# the conv kernels call linear_recurrence's jit helpers: both interpreted, dependency first
+tk = interpreter_fixture("kernels.triton.linear_recurrence", "kernels.triton.causal_conv1d")
 
 
 def make_inputs(Bsz, T, Dm, W, *, bias=True, n_state=None, seed=0):
@@ -109,12 +104,5 @@ def test_gpu_bf16_against_fp32_reference(cu):
     cu_t = torch.tensor(cu, device="cuda") if cu is not None else None
     n = Bsz if cu is None else len(cu) - 1
     inp = make_inputs(Bsz, 2048, 512, 4, n_state=n, seed=3)
-    kw = dict(activation="silu", output_final_state=True, cu_seqlens=cu_t, device="cuda")
-    # both sides see the same bf16-rounded inputs: this measures the kernel, not the rounding
-    inp = {k: (v.to(torch.bfloat16).double() if v is not None else None) for k, v in inp.items()}
-    res = run(causal_conv1d, inp, torch.bfloat16, **kw)
-    ref = run(chunk_causal_conv1d, inp, torch.float32, **kw)
-    assert rel_rmse(res[0], ref[0]) <= 5e-3 and rel_rmse(res[1], ref[1]) <= 5e-3
-    for k in ref[2]:
-        assert rel_rmse(res[2][k], ref[2][k]) <= 1e-2, k
-    compare(run(causal_conv1d, inp, torch.float32, **kw), ref, tol=1e-4)
+    check_bf16_kernel(run, causal_conv1d, chunk_causal_conv1d, inp, compare, activation="silu",
+                      output_final_state=True, cu_seqlens=cu_t, device="cuda")

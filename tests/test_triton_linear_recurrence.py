@@ -11,47 +11,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_checks import TOL, assert_close, compare_results, interpreted_module, rel_rmse, run_with_grads  # noqa: E402,F401
+from kernel_checks import (TOL, assert_close, check_bf16_kernel, compare_results,  # noqa: E402,F401
+                           interpreter_fixture, recurrence_inputs, run_with_grads)
 import kernels  # noqa: E402
 from kernels.reference.linear_recurrence import naive_linear_recurrence  # noqa: E402
 
 NAMES = ("x", "a", "initial_state")
-MODULE = "kernels.triton.linear_recurrence"
-
-
-@pytest.fixture
-def tk():
-    """The kernel module re-imported under the interpreter, for this test only."""
-    with interpreted_module(MODULE) as mod:
-        yield mod
-
-
-def make_a(shape, regime: str, gen: torch.Generator) -> torch.Tensor:
-    u = torch.rand(shape, generator=gen, dtype=torch.float64)
-    if regime == "unit":
-        return u
-    if regime == "near0":
-        return 1e-6 * u
-    if regime == "near1":
-        return 1.0 - 1e-5 * u
-    if regime == "near-1":
-        return -1.0 + 1e-5 * u
-    if regime == "signed":  # any sign, with exact 0 and -1 and values near 1
-        a = 2.0 * u - 1.0
-        pick = torch.randint(6, shape, generator=gen)
-        a = torch.where(pick == 0, torch.zeros_like(a), a)
-        a = torch.where(pick == 1, -torch.ones_like(a), a)
-        return torch.where(pick == 2, 1.0 - 1e-5 * u, a)
-    raise ValueError(regime)
-
-
-def make_inputs(Bsz, T, Dm, regime, *, n_state=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    inp = dict(x=torch.randn(Bsz, T, Dm, generator=gen, dtype=torch.float64),
-               a=make_a((Bsz, T, Dm), regime, gen))
-    if n_state is not None:
-        inp["initial_state"] = torch.randn(n_state, Dm, generator=gen, dtype=torch.float64)
-    return inp
+tk = interpreter_fixture("kernels.triton.linear_recurrence")  # re-imported under the interpreter
 
 
 def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, device="cpu", **kwargs):
@@ -76,7 +42,7 @@ CASES = [
 
 @pytest.mark.parametrize("Bsz,T,Dm,regime,with_init,block_t", CASES)
 def test_matches_naive(tk, Bsz, T, Dm, regime, with_init, block_t):
-    inp = make_inputs(Bsz, T, Dm, regime, n_state=Bsz if with_init else None, seed=T + Dm)
+    inp = recurrence_inputs(Bsz, T, Dm, regime, n_state=Bsz if with_init else None, seed=T + Dm)
     res = run(tk.linear_recurrence, inp, torch.float32, output_final_state=True, block_t=block_t)
     assert res[0].dtype == torch.float32 and res[1].dtype == torch.float32
     compare(res, run(naive_linear_recurrence, inp, torch.float64, output_final_state=True))
@@ -84,7 +50,7 @@ def test_matches_naive(tk, Bsz, T, Dm, regime, with_init, block_t):
 
 def test_exact_zeros_and_minus_one(tk):
     """Exact zeros cut the history and -1 flips it, across a tile edge."""
-    inp = make_inputs(1, 40, 6, "signed", n_state=1, seed=4)
+    inp = recurrence_inputs(1, 40, 6, "signed", n_state=1, seed=4)
     inp["a"][0, ::7] = 0.0
     inp["a"][0, 3::7] = -1.0
     kw = dict(output_final_state=True)
@@ -96,7 +62,7 @@ def test_exact_zeros_and_minus_one(tk):
 def test_packed_documents(tk, with_states, regime):
     lengths = [1, 37, 1, 1, 0, 20, 1]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    inp = make_inputs(1, sum(lengths), 8, regime, n_state=len(lengths) if with_states else None, seed=9)
+    inp = recurrence_inputs(1, sum(lengths), 8, regime, n_state=len(lengths) if with_states else None, seed=9)
     kw = dict(cu_seqlens=cu, output_final_state=True)
     compare(run(tk.linear_recurrence, inp, torch.float32, block_t=16, **kw),
             run(naive_linear_recurrence, inp, torch.float64, **kw))
@@ -104,7 +70,7 @@ def test_packed_documents(tk, with_states, regime):
 
 def test_public_op_dispatches_without_final_state(tk):
     """backend='triton' reaches the kernel; no final state means no dh_T in the backward."""
-    inp = make_inputs(2, 33, 8, "signed", n_state=2, seed=12)
+    inp = recurrence_inputs(2, 33, 8, "signed", n_state=2, seed=12)
 
     def op(x, a, **kw):
         return kernels.linear_recurrence(x, a, backend="triton", **kw)
@@ -115,7 +81,7 @@ def test_public_op_dispatches_without_final_state(tk):
 
 
 def test_bf16_keeps_dtype_and_fp32_state(tk):
-    inp = make_inputs(1, 20, 8, "unit", seed=2)
+    inp = recurrence_inputs(1, 20, 8, "unit", seed=2)
     x, a = inp["x"].to(torch.bfloat16), inp["a"].to(torch.bfloat16)
     h, state = tk.linear_recurrence(x, a, output_final_state=True)
     assert h.dtype == torch.bfloat16 and state.dtype == torch.float32
@@ -133,14 +99,7 @@ def test_gpu_bf16_against_fp32_reference(cu):
     Bsz = 2 if cu is None else 1
     cu_t = torch.tensor(cu, device="cuda") if cu is not None else None
     n = Bsz if cu is None else len(cu) - 1
-    inp = make_inputs(Bsz, 2048, 512, "unit", n_state=n, seed=3)
+    inp = recurrence_inputs(Bsz, 2048, 512, "unit", n_state=n, seed=3)
     inp["a"] = inp["a"].sqrt().sqrt()  # long memories, the hard case for bf16
-    kw = dict(output_final_state=True, cu_seqlens=cu_t, device="cuda")
-    # both sides see the same bf16-rounded inputs: this measures the kernel, not the rounding
-    inp = {k: (v.to(torch.bfloat16).double() if v is not None else None) for k, v in inp.items()}
-    res = run(linear_recurrence, inp, torch.bfloat16, **kw)
-    ref = run(chunk_linear_recurrence, inp, torch.float32, **kw)
-    assert rel_rmse(res[0], ref[0]) <= 5e-3 and rel_rmse(res[1], ref[1]) <= 5e-3
-    for k in ref[2]:
-        assert rel_rmse(res[2][k], ref[2][k]) <= 1e-2, k
-    compare(run(linear_recurrence, inp, torch.float32, **kw), ref, tol=1e-4)
+    check_bf16_kernel(run, linear_recurrence, chunk_linear_recurrence, inp, compare,
+                      output_final_state=True, cu_seqlens=cu_t, device="cuda")

@@ -15,7 +15,27 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_triton
-from .linear_recurrence import _add, seq_offsets
+from .linear_recurrence import _add, _seq_channels, seq_offsets
+
+
+@triton.jit
+def _state_row(ptr, n, d, D, W: tl.constexpr):
+    """Entry 0 of channel d of sequence n in the [N, D, W-1] conv state at ``ptr``."""
+    return ptr + n * (D * (W - 1)) + d * (W - 1)
+
+
+@triton.jit
+def _tap_weight(w_ptr, d, dm, j: tl.constexpr, W: tl.constexpr):
+    """Weight of tap j for channels d, in fp32."""
+    return tl.load(w_ptr + d * W + j, mask=dm, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _token_tile(L, D, BT: tl.constexpr, BD: tl.constexpr):
+    """Tokens t (program 0) and channels d (program 1) of a [BT, BD] tile, and their masks."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    return t, d, t < L, d < D
 
 
 @triton.jit
@@ -28,6 +48,8 @@ def _window_tap(x_ptr, st_ptr, t, s, doc, d, tm, dm, D, j: tl.constexpr, W: tl.c
     v = tl.load(x_ptr + pos[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_STATE:
         ms = (tm & (pos < s))[:, None] & dm[None, :]
+        # one integer offset, not _state_row's pointer sum: the same address, but this hot
+        # loop's code (and bwd_dz's spills) stay as measured
         soff = doc[:, None] * (D * (W - 1)) + d[None, :] * (W - 1) + (W - 1 + pos - s)[:, None]
         v += tl.load(st_ptr + soff, mask=ms, other=0.0).to(tl.float32)
     return v
@@ -38,7 +60,7 @@ def _preact(x_ptr, w_ptr, b_ptr, st_ptr, t, s, doc, d, tm, dm, D, W: tl.constexp
             HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     z = tl.full([BT, BD], 0.0, tl.float32)
     for j in tl.static_range(W):
-        wj = tl.load(w_ptr + d * W + j, mask=dm, other=0.0).to(tl.float32)
+        wj = _tap_weight(w_ptr, d, dm, j, W)
         z += _window_tap(x_ptr, st_ptr, t, s, doc, d, tm, dm, D, j, W, HAS_STATE) * wj[None, :]
     if HAS_BIAS:
         z += tl.load(b_ptr + d, mask=dm, other=0.0).to(tl.float32)[None, :]
@@ -49,10 +71,7 @@ def _preact(x_ptr, w_ptr, b_ptr, st_ptr, t, s, doc, d, tm, dm, D, W: tl.constexp
 def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, st_ptr, y_ptr, doc_ptr, cu_ptr, L, D,
                      W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr,
                      SILU: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    t = tl.program_id(0) * BT + tl.arange(0, BT).to(tl.int64)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    tm = t < L
-    dm = d < D
+    t, d, tm, dm = _token_tile(L, D, BT, BD)
     doc = tl.load(doc_ptr + t, mask=tm, other=0).to(tl.int64)
     s = tl.load(cu_ptr + doc, mask=tm, other=0).to(tl.int64)
     z = _preact(x_ptr, w_ptr, b_ptr, st_ptr, t, s, doc, d, tm, dm, D, W, HAS_BIAS, HAS_STATE, BT, BD)
@@ -66,18 +85,14 @@ def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, st_ptr, y_ptr, doc_ptr, cu_ptr, L, D,
 def _conv_final_state_kernel(x_ptr, st_ptr, fin_ptr, cu_ptr, D, W: tl.constexpr,
                              HAS_STATE: tl.constexpr, BD: tl.constexpr):
     """final[n, :, k] = input at position e-(W-1)+k of sequence n (state if before its start)."""
-    n = tl.program_id(0)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    dm = d < D
-    s = tl.load(cu_ptr + n).to(tl.int64)
-    e = tl.load(cu_ptr + n + 1).to(tl.int64)
+    n, d, dm, s, e = _seq_channels(cu_ptr, D, BD)
     for k in tl.static_range(W - 1):
         pos = e - (W - 1) + k
         v = tl.load(x_ptr + pos * D + d, mask=dm & (pos >= s), other=0.0).to(tl.float32)
         if HAS_STATE:
-            v += tl.load(st_ptr + n * (D * (W - 1)) + d * (W - 1) + (W - 1 + pos - s),
+            v += tl.load(_state_row(st_ptr, n, d, D, W) + W - 1 + pos - s,
                          mask=dm & (pos < s), other=0.0).to(tl.float32)
-        tl.store(fin_ptr + n * (D * (W - 1)) + d * (W - 1) + k, v, mask=dm)
+        tl.store(_state_row(fin_ptr, n, d, D, W) + k, v, mask=dm)
 
 
 @triton.jit
@@ -86,10 +101,7 @@ def _conv_bwd_dz_kernel(x_ptr, w_ptr, b_ptr, st_ptr, dy_ptr, dz_ptr, dwp_ptr, db
                         HAS_STATE: tl.constexpr, SILU: tl.constexpr, BT: tl.constexpr,
                         BD: tl.constexpr):
     pid = tl.program_id(0)
-    t = pid * BT + tl.arange(0, BT).to(tl.int64)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    tm = t < L
-    dm = d < D
+    t, d, tm, dm = _token_tile(L, D, BT, BD)
     m = tm[:, None] & dm[None, :]
     doc = tl.load(doc_ptr + t, mask=tm, other=0).to(tl.int64)
     s = tl.load(cu_ptr + doc, mask=tm, other=0).to(tl.int64)
@@ -109,23 +121,20 @@ def _conv_bwd_dz_kernel(x_ptr, w_ptr, b_ptr, st_ptr, dy_ptr, dz_ptr, dwp_ptr, db
 def _conv_bwd_dx_kernel(dz_ptr, w_ptr, dfin_ptr, dx_ptr, doc_ptr, cu_ptr, L, D, W: tl.constexpr,
                         HAS_DFIN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """dx_p = sum_j w_j dz_{p+W-1-j} over outputs of p's own sequence, + final-state grad."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT).to(tl.int64)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    tm = t < L
-    dm = d < D
+    t, d, tm, dm = _token_tile(L, D, BT, BD)
     doc = tl.load(doc_ptr + t, mask=tm, other=0).to(tl.int64)
     e = tl.load(cu_ptr + doc + 1, mask=tm, other=0).to(tl.int64)
     dx = tl.full([BT, BD], 0.0, tl.float32)
     for j in tl.static_range(W):
         out = t + (W - 1) - j
-        wj = tl.load(w_ptr + d * W + j, mask=dm, other=0.0).to(tl.float32)
+        wj = _tap_weight(w_ptr, d, dm, j, W)
         g = tl.load(dz_ptr + out[:, None] * D + d[None, :], mask=(tm & (out < e))[:, None] & dm[None, :],
                     other=0.0)
         dx += g * wj[None, :]
     if HAS_DFIN:
         k = t - e + (W - 1)  # index of this token in its sequence's final state, if >= 0
         fm = (tm & (k >= 0))[:, None] & dm[None, :]
-        dx += tl.load(dfin_ptr + doc[:, None] * (D * (W - 1)) + d[None, :] * (W - 1) + k[:, None],
+        dx += tl.load(_state_row(dfin_ptr, doc[:, None], d[None, :], D, W) + k[:, None],
                       mask=fm, other=0.0).to(tl.float32)
     tl.store(dx_ptr + t[:, None] * D + d[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=tm[:, None] & dm[None, :])
@@ -135,22 +144,18 @@ def _conv_bwd_dx_kernel(dz_ptr, w_ptr, dfin_ptr, dx_ptr, doc_ptr, cu_ptr, L, D, 
 def _conv_bwd_dstate_kernel(dz_ptr, w_ptr, dfin_ptr, dst_ptr, cu_ptr, D, W: tl.constexpr,
                             HAS_DFIN: tl.constexpr, BD: tl.constexpr):
     """State entry m (position s-(W-1)+m) feeds outputs s+m-j for taps j <= m."""
-    n = tl.program_id(0)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    dm = d < D
-    s = tl.load(cu_ptr + n).to(tl.int64)
-    e = tl.load(cu_ptr + n + 1).to(tl.int64)
+    n, d, dm, s, e = _seq_channels(cu_ptr, D, BD)
     for m in tl.static_range(W - 1):
         acc = tl.full([BD], 0.0, tl.float32)
         for j in tl.static_range(m + 1):
             out = s + m - j
-            wj = tl.load(w_ptr + d * W + j, mask=dm, other=0.0).to(tl.float32)
+            wj = _tap_weight(w_ptr, d, dm, j, W)
             acc += wj * tl.load(dz_ptr + out * D + d, mask=dm & (out < e), other=0.0)
         if HAS_DFIN:
             k = s - e + m
-            acc += tl.load(dfin_ptr + n * (D * (W - 1)) + d * (W - 1) + k, mask=dm & (k >= 0),
+            acc += tl.load(_state_row(dfin_ptr, n, d, D, W) + k, mask=dm & (k >= 0),
                            other=0.0).to(tl.float32)
-        tl.store(dst_ptr + n * (D * (W - 1)) + d * (W - 1) + m, acc, mask=dm)
+        tl.store(_state_row(dst_ptr, n, d, D, W) + m, acc, mask=dm)
 
 
 def _blocks(D: int, block_t: int | None) -> tuple[int, int]:

@@ -39,28 +39,54 @@ def _last_row(v, last):
 
 
 @triton.jit
-def _lr_fwd_kernel(x_ptr, a_ptr, h0_ptr, h_ptr, hT_ptr, cu_ptr, D,
-                   HAS_H0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+def _seq_channels(cu_ptr, D, BD: tl.constexpr):
+    """The sequence n (program 0) with its span [s, e) and the channel block d (program 1)."""
     n = tl.program_id(0)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     dm = d < D
     s = tl.load(cu_ptr + n).to(tl.int64)
     e = tl.load(cu_ptr + n + 1).to(tl.int64)
+    return n, d, dm, s, e
+
+
+@triton.jit
+def _tile_rows(BT: tl.constexpr):
+    """Row indices of a time tile and [BT, 1] masks of its first and last rows."""
     rows = tl.arange(0, BT)
-    first = (rows == 0)[:, None]
-    last = (rows == BT - 1)[:, None]
-    if HAS_H0:
-        carry = tl.load(h0_ptr + n * D + d, mask=dm, other=0.0).to(tl.float32)
+    return rows, (rows == 0)[:, None], (rows == BT - 1)[:, None]
+
+
+@triton.jit
+def _state_or_zero(ptr, n, d, dm, D, PRESENT: tl.constexpr, BD: tl.constexpr):
+    """Row n of an optional [N, D] state in fp32, zeros when the caller passed none."""
+    if PRESENT:
+        v = tl.load(ptr + n * D + d, mask=dm, other=0.0).to(tl.float32)
     else:
-        carry = tl.full([BD], 0.0, tl.float32)
+        v = tl.full([BD], 0.0, tl.float32)
+    return v
+
+
+@triton.jit
+def _scan_tile(a, x, carry, first):
+    """Scan one [BT, BD] tile of y_r = a_r y_{r-1} + x_r, from ``carry`` before row 0."""
+    x = x + tl.where(first, a * carry[None, :], 0.0)
+    _, y = tl.associative_scan((a, x), 0, _affine_combine)
+    return y
+
+
+@triton.jit
+def _lr_fwd_kernel(x_ptr, a_ptr, h0_ptr, h_ptr, hT_ptr, cu_ptr, D,
+                   HAS_H0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    n, d, dm, s, e = _seq_channels(cu_ptr, D, BD)
+    rows, first, last = _tile_rows(BT)
+    carry = _state_or_zero(h0_ptr, n, d, dm, D, HAS_H0, BD)
     for t0 in range(s, e, BT):
         t = t0 + rows
         m = (t < e)[:, None] & dm[None, :]
         off = t[:, None] * D + d[None, :]
         xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
         av = tl.load(a_ptr + off, mask=m, other=1.0).to(tl.float32)  # padding: identity step
-        xv = xv + tl.where(first, av * carry[None, :], 0.0)
-        _, h = tl.associative_scan((av, xv), 0, _affine_combine)
+        h = _scan_tile(av, xv, carry, first)
         tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=m)
         carry = _last_row(h, last)
     tl.store(hT_ptr + n * D + d, carry, mask=dm)
@@ -69,20 +95,10 @@ def _lr_fwd_kernel(x_ptr, a_ptr, h0_ptr, h_ptr, hT_ptr, cu_ptr, D,
 @triton.jit
 def _lr_bwd_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, dx_ptr, da_ptr, dh0_ptr, cu_ptr, D,
                    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    n = tl.program_id(0)
-    d = tl.program_id(1) * BD + tl.arange(0, BD)
-    dm = d < D
-    s = tl.load(cu_ptr + n).to(tl.int64)
-    e = tl.load(cu_ptr + n + 1).to(tl.int64)
-    rows = tl.arange(0, BT)
-    first = (rows == 0)[:, None]
-    last = (rows == BT - 1)[:, None]
-    if HAS_DHT:
-        carry = tl.load(dhT_ptr + n * D + d, mask=dm, other=0.0).to(tl.float32)
-    else:
-        carry = tl.full([BD], 0.0, tl.float32)
-    if HAS_H0:
-        h0 = tl.load(h0_ptr + n * D + d, mask=dm, other=0.0).to(tl.float32)
+    n, d, dm, s, e = _seq_channels(cu_ptr, D, BD)
+    rows, first, last = _tile_rows(BT)
+    carry = _state_or_zero(dhT_ptr, n, d, dm, D, HAS_DHT, BD)
+    h0 = _state_or_zero(h0_ptr, n, d, dm, D, HAS_H0, BD)
     for i in range(0, e - s, BT):
         t = e - 1 - i - rows  # row r holds time t, descending
         valid = t >= s
@@ -92,8 +108,7 @@ def _lr_bwd_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, dx_ptr, da_ptr, dh0_pt
         # a_{t+1} multiplies dh_{t+1}; 1 past the end (dh_T carry) and before the start
         an = tl.load(a_ptr + off + D, mask=(valid & (t + 1 < e))[:, None] & dm[None, :],
                      other=1.0).to(tl.float32)
-        g = g + tl.where(first, an * carry[None, :], 0.0)
-        _, dh = tl.associative_scan((an, g), 0, _affine_combine)
+        dh = _scan_tile(an, g, carry, first)
         hp = tl.load(h_ptr + off - D, mask=((t - 1 >= s) & valid)[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)
         if HAS_H0:
