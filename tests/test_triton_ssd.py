@@ -3,7 +3,8 @@
 fp32 kernel vs float64 naive oracle: output, final state and the gradient of every input
 (x, dt, A, B, C, D, initial state), as max|diff| / max|ref| <= 1e-4, with both eigenvalue
 ranges and decays near 0, near 1 and near -1 ('extreme', 'flip'); chunks of 16 so short
-sequences cross chunk edges. ``gpu`` tests: bf16 against fp32 references.
+sequences cross chunk edges, with a state saved per 16, 32 or 64 tokens (the backward
+recomputes the states it did not save). ``gpu`` tests: bf16 against fp32 references.
 """
 from __future__ import annotations
 
@@ -39,29 +40,30 @@ def compare(res, ref, tol: float = TOL) -> None:
     compare_results(res, ref, "y", tol)
 
 
-# (B, T, H, P, G, N, neg, regime, with_D, with_init)
+# (B, T, H, P, G, N, neg, regime, with_D, with_init, save_every): chunks of 16 tokens
 CASES = [
-    (2, 37, 4, 8, 2, 16, False, "mixed", True, True),
-    (1, 37, 2, 5, 1, 7, True, "extreme", False, True),
-    (1, 20, 2, 16, 2, 16, False, "extreme", True, False),
-    (1, 33, 2, 4, 1, 16, True, "flip", True, True),
-    (1, 1, 2, 4, 1, 4, True, "mixed", True, True),
+    (2, 37, 4, 8, 2, 16, False, "mixed", True, True, 32),
+    (1, 37, 2, 5, 1, 7, True, "extreme", False, True, 64),
+    (1, 20, 2, 16, 2, 16, False, "extreme", True, False, 16),
+    (1, 33, 2, 4, 1, 16, True, "flip", True, True, 32),
+    (1, 1, 2, 4, 1, 4, True, "mixed", True, True, 64),
 ]
 
 
-@pytest.mark.parametrize("Bsz,T,H,P,G,N,neg,regime,with_D,with_init", CASES)
-def test_matches_naive(tk, Bsz, T, H, P, G, N, neg, regime, with_D, with_init):
+@pytest.mark.parametrize("Bsz,T,H,P,G,N,neg,regime,with_D,with_init,save_every", CASES)
+def test_matches_naive(tk, Bsz, T, H, P, G, N, neg, regime, with_D, with_init, save_every):
     inp = make_inputs(Bsz, T, H, P, G, N, neg=neg, regime=regime, with_D=with_D,
                       n_state=Bsz if with_init else None, seed=T + P + N)
     kw = dict(allow_neg_eigval=neg, output_final_state=True)
-    res = run(tk.ssd, inp, torch.float32, block_l=16, **kw)
+    res = run(tk.ssd, inp, torch.float32, block_l=16, save_every=save_every, **kw)
     assert res[0].dtype == torch.float32 and res[1].dtype == torch.float32
     compare(res, run(naive_ssd, inp, torch.float64, **kw))
 
 
 def test_exact_zero_decays(tk):
     """a_t = 2 exp(dt A) - 1 == 0 exactly in fp32 (dt A = -fp32(ln 2)): one zero in a chunk,
-    two zeros in another, a zero first in a chunk; the gradient is taken without that factor."""
+    two zeros in another, a zero first in a chunk; the gradient is taken without that factor.
+    One state saved per 64 tokens: the backward recomputes the others through the zeros."""
     inp = make_inputs(1, 40, 2, 4, 1, 8, neg=True, n_state=1, seed=21)
     inp["A"][0] = -1.0
     ln2 = float(torch.tensor(0.6931472, dtype=torch.float32))
@@ -71,6 +73,30 @@ def test_exact_zero_decays(tk):
     assert (a[0, :, 0] == 0).sum() == 5  # exact zeros in fp32 (the fp64 oracle sees ~1e-8)
     kw = dict(allow_neg_eigval=True, output_final_state=True)
     compare(run(tk.ssd, inp, torch.float32, block_l=16, **kw), run(naive_ssd, inp, torch.float64, **kw))
+
+
+def test_mamba2_state_size(tk):
+    """P = 64, N = 128 (the Mamba2 presets) at the default chunking: chunks of 32 tokens, a
+    state saved per 64, so the backward recomputes the state entering chunk 1 (T = 70 makes
+    chunks 0, 1 and a partial 2, saved slots 0 and 1)."""
+    assert tk._chunking(64, 128, None, None) == (32, 2)
+    inp = make_inputs(1, 70, 1, 64, 1, 128, neg=True, n_state=1, seed=8)
+    kw = dict(allow_neg_eigval=True, output_final_state=True)
+    compare(run(tk.ssd, inp, torch.float32, **kw), run(naive_ssd, inp, torch.float64, **kw))
+
+
+def test_chunking_saves_a_state_per_64_tokens():
+    """Every preset's head size (tiny: P = N = 32) saves states per 64 tokens, and bad
+    overrides name both knobs."""
+    from kernels.triton.ssd import _chunking
+
+    assert _chunking(64, 128, None, None) == (32, 2)
+    assert _chunking(32, 32, None, None) == (64, 1)
+    assert _chunking(16, 16, 16, None) == (16, 4)
+    assert _chunking(16, 16, 128, None) == (128, 1)
+    for block_l, save_every in ((16, 24), (24, None), (8, 16)):
+        with pytest.raises(ValueError, match="block_l=.*save_every="):
+            _chunking(16, 16, block_l, save_every)
 
 
 @pytest.mark.parametrize("neg,with_states", [(True, True), (False, False)])

@@ -3,10 +3,14 @@
 One program owns one sequence (batch row or packed document) and one head, and walks its
 chunks of ``BL`` tokens in order with the [P, N] state in fp32 registers: per chunk the
 intra-chunk quadratic part (C B^T masked by the segment decays) plus the carried state's
-contribution, then the state passed to the next chunk. The state entering each chunk is
-saved for the backward (fp32, [chunks, H, P, N]: P*N/BL floats per token and head), which
-walks the chunks in reverse carrying dh. B and C gradients are written per head and summed
-over each group's heads on the host (deterministic, no atomics).
+contribution, then the state passed to the next chunk. The state entering every ``SUB``-th
+chunk (every 64 tokens) is saved for the backward (fp32, [slots, H, P, N]: P*N/64 floats
+per token and head), which walks the chunks in reverse carrying dh; a chunk whose entering
+state was not saved gets it by re-running the forward's state update from the saved one
+over the chunks in between. So the chunk that registers and shared memory must hold
+(BL = 32 for states of 8192+ elements, i.e. Mamba2's P = 64, N = 128, then SUB = 2; else 64)
+and the saved-state memory are chosen apart. B and C gradients are written per head and
+summed over each group's heads on the host (deterministic, no atomics).
 
 Decays. a_t = exp(dt A), or 2 exp(dt A) - 1 in (-1, 1) with negative eigenvalues. Products
 of a over a segment are carried as magnitude (cumsum of log|a|), sign (parity of the count
@@ -112,13 +116,12 @@ def _load_chunk(x_ptr, dt_ptr, B_ptr, C_ptr, t0, rows, tm, hd, g, p, n, pm, nm, 
 
 
 @triton.jit
-def _ssd_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT_ptr, st_ptr,
-                    cu_ptr, coff_ptr, H, P, G, N, R,
-                    NEG: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
-                    PREC: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+def _program_setup(cu_ptr, coff_ptr, A_ptr, P, N, R,
+                   BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """This program's sequence sq (tokens s..e, first state slot coff), head hd, group g, the
+    head's A, and the chunk and state tile indices (shared by the forward and the backward)."""
     sq = tl.program_id(0)
     hd = tl.program_id(1)
-    g = hd // R
     s = tl.load(cu_ptr + sq).to(tl.int64)
     e = tl.load(cu_ptr + sq + 1).to(tl.int64)
     coff = tl.load(coff_ptr + sq).to(tl.int64)
@@ -130,16 +133,50 @@ def _ssd_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT
     pn = p[:, None] * N + n[None, :]
     pnm = pm[:, None] & nm[None, :]
     A = tl.load(A_ptr + hd).to(tl.float32)
+    return sq, hd, hd // R, s, e, coff, rows, p, n, pm, nm, pn, pnm, A
+
+
+@triton.jit
+def _state_or_zeros(ptr, pn, pnm, HAS: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """A given [P, N] state (initial h, or final dh) in fp32; zeros when none was given."""
+    h = tl.full([BP, BN], 0.0, tl.float32)
+    if HAS:
+        h = tl.load(ptr + pn, mask=pnm, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _carry(h, cum, v, K, rows, PREC: tl.constexpr, BL: tl.constexpr):
+    """The state after a chunk, total decay * h + v^T K: the forward's h (v = u to_end,
+    K = B) and the backward's dh (v = dy cum, K = C) alike."""
+    total = _rsum(tl.where(rows == BL - 1, cum, 0.0), 0)
+    return total * h + tl.dot(tl.trans(v), K, input_precision=PREC)
+
+
+@triton.jit
+def _state_after(h, x, dt, Bc, A, rows, NEG: tl.constexpr, PREC: tl.constexpr, BL: tl.constexpr):
+    """The forward's state update over one chunk alone (for the backward's unsaved states)."""
+    _, _, c, nc, zc = _log_decays(dt, A, NEG)
+    _, cum, to_end = _products(c, nc, zc, rows, NEG, 0, BL)
+    return _carry(h, cum, x * (dt * to_end)[:, None], Bc, rows, PREC, BL)
+
+
+@triton.jit
+def _ssd_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT_ptr, st_ptr,
+                    cu_ptr, coff_ptr, H, P, G, N, R,
+                    NEG: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
+                    PREC: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    SUB: tl.constexpr):
+    sq, hd, g, s, e, coff, rows, p, n, pm, nm, pn, pnm, A = _program_setup(
+        cu_ptr, coff_ptr, A_ptr, P, N, R, BL, BP, BN)
     if HAS_D:
         Dh = tl.load(D_ptr + hd).to(tl.float32)
-    if HAS_H0:
-        h = tl.load(h0_ptr + (sq * H + hd) * P * N + pn, mask=pnm, other=0.0).to(tl.float32)
-    else:
-        h = tl.full([BP, BN], 0.0, tl.float32)
+    h = _state_or_zeros(h0_ptr + (sq * H + hd) * P * N, pn, pnm, HAS_H0, BP, BN)
     for ci in range(0, (e - s + BL - 1) // BL):
         t0 = s + ci * BL
         tm = rows < e - t0
-        tl.store(st_ptr + ((coff + ci) * H + hd) * P * N + pn, h, mask=pnm)
+        # the state entering every SUB-th chunk, in slot coff + ci / SUB
+        tl.store(st_ptr + ((coff + ci // SUB) * H + hd) * P * N + pn, h, mask=pnm & (ci % SUB == 0))
         x, dt, Bc, Cc = _load_chunk(x_ptr, dt_ptr, B_ptr, C_ptr, t0, rows, tm, hd, g, p, n, pm, nm, H, P, G, N)
         _, _, c, nc, zc = _log_decays(dt, A, NEG)
         M, cum, to_end = _products(c, nc, zc, rows, NEG, 0, BL)
@@ -151,8 +188,7 @@ def _ssd_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT
             y += Dh * x
         tl.store(y_ptr + (t0 * H + hd) * P + (rows[:, None] * (H * P) + p[None, :]), y.to(y_ptr.dtype.element_ty),
                  mask=tm[:, None] & pm[None, :])
-        total = _rsum(tl.where(rows == BL - 1, cum, 0.0), 0)
-        h = total * h + tl.dot(tl.trans(u * to_end[:, None]), Bc, input_precision=PREC)
+        h = _carry(h, cum, u * to_end[:, None], Bc, rows, PREC, BL)
     tl.store(hT_ptr + (sq * H + hd) * P * N + pn, h, mask=pnm)
 
 
@@ -161,45 +197,39 @@ def _ssd_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, st_ptr, dy_ptr, d
                     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dh0_ptr, cu_ptr, coff_ptr,
                     H, P, G, N, R,
                     NEG: tl.constexpr, HAS_D: tl.constexpr, HAS_DHT: tl.constexpr,
-                    PREC: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-    sq = tl.program_id(0)
-    hd = tl.program_id(1)
-    g = hd // R
-    s = tl.load(cu_ptr + sq).to(tl.int64)
-    e = tl.load(cu_ptr + sq + 1).to(tl.int64)
-    coff = tl.load(coff_ptr + sq).to(tl.int64)
-    rows = tl.arange(0, BL)
-    p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
-    pm = p < P
-    nm = n < N
-    pn = p[:, None] * N + n[None, :]
-    pnm = pm[:, None] & nm[None, :]
-    A = tl.load(A_ptr + hd).to(tl.float32)
+                    PREC: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    SUB: tl.constexpr):
+    sq, hd, g, s, e, coff, rows, p, n, pm, nm, pn, pnm, A = _program_setup(
+        cu_ptr, coff_ptr, A_ptr, P, N, R, BL, BP, BN)
     Dh = 0.0
     if HAS_D:
         Dh = tl.load(D_ptr + hd).to(tl.float32)
-    if HAS_DHT:
-        dh = tl.load(dhT_ptr + (sq * H + hd) * P * N + pn, mask=pnm, other=0.0).to(tl.float32)
-    else:
-        dh = tl.full([BP, BN], 0.0, tl.float32)
+    dh = _state_or_zeros(dhT_ptr + (sq * H + hd) * P * N, pn, pnm, HAS_DHT, BP, BN)
     dA = 0.0
     dD = 0.0
     nch = (e - s + BL - 1) // BL
     for i in range(0, nch):
         ci = nch - 1 - i
         t0 = s + ci * BL
+        # The state entering chunk ci: the saved one, run through the chunks in between
+        # (unrolled: a dynamic loop here stops triton pipelining this loop's loads).
+        first = ci - ci % SUB
+        h = tl.load(st_ptr + ((coff + ci // SUB) * H + hd) * P * N + pn, mask=pnm, other=0.0)
+        for j in tl.static_range(SUB - 1):
+            if first + j < ci:
+                tj = s + (first + j) * BL
+                xj, dtj, Bj, _ = _load_chunk(x_ptr, dt_ptr, B_ptr, C_ptr, tj, rows, rows < e - tj, hd, g,
+                                             p, n, pm, nm, H, P, G, N)
+                h = _state_after(h, xj, dtj, Bj, A, rows, NEG, PREC, BL)
         tm = rows < e - t0
         xm = tm[:, None] & pm[None, :]
         x, dt, Bc, Cc = _load_chunk(x_ptr, dt_ptr, B_ptr, C_ptr, t0, rows, tm, hd, g, p, n, pm, nm, H, P, G, N)
         a, ex, c, nc, zc = _log_decays(dt, A, NEG)
         M, cum, to_end = _products(c, nc, zc, rows, NEG, 0, BL)
-        h = tl.load(st_ptr + ((coff + ci) * H + hd) * P * N + pn, mask=pnm, other=0.0)
         dy = tl.load(dy_ptr + (t0 * H + hd) * P + (rows[:, None] * (H * P) + p[None, :]), mask=xm, other=0.0).to(tl.float32)
         u = x * dt[:, None]
         CB = tl.dot(Cc, tl.trans(Bc), input_precision=PREC)
         S = CB * M
-        total = _rsum(tl.where(rows == BL - 1, cum, 0.0), 0)
         # y = S u + cum (C h^T) + D x ;  h_next = total h + (u to_end)^T B
         dS = tl.dot(dy, tl.trans(u), input_precision=PREC)
         Bdh = tl.dot(Bc, tl.trans(dh), input_precision=PREC)  # [BL, BP]
@@ -234,37 +264,51 @@ def _ssd_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, st_ptr, dy_ptr, d
         bm = tm[:, None] & nm[None, :]
         tl.store(dB_ptr + (t0 * H + hd) * N + (rows[:, None] * (H * N) + n[None, :]), dB, mask=bm)
         tl.store(dC_ptr + (t0 * H + hd) * N + (rows[:, None] * (H * N) + n[None, :]), dC, mask=bm)
-        dh = total * dh + tl.dot(tl.trans(dy * cum[:, None]), Cc, input_precision=PREC)
+        dh = _carry(dh, cum, dy * cum[:, None], Cc, rows, PREC, BL)
     tl.store(dh0_ptr + (sq * H + hd) * P * N + pn, dh, mask=pnm)
     tl.store(dA_ptr + sq * H + hd, dA)
     tl.store(dD_ptr + sq * H + hd, dD)
 
 
+SAVE_EVERY = 64  # tokens per saved state, whatever the chunk the kernels compute in
+
+
 def _chunk_len(BP: int, BN: int) -> int:
-    """Tokens per chunk. 64 by default; 32 for states of 8192+ elements (e.g. Mamba2's
-    P = 64, N = 128), where the backward kernel at 64 needs ~300 KB of shared memory, over an
-    H100 block's 227 KB (``bench/kernel_resources.py``). The price: twice the saved states."""
+    """Tokens per kernel chunk: 64, or 32 for states of 8192+ elements (Mamba2's P = 64,
+    N = 128), where the backward at 64 needs ~300 KB of shared memory, over an H100 block's
+    227 KB, and spills ~4x more (``bench/kernel_resources.py``). States are still saved per
+    ``SAVE_EVERY`` tokens: the backward recomputes the one in between."""
     return 32 if BP * BN >= 8192 else 64
 
 
-def _chunk_offsets(cu: torch.Tensor, BL: int) -> torch.Tensor:
-    """First saved-state slot of each sequence (its chunks take consecutive slots)."""
-    nch = (cu[1:] - cu[:-1] + BL - 1) // BL
+def _slot_offsets(cu: torch.Tensor, save_every: int) -> torch.Tensor:
+    """First saved-state slot of each sequence (its saved states take consecutive slots)."""
+    nsaved = (cu[1:] - cu[:-1] + save_every - 1) // save_every
     coff = torch.zeros_like(cu)
-    coff[1:] = nch.cumsum(0)
+    coff[1:] = nsaved.cumsum(0)
     return coff.to(torch.int32)
+
+
+def _chunking(BP: int, BN: int, block_l: int | None, save_every: int | None) -> tuple[int, int]:
+    """(BL, SUB): tokens per kernel chunk and kernel chunks per saved state."""
+    BL = block_l or _chunk_len(BP, BN)
+    save = save_every or max(SAVE_EVERY, BL)
+    if BL < 16 or BL & (BL - 1) or save % BL:
+        raise ValueError(f"ssd: block_l={BL} must be a power of two >= 16 and save_every={save} "
+                         "a multiple of it; leave both unset for the defaults")
+    return BL, save // BL
 
 
 class _SSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, Bm, Cm, D, h0, cu, neg, block_l):
+    def forward(ctx, x, dt, A, Bm, Cm, D, h0, cu, neg, block_l, save_every):
         L, H, P = x.shape
         G, N = Bm.shape[1], Bm.shape[2]
         n_seq = cu.numel() - 1
         BP, BN = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
-        BL = block_l or _chunk_len(BP, BN)
-        coff = _chunk_offsets(cu, BL)
-        slots = L // BL + n_seq  # >= sum over sequences of ceil(len / BL)
+        BL, SUB = _chunking(BP, BN, block_l, save_every)
+        coff = _slot_offsets(cu, BL * SUB)
+        slots = L // (BL * SUB) + n_seq  # >= sum over sequences of ceil(len / (BL SUB))
         states = torch.empty(slots, H, P, N, device=x.device, dtype=torch.float32)
         y = torch.empty_like(x)
         hT = torch.empty(n_seq, H, P, N, device=x.device, dtype=torch.float32)
@@ -272,16 +316,16 @@ class _SSD(torch.autograd.Function):
         _ssd_fwd_kernel[(n_seq, H)](
             x, dt, A, Bm, Cm, D if D is not None else A, h0 if h0 is not None else hT, y, hT, states,
             cu, coff, H, P, G, N, H // G, NEG=neg, HAS_D=D is not None, HAS_H0=h0 is not None,
-            PREC=prec, BL=BL, BP=BP, BN=BN, num_warps=8 if BP * BN >= 4096 else 4)
+            PREC=prec, BL=BL, BP=BP, BN=BN, SUB=SUB, num_warps=8 if BP * BN >= 4096 else 4)
         ctx.save_for_backward(x, dt, A, Bm, Cm, D, h0, cu, coff, states)
-        ctx.cfg = (neg, prec, BL, BP, BN)
+        ctx.cfg = (neg, prec, BL, BP, BN, SUB)
         ctx.set_materialize_grads(False)
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
         x, dt, A, Bm, Cm, D, h0, cu, coff, states = ctx.saved_tensors
-        neg, prec, BL, BP, BN = ctx.cfg
+        neg, prec, BL, BP, BN, SUB = ctx.cfg
         L, H, P = x.shape
         G, N = Bm.shape[1], Bm.shape[2]
         n_seq = cu.numel() - 1
@@ -299,25 +343,26 @@ class _SSD(torch.autograd.Function):
             dhT.float().contiguous() if dhT is not None else dh0,
             dx, ddt, dBh, dCh, dA, dD, dh0, cu, coff, H, P, G, N, H // G,
             NEG=neg, HAS_D=D is not None, HAS_DHT=dhT is not None, PREC=prec,
-            BL=BL, BP=BP, BN=BN, num_warps=8 if BP * BN >= 4096 else 4)
+            BL=BL, BP=BP, BN=BN, SUB=SUB, num_warps=8 if BP * BN >= 4096 else 4)
         dB = dBh.view(L, G, H // G, N).sum(2).to(Bm.dtype)
         dC = dCh.view(L, G, H // G, N).sum(2).to(Cm.dtype)
         dD = dD.sum(0).to(D.dtype) if D is not None else None
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return (dx, ddt.to(dt.dtype), dA.sum(0).to(A.dtype), dB, dC, dD, dh0,
-                None, None, None)
+                None, None, None, None)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
         D: torch.Tensor | None = None, allow_neg_eigval: bool = False,
         initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-        cu_seqlens: torch.Tensor | None = None,
-        block_l: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cu_seqlens: torch.Tensor | None = None, block_l: int | None = None,
+        save_every: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of ``kernels.ssd`` (inputs already validated by ops.py).
 
     y comes back in x's dtype, the final state [N_seq, H, P, N] in fp32 (fp64 for fp64
-    inputs, though the kernel computes in fp32). ``block_l`` (a power of two >= 16)
-    overrides the chunk length, for tests that must cross chunks at small T.
+    inputs, though the kernel computes in fp32). For tests that must cross chunk edges at
+    small T: ``block_l`` (a power of two >= 16) overrides the kernels' chunk length and
+    ``save_every`` (a multiple of it; default max(64, chunk)) the tokens per saved state.
     """
     Bsz, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -326,7 +371,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     y, hT = _SSD.apply(x.reshape(Bsz * T, H, P).contiguous(), dt.reshape(Bsz * T, H).contiguous(),
                        A.contiguous(), B.reshape(Bsz * T, G, N).contiguous(),
                        C.reshape(Bsz * T, G, N).contiguous(), D.contiguous() if D is not None else None,
-                       h0, cu, bool(allow_neg_eigval), block_l)
+                       h0, cu, bool(allow_neg_eigval), block_l, save_every)
     final = hT.to(torch.promote_types(x.dtype, torch.float32)) if output_final_state else None
     return y.view(Bsz, T, H, P), final
 
