@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernel_checks import TOL, assert_close, compare_results, interpreted_module, rel_rmse, run_with_grads  # noqa: E402,F401
+from kernel_checks import (TOL, assert_close, check_bf16_kernel, compare_results,  # noqa: E402,F401
+                           interpreter_fixture, run_with_grads)
 import kernels  # noqa: E402
 from kernels.reference.ssd import naive_ssd  # noqa: E402
 from test_kernels_ssd import make_inputs  # noqa: E402  (same input regimes as the reference tests)
@@ -22,11 +23,7 @@ NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
 MODULE = "kernels.triton.ssd"
 
 
-@pytest.fixture
-def tk():
-    """The kernel module re-imported under the interpreter, for this test only."""
-    with interpreted_module(MODULE) as mod:
-        yield mod
+tk = interpreter_fixture(MODULE)
 
 
 def run(fn, inputs: dict, dtype: torch.dtype, seed: int = 1, device="cpu", **kwargs):
@@ -130,12 +127,5 @@ def test_gpu_bf16_against_fp32_reference(neg, cu):
     cu_t = torch.tensor(cu, device="cuda") if cu is not None else None
     n = Bsz if cu is None else len(cu) - 1
     inp = make_inputs(Bsz, 1024, 4, 64, 2, 128, neg=neg, n_state=n, seed=3)
-    kw = dict(allow_neg_eigval=neg, output_final_state=True, cu_seqlens=cu_t, device="cuda")
-    # both sides see the same bf16-rounded inputs: this measures the kernel, not the rounding
-    inp = {k: (v.to(torch.bfloat16).double() if v is not None else None) for k, v in inp.items()}
-    res = run(ssd, inp, torch.bfloat16, **kw)
-    ref = run(chunk_ssd, inp, torch.float32, **kw)
-    assert rel_rmse(res[0], ref[0]) <= 5e-3 and rel_rmse(res[1], ref[1]) <= 5e-3
-    for k in ref[2]:
-        assert rel_rmse(res[2][k], ref[2][k]) <= 1e-2, k
-    compare(run(ssd, inp, torch.float32, **kw), ref, tol=1e-4)
+    check_bf16_kernel(run, ssd, chunk_ssd, inp, compare, allow_neg_eigval=neg, output_final_state=True,
+                      cu_seqlens=cu_t, device="cuda")
