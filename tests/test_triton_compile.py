@@ -42,6 +42,9 @@ needs_ptxas = pytest.mark.skipif(_NO_COMPILER is not None, reason=_NO_COMPILER o
 CASES = {
     "gdp-bf16-nh2-state": (kr.gdp_case("bf16", 32, 32, 2, H=2, with_state=True), ()),
     "gdp-fp32-nh1": (kr.gdp_case("fp32", 16, 16, 1, H=2), ("gdp_prep_kernel", "gdp_grad_kernel")),
+    # K > 128 takes the K-split gradient pair (its tiles are K slices: compile time as K = 64)
+    "gdp-bf16-k256-split": (kr.gdp_case("bf16", 256, 32, 1, H=1), (
+        "gdp_prep_kernel", "gdp_state_kernel", "gdp_output_kernel", "gdp_dd_local_kernel", "gdp_dh_kernel")),
     "ssd-bf16-neg-state": (kr.ssd_case("bf16", 32, 32, H=2, neg=True, with_state=True), ()),
     "ssd-fp32": (kr.ssd_case("fp32", 16, 16, H=2, G=2), ("_ssd_bwd_kernel",)),
     "scan-bf16": (kr.scan_case("bf16", 256), ()),

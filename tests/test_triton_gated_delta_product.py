@@ -4,7 +4,8 @@ fp32 kernels vs the per-token recurrence run in float64: output, final state and
 gradient of every input (q, k, v, beta, g, initial state), as max|diff| / max|ref| <= 1e-4.
 The cases spread T over chunk edges (64 // n_h tokens per chunk), n_h, head sizes (K != V
 too), gate regimes (none, exactly 0, mild, <= -20, -1e4, mixed per token), beta near 0 and
-near 2, with and without initial state, and packed documents of length 0, 1 and more.
+near 2, with and without initial state, and packed documents of length 0, 1 and more;
+K = 256 (and small K forced onto the same path) checks the K-split gradient kernels.
 The ``gpu`` tests run the compiled kernels in bf16 against the fp32 chunked reference.
 """
 from __future__ import annotations
@@ -182,19 +183,67 @@ def test_without_final_state(tk):
     compare(res, run(oracle64, inp, torch.float64, scale=0.25))
 
 
-@pytest.mark.parametrize("with_init", [True, False])
-def test_wide_heads_backward_falls_back_to_the_reference(tk, monkeypatch, with_init):
-    """Above GRAD_KERNEL_MAX_K (K = 256 on a GPU) the gradient kernel would not fit an sm_90
-    block; the backward then differentiates the PyTorch chunked form. The limit is lowered
-    here so that a small K takes that path; the forward stays on the kernels."""
-    monkeypatch.setattr(tk, "GRAD_KERNEL_MAX_K", 16)
-    monkeypatch.setattr(tk, "gdp_backward", None)  # the kernel backward must not run
-    cu_seqlens = torch.tensor([0, 5, 40], dtype=torch.int32)
-    inp = make_inputs(1, 40, 2, 32, 16, 2, gates="mixed", betas="near2", n_state=2 if with_init else None,
-                      seed=4)
-    kw = dict(scale=0.2, output_final_state=True, cu_seqlens=cu_seqlens)
+# (cu_seqlens, K, V, n_h, gates, with_init), H = 1: K = 256 takes the K-split gradient
+# kernels (the one-kernel gradient would not fit an sm_90 block); K = 128 with V = 256 the
+# one kernel, looping over V blocks.
+WIDE = [
+    ([0, 1, 40, 66], 256, 64, 2, "mixed", True),
+    ([0, 20, 21, 40], 256, 256, 1, "mild", True),
+    ([0, 65], 128, 256, 1, "strong", False),
+]
+
+
+@pytest.mark.parametrize("cu,K,V,n_h,gates,with_init", WIDE)
+def test_wide_heads(tk, monkeypatch, cu, K, V, n_h, gates, with_init):
+    """Packed documents (one of length 1) through the gradient path K picks; the other is
+    switched off, so running it would fail."""
+    split = K > tk.GRAD_SPLIT_ABOVE_BK
+    monkeypatch.setattr(tk, "gdp_grad_kernel" if split else "_split_k_grads", None)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+    inp = make_inputs(1, cu[-1], 1, K, V, n_h, gates=gates, betas="mid",
+                      n_state=len(cu) - 1 if with_init else None, seed=K + V + n_h)
+    kw = dict(scale=K**-0.5, output_final_state=True, cu_seqlens=cu_seqlens)
     compare(run(tk.triton_gated_delta_product, inp, torch.float32, **kw),
             run(oracle64, inp, torch.float64, **kw))
+
+
+def _split_small(monkeypatch, tk) -> None:
+    """Routes every K through the K-split gradient kernels, in slices of 16 columns."""
+    monkeypatch.setattr(tk, "GRAD_SPLIT_ABOVE_BK", 0)
+    monkeypatch.setattr(tk, "GRAD_SLICE_K", 16)
+
+
+# (B, T, H, K, V, n_h, gates, betas, with_init): K = 48 is three slices, the last one
+# partly past K (BK = 64); no gates; n_h 3; extreme gates with a dense batch.
+SPLIT_SMALL = [
+    (1, 70, 2, 48, 16, 3, "none", "near2", False),
+    (2, 65, 1, 32, 32, 2, "huge", "mid", True),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V,n_h,gates,betas,with_init", SPLIT_SMALL)
+def test_split_k_gradients_at_small_heads(tk, monkeypatch, B, T, H, K, V, n_h, gates, betas, with_init):
+    """The K-split kernels on cheap shapes, with the one-kernel gradient switched off."""
+    _split_small(monkeypatch, tk)
+    monkeypatch.setattr(tk, "gdp_grad_kernel", None)
+    inp = make_inputs(B, T, H, K, V, n_h, gates=gates, betas=betas,
+                      n_state=B if with_init else None, seed=T + K)
+    kw = dict(scale=K**-0.5, output_final_state=True)
+    compare(run(tk.triton_gated_delta_product, inp, torch.float32, **kw),
+            run(oracle64, inp, torch.float64, **kw))
+
+
+def test_split_k_gradients_in_bf16_match_the_one_kernel(tk, monkeypatch):
+    """bf16 inputs: the split kernels keep fp32 partial dq, dk in scratch buffers (fp32
+    inputs keep them in the gradients), so their gradients equal the one kernel's up to
+    fp32 summation order before the final rounding to bf16."""
+    inp = make_inputs(1, 40, 1, 48, 16, 2, gates="mixed", betas="mid", n_state=1, seed=3)
+    kw = dict(scale=0.2, output_final_state=True)
+    one = run(tk.triton_gated_delta_product, inp, torch.bfloat16, **kw)
+    _split_small(monkeypatch, tk)
+    monkeypatch.setattr(tk, "gdp_grad_kernel", None)
+    compare_results(run(tk.triton_gated_delta_product, inp, torch.bfloat16, **kw), one, "o",
+                    tol=1e-2, dtype=torch.bfloat16, state_dtype=torch.float32)
 
 
 def _rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -203,11 +252,12 @@ def _rel_rmse(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_h", [1, 2, 3])
-def test_gpu_bf16_tolerances(n_h):
-    """bf16 kernels vs the fp32 chunked reference on the GPU (issue tolerances)."""
+@pytest.mark.parametrize("n_h,K", [(1, 128), (2, 128), (3, 128), (2, 256)])
+def test_gpu_bf16_tolerances(n_h, K):
+    """bf16 kernels vs the fp32 chunked reference on the GPU (issue tolerances); K = V = 256
+    runs the K-split gradient kernels."""
     torch.manual_seed(0)
-    B, T, H, K, V = 1, 8192, 2, 128, 128
+    B, T, H, V = 1, 8192, 2, K
     inp = make_inputs(B, T, H, K, V, n_h, gates="mild", betas="mid", n_state=B, seed=n_h)
     inp = {n: t.cuda() for n, t in inp.items()}
     kw = dict(scale=K**-0.5, output_final_state=True)

@@ -2,6 +2,9 @@
 
 Activation memory: the forward saves only its inputs (and the initial state); the
 backward recomputes W, U, the per-chunk states and D, so nothing O(T*K*V) outlives a call.
+The per-chunk gradients come from one kernel up to K = 128 and from two kernels that
+split K into slices above it (``GRAD_SPLIT_ABOVE_BK``), so every K up to 256 has a
+hand-written backward that fits an sm_90 block.
 """
 from __future__ import annotations
 
@@ -9,7 +12,13 @@ import torch
 import triton
 
 from ..dispatch import register_triton
-from .gated_delta_product_bwd import gdp_dd_local_kernel, gdp_dh_kernel, gdp_grad_kernel
+from .gated_delta_product_bwd import (
+    gdp_dd_local_kernel,
+    gdp_dh_kernel,
+    gdp_grad_finish_kernel,
+    gdp_grad_kernel,
+    gdp_grad_kslice_kernel,
+)
 from .gated_delta_product_common import (
     CHUNK_ROWS,
     INV_BLOCK,
@@ -24,10 +33,10 @@ Tensor = torch.Tensor
 
 def _blocks(K: int, V: int) -> tuple[int, int, int, int]:
     """(BK: all of K, BVF: all of V, BV: a V block for the state-sized kernels, BVG: the V
-    block of the gradient kernel, which holds six [64, BK] and [64, BV] tiles at once)."""
+    block of the one-kernel gradient, which holds six [64, BK] and [64, BV] tiles at once)."""
     bk = max(16, triton.next_power_of_2(K))
     bvf = max(16, triton.next_power_of_2(V))
-    return bk, bvf, min(bvf, 64), min(bvf, 32 if bk <= 128 else 16)
+    return bk, bvf, min(bvf, 64), min(bvf, 32)
 
 
 def _stages(bk: int) -> int:
@@ -40,6 +49,18 @@ def _stages(bk: int) -> int:
 # The gradient kernel's V loop carries many tiles: pipelined it needs 287-480 KB of shared
 # memory at K = V = 128-256 (cannot launch on sm_90); unpipelined with BVG it fits.
 GRAD_STAGES = 1
+# Above this BK, gdp_grad_kernel's [64, BK] tiles outgrow an sm_90 block (~360 KB of shared
+# memory at K = 256 even unpipelined): the chunk gradients then come from the K-split pair
+# gdp_grad_kslice_kernel / gdp_grad_finish_kernel, on K slices of GRAD_SLICE_K columns.
+GRAD_SPLIT_ABOVE_BK = 128
+GRAD_SLICE_K = 64
+# Launch choices of the split pair from the sm_90 AOT compile at K = V = 256 (bf16; not
+# timed): kslice pipelined (3 stages) keeps 0 spills in 4 warps (106 KB of shared memory);
+# finish, whose V loop and [64, 64] score tiles spill ~190 B/thread in 4 warps, spills
+# none in 8 (90 KB, unpipelined).
+SPLIT_BV = 32
+KSLICE_LAUNCH = dict(num_warps=4, num_stages=3)
+FINISH_LAUNCH = dict(num_warps=8, num_stages=1)
 
 
 class _Problem:
@@ -125,41 +146,44 @@ def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None)
     dv = torch.empty_like(p.v)
     dbeta = torch.empty_like(p.beta)
     dg = torch.zeros(p.B * p.T, H, dtype=f32, device=dev) if p.g is not None else None
-    if p.NC:
+    dg_arg = dg if dg is not None else dd  # never written when HAS_G is False
+    if p.NC and p.BK <= GRAD_SPLIT_ABOVE_BK:
         gdp_grad_kernel[(p.NC, H)](
             p.q, p.k, p.v, p.beta, p.g_arg(), w, u, tinv, hs, dhs, d, dd, do,
-            dq, dk, dv, dbeta, dg if dg is not None else dd, p.chunks, p.scale,
+            dq, dk, dv, dbeta, dg_arg, p.chunks, p.scale,
             BV=p.BVG, num_stages=GRAD_STAGES, **c)
+    elif p.NC:
+        _split_k_grads(p, (w, u, tinv, hs, dhs, d, dd, do), (dq, dk, dv, dbeta, dg_arg))
     B, T, n_h = p.B, p.T, p.n_h
     return (dq.view(B, T, H, K), dk.view(B, T, n_h, H, K), dv.view(B, T, n_h, H, V),
             dbeta.view(B, T, n_h, H), dg.view(B, T, H) if dg is not None else None,
             dh0 if h0 is not None else None)
 
 
-# gdp_grad_kernel holds several [64, BK] fp32 tiles at once: at K = 256 it needs ~360 KB of
-# shared memory even unpipelined, over the 227 KB an sm_90 block may have, so it could not
-# launch. Until it splits K, the backward for K > 128 differentiates the PyTorch chunked
-# form instead: exact gradients, slower, and O(T*K*V) activation memory during the call.
-GRAD_KERNEL_MAX_K = 128
+def _split_k_grads(p: _Problem, saved: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> None:
+    """The chunk gradients for BK > GRAD_SPLIT_ABOVE_BK, written into ``grads`` (dq, dk,
+    dv, dbeta, dg) from the recomputed ``saved`` (w, u, tinv, hs, dhs, d, dd, do).
 
-
-def reference_backward(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
-                       h0: Tensor | None, cu_seqlens: Tensor | None, scale: float,
-                       do: Tensor, dht: Tensor | None) -> tuple[Tensor | None, ...]:
-    """The six input gradients, by autograd through ``kernels.reference``'s chunked form."""
-    from ..reference.gated_delta_product import chunk_gated_delta_product
-
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in (q, k, v, beta, g, h0)]
-    with torch.enable_grad():
-        o, ht = chunk_gated_delta_product(*leaves[:5], scale=scale, initial_state=leaves[5],
-                                          output_final_state=dht is not None, cu_seqlens=cu_seqlens)
-        outs, grads_out = [o], [do]
-        if dht is not None:
-            outs.append(ht)
-            grads_out.append(dht)
-        wanted = [t for t in leaves if t is not None]
-        got = iter(torch.autograd.grad(outs, wanted, grads_out, allow_unused=True))
-    return tuple(next(got) if t is not None else None for t in leaves)
+    Scratch beside them: the fp32 partial dq and dk (none for fp32 inputs: the gradients
+    themselves hold them) and per chunk, head and K slice a [64, 64] share of dA and four
+    [64] sums, about (K / GRAD_SLICE_K) * 17 KB per chunk and head in fp32.
+    """
+    w, u, tinv, hs, dhs, d, dd, do = saved
+    dq, dk, dv, dbeta, dg = grads
+    f32, dev = torch.float32, p.q.device
+    nks = triton.cdiv(p.K, GRAD_SLICE_K)
+    dqp = dq if dq.dtype == f32 else torch.empty(dq.shape, dtype=f32, device=dev)
+    dkp = dk if dk.dtype == f32 else torch.empty(dk.shape, dtype=f32, device=dev)
+    dak = torch.empty(p.NC, p.H, nks, CHUNK_ROWS, CHUNK_ROWS, dtype=f32, device=dev)
+    red = torch.empty(p.NC, p.H, nks, 4, CHUNK_ROWS, dtype=f32, device=dev)
+    c = {**p.consts(), "BK": GRAD_SLICE_K}
+    bv = min(p.BVF, SPLIT_BV)
+    gdp_grad_kslice_kernel[(p.NC, p.H, nks)](
+        p.q, p.k, p.beta, p.g_arg(), w, tinv, hs, dhs, d, dd, do, dqp, dkp, dak, red, p.chunks,
+        p.scale, BV=bv, **KSLICE_LAUNCH, **c)
+    gdp_grad_finish_kernel[(p.NC, p.H)](
+        p.q, p.k, p.v, p.beta, p.g_arg(), u, tinv, d, dd, do, dqp, dkp, dak, red,
+        dq, dk, dv, dbeta, dg, p.chunks, p.scale, BV=bv, **FINISH_LAUNCH, **c)
 
 
 class GatedDeltaProductFunction(torch.autograd.Function):
@@ -177,10 +201,7 @@ class GatedDeltaProductFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, beta, g, h0, cu_seqlens = ctx.saved_tensors
         p = _Problem(q, k, v, beta, g, cu_seqlens, ctx.scale)
-        if p.BK > GRAD_KERNEL_MAX_K:
-            dq, dk, dv, db, dg, dh0 = reference_backward(q, k, v, beta, g, h0, cu_seqlens, ctx.scale, do, dht)
-        else:
-            dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht)
+        dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht)
         if dg is not None:
             dg = dg.to(ctx.g_dtype)
         if dh0 is not None:

@@ -9,6 +9,11 @@ q, k, v, beta and the gates. Gate gradients are accumulated span by span (see
 _common): dseg is zeroed on same-token pairs (their decay is exactly 1) and summed with
 a reverse cumsum, so strongly negative gates keep exact tiny gradients.
 The n_h sub-steps are rows of the same tiles: no padded n_h-times-longer sequence.
+
+``grad`` holds all of K at once (up to K = 128). Wider heads split it in two: ``grad_kslice``
+(per chunk and K slice: the V loop and the slice's shares of the K sums) and
+``grad_finish`` (per chunk: the V-only part, the sums, dbeta, dg, then dq and dk slice by
+slice); every tile is then [64, slice] or [64, 64] whatever K is.
 """
 from __future__ import annotations
 
@@ -208,3 +213,201 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
         dgam += tl.reduce(tl.reduce(dtot, 1, _sum_combine), 0, _sum_combine) * tl.exp(total)
         first = rm & (i % N_H == 0)
         tl.store(dg_ptr + tok * H + h, dgam, mask=first)
+
+
+# The two kernels below are gdp_grad_kernel split along K, for heads too wide for it (its
+# [64, K] tiles outgrow an sm_90 block at K = 256). What needs all of K (dA, the k.k and
+# q.k scores, dbeta, dg) is a sum over K slices, written per slice by ``kslice`` and summed
+# by ``finish`` in a fixed order (deterministic: no atomics). In them BK is the slice width.
+
+
+@triton.jit
+def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, dhs_ptr, d_ptr,
+                           dd_ptr, do_ptr, dqp_ptr, dkp_ptr, dak_ptr, red_ptr, chunk_ptr, scale,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
+                           BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           HAS_G: tl.constexpr, PREC: tl.constexpr):
+    """One K slice of one chunk: gdp_grad_kernel's V loop restricted to the slice.
+
+    Writes the slice's fp32 partial dq (scale dO S0^T e^cum) and dk (the W and k e^rest
+    parts), its share -dRk W^T of dA (dak: [BC, BC] per slice) and four [BC] sums (red):
+    dbeta's dRk.(k e^cum) part and, with gates, d(cum), d(rest) and sum(S0 * dH) (the
+    chunk-total gate's part, the same in every entry).
+    """
+    ic = tl.program_id(0)
+    h = tl.program_id(1)
+    j = tl.program_id(2)
+    tok0 = tl.load(chunk_ptr + 2 * ic)
+    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    i = tl.arange(0, BC)
+    ck = j * BK + tl.arange(0, BK)
+    km = ck < K
+    rm = i < ntok * N_H
+    last = rm & (i % N_H == N_H - 1)
+    row = (tok0 * N_H + i).to(tl.int64)
+    tok = (tok0 + i // N_H).to(tl.int64)
+
+    dqg = tl.full([BC, BK], 0.0, tl.float32)   # d(q e^cum), without scale
+    dw = tl.full([BC, BK], 0.0, tl.float32)
+    dkr = tl.full([BC, BK], 0.0, tl.float32)   # d(k e^rest)
+    dtot = tl.full([BK], 0.0, tl.float32)      # S0 * dH summed over V
+    s_base = tl.cast(ic, tl.int64) * (H * K * V) + h * (K * V)
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        vm = cv < V
+        rv = rm[:, None] & vm[None, :]
+        v_off = row[:, None] * (H * V) + h * V + cv[None, :]
+        s_off = s_base + ck[:, None] * V + cv[None, :]
+        sm = km[:, None] & vm[None, :]
+        S0 = tl.load(hs_ptr + s_off, mask=sm, other=0.0)
+        dH = tl.load(dhs_ptr + s_off, mask=sm, other=0.0)
+        db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0)
+        ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0)
+        dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
+                      mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        dqg += tl.dot(dob, tl.trans(S0), input_precision=PREC)
+        dw -= tl.dot(ddb, tl.trans(S0), input_precision=PREC)
+        dkr += tl.dot(db_, tl.trans(dH), input_precision=PREC)
+        if HAS_G:
+            dtot += tl.reduce(S0 * dH, 1, _sum_combine)
+    dqg = dqg * scale
+
+    rk = rm[:, None] & km[None, :]
+    k_off = row[:, None] * (H * K) + h * K + ck[None, :]
+    kb = tl.load(k_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
+    wb = tl.load(w_ptr + k_off, mask=rk, other=0.0)
+    bb = tl.load(beta_ptr + row * H + h, mask=rm, other=0.0).to(tl.float32)
+    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None], other=0.0)
+    _, cum, rest, _, _ = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
+    e_cum = tl.exp(cum)
+    e_rest = tl.exp(rest)
+    # W = T diag(beta) (k e^cum): this slice's columns of dRk and its share of dA
+    drk = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
+    slot = (tl.cast(ic, tl.int64) * H + h) * tl.num_programs(2) + j
+    dak = -tl.dot(drk, tl.trans(wb), input_precision=PREC)
+    tl.store(dak_ptr + slot * (BC * BC) + i[:, None] * BC + i[None, :], dak)
+    kg = kb * e_cum[:, None]
+    dkg = drk * bb[:, None]
+    tl.store(dqp_ptr + tok[:, None] * (H * K) + h * K + ck[None, :], dqg * e_cum[:, None],
+             mask=last[:, None] & km[None, :])
+    tl.store(dkp_ptr + k_off, dkg * e_cum[:, None] + dkr * e_rest[:, None], mask=rk)
+    red = red_ptr + slot * (4 * BC) + i
+    tl.store(red, tl.reduce(drk * kg, 1, _sum_combine))
+    if HAS_G:
+        qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
+                     mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
+        dcum = tl.reduce(dqg * qb * e_cum[:, None], 1, _sum_combine) + tl.reduce(dkg * kg, 1, _sum_combine)
+        tl.store(red + BC, dcum)
+        tl.store(red + 2 * BC, tl.reduce(dkr * kb * e_rest[:, None], 1, _sum_combine))
+        tl.store(red + 3 * BC, tl.full([BC], 0.0, tl.float32) + tl.reduce(dtot, 0, _sum_combine))
+
+
+@triton.jit
+def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d_ptr, dd_ptr,
+                           do_ptr, dqp_ptr, dkp_ptr, dak_ptr, red_ptr, dq_ptr, dk_ptr, dv_ptr,
+                           dbeta_ptr, dg_ptr, chunk_ptr, scale,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
+                           BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           HAS_G: tl.constexpr, PREC: tl.constexpr):
+    """The rest of one chunk after ``kslice``: the V part (dv, dP and dU's share of dA and
+    dbeta), the slices' sums, then dbeta, dg and, slice by slice, dq and dk.
+
+    dq and dk may alias dqp and dkp (fp32 inputs): each element is read before it is written.
+    """
+    ic = tl.program_id(0)
+    h = tl.program_id(1)
+    tok0 = tl.load(chunk_ptr + 2 * ic)
+    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    i = tl.arange(0, BC)
+    rm = i < ntok * N_H
+    last = rm & (i % N_H == N_H - 1)
+    row = (tok0 * N_H + i).to(tl.int64)
+    tok = (tok0 + i // N_H).to(tl.int64)
+    bb = tl.load(beta_ptr + row * H + h, mask=rm, other=0.0).to(tl.float32)
+    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None], other=0.0)
+
+    dP = tl.full([BC, BC], 0.0, tl.float32)    # d(P), without scale
+    dA = tl.full([BC, BC], 0.0, tl.float32)
+    db = tl.full([BC], 0.0, tl.float32)
+    for v0 in range(0, V, BV):
+        cv = v0 + tl.arange(0, BV)
+        vm = cv < V
+        rv = rm[:, None] & vm[None, :]
+        v_off = row[:, None] * (H * V) + h * V + cv[None, :]
+        db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0)
+        ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0)
+        ub = tl.load(u_ptr + v_off, mask=rv, other=0.0)
+        vb = tl.load(v_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
+        dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
+                      mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        dP += tl.dot(dob, tl.trans(db_), input_precision=PREC)
+        drv = tl.dot(tl.trans(tinv), ddb, input_precision=PREC)   # dRhs for the V part
+        tl.store(dv_ptr + v_off, (drv * bb[:, None]).to(dv_ptr.dtype.element_ty), mask=rv)
+        dA -= tl.dot(drv, tl.trans(ub), input_precision=PREC)
+        db += tl.reduce(drv * vb, 1, _sum_combine)
+
+    slot0 = (tl.cast(ic, tl.int64) * H + h) * ((K + BK - 1) // BK)
+    dcum = tl.full([BC], 0.0, tl.float32)
+    drest = tl.full([BC], 0.0, tl.float32)
+    dtot = tl.full([BC], 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        slot = slot0 + k0 // BK
+        dA += tl.load(dak_ptr + slot * (BC * BC) + i[:, None] * BC + i[None, :])
+        red = red_ptr + slot * (4 * BC) + i
+        db += tl.load(red)
+        if HAS_G:
+            dcum += tl.load(red + BC)
+            drest += tl.load(red + 2 * BC)
+            dtot += tl.load(red + 3 * BC)
+
+    _, _, _, total, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
+    strict = i[:, None] > i[None, :]
+    causal = i[:, None] >= i[None, :]
+    E = tl.exp(tl.where(causal, seg, 0.0))
+    # A = beta_p (k_p . k_s) E, strictly lower; P = (q_p . k_s) E on s <= p
+    dA = tl.where(strict, dA, 0.0)
+    dPE = tl.where(causal, dP * scale, 0.0) * E
+    kk = tl.full([BC, BC], 0.0, tl.float32)
+    qk = tl.full([BC, BC], 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        km = ck < K
+        kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
+                     mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        kk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
+        if HAS_G:
+            qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
+                         mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
+            qk += tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    db += tl.reduce(dA * kk * E, 1, _sum_combine)
+    tl.store(dbeta_ptr + row * H + h, db.to(dbeta_ptr.dtype.element_ty), mask=rm)
+    gm = dA * E * bb[:, None]
+    if HAS_G:
+        tpos = i // N_H
+        cross = tpos[:, None] > tpos[None, :]
+        dseg = tl.where(cross, gm * kk + dPE * qk, 0.0)
+        # dgam[p'] = sum_{p >= p', s < p'} dseg[p, s]
+        dM = tl.associative_scan(dseg, 0, _sum_combine, reverse=True)
+        dgam = tl.reduce(tl.where(i[None, :] < i[:, None], dM, 0.0), 1, _sum_combine)
+        dgam += tl.reduce(tl.where(i[None, :] >= i[:, None], dcum[None, :], 0.0), 1, _sum_combine)
+        dgam += tl.reduce(tl.where(i[None, :] < i[:, None], drest[None, :], 0.0), 1, _sum_combine)
+        dgam += dtot * tl.exp(total)
+        first = rm & (i % N_H == 0)
+        tl.store(dg_ptr + tok * H + h, dgam, mask=first)
+
+    gsym = gm + tl.trans(gm)
+    dPEt = tl.trans(dPE)
+    for k0 in range(0, K, BK):
+        ck = k0 + tl.arange(0, BK)
+        km = ck < K
+        rk = rm[:, None] & km[None, :]
+        qm = last[:, None] & km[None, :]
+        k_off = row[:, None] * (H * K) + h * K + ck[None, :]
+        q_off = tok[:, None] * (H * K) + h * K + ck[None, :]
+        kb = tl.load(k_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
+        qb = tl.load(q_ptr + q_off, mask=qm, other=0.0).to(tl.float32)
+        dq = tl.load(dqp_ptr + q_off, mask=qm, other=0.0) + tl.dot(dPE, kb, input_precision=PREC)
+        dk = (tl.load(dkp_ptr + k_off, mask=rk, other=0.0) + tl.dot(gsym, kb, input_precision=PREC)
+              + tl.dot(dPEt, qb, input_precision=PREC))
+        tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=qm)
+        tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=rk)
