@@ -5,7 +5,9 @@ achieved TFLOP/s and peak memory of: our Triton kernels, the torch chunked path 
 ``kernels`` (optional, slow) and, when ``fla`` (the fla-core wheel) is importable,
 flash-linear-attention's ``chunk_gated_delta_product`` (and ``chunk_gated_delta_rule``
 for n_h = 1) through ``bench/fla_adapters.py``, with time ratios comparator / ours (> 1
-means we are faster).
+means we are faster). ``--split-grad`` also times our backward with the K-split gradient
+kernels at every K (``ours_ksplit``; by default they serve only K > 128): they compile
+without spills at K = 128 where the one-kernel gradient spills, which only a GPU can weigh.
 
 TFLOP/s counts the chunked algorithm's matmuls, per sub-step row with chunks of C = 64
 rows: KK^T, W and U (2C(2K+V)), the state pass (4KV), the output (2KV + 2C(K+V));
@@ -15,6 +17,7 @@ forward+backward is counted as 3x forward. Needs only torch and triton to import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -41,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--torch", action="store_true", help="also time the (slow) torch chunked path")
     p.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
+    p.add_argument("--split-grad", action="store_true",
+                   help="also time ours with the K-split gradient kernels at every K (ours_ksplit)")
     p.add_argument("--target", action="store_true",
                    help="only the issue's target point: B=4 T=4096 H=16 K=V=128 n_h in {1,2}")
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
@@ -84,13 +89,16 @@ def make_inputs(B: int, T: int, H: int, K: int, V: int, n_h: int, dtype: torch.d
     )
 
 
-def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool) -> dict[str, Callable[[], torch.Tensor]]:
+def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool,
+          split_grad: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
     import kernels
 
     q, k, v, beta, g = x["q"], x["k"], x["v"], x["beta"], x["g"]
     K = q.shape[-1]
     out: dict[str, Callable[[], torch.Tensor]] = {
         "ours": lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="triton")[0]}
+    if split_grad:
+        out["ours_ksplit"] = out["ours"]  # the same call, timed under gradient_path("ours_ksplit")
     if use_torch:
         out["torch"] = lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="torch")[0]
     if use_fla:
@@ -107,6 +115,22 @@ def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool) -> dict[str, Callab
                 continue
             out[name] = lambda fn=fn: fn(q, k, v, beta, g, scale=scale)[0]
     return out
+
+
+@contextlib.contextmanager
+def gradient_path(name: str):
+    """Under ``ours_ksplit`` our backward takes the K-split gradient kernels at every K."""
+    if name != "ours_ksplit":
+        yield
+        return
+    from kernels.triton import gated_delta_product as gdp
+
+    before = gdp.GRAD_SPLIT_ABOVE_BK
+    gdp.GRAD_SPLIT_ABOVE_BK = 0
+    try:
+        yield
+    finally:
+        gdp.GRAD_SPLIT_ABOVE_BK = before
 
 
 def measure(name: str, fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Row | None:
@@ -141,8 +165,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     fl = flops_fwd(B, T, H, D, D, n_h)
                     print(f"B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype} on {gpu}")
                     res = {}
-                    for name, fn in impls(x, n_h, a.torch, not a.no_fla).items():
-                        r = measure(name, fn, list(x.values()))
+                    for name, fn in impls(x, n_h, a.torch, not a.no_fla, a.split_grad).items():
+                        with gradient_path(name):
+                            r = measure(name, fn, list(x.values()))
                         if r is None:
                             continue
                         r.update(B=B, T=T, H=H, D=D, n_h=n_h, tflops_fwd=fl / r["fwd"] / 1e9,

@@ -326,3 +326,20 @@ def test_bench_train_runs_end_to_end_on_cpu(tmp_path):
     assert row["tokens_per_s"] > 0 and row["mfu"] is None and torch.isfinite(torch.tensor(row["final_loss"]))
     assert "tokens/s/GPU" in r.stdout
     assert "| gated_deltaproduct-tiny | ours |" in results.read_text()
+
+
+def test_kernel_benchmark_times_the_k_split_gradient_path_on_request():
+    from bench.bench_gated_delta_product import gradient_path, impls, parse_args
+    from kernels.triton import gated_delta_product as gdp
+
+    assert parse_args(["--target", "--split-grad"]).split_grad and not parse_args([]).split_grad
+    x = {name: torch.zeros(1) for name in ("q", "k", "v", "beta", "g")}
+    assert "ours_ksplit" in impls(x, 1, use_torch=False, use_fla=False, split_grad=True)
+    assert "ours_ksplit" not in impls(x, 1, use_torch=False, use_fla=False)
+    default = gdp.GRAD_SPLIT_ABOVE_BK
+    with gradient_path("ours"):
+        assert gdp.GRAD_SPLIT_ABOVE_BK == default
+    with pytest.raises(RuntimeError), gradient_path("ours_ksplit"):
+        assert gdp.GRAD_SPLIT_ABOVE_BK == 0  # every K takes the split kernels
+        raise RuntimeError("a failed measurement still restores the default")
+    assert gdp.GRAD_SPLIT_ABOVE_BK == default
