@@ -29,10 +29,15 @@ any rank count), and every rank loads that with DeepSpeed's ``load_universal``::
     step_00000100/
         universal/ds/...  ``ds_to_universal`` output (about the size of ``ds/``), then reused
 
+A pipelined run (ZeRO-1) resumes the same way on another data-parallel degree with the same
+stages: the converter reads every stage's partitions (the tied embedding/head once, see
+``pipeline.build_pipeline_module``), and each stage loads its own parameters by name.
+
 Rank 0 converts into a hidden temporary directory inside the step directory and renames it
 to ``universal`` when done, so a kill mid-conversion leaves only a temp directory that the
-next attempt deletes, and an existing ``universal`` is always complete. Two slips of
-DeepSpeed's ZeRO-3 universal loader are repaired after loading (``_repair_universal_load``).
+next attempt deletes, and an existing ``universal`` is always complete. Slips of DeepSpeed's
+universal loaders (param-group hyperparameters, ZeRO-3's shared ``step``) are repaired after
+loading (``_repair_universal_load``).
 """
 from __future__ import annotations
 
@@ -207,6 +212,7 @@ def load_engine_state(engine: Any, path: Path, *, universal: bool = False) -> No
     load_dir = path / UNIVERSAL if universal else path
     config = engine._config  # DeepSpeed reads ``load_universal`` only while loading
     before = config.load_universal_checkpoint
+    own = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     config.load_universal_checkpoint = universal
     try:
         load_path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_module_strict=True,
@@ -216,21 +222,33 @@ def load_engine_state(engine: Any, path: Path, *, universal: bool = False) -> No
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no engine state in {str(load_dir / DS_TAG)!r}")
     if universal:
-        _repair_universal_load(engine.optimizer, load_dir)
+        _repair_universal_load(engine.optimizer, load_dir, own)
 
 
-def _repair_universal_load(optimizer: Any, load_dir: Path) -> None:
-    """Undo two slips of DeepSpeed's ZeRO-3 universal loader (0.19): it copies the first param
-    group's hyperparameters onto every group (the no-decay group would get weight decay), and
-    it gives every group the same ``step`` tensor, which torch's AdamW then increments once per
-    group per step (wrong bias correction). Harmless for ZeRO-1/2, which load both right."""
+def _repair_universal_load(optimizer: Any, load_dir: Path, own: list[dict[str, Any]]) -> None:
+    """Undo the slips of DeepSpeed's universal loaders (0.19) after loading.
+
+    They copy the saved param groups' hyperparameters onto this optimizer's groups by position,
+    from one file (a pipeline's first stage): ZeRO-3 copies the first group's onto every group
+    (the no-decay group would get weight decay), and a pipeline stage whose groups differ from
+    the first stage's (e.g. only norms: no decay group) would get the wrong ones. Here every
+    group takes the saved hyperparameters of its own name (``optim.param_groups`` names them),
+    else keeps ``own`` (its values before loading). ZeRO-1/2 load a stage's groups by position
+    and skip those past the saved count, which is refused. And ZeRO-3 gives every group the same
+    ``step`` tensor, which torch's AdamW then increments once per group per step (wrong bias
+    correction)."""
     saved = torch.load(load_dir / DS_TAG / "zero" / "optimizer_state.pt", map_location="cpu",
                        weights_only=False)["param_groups"]  # DeepSpeed's own file (loss scaler objects)
     groups = optimizer.param_groups
-    if len(saved) != len(groups):
-        raise CheckpointError(f"the universal checkpoint {str(load_dir)!r} has {len(saved)} optimizer param "
-                              f"groups, this optimizer {len(groups)}: resume with the optimizer it was saved with")
-    for group, hyper in zip(groups, saved):
+    if len(groups) > len(saved) or len(own) != len(groups):
+        raise CheckpointError(
+            f"the universal checkpoint {str(load_dir)!r} has {len(saved)} optimizer param groups, this "
+            f"optimizer (or pipeline stage) {len(groups)}: DeepSpeed would leave some unloaded; resume on the "
+            "rank count it was saved with")
+    by_name = {hyper.get("name"): hyper for hyper in saved}
+    named = None not in by_name and len(by_name) == len(saved)  # else (unnamed groups): by position
+    for i, (group, mine) in enumerate(zip(groups, own)):
+        hyper = by_name.get(mine.get("name"), mine) if named else saved[i]
         group.update({k: v for k, v in hyper.items() if k != "params"})
     for state in optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):

@@ -9,9 +9,11 @@ Layout of an export::
     tokenizer.model     the sentencepiece model of the training data (when found)
     export.json         step, tokens seen, tokenizer hash, source checkpoint
 
-Weights come from DeepSpeed's own ZeRO consolidation (``zero_to_fp32``: the fp32 master
-weights of every rank's partition), from a pipeline's per-layer module files, or, without
-ZeRO partitions, from the module state; all loaded with ``weights_only=True``. Loading an export runs no code: safetensors + YAML.
+Weights are the fp32 master weights where the checkpoint has them: DeepSpeed's own ZeRO
+consolidation (``zero_to_fp32``) without a pipeline, the stages' ZeRO-1 partitions with one
+(``pipeline_master_weights``); else the module state (ZeRO-0; a pipeline checkpoint without
+optimizer files, with a warning). Module files load with ``weights_only=True``, DeepSpeed's
+optimizer files with its own classes. Loading an export runs no code: safetensors + YAML.
 
 Console script: ``linrnn-export = pretrain.export:main``.
 """
@@ -22,6 +24,7 @@ import json
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,13 +63,13 @@ def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def pipeline_state_dict(ds_dir: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A pipeline checkpoint's per-layer module files -> LanguageModel names.
+_PIPE_OPTIM = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 
-    DeepSpeed's ``zero_to_fp32`` does not read pipeline checkpoints, so the weights are the
-    modules' own (bf16 in a bf16 run: the rounding of the fp32 masters the model ran with).
-    A tied head is not saved as a layer of its own: the embedding layer holds its weight.
-    """
+
+def pipeline_module_weights(ds_dir: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint's per-layer module files -> LanguageModel names (the modules'
+    own dtype: bf16 in a bf16 run). A tied head is not saved as a layer of its own: the
+    embedding layer holds its weight."""
     from .models.pipeline import lm_key
 
     sd: dict[str, torch.Tensor] = {}
@@ -75,6 +78,75 @@ def pipeline_state_dict(ds_dir: Path, mcfg: ModelConfig) -> dict[str, torch.Tens
         for name, t in torch.load(f, map_location="cpu", weights_only=True).items():
             sd[lm_key(index, name, mcfg)] = t
     return sd
+
+
+def _pipeline_optimizer_files(ds_dir: Path) -> dict[int, list[Path]]:
+    """stage -> its ZeRO-1 optimizer files in data-parallel rank order ({} when none were saved)."""
+    found: dict[int, dict[int, Path]] = {}
+    for f in ds_dir.iterdir():
+        m = _PIPE_OPTIM.fullmatch(f.name)
+        if m:
+            found.setdefault(int(m.group(2)), {})[int(m.group(1))] = f
+    stages = len(list(ds_dir.glob("mp_rank_*_model_states.pt")))
+    out = {}
+    for stage in range(stages if found else 0):
+        ranks = found.get(stage, {})
+        if not ranks or sorted(ranks) != list(range(len(ranks))):
+            raise ckpt.CheckpointError(
+                f"pipeline checkpoint {str(ds_dir)!r} lacks optimizer files of stage {stage} (data-parallel ranks "
+                f"found: {sorted(ranks)}): it is incomplete; export another checkpoint")
+        out[stage] = [ranks[r] for r in range(len(ranks))]
+    return out
+
+
+def pipeline_master_weights(ds_dir: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights of a pipeline checkpoint under LanguageModel names; None when it
+    holds no optimizer state.
+
+    Why by hand: ``zero_to_fp32`` does not read pipeline checkpoints. Each stage's data-parallel
+    ranks hold consecutive slices of its flat fp32 groups; ``param_slice_mappings`` names each
+    parameter's fragment in a rank's slice (what DeepSpeed's universal converter reads too), so
+    a parameter is its fragments in rank order. The tied embedding/head is in the first and
+    last stage alike (its gradient is all-reduced between them); the first stage's copy is taken."""
+    from deepspeed.checkpoint.constants import (OPTIMIZER_STATE_DICT, PARAM_SLICE_MAPPINGS,
+                                                SINGLE_PARTITION_OF_FP32_GROUPS)
+
+    from .pipeline import pipeline_param_to_lm
+
+    files = _pipeline_optimizer_files(ds_dir)
+    if not files:
+        return None
+    shapes = {k: v.shape for k, v in build_model(mcfg, device="meta").state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for stage, paths in files.items():
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for path in paths:  # DeepSpeed's own files (they pickle its classes): not weights_only
+            osd = torch.load(path, map_location="cpu", mmap=True, weights_only=False)[OPTIMIZER_STATE_DICT]
+            for flat, mapping in zip(osd[SINGLE_PARTITION_OF_FP32_GROUPS], osd[PARAM_SLICE_MAPPINGS]):
+                for name, frag in mapping.items():
+                    pieces.setdefault(name, []).append(flat.narrow(0, frag.start, frag.numel).clone())
+        for name, parts in pieces.items():
+            key = pipeline_param_to_lm(name, mcfg)
+            if key in out:
+                continue  # the tied weight's copy on the last stage
+            if key not in shapes or sum(p.numel() for p in parts) != shapes[key].numel():
+                raise ckpt.CheckpointError(
+                    f"pipeline checkpoint {str(ds_dir)!r}: optimizer state of {name!r} does not fit the model's "
+                    f"{key!r} {tuple(shapes.get(key, ()))}: the checkpoint and its run.json disagree")
+            out[key] = torch.cat(parts).view(shapes[key])
+    return out
+
+
+def pipeline_state_dict(ds_dir: Path, mcfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint's weights under LanguageModel names: the fp32 masters from the
+    optimizer state (what training continues from; the module files hold their bf16 rounding
+    in a bf16 run), else, with a warning, the module weights."""
+    masters = pipeline_master_weights(ds_dir, mcfg)
+    if masters is not None:
+        return masters
+    warnings.warn(f"pipeline checkpoint {str(ds_dir)!r} holds no optimizer state: exporting the module weights "
+                  "(in the training precision, e.g. bf16) instead of the fp32 master weights", stacklevel=2)
+    return pipeline_module_weights(ds_dir, mcfg)
 
 
 def consolidated_state_dict(step_path: Path, mcfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:

@@ -17,9 +17,17 @@ trainer's ``gather_pipeline``). Hence the global batch is a multiple of
 
 ``dynamic_shape``: ``cu_seqlens`` travels between stages with the hidden states, and its
 length depends on how many documents a micro-batch holds.
+
+Checkpoints: DeepSpeed saves one module file per layer, and per stage and data-parallel rank
+the ZeRO-1 partition of the fp32 master weights and Adam moments, under the
+``PipelineModule``'s parameter names (``pipeline_param_to_lm`` maps them to the LM's). A run
+resumes on another data-parallel degree with the same stages through DeepSpeed's universal
+checkpoint (``checkpoint.ensure_universal``); the module declares the tied weight as
+replicated across stages, so the converter takes it from the first stage only.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -27,11 +35,13 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import RunConfig
 from .config_loader import ConfigError
+from .model_config import ModelConfig
 from .models.init import draw_base_seed
 from .models.lm import token_loss
-from .models.pipeline import BlockLayer, EmbeddingLayer, FinalNormLayer, HeadLayer, tied_head
+from .models.pipeline import BlockLayer, EmbeddingLayer, FinalNormLayer, HeadLayer, lm_key, tied_head
 
 TIED_KEY = "embed"
+_TIED_PREFIX = f"tied_modules.{TIED_KEY}."
 
 
 def _non_reentrant(function: Any, *args: Any) -> Any:
@@ -77,14 +87,36 @@ def check_pipeline(cfg: RunConfig, world_size: int) -> int:
     return world_size // pp
 
 
+def pipeline_param_to_lm(name: str, config: ModelConfig) -> str:
+    """A ``PipelineModule`` parameter name -> the ``LanguageModel`` one: ``"<layer>.<name>"``
+    (``"2.mixer.q_proj.weight"`` -> ``"blocks.1.mixer.q_proj.weight"``), and the tied
+    embedding/head ``"tied_modules.embed.embed.weight"`` -> ``"embed.weight"``."""
+    if name.startswith(_TIED_PREFIX):
+        return lm_key(0, name[len(_TIED_PREFIX):], config)
+    index, _, rest = name.partition(".")
+    if not index.isdigit() or not rest:
+        raise ValueError(f"{name!r} is not a pipeline layer parameter name ('<layer index>.<name>')")
+    return lm_key(int(index), rest, config)
+
+
 def build_pipeline_module(cfg: RunConfig) -> Any:
     """Every rank calls this collectively (DeepSpeed builds process groups here)."""
     from deepspeed.pipe import PipelineModule
 
+    from deepspeed.checkpoint.constants import (PIPELINE_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_INFO,
+                                                UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
     torch.manual_seed(cfg.seed)
     base_seed = draw_base_seed()  # the same on every rank
-    return PipelineModule(
+    module = PipelineModule(
         layers=layer_specs(cfg, base_seed), num_stages=cfg.parallel.pipeline_stages, loss_fn=token_loss,
         partition_method="parameters", dynamic_shape=True,
         activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
         activation_checkpoint_func=_non_reentrant, checkpointable_layers=[BlockLayer.__name__])
+    # Saved with every checkpoint. Why: the first and last stage both hold the tied weight, and
+    # ds_to_universal writes every stage's fragments of a name to the same files; the pattern
+    # makes it skip the copies of stages > 0 (equal values, but partitioned differently).
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO, {
+        UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        PIPELINE_REPLICATED_PARAMETER_PATTERNS: ["^" + re.escape(_TIED_PREFIX)]})
+    return module

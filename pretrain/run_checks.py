@@ -5,7 +5,9 @@
 * the model's vocabulary against the tokenizer the shards were written with;
 * an existing checkpoint directory: its newest complete checkpoint must come from the
   same model shape and tokenizer, else resuming would load mismatched weights (or fail
-  deep inside DeepSpeed) and the next save would overwrite another run's checkpoints.
+  deep inside DeepSpeed) and the next save would overwrite another run's checkpoints; and
+  from the same ZeRO stage, pipeline stages, sequence length and global batch (the rank
+  count, and with it a pipeline's data-parallel degree, may change).
 """
 from __future__ import annotations
 
@@ -63,13 +65,16 @@ def check_resume(cfg: RunConfig, tokenizer_hash: str) -> Path | None:
         raise ckpt.CheckpointError(
             f"checkpoint {str(newest)!r} was trained with tokenizer {state.get('tokenizer_hash')}, the "
             f"data now has {tokenizer_hash}: resume with the original data, or use a new checkpoint.dir")
-    for key in ("zero_stage", "pipeline_stages"):
+    why = {"zero_stage": "the optimizer state is laid out for the former",
+           "pipeline_stages": "the model and optimizer state are split by stage (only the data-parallel degree, "
+                              "i.e. the rank count, may change)"}
+    for key, reason in why.items():
         saved = state.get(key, 1 if key == "pipeline_stages" else None)
         if saved is not None and saved != getattr(cfg.parallel, key):
             raise ckpt.CheckpointError(
                 f"checkpoint {str(newest)!r} was saved with parallel.{key}={saved}, the config says "
-                f"{getattr(cfg.parallel, key)}: the optimizer state is laid out for the former; set "
-                f"parallel.{key}={saved} to resume, or use a new checkpoint.dir")
+                f"{getattr(cfg.parallel, key)}: {reason}; set parallel.{key}={saved} to resume, or use a "
+                "new checkpoint.dir")
     if state.get("seq_len") not in (None, cfg.data.seq_len):
         raise ckpt.CheckpointError(
             f"checkpoint {str(newest)!r} was trained at data.seq_len={state['seq_len']}, the config "

@@ -125,14 +125,12 @@ class Trainer:
         same_world = state.get("world_size") == self.env.world_size
         # ZeRO>=1 partitions the optimizer state per rank: another rank count goes through
         # DeepSpeed's universal checkpoint (converted once, then reused); ZeRO-0 loads as is.
+        # A pipeline keeps its stages (run_checks), so only its data-parallel degree changes.
         elastic = not same_world and saved_stage >= 1
-        if elastic and self.eng.pipelined:
-            raise ckpt.CheckpointError(
-                f"checkpoint {str(path)!r} was saved by {state.get('world_size')} ranks of a "
-                f"{self.eng.num_stages}-stage pipeline; this job has {self.env.world_size}: resume a pipelined "
-                f"run on {state.get('world_size')} ranks (elastic resume covers runs without pipeline stages)")
         if elastic:
-            self.log.print(f"[train] elastic resume: {state.get('world_size')} -> {self.env.world_size} ranks, "
+            stages = f" ({self.eng.num_stages} pipeline stages x {self.eng.dp_world} data-parallel)" \
+                if self.eng.pipelined else ""
+            self.log.print(f"[train] elastic resume: {state.get('world_size')} -> {self.env.world_size} ranks{stages}, "
                            f"ZeRO-{saved_stage} state via a universal checkpoint")
             ckpt.ensure_universal(path, self.env.rank)
         ckpt.load_engine_state(self.eng.engine, path, universal=elastic)

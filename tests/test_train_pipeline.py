@@ -1,4 +1,4 @@
-"""Pipeline parallelism on 4 ranks over gloo (2 stages x 2 data-parallel ranks, ZeRO-1).
+"""Pipeline parallelism over gloo (2 stages x 2 data-parallel ranks, ZeRO-1, on 4 ranks).
 
 * interrupted after step 3 and resumed, a pipelined run reproduces its uninterrupted
   per-step losses exactly (fp32);
@@ -6,15 +6,22 @@
   step by step up to summation order: same initial weights although each stage built only
   its layers, the same samples per step, and the tied embedding's gradient summed across
   the first and last stage;
-* the export turns its per-layer files into the LM's weights (equal to the data-parallel
-  run's up to summation order);
+* elastic: its step-4 checkpoint resumes on 2 ranks (2 stages x 1 data-parallel, through
+  the universal checkpoint): step 5 reads the same samples, with the same loss and fp32
+  master weights as on 4 ranks up to summation order;
+* the export reads the fp32 master weights from the stages' optimizer partitions: equal to
+  DeepSpeed's universal conversion of the same checkpoint, and, in a bf16 run, the masters
+  whose bf16 rounding the per-layer module files hold; without optimizer files it falls
+  back to those module files and warns;
 * a non-finite loss is skipped by every stage alike.
 
-One pair of processes runs everything, so DeepSpeed is imported once per rank; the test
-spawns them and compares the JSONL logs.
+Two spawns (4 ranks run every 4-rank job, then 2 ranks the elastic resume), so DeepSpeed is
+imported once per rank; the test compares the JSONL logs and checkpoints.
 """
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +31,7 @@ import torch
 
 STOP_AT = 3
 RANKS = 4
+ELASTIC_AT = 4  # the step of pp-ref's checkpoint that 2 ranks resume
 
 
 def _raw(tmp: Path, ck: str, pipeline: bool, **over) -> dict:
@@ -38,7 +46,7 @@ def _raw(tmp: Path, ck: str, pipeline: bool, **over) -> dict:
     return raw
 
 
-def _driver(tmp: Path) -> None:
+def _driver(tmp: Path, ranks: int) -> None:
     from pretrain.config import RunConfig
     from pretrain.config_loader import build_dataclass
     from pretrain.trainer import train
@@ -46,30 +54,46 @@ def _driver(tmp: Path) -> None:
     # the data-parallel run first: DeepSpeed keeps a pipeline engine's process grid in globals
     runs = [("dp-ref", False, {}, "done"), ("pp-ref", True, {}, "done"),
             ("pp-cut", True, {"faults": {"preempt_at_step": STOP_AT}}, "preempted"), ("pp-cut", True, {}, "done"),
-            ("pp-nan", True, {"faults": {"nan_loss_steps": [1]}, "max_steps": 3}, "done")]
+            ("pp-nan", True, {"faults": {"nan_loss_steps": [1]}, "max_steps": 3}, "done"),
+            ("pp-bf16", True, {"parallel": {"precision": "bf16"}, "max_steps": 2, "eval": {"every_steps": 0}}, "done")]
+    if ranks == 2:
+        runs = [("pp-elastic", True, {}, "done")]  # resumes the copy of pp-ref's step-4 checkpoint
     for ck, pipeline, extra, expected in runs:
         raw = _raw(tmp, ck, pipeline)
-        raw.update({k: v for k, v in extra.items() if k != "max_steps"})
-        if "max_steps" in extra:
-            raw["max_steps"] = extra["max_steps"]
+        for key, value in extra.items():
+            if isinstance(value, dict):
+                raw.setdefault(key, {}).update(value)
+            else:
+                raw[key] = value
         result = train(build_dataclass(RunConfig, raw))
         assert result.status == expected, (ck, result)
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_pipeline_resume_is_exact_and_matches_data_parallel(tmp_path):
+def _spawn(tmp: Path, ranks: int) -> str:
     from pretrain.distributed import free_port
-    from pretrain.run_log import read_metrics
-    from test_train_common import env, losses
+    from test_train_common import env
 
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env(rank, RANKS, port),
+    procs = [subprocess.Popen([sys.executable, __file__, str(tmp), str(ranks)], env=env(rank, ranks, port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(RANKS)]
+             for rank in range(ranks)]
     outs = [p.communicate(timeout=420)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * RANKS, "".join(o[-3000:] for o in outs)
-    assert "2 pipeline stages x 2 data-parallel" in outs[0]
+    assert [p.returncode for p in procs] == [0] * ranks, "".join(o[-3000:] for o in outs)
+    return outs[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pipeline_resume_is_exact_elastic_and_matches_data_parallel(tmp_path):
+    from pretrain import checkpoint as ckpt
+    from pretrain.run_log import read_metrics
+    from test_train_common import losses
+
+    out = _spawn(tmp_path, RANKS)
+    assert "2 pipeline stages x 2 data-parallel" in out
+    shutil.copytree(ckpt.step_dir(tmp_path / "pp-ref", ELASTIC_AT), ckpt.step_dir(tmp_path / "pp-elastic", ELASTIC_AT))
+    out = _spawn(tmp_path, 2)
+    assert "elastic resume: 4 -> 2 ranks (2 pipeline stages x 1 data-parallel)" in out
 
     ref, cut = losses(tmp_path / "pp-ref"), losses(tmp_path / "pp-cut")
     assert sorted(ref) == [1, 2, 3, 4, 5] and cut == ref
@@ -85,7 +109,7 @@ def test_pipeline_resume_is_exact_and_matches_data_parallel(tmp_path):
     val_dp = [r["loss"] for r in read_metrics(tmp_path / "dp-ref" / "logs" / "metrics.jsonl", "val")]
     assert val and val == pytest.approx(val_dp, rel=1e-5)
 
-    # the export reads the per-layer files back under LanguageModel names
+    # the export assembles the stages' fp32 masters under LanguageModel names
     from pretrain.export import export_checkpoint, load_exported
 
     pp_model = load_exported(export_checkpoint(tmp_path / "pp-ref", tmp_path / "pp-export"))
@@ -94,11 +118,81 @@ def test_pipeline_resume_is_exact_and_matches_data_parallel(tmp_path):
     for name, p in pp_model.named_parameters():
         torch.testing.assert_close(p, dp_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
+    _check_elastic(tmp_path)
+    _check_master_export(tmp_path)
+
     nan_log = tmp_path / "pp-nan" / "logs" / "metrics.jsonl"
     assert [r["step"] for r in read_metrics(nan_log, "skip")] == [2]
     trained = read_metrics(nan_log)
     assert [r["step"] for r in trained] == [1, 3] and trained[0]["loss"] == ref[1]
 
 
+def _check_elastic(tmp: Path) -> None:
+    """pp-elastic: pp-ref's step-4 checkpoint resumed on 2 ranks, against pp-ref's step 5."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.export import consolidated_state_dict, model_config_from
+    from pretrain.pipeline import pipeline_param_to_lm
+    from pretrain.run_log import read_metrics
+
+    run, ref = tmp / "pp-elastic", tmp / "pp-ref"
+    assert [r["step"] for r in read_metrics(run / "logs" / "metrics.jsonl", "resume")] == [ELASTIC_AT]
+    got = read_metrics(run / "logs" / "metrics.jsonl")
+    want = {r["step"]: r for r in read_metrics(ref / "logs" / "metrics.jsonl")}
+    assert [r["step"] for r in got] == [ELASTIC_AT + 1]
+    assert got[0]["data_fingerprint"] == want[ELASTIC_AT + 1]["data_fingerprint"]  # nothing repeated or skipped
+    assert got[0]["loss"] == pytest.approx(want[ELASTIC_AT + 1]["loss"], rel=1e-5)
+    a, b = (consolidated_state_dict(ckpt.step_dir(r, ELASTIC_AT + 1)) for r in (run, ref))
+    assert a.keys() == b.keys()
+    for k in a:  # one Adam step with a wrong moment or step count would move weights by >= 1e-5
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+    # DeepSpeed's universal conversion of the step-4 checkpoint holds the same fp32 masters as the
+    # export's own assembly; the tied weight came from the first stage only (declared replicated)
+    step = ckpt.step_dir(run, ELASTIC_AT)
+    info = torch.load(step / ckpt.DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+    patterns = info["universal_checkpoint_info"]["pipeline_replicated_parameter_patterns"]
+    assert [p for p in patterns if re.match(p, "tied_modules.embed.embed.weight")] == patterns
+    assert not [p for p in patterns if re.match(p, "1.mixer.q_proj.weight")]
+    mcfg = model_config_from(ckpt.read_run_state(step)["model"])
+    masters = consolidated_state_dict(step, mcfg)
+    universal = {pipeline_param_to_lm(d.name, mcfg): torch.load(d / "fp32.pt", weights_only=False)["param"]
+                 for d in (step / ckpt.UNIVERSAL / ckpt.DS_TAG / "zero").iterdir() if d.is_dir()}
+    assert universal.keys() == masters.keys() and "embed.weight" in masters
+    for k, t in universal.items():
+        assert torch.equal(masters[k], t.view(masters[k].shape)), k
+
+
+def _check_master_export(tmp: Path) -> None:
+    """A bf16 pipeline run: the export holds the fp32 masters (the module files their bf16
+    rounding); without optimizer files, the module weights and a warning."""
+    from safetensors.torch import load_file
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.export import WEIGHTS, export_checkpoint, model_config_from, pipeline_module_weights
+
+    step = ckpt.newest_complete(tmp / "pp-bf16")
+    mcfg = model_config_from(ckpt.read_run_state(step)["model"])
+    module = pipeline_module_weights(step / ckpt.DS_TAG, mcfg)
+    masters = load_file(export_checkpoint(step, tmp / "bf16-export") / WEIGHTS)
+    assert masters.keys() == module.keys() and {t.dtype for t in module.values()} == {torch.bfloat16}
+    assert all(t.dtype == torch.float32 for t in masters.values())
+    for k, t in module.items():
+        assert torch.equal(masters[k].bfloat16(), t), k
+    assert any(not torch.equal(masters[k], t.float()) for k, t in module.items())  # finer than bf16
+
+    torn = tmp / "bf16-torn" / step.name
+    shutil.copytree(step, torn)
+    for f in (torn / ckpt.DS_TAG).glob("*mp_rank_01_optim_states.pt"):
+        f.unlink()
+    with pytest.raises(ckpt.CheckpointError, match="lacks optimizer files of stage 1"):
+        export_checkpoint(torn, tmp / "torn-export")
+    for f in (torn / ckpt.DS_TAG).glob("*optim_states.pt"):
+        f.unlink()
+    with pytest.warns(UserWarning, match="holds no optimizer state: exporting the module weights"):
+        fallback = load_file(export_checkpoint(torn, tmp / "module-export") / WEIGHTS)
+    for k, t in module.items():
+        assert torch.equal(fallback[k], t.float()), k
+
+
 if __name__ == "__main__":
-    _driver(Path(sys.argv[1]))
+    _driver(Path(sys.argv[1]), int(sys.argv[2]))

@@ -107,6 +107,94 @@ def test_pipeline_layouts_are_checked_before_anything_starts(capsys):
     assert "does not divide the 3 ranks" in capsys.readouterr().err
 
 
+def test_pipeline_parameter_names_map_to_the_language_model():
+    from pretrain.pipeline import pipeline_param_to_lm
+
+    cfg = load_model_config("gated_deltaproduct-tiny")  # layers: embedding, blocks 1..n, norm n+1, head n+2
+    n = cfg.n_layers
+    assert pipeline_param_to_lm("tied_modules.embed.embed.weight", cfg) == "embed.weight"
+    assert pipeline_param_to_lm("0.embed.weight", cfg) == "embed.weight"
+    assert pipeline_param_to_lm("1.mixer.q_proj.weight", cfg) == "blocks.0.mixer.q_proj.weight"
+    assert pipeline_param_to_lm(f"{n}.mlp_norm.weight", cfg) == f"blocks.{n - 1}.mlp_norm.weight"
+    assert pipeline_param_to_lm(f"{n + 1}.norm.weight", cfg) == "norm.weight"
+    assert pipeline_param_to_lm(f"{n + 2}.lm_head.weight", cfg) == "lm_head.weight"
+    lm_names = set(dict(build_model(cfg, device="meta").named_parameters()))
+    assert {"embed.weight", "norm.weight", f"blocks.{n - 1}.mlp_norm.weight"} <= lm_names
+    with pytest.raises(ValueError, match="not a pipeline layer parameter name"):
+        pipeline_param_to_lm("embed.weight", cfg)
+
+
+def test_resume_refuses_another_pipeline_stage_count(tmp_path):
+    import json
+
+    from pretrain.config_loader import config_to_dict
+    from pretrain.run_checks import check_resume
+
+    over = ["parallel.zero_stage=1", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
+            f"checkpoint.dir={tmp_path}"]
+    cfg = load_config(None, over + ["parallel.pipeline_stages=2"])
+    d = ckpt.step_dir(tmp_path, 4)
+    d.mkdir()
+    state = {"model": config_to_dict(cfg.model), "tokenizer_hash": "h", "zero_stage": 1, "world_size": 4,
+             "global_batch_size": 8}
+    (d / "run.json").write_text(json.dumps({**state, "pipeline_stages": 2}))
+    (d / ckpt.MARKER).write_text("ok")
+    assert check_resume(cfg, "h") == d  # same stages: any rank count (data-parallel degree)
+    for stages in (1, 4):
+        with pytest.raises(ckpt.CheckpointError, match=r"step_00000004.*saved with parallel.pipeline_stages=2, "
+                           rf"the config says {stages}: .*only the data-parallel degree.*set "
+                           r"parallel.pipeline_stages=2 to resume"):
+            check_resume(load_config(None, over + [f"parallel.pipeline_stages={stages}"]), "h")
+    (d / "run.json").write_text(json.dumps(state))  # a run.json from before pipelines: one stage
+    with pytest.raises(ckpt.CheckpointError, match="saved with parallel.pipeline_stages=1, the config says 2"):
+        check_resume(cfg, "h")
+
+
+def test_universal_load_repair_matches_param_groups_by_name(tmp_path):
+    """DeepSpeed copies the saved groups' hyperparameters (from a pipeline's first stage) by
+    position; each group must end with those of its own name, or keep its own."""
+    from types import SimpleNamespace
+
+    import torch
+
+    zero = tmp_path / ckpt.DS_TAG / "zero"
+    zero.mkdir(parents=True)
+    decay, no_decay = {"name": "decay", "weight_decay": 0.1, "eps": 1e-8}, {"name": "no_decay", "weight_decay": 0.0,
+                                                                          "eps": 1e-8}
+
+    def optimizer(*groups):
+        opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(2))], **g} for g in groups], lr=1.0)
+        return SimpleNamespace(param_groups=opt.param_groups, optimizer=opt)
+
+    def save(*saved):
+        torch.save({"param_groups": [{**g, "params": [i]} for i, g in enumerate(saved)]}, zero / "optimizer_state.pt")
+
+    def repair(saved, groups, after_load):
+        save(*saved)
+        opt = optimizer(*groups)
+        own = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        for group, hyper in zip(opt.param_groups, after_load):  # what DeepSpeed's loader left
+            group.update(hyper)
+        ckpt._repair_universal_load(opt, tmp_path, own)
+        return [(g["name"], g["weight_decay"]) for g in opt.param_groups]
+
+    # a stage of norms only: DeepSpeed gave its one group the first stage's decay hyperparameters
+    assert repair([decay, no_decay], [no_decay], [decay]) == [("no_decay", 0.0)]
+    assert repair([decay, no_decay], [decay, no_decay], [decay, decay]) == [("decay", 0.1), ("no_decay", 0.0)]
+    assert repair([decay], [{**no_decay, "weight_decay": 0.0}], [decay]) == [("no_decay", 0.0)]  # keeps its own
+    with pytest.raises(ckpt.CheckpointError, match="has 1 optimizer param groups, this optimizer .* 2"):
+        repair([decay], [decay, no_decay], [decay, no_decay])  # DeepSpeed loaded only the first group
+
+    save(decay, no_decay)
+    opt = optimizer(decay, no_decay)  # ZeRO-3 gives all groups one step tensor: AdamW would add to it twice
+    step = torch.tensor(4.0)
+    for p in (g["params"][0] for g in opt.param_groups):
+        opt.optimizer.state[p]["step"] = step
+    ckpt._repair_universal_load(opt, tmp_path, [decay, no_decay])
+    steps = [s["step"] for s in opt.optimizer.state.values()]
+    assert steps[0] is not steps[1] and all(s.item() == 4.0 for s in steps)
+
+
 def _fake(root, step, complete):
     d = ckpt.step_dir(root, step)
     d.mkdir(parents=True)
