@@ -5,9 +5,11 @@ achieved TFLOP/s and peak memory of: our Triton kernels, the torch chunked path 
 ``kernels`` (optional, slow) and, when ``fla`` (the fla-core wheel) is importable,
 flash-linear-attention's ``chunk_gated_delta_product`` (and ``chunk_gated_delta_rule``
 for n_h = 1) through ``bench/fla_adapters.py``, with time ratios comparator / ours (> 1
-means we are faster). ``--split-grad`` also times our backward with the K-split gradient
-kernels at every K (``ours_ksplit``; by default they serve only K > 128): they compile
-without spills at K = 128 where the one-kernel gradient spills, which only a GPU can weigh.
+means we are faster). ``--variants`` also times launch choices of ours that only a GPU can
+weigh: ``ksplit`` (``ours_ksplit``) takes the K-split gradient kernels at every K (by
+default only K > 128; they compile without spills at K = 128, where the one-kernel gradient
+spills), ``w8`` (``ours_w8``) runs every [64, K]-tile kernel in 8 warps (by default only at
+K = 256; 8 warps halve the K = 128 spills in the sm_90 compile check).
 
 TFLOP/s counts the chunked algorithm's matmuls, per sub-step row with chunks of C = 64
 rows: KK^T, W and U (2C(2K+V)), the state pass (4KV), the output (2KV + 2C(K+V));
@@ -34,6 +36,18 @@ def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
+# variant -> (module attribute of kernels.triton.gated_delta_product, value while it is timed)
+VARIANTS = {"ksplit": ("GRAD_SPLIT_ABOVE_BK", 0), "w8": ("EIGHT_WARPS_FROM_BK", 0)}
+
+
+def variant_names(s: str) -> list[str]:
+    names = [x for x in s.split(",") if x]
+    bad = sorted(set(names) - set(VARIANTS))
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=ints, default=[16384, 32768, 65536], help="B*T values")
@@ -44,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--torch", action="store_true", help="also time the (slow) torch chunked path")
     p.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
-    p.add_argument("--split-grad", action="store_true",
-                   help="also time ours with the K-split gradient kernels at every K (ours_ksplit)")
+    p.add_argument("--variants", type=variant_names, default=[],
+                   help=f"also time these variants of ours, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--target", action="store_true",
                    help="only the issue's target point: B=4 T=4096 H=16 K=V=128 n_h in {1,2}")
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
@@ -90,15 +104,15 @@ def make_inputs(B: int, T: int, H: int, K: int, V: int, n_h: int, dtype: torch.d
 
 
 def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool,
-          split_grad: bool = False) -> dict[str, Callable[[], torch.Tensor]]:
+          variants: list[str] = ()) -> dict[str, Callable[[], torch.Tensor]]:
     import kernels
 
     q, k, v, beta, g = x["q"], x["k"], x["v"], x["beta"], x["g"]
     K = q.shape[-1]
     out: dict[str, Callable[[], torch.Tensor]] = {
         "ours": lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="triton")[0]}
-    if split_grad:
-        out["ours_ksplit"] = out["ours"]  # the same call, timed under gradient_path("ours_ksplit")
+    for name in variants:
+        out[f"ours_{name}"] = out["ours"]  # the same call, timed under launch_variant(...)
     if use_torch:
         out["torch"] = lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="torch")[0]
     if use_fla:
@@ -118,19 +132,21 @@ def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool,
 
 
 @contextlib.contextmanager
-def gradient_path(name: str):
-    """Under ``ours_ksplit`` our backward takes the K-split gradient kernels at every K."""
-    if name != "ours_ksplit":
+def launch_variant(impl: str):
+    """While ``ours_<variant>`` is timed, its module setting of VARIANTS holds (then restored)."""
+    variant = impl.removeprefix("ours_")
+    if not impl.startswith("ours_") or variant not in VARIANTS:
         yield
         return
     from kernels.triton import gated_delta_product as gdp
 
-    before = gdp.GRAD_SPLIT_ABOVE_BK
-    gdp.GRAD_SPLIT_ABOVE_BK = 0
+    attr, value = VARIANTS[variant]
+    before = getattr(gdp, attr)
+    setattr(gdp, attr, value)
     try:
         yield
     finally:
-        gdp.GRAD_SPLIT_ABOVE_BK = before
+        setattr(gdp, attr, before)
 
 
 def measure(name: str, fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Row | None:
@@ -165,8 +181,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     fl = flops_fwd(B, T, H, D, D, n_h)
                     print(f"B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype} on {gpu}")
                     res = {}
-                    for name, fn in impls(x, n_h, a.torch, not a.no_fla, a.split_grad).items():
-                        with gradient_path(name):
+                    for name, fn in impls(x, n_h, a.torch, not a.no_fla, a.variants).items():
+                        with launch_variant(name):
                             r = measure(name, fn, list(x.values()))
                         if r is None:
                             continue

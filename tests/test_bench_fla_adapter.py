@@ -328,18 +328,24 @@ def test_bench_train_runs_end_to_end_on_cpu(tmp_path):
     assert "| gated_deltaproduct-tiny | ours |" in results.read_text()
 
 
-def test_kernel_benchmark_times_the_k_split_gradient_path_on_request():
-    from bench.bench_gated_delta_product import gradient_path, impls, parse_args
+def test_kernel_benchmark_times_launch_variants_on_request():
+    from bench.bench_gated_delta_product import impls, launch_variant, parse_args
     from kernels.triton import gated_delta_product as gdp
 
-    assert parse_args(["--target", "--split-grad"]).split_grad and not parse_args([]).split_grad
+    assert parse_args(["--target", "--variants", "ksplit,w8"]).variants == ["ksplit", "w8"]
+    assert parse_args([]).variants == []
+    with pytest.raises(SystemExit):
+        parse_args(["--variants", "ksplit,w16"])
     x = {name: torch.zeros(1) for name in ("q", "k", "v", "beta", "g")}
-    assert "ours_ksplit" in impls(x, 1, use_torch=False, use_fla=False, split_grad=True)
-    assert "ours_ksplit" not in impls(x, 1, use_torch=False, use_fla=False)
-    default = gdp.GRAD_SPLIT_ABOVE_BK
-    with gradient_path("ours"):
-        assert gdp.GRAD_SPLIT_ABOVE_BK == default
-    with pytest.raises(RuntimeError), gradient_path("ours_ksplit"):
+    names = impls(x, 1, use_torch=False, use_fla=False, variants=["ksplit", "w8"])
+    assert sorted(names) == ["ours", "ours_ksplit", "ours_w8"]
+    defaults = gdp.GRAD_SPLIT_ABOVE_BK, gdp.EIGHT_WARPS_FROM_BK
+    with launch_variant("ours"):
+        assert (gdp.GRAD_SPLIT_ABOVE_BK, gdp.EIGHT_WARPS_FROM_BK) == defaults
+    with launch_variant("ours_w8"):
+        assert gdp.EIGHT_WARPS_FROM_BK == 0 and gdp._launch(64) == {"num_warps": 8}
+    assert gdp._launch(64, 3) == {"num_warps": 4, "num_stages": 3}
+    with pytest.raises(RuntimeError), launch_variant("ours_ksplit"):
         assert gdp.GRAD_SPLIT_ABOVE_BK == 0  # every K takes the split kernels
         raise RuntimeError("a failed measurement still restores the default")
-    assert gdp.GRAD_SPLIT_ABOVE_BK == default
+    assert (gdp.GRAD_SPLIT_ABOVE_BK, gdp.EIGHT_WARPS_FROM_BK) == defaults

@@ -33,10 +33,13 @@ Tensor = torch.Tensor
 
 def _blocks(K: int, V: int) -> tuple[int, int, int, int]:
     """(BK: all of K, BVF: all of V, BV: a V block for the state-sized kernels, BVG: the V
-    block of the one-kernel gradient, which holds six [64, BK] and [64, BV] tiles at once)."""
+    block of the one-kernel gradient, which holds six [64, BK] and [64, BV] tiles at once).
+
+    At BK = 256 the state-sized kernels take 32-wide V blocks: a [256, 64] fp32 state tile
+    alone is 128 registers per thread in 4 warps, and twice as many programs run at once."""
     bk = max(16, triton.next_power_of_2(K))
     bvf = max(16, triton.next_power_of_2(V))
-    return bk, bvf, min(bvf, 64), min(bvf, 32)
+    return bk, bvf, min(bvf, 64 if bk <= 128 else 32), min(bvf, 32)
 
 
 def _stages(bk: int) -> int:
@@ -49,6 +52,20 @@ def _stages(bk: int) -> int:
 # The gradient kernel's V loop carries many tiles: pipelined it needs 287-480 KB of shared
 # memory at K = V = 128-256 (cannot launch on sm_90); unpipelined with BVG it fits.
 GRAD_STAGES = 1
+# Warps of the kernels that hold [64, BK] tiles. At BK = 256 one fp32 tile is 128 registers
+# per thread in 4 warps (255 allowed in all): in the sm_90 compile check the K = 256 state,
+# output and dh kernels spill 1.1 / 0.4 / 2.2 KB per thread in 4 warps and 0 / 0 / 0.5 KB in
+# 8. At BK <= 128 8 warps also halve the spills (prep, dh, gradient) but cost occupancy;
+# only a GPU can weigh that: ``bench_gated_delta_product --variants w8`` times it.
+EIGHT_WARPS_FROM_BK = 256
+
+
+def _launch(bk: int, num_stages: int | None = None) -> dict:
+    """num_warps (and num_stages when given) of a launch that holds [64, bk] tiles."""
+    out: dict = dict(num_warps=8 if bk >= EIGHT_WARPS_FROM_BK else 4)
+    if num_stages is not None:
+        out["num_stages"] = num_stages
+    return out
 # Above this BK, gdp_grad_kernel's [64, BK] tiles outgrow an sm_90 block (~360 KB of shared
 # memory at K = 256 even unpipelined): the chunk gradients then come from the K-split pair
 # gdp_grad_kslice_kernel / gdp_grad_finish_kernel, on K slices of GRAD_SLICE_K columns.
@@ -103,14 +120,14 @@ class _Problem:
         if self.NC:
             gdp_prep_kernel[(self.NC, H)](self.k, self.v, self.beta, self.g_arg(), self.chunks,
                                           w, u, tinv, BVF=self.BVF, BLK=INV_BLOCK, STORE_T=store_t,
-                                          INV_PREC=self.inv_prec, **c)
+                                          INV_PREC=self.inv_prec, **_launch(self.BK), **c)
         hs = torch.empty(max(self.NC, 1), H, K, V, dtype=f32, device=dev)
         d = torch.empty(R, H, V, dtype=f32, device=dev)
         ht = torch.empty(self.N, H, K, V, dtype=f32, device=dev) if want_ht else hs
         h0c = h0.float().contiguous() if h0 is not None else hs
         gdp_state_kernel[(self.N, H, triton.cdiv(V, self.BV))](
             self.k, self.g_arg(), w, u, h0c, self.chunks, self.seq_chunk, hs, d, ht,
-            BV=self.BV, HAS_H0=h0 is not None, STORE_HT=want_ht, num_stages=_stages(self.BK), **c)
+            BV=self.BV, HAS_H0=h0 is not None, STORE_HT=want_ht, **_launch(self.BK, _stages(self.BK)), **c)
         return w, u, tinv, hs, d, (ht if want_ht else None)
 
 
@@ -119,7 +136,7 @@ def gdp_forward(p: _Problem, h0: Tensor | None, want_ht: bool) -> tuple[Tensor, 
     o = torch.empty(p.B * p.T, p.H, p.V, dtype=p.q.dtype, device=p.q.device)
     if p.NC:
         gdp_output_kernel[(p.NC, p.H, triton.cdiv(p.V, p.BV))](
-            p.q, p.k, p.g_arg(), hs, d, o, p.chunks, p.scale, BV=p.BV, **p.consts())
+            p.q, p.k, p.g_arg(), hs, d, o, p.chunks, p.scale, BV=p.BV, **_launch(p.BK), **p.consts())
     return o.view(p.B, p.T, p.H, p.V), ht
 
 
@@ -134,12 +151,12 @@ def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None)
     nv = triton.cdiv(V, p.BV)
     if p.NC:
         gdp_dd_local_kernel[(p.NC, H, nv)](p.q, p.k, p.g_arg(), do, dd, p.chunks, p.scale,
-                                          BV=p.BV, **c)
+                                          BV=p.BV, **_launch(p.BK), **c)
     dhs = torch.empty(max(p.NC, 1), H, K, V, dtype=f32, device=dev)
     dh0 = torch.empty(p.N, H, K, V, dtype=f32, device=dev) if h0 is not None else dhs
     dhtc = dht.float().contiguous() if dht is not None else dhs
     gdp_dh_kernel[(p.N, H, nv)](p.q, p.k, p.g_arg(), w, do, dd, dhtc, p.chunks, p.seq_chunk,
-                                dhs, dh0, p.scale, BV=p.BV, HAS_DHT=dht is not None, num_stages=_stages(p.BK),
+                                dhs, dh0, p.scale, BV=p.BV, HAS_DHT=dht is not None, **_launch(p.BK, _stages(p.BK)),
                                 STORE_DH0=h0 is not None, **c)
     dq = torch.zeros_like(p.q)
     dk = torch.empty_like(p.k)
@@ -151,7 +168,7 @@ def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None)
         gdp_grad_kernel[(p.NC, H)](
             p.q, p.k, p.v, p.beta, p.g_arg(), w, u, tinv, hs, dhs, d, dd, do,
             dq, dk, dv, dbeta, dg_arg, p.chunks, p.scale,
-            BV=p.BVG, num_stages=GRAD_STAGES, **c)
+            BV=p.BVG, **_launch(p.BK, GRAD_STAGES), **c)
     elif p.NC:
         _split_k_grads(p, (w, u, tinv, hs, dhs, d, dd, do), (dq, dk, dv, dbeta, dg_arg))
     B, T, n_h = p.B, p.T, p.n_h
