@@ -8,7 +8,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all demo bench clean-venv check-gpu-triton
+.PHONY: venv test test-all demo bench clean-venv check-gpu-triton gpu-triton-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,12 +33,18 @@ demo: $(STAMP)
 # reads everything else from $(VENV), so nothing is downloaded but the triton wheel.
 GPU_TRITON ?= 3.6.0
 OVERLAY ?= .venv-triton-gpu
-check-gpu-triton: $(STAMP)
+OVERLAY_STAMP := $(OVERLAY)/.installed-$(GPU_TRITON)
+$(OVERLAY_STAMP): $(STAMP)
 	@test -x $(OVERLAY)/bin/python || $(BIN)/python -m venv --without-pip $(OVERLAY)
 	$(BIN)/python -m pip install --quiet --no-deps --target "$$($(OVERLAY)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" --upgrade triton==$(GPU_TRITON)
 	@echo "import site; site.addsitedir('$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
 		> "$$($(OVERLAY)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_project_venv.pth"
 	$(OVERLAY)/bin/python -c 'import triton; assert triton.__version__ == "$(GPU_TRITON)", triton.__version__'
+	@touch $@
+
+gpu-triton-venv: $(OVERLAY_STAMP)
+
+check-gpu-triton: $(OVERLAY_STAMP)
 	$(OVERLAY)/bin/python -m pytest -q -p no:cacheprovider tests/test_triton_*.py $(PYTEST_ARGS)
 
 clean-venv:
