@@ -4,7 +4,8 @@
 ``input_ids``/``labels`` ``[B, T]`` int64 and global ``cu_seqlens`` int32 over the
 flattened batch (``data.packing.row_cu_seqlens`` splits it per row). Several sources form
 a weighted mixture (streams with proportions); shuffling is deterministic from
-``shuffle_seed``.
+``shuffle_seed``. ``batch_at(indices)`` reads samples by global index instead (random
+access, the same on every rank; the trainer's validation set).
 
 Resume: ``state_dict()`` records the epoch and the number of samples the whole job has
 consumed (batches yielded x batch size x world size) in streaming's format. Loading it
@@ -34,7 +35,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,6 +313,27 @@ class TokenLoader:
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
+
+    # ------------------------------------------------------------------ random access
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences in the split, all sources together, before any rank partition or epoch size."""
+        return int(self.dataset.num_samples)
+
+    def batch_at(self, indices: Sequence[int]) -> dict:
+        """The batch of the split's samples at these global indices, whatever this rank's partition.
+
+        Why: a fixed sample list (validation) must not depend on the rank count. Index order is
+        canonical: sources in config order, each in shard order, no shuffle. Remote shards are
+        fetched on first access."""
+        if not indices:
+            raise DataError("batch_at needs at least one sample index")
+        n = self.num_samples
+        bad = [i for i in indices if not 0 <= i < n]
+        if bad:
+            raise DataError(f"sample index {bad[0]} is outside split {self.split!r}, which has {n} sequences")
+        return collate_packed([self.dataset[int(i)] for i in indices])
 
     # ------------------------------------------------------------------ resume
 

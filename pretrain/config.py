@@ -73,11 +73,35 @@ class LoggingConfig:
     tensorboard: bool = True  # also write TensorBoard scalars (when tensorboard is installed)
 
 
+DEFAULT_VAL_SEQUENCES = 1024
+
+
 @dataclass
 class EvalConfig:
+    """Periodic validation over one fixed list of held-out sequences (``pretrain/validation.py``)."""
+
     every_steps: int = _rng(0, ge=0)  # 0: no periodic validation
-    val_batches: int = _rng(50, ge=1)
+    # sequences of data.val_split per validation, all ranks together, spread evenly over the
+    # split (all of it when it has fewer); None: DEFAULT_VAL_SEQUENCES
+    val_sequences: int | None = _rng(None, ge=1)
+    # deprecated: val_batches x parallel.micro_batch_size sequences in all (it used to count
+    # micro-batches per data-parallel rank, so the set changed with the rank count)
+    val_batches: int | None = _rng(None, ge=1)
     suites: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.val_sequences is not None and self.val_batches is not None:
+            raise ValueError(
+                "val_batches: it is the deprecated form of eval.val_sequences and both are set; "
+                "keep only eval.val_sequences (held-out sequences per validation, all ranks together)")
+
+    def num_sequences(self, micro_batch_size: int) -> int:
+        """Sequences per validation: ``val_sequences``, else the deprecated ``val_batches`` in sequences."""
+        if self.val_sequences is not None:
+            return self.val_sequences
+        if self.val_batches is not None:
+            return self.val_batches * micro_batch_size
+        return DEFAULT_VAL_SEQUENCES
 
 
 @dataclass

@@ -31,6 +31,8 @@ from .preemption import REQUEUE_EXIT_CODE, StopFlag
 from .run_checks import check_data, check_resume
 from .run_log import RunLog
 from .schedule import lr_at
+from .validation import (ReplicaShare, forward_losses, pipeline_losses, replica_share, token_sums,
+                         val_indices)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -105,7 +107,8 @@ class Trainer:
                           config=config_to_dict(cfg))
         self.eng: Engine = build_engine(cfg, env.world_size)
         self.batches = Batches(cfg, cfg.parallel.micro_batch_size)
-        self.val = None
+        self.val = None  # the validation split's loader, built at the first validation
+        self.val_share: ReplicaShare | None = None
         self.step = 0
         self.tokens = 0
         self.seq_len = cfg.data.seq_len
@@ -264,8 +267,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
-    @torch.no_grad()
-    def validate(self) -> float | None:
+    def _val_share(self) -> ReplicaShare | None:
+        """This replica's part of the fixed validation set (built once); None without a val split."""
         cfg = self.cfg
         if self.val is None:
             if cfg.data.val_split not in self.info["sources"][0]["splits"]:
@@ -274,23 +277,34 @@ class Trainer:
 
             self.val = TokenLoader(cfg.data, cfg.parallel.micro_batch_size, split=cfg.data.val_split,
                                    shuffle=False, num_workers=0)
-        e = self.eng.engine
-        if self.eng.pipelined:
-            micro = self.gather_pipeline([b for _, b in zip(range(cfg.eval.val_batches), self.val)])
-            if not micro:
+            micro = cfg.parallel.micro_batch_size
+            wanted = cfg.eval.num_sequences(micro)
+            indices = val_indices(self.val.num_samples, wanted)
+            if not indices:
                 return None
-            return float(e.eval_batch(iter(micro), num_micro_batches=len(micro)))
-        e.eval()
-        total, count = 0.0, 0.0
-        for i, b in enumerate(self.val):
-            if i >= cfg.eval.val_batches:
-                break
-            loss = e(b["input_ids"].to(self.dev), b["labels"].to(self.dev), b["cu_seqlens"].to(self.dev))
-            total += loss.float().item()
-            count += 1
-        e.train()
-        total, count = _allreduce_sum([total, count], self.dev)
-        return total / count if count else None
+            grid = self.eng.engine.grid if self.eng.pipelined else None
+            replica = grid.get_data_parallel_rank() if grid is not None else self.env.rank
+            self.val_share = replica_share(indices, micro, self.eng.dp_world, replica)
+            if cfg.eval.val_batches is not None:
+                self.log.print(f"[val] eval.val_batches is deprecated: it now means {cfg.eval.val_batches} x "
+                               f"micro_batch_size = {wanted} sequences, all ranks together; set "
+                               "eval.val_sequences instead")
+            self.log.print(f"[val] {len(indices)} of the {self.val.num_samples} sequences of split "
+                           f"{cfg.data.val_split!r} (spread evenly, the same for any rank count), "
+                           f"{len(self.val_share.batches)} micro-batch(es) per data-parallel replica")
+        return self.val_share
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Token-weighted mean loss over the fixed validation set (``pretrain/validation.py``)."""
+        share = self._val_share()
+        if share is None or self.val is None:
+            return None
+        batches = [self.val.batch_at(ix) for ix in share.batches]
+        e = self.eng.engine
+        losses = pipeline_losses(e, batches) if self.eng.pipelined else forward_losses(e, batches, self.dev)
+        loss_sum, tokens = _allreduce_sum(list(token_sums(losses, batches, share.real)), self.dev)
+        return loss_sum / tokens if tokens else None
 
     def maybe_validate(self) -> None:
         every = self.cfg.eval.every_steps

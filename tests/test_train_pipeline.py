@@ -7,8 +7,10 @@
   its layers, the same samples per step, and the tied embedding's gradient summed across
   the first and last stage;
 * elastic: its step-4 checkpoint resumes on 2 ranks (2 stages x 1 data-parallel, through
-  the universal checkpoint): step 5 reads the same samples, with the same loss and fp32
-  master weights as on 4 ranks up to summation order;
+  the universal checkpoint): step 5 reads the same samples, with the same loss, fp32
+  master weights and validation loss as on 4 ranks up to summation order;
+* validation measures the same held-out sequences with 1, 2 or 4 data-parallel replicas:
+  the pipelined and the data-parallel run agree at steps 0 and 5;
 * the export reads the fp32 master weights from the stages' optimizer partitions: equal to
   DeepSpeed's universal conversion of the same checkpoint, and, in a bf16 run, the masters
   whose bf16 rounding the per-layer module files hold; without optimizer files it falls
@@ -32,6 +34,7 @@ import torch
 STOP_AT = 3
 RANKS = 4
 ELASTIC_AT = 4  # the step of pp-ref's checkpoint that 2 ranks resume
+VAL_SEQUENCES = 5  # 3 micro-batches of 2, 2 and 1: 2 replicas (one pads), 4 replicas (one only pads), 1 replica
 
 
 def _raw(tmp: Path, ck: str, pipeline: bool, **over) -> dict:
@@ -40,7 +43,7 @@ def _raw(tmp: Path, ck: str, pipeline: bool, **over) -> dict:
     raw = run_config(tmp, ckpt_dir=ck, **{"max_steps": 5, "parallel.global_batch_size": 8, "data.job_id": ck,
                                          "parallel.pipeline_stages": 2 if pipeline else 1,
                                          "parallel.activation_checkpointing": pipeline,
-                                         "eval.every_steps": 5, "eval.val_batches": 2, **over})
+                                         "eval.every_steps": 5, "eval.val_sequences": VAL_SEQUENCES, **over})
     raw["model"] = {"vocab_size": 512, "d_model": 32, "n_layers": 3, "pattern": "D",
                     "deltaproduct": {"num_heads": 2, "head_dim": 16}}
     return raw
@@ -107,7 +110,8 @@ def test_pipeline_resume_is_exact_elastic_and_matches_data_parallel(tmp_path):
         assert r["grad_norm"] == pytest.approx(dp[r["step"]]["grad_norm"], rel=1e-4), r["step"]
     val = [r["loss"] for r in read_metrics(tmp_path / "pp-ref" / "logs" / "metrics.jsonl", "val")]
     val_dp = [r["loss"] for r in read_metrics(tmp_path / "dp-ref" / "logs" / "metrics.jsonl", "val")]
-    assert val and val == pytest.approx(val_dp, rel=1e-5)
+    assert len(val) == 2 and val == pytest.approx(val_dp, rel=1e-5)  # 2 vs 4 data-parallel replicas
+    assert [r["loss"] for r in read_metrics(log, "val")] == val  # resumed: the same validation, exactly
 
     # the export assembles the stages' fp32 masters under LanguageModel names
     from pretrain.export import export_checkpoint, load_exported
@@ -141,6 +145,9 @@ def _check_elastic(tmp: Path) -> None:
     assert [r["step"] for r in got] == [ELASTIC_AT + 1]
     assert got[0]["data_fingerprint"] == want[ELASTIC_AT + 1]["data_fingerprint"]  # nothing repeated or skipped
     assert got[0]["loss"] == pytest.approx(want[ELASTIC_AT + 1]["loss"], rel=1e-5)
+    (val,) = read_metrics(run / "logs" / "metrics.jsonl", "val")  # the same sequences on 1 replica as on 2
+    assert val["step"] == ELASTIC_AT + 1
+    assert val["loss"] == pytest.approx(read_metrics(ref / "logs" / "metrics.jsonl", "val")[-1]["loss"], rel=1e-5)
     a, b = (consolidated_state_dict(ckpt.step_dir(r, ELASTIC_AT + 1)) for r in (run, ref))
     assert a.keys() == b.keys()
     for k in a:  # one Adam step with a wrong moment or step count would move weights by >= 1e-5

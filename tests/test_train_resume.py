@@ -10,6 +10,10 @@
   1e-5 or more, summation order by 1e-7 or less). A 1-rank and a 2-rank run from scratch
   only agree in loss: Adam's first steps turn rounding-level gradient differences into
   lr-sized weight differences.
+* Validation (every run validates at steps 0 and 5, on 5 held-out sequences): the resumed
+  run's loss equals the uninterrupted run's, exactly on the same ranks and up to summation
+  order on another rank count; a 1-rank and a 2-rank run validate their equal initial
+  weights to the same loss (the set does not depend on the rank count).
 
 Three spawns, each importing DeepSpeed once: one rank runs ZeRO-2 (its step-4 checkpoint
 seeds the 1 -> 2 resume); two ranks run every stage (reference, preempted after step 3,
@@ -31,13 +35,15 @@ STAGES = (1, 2, 3)
 STOP_AT = 3
 ELASTIC_AT = 4  # the step of the checkpoints the elastic runs resume
 GROW_STAGE = 2  # the stage of the 1 -> 2 ranks resume
+VAL_SEQUENCES = 5  # 3 micro-batches of 2, 2 and 1: on 2 ranks one replica pads its share
 
 
 def _raw(tmp: Path, stage: int, ck: str, job: str) -> dict:
     from test_train_common import run_config
 
     raw = run_config(tmp, ckpt_dir=ck, **{"parallel.zero_stage": stage, "max_steps": 5,
-                                         "parallel.global_batch_size": 8, "data.job_id": job})
+                                         "parallel.global_batch_size": 8, "data.job_id": job,
+                                         "eval.every_steps": 5, "eval.val_sequences": VAL_SEQUENCES})
     raw["model"] = {"vocab_size": 512, "d_model": 32, "n_layers": 2, "pattern": "D",
                     "deltaproduct": {"num_heads": 2, "head_dim": 16}}
     return raw
@@ -101,6 +107,19 @@ def _assert_same_steps(run: Path, ref: Path, steps: list[int]) -> None:
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-4), (run.name, s)
 
 
+def _val(run: Path) -> dict[int, float]:
+    from pretrain.run_log import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run / "logs" / "metrics.jsonl", "val")}
+
+
+def _assert_same_val(run: Path, ref: Path, step: int) -> None:
+    """Both runs validated at ``step`` on the same sequences: equal loss up to summation order."""
+    got, want = _val(run), _val(ref)
+    assert step in got and step in want, (run.name, got, want)
+    assert got[step] == pytest.approx(want[step], rel=1e-5), (run.name, step)
+
+
 def _assert_same_weights(run: Path, ref: Path, step: int) -> None:
     """The fp32 master weights of both runs' checkpoints of ``step`` agree (see the top)."""
     from pretrain import checkpoint as ckpt
@@ -131,6 +150,7 @@ def test_resume_is_exact_on_the_same_ranks_and_elastic_across_rank_counts(tmp_pa
         assert [r["step"] for r in read_metrics(log, "resume")] == [STOP_AT]  # really resumed
         assert len(read_metrics(log)) == 5  # and redid no step
         assert not (tmp_path / f"z{stage}-cut" / f"step_{STOP_AT:08d}" / ckpt.UNIVERSAL).exists()
+        assert _val(tmp_path / f"z{stage}-cut") == _val(tmp_path / f"z{stage}-ref"), stage  # steps 0 and 5
     assert "resumed from" in out and f"at step {STOP_AT}" in out
 
     # 1 -> 2 ranks (ZeRO-2): steps 1-4 on one rank, step 5 on two
@@ -141,6 +161,10 @@ def test_resume_is_exact_on_the_same_ranks_and_elastic_across_rank_counts(tmp_pa
     _assert_same_steps(one, tmp_path / f"z{GROW_STAGE}-ref", [1, 2, 3, 4, 5])
     _assert_same_steps(grow, one, [ELASTIC_AT + 1])
     _assert_same_weights(grow, one, ELASTIC_AT + 1)
+    _assert_same_val(grow, one, ELASTIC_AT + 1)
+    # the validation set does not depend on the rank count: the same initial weights give the
+    # same validation loss on 1 and on 2 ranks
+    _assert_same_val(one, tmp_path / f"z{GROW_STAGE}-ref", 0)
 
     # 2 -> 1 rank at the same global batch (grad accumulation 2 -> 4), every stage
     for stage in (0, *STAGES):
@@ -157,6 +181,7 @@ def test_resume_is_exact_on_the_same_ranks_and_elastic_across_rank_counts(tmp_pa
         assert not list(step.glob(".universal-tmp-*"))
         _assert_same_steps(tmp_path / f"e{stage}", tmp_path / f"z{stage}-ref", [ELASTIC_AT + 1])
         _assert_same_weights(tmp_path / f"e{stage}", tmp_path / f"z{stage}-ref", ELASTIC_AT + 1)
+        _assert_same_val(tmp_path / f"e{stage}", tmp_path / f"z{stage}-ref", ELASTIC_AT + 1)
 
 
 def test_universal_conversion_failure_is_clean_and_a_finished_one_is_reused(tmp_path):

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from pretrain import checkpoint as ckpt
 from pretrain.config import OptimizerConfig, RunConfig
-from pretrain.config_loader import ConfigError, load_config, load_model_config
+from pretrain.config_loader import CONFIGS_DIR, ConfigError, load_config, load_model_config
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
 from pretrain.flops import flops_per_token, mean_window, mixer_flops
 from pretrain.models import build_model
@@ -84,6 +84,90 @@ def test_grad_accumulation_keeps_the_global_batch():
     ds = deepspeed_config(cfg, 2)
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert "bf16" in ds and ds["zero_optimization"]["stage"] == 1
+
+
+def test_validation_set_is_fixed_and_shared_out_by_micro_batch():
+    from pretrain.validation import replica_share, val_indices
+
+    assert val_indices(10, 4) == [0, 2, 5, 7]  # spread over the split, not its first sequences
+    assert val_indices(3, 8) == [0, 1, 2] and val_indices(0, 5) == []
+    indices = val_indices(17, 7)
+    for micro in (1, 2, 3):
+        batches = [indices[i:i + micro] for i in range(0, len(indices), micro)]
+        for dp in (1, 2, 3, 4, 9):
+            shares = [replica_share(indices, micro, dp, r) for r in range(dp)]
+            assert len({len(s.batches) for s in shares}) == 1  # the same number of forward passes
+            for r, s in enumerate(shares):
+                assert s.batches[:s.real] == batches[r::dp]  # micro-batch b on replica b % dp
+                assert all(b == batches[0] for b in s.batches[s.real:])  # padding repeats batch 0
+            assert sorted(i for s in shares for b in s.batches[:s.real] for i in b) == indices
+    with pytest.raises(ValueError, match="replica 2 is outside 2"):
+        replica_share(indices, 2, 2, 2)
+
+
+def test_validation_sums_losses_over_label_tokens():
+    import torch
+
+    from pretrain.validation import token_sums
+
+    def batch(labels: list[int]) -> dict:
+        return {"labels": torch.tensor([labels])}
+
+    batches = [batch([5, 6, 7, -100]), batch([-100, 9, -100, -100]), batch([1, 2, 3, 4])]
+    # token-weighted: (1*3 + 4*1) / 4 tokens, not the mean of batch means (2.5); the padding batch is left out
+    assert token_sums([torch.tensor(1.0), torch.tensor(4.0), torch.tensor(9.0)], batches, real=2) == (7.0, 4.0)
+    assert token_sums([], batches, real=2) == (0.0, 0.0)  # a pipeline stage other than the last
+
+
+def test_validation_size_key_and_its_deprecated_alias():
+    from pretrain.config import DEFAULT_VAL_SEQUENCES
+
+    assert load_config(None, []).eval.num_sequences(8) == DEFAULT_VAL_SEQUENCES
+    assert load_config(None, ["eval.val_sequences=40"]).eval.num_sequences(8) == 40
+    assert load_config(None, ["eval.val_batches=5"]).eval.num_sequences(8) == 40  # micro-batches in all
+    with pytest.raises(ConfigError, match="eval.val_batches.*deprecated form of eval.val_sequences"):
+        load_config(None, ["eval.val_batches=5", "eval.val_sequences=40"])
+    for path in sorted((CONFIGS_DIR / "runs").glob("*.yaml")):
+        assert load_config(path).eval.val_batches is None, path  # the recipes use the new key
+
+
+def test_validation_loss_is_token_weighted_whatever_the_split(tmp_path):
+    """Every (replica count, micro-batch size) gives the loss of the whole set in one batch,
+    read by global index whatever the loader's rank partition."""
+    import torch
+    from test_data_common import data_config, prepared
+
+    from data import DataError
+    from data.loader import TokenLoader
+    from pretrain.engine import LossModule
+    from pretrain.validation import forward_losses, replica_share, token_sums, val_indices
+
+    cfg = data_config(tmp_path, prepared())
+    with TokenLoader(cfg, 1, split="val", shuffle=False) as whole, \
+            TokenLoader(cfg, 1, split="val", rank=1, world_size=2) as rank1:
+        canonical = [b["input_ids"][0] for b in whole]
+        assert whole.num_samples == rank1.num_samples == len(canonical) >= 5
+        indices = val_indices(whole.num_samples, 5)
+        got = rank1.batch_at(indices)
+        assert torch.equal(got["input_ids"], torch.stack([canonical[i] for i in indices]))
+        with pytest.raises(DataError, match=f"sample index {whole.num_samples} is outside split 'val'"):
+            whole.batch_at([0, whole.num_samples])
+
+        torch.manual_seed(0)
+        model = LossModule(build_model(load_model_config(
+            "gated_deltaproduct-tiny", ["vocab_size=512", "d_model=32", "n_layers=1"])))
+        every = whole.batch_at(indices)
+        want = float(forward_losses(model, [every], torch.device("cpu"))[0])
+        for micro, dp in ((2, 1), (1, 3), (2, 2), (4, 3)):  # padded shares and a short last batch too
+            total = [0.0, 0.0]
+            for r in range(dp):
+                share = replica_share(indices, micro, dp, r)
+                batches = [whole.batch_at(ix) for ix in share.batches]
+                sums = token_sums(forward_losses(model, batches, torch.device("cpu")), batches, share.real)
+                total = [a + b for a, b in zip(total, sums)]
+            assert total[1] == float((every["labels"] != -100).sum())
+            assert total[0] / total[1] == pytest.approx(want, rel=1e-5), (micro, dp)
+        assert model.training  # forward_losses puts the module back into training mode
 
 
 def test_pipeline_layouts_are_checked_before_anything_starts(capsys):
