@@ -186,9 +186,7 @@ def _run_rank(args: argparse.Namespace, report: _Report, mine: list[Job], cfg: T
               world: int, deadline: float | None) -> dict:
     """This rank's share of the runs; its record file is rewritten after each run, and rank 0
     merges every rank's file into the report whenever one grows."""
-    # The fingerprint ties rank files to this command line, so a rerun into the same
-    # directory never merges another run's leftovers.
-    fingerprint = hashlib.sha256(json.dumps(vars(args), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fingerprint = _fingerprint(args)
     paths = [report.out / f"records.rank{r}-of-{world}.json" for r in range(world)]
     done: list[dict] = []
 
@@ -214,6 +212,20 @@ def _run_rank(args: argparse.Namespace, report: _Report, mine: list[Job], cfg: T
         print(f"linrnn-eval: warning: ranks {missing} did not finish; results.json holds the runs they "
               f"reported", file=sys.stderr)
     return report.write(*_merge(parts), complete=not missing, missing_ranks=missing)
+
+
+# Set once per launch by the launchers we run under (srun, torchrun): with them in the
+# fingerprint, a rerun of the same command into the same --out never merges the rank files
+# an earlier launch left there.
+LAUNCH_ID_VARS = ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID",
+                  "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _fingerprint(args: argparse.Namespace) -> str:
+    """Ties rank files to this command line and this launch."""
+    launch = {k: os.environ.get(k) for k in LAUNCH_ID_VARS}
+    blob = json.dumps({"args": vars(args), "launch": launch}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _read_rank(path: Path, fingerprint: str) -> dict | None:

@@ -156,3 +156,19 @@ def test_rank_zero_reports_what_a_dead_rank_finished_once_the_time_limit_is_over
     assert sorted(r["seed"] for r in data["runs"]) == [0, 1, 2]
     assert not data["complete"] and data["header"]["ranks that did not finish"] == [1]
     assert "ranks [1] did not finish" in capsys.readouterr().err
+
+
+def test_rank_files_of_an_earlier_launch_never_match(monkeypatch) -> None:
+    from evals.cli import LAUNCH_ID_VARS, _fingerprint, build_parser
+
+    for var in LAUNCH_ID_VARS:
+        monkeypatch.delenv(var, raising=False)
+    args = build_parser().parse_args(["gated_deltanet-tiny", "--suite", "parity", "--out", "o"])
+    monkeypatch.setenv("SLURM_JOB_ID", "1001")
+    first = _fingerprint(args)
+    assert _fingerprint(args) == first  # every rank of one launch agrees
+    monkeypatch.setenv("SLURM_JOB_ID", "1002")  # the same command, launched again
+    assert _fingerprint(args) != first
+    monkeypatch.setenv("SLURM_JOB_ID", "1001")
+    other = build_parser().parse_args(["gated_deltanet-tiny", "--suite", "parity", "--out", "o", "--seeds", "1"])
+    assert _fingerprint(other) != first
