@@ -53,18 +53,15 @@ def _cmd_demo_corpus(a: argparse.Namespace) -> None:
 
 
 def _cmd_tokenizer(a: argparse.Namespace) -> None:
-    from .corpus import iter_documents
-    from .tokenizer import Tokenizer, train_tokenizer
+    from .tokenizer import Tokenizer, train_tokenizer_on_corpus
 
     t = TokenizerTrainConfig(vocab_size=a.vocab_size, model_type=a.model_type, train_chars=a.train_chars,
-                             character_coverage=a.character_coverage, byte_fallback=not a.no_byte_fallback,
-                             num_threads=a.threads)
-    path = train_tokenizer(iter_documents(_corpus(a)), a.out, vocab_size=t.vocab_size,
-                           model_type=t.model_type, train_chars=t.train_chars,
-                           character_coverage=t.character_coverage, byte_fallback=t.byte_fallback,
-                           split_digits=t.split_digits, num_threads=t.num_threads, progress=True)
+                             sample_seed=a.sample_seed, character_coverage=a.character_coverage,
+                             byte_fallback=not a.no_byte_fallback, num_threads=a.threads)
+    path, sample = train_tokenizer_on_corpus(_corpus(a), a.out, t, progress=True,
+                                             log=lambda line: print(line, file=sys.stderr))
     tok = Tokenizer.load(path)
-    print(json.dumps({"path": str(path), **tok.describe()}, indent=2))
+    print(json.dumps({"path": str(path), **tok.describe(), "sample": sample}, indent=2))
 
 
 def _cmd_prepare(a: argparse.Namespace) -> None:
@@ -119,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--train-chars", type=int, default=50_000_000, help="characters sampled for training")
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="which documents the sample takes; they come from all over the corpus where the "
+                        "files allow it (uncompressed jsonl/txt, parquet), else from its start")
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--no-byte-fallback", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="0: all cores")

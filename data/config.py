@@ -90,6 +90,7 @@ class TokenizerTrainConfig:
     vocab_size: int = _rng(32000, ge=16)
     model_type: Literal["bpe", "unigram"] = "bpe"
     train_chars: int = _rng(50_000_000, ge=1)  # characters of the corpus sampled for training
+    sample_seed: int = _rng(0, ge=0)  # which documents the sample draws (from all over the corpus)
     character_coverage: float = _rng(0.9995, gt=0.0, le=1.0)
     byte_fallback: bool = True
     split_digits: bool = True

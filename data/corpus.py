@@ -4,15 +4,23 @@ files, directories, globs) or a hub dataset (``hub:<name>``).
 Local files are read one by one in streaming mode (no Arrow cache is written), with the
 hub's offline flags set, so a local source never touches the network and every error can
 name the file it came from.
+
+Also here: ``input_fingerprint`` (each file's path, size and mtime; what a prepared
+dataset records so a rerun notices changed inputs) and ``sample_documents`` (a seeded
+sample spread over the whole corpus, for tokenizer training).
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import glob
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .config import CorpusConfig
 from .errors import DataError
@@ -234,3 +242,254 @@ def _count(cfg: CorpusConfig, resolved: ResolvedCorpus) -> int | None:
         else:
             return None
     return total
+
+
+# ----------------------------------------------------------------------------- input identity
+
+
+def input_fingerprint(cfg: CorpusConfig, resolved: ResolvedCorpus) -> dict[str, Any]:
+    """What identifies a corpus, so a rerun can tell whether its inputs changed.
+
+    Local: every file's absolute path, size and mtime_ns (one stat each; contents are not
+    hashed, which would cost a full read of a large corpus). Hub: name, config and split.
+    """
+    if resolved.kind == "hub":
+        return {"kind": "hub", "name": resolved.hub_name, "config": cfg.hub_config, "split": cfg.split}
+    files = []
+    for path, _ in resolved.files:
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise DataError(f"corpus file {str(path)!r} cannot be read ({e.strerror}): check that it "
+                            "still exists") from None
+        files.append({"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"kind": "local", "files": files}
+
+
+def _mtime(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+def _source_name(fp: dict[str, Any]) -> str:
+    if fp.get("kind") != "hub":
+        return f"{len(fp.get('files', []))} local files"
+    return f"{HUB_PREFIX}{fp.get('name')} (config {fp.get('config')!r}, split {fp.get('split')!r})"
+
+
+def input_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """How ``new`` differs from ``old`` (both from ``input_fingerprint``), or None if equal.
+
+    Names the first changed file and counts the others, for one readable error line.
+    """
+    if old == new:
+        return None
+    if old.get("kind") != "local" or new.get("kind") != "local":
+        return f"the corpus was {_source_name(old)} and is now {_source_name(new)}"
+    before = {f["path"]: f for f in old["files"]}
+    after = {f["path"]: f for f in new["files"]}
+    changes = []
+    for path, f in after.items():
+        was = before.get(path)
+        if was is None:
+            changes.append(f"corpus file {path!r} is new")
+        elif was["size"] != f["size"]:
+            changes.append(f"corpus file {path!r} changed (size {was['size']} -> {f['size']} bytes)")
+        elif was["mtime_ns"] != f["mtime_ns"]:
+            changes.append(f"corpus file {path!r} changed (modified {_mtime(was['mtime_ns'])} -> "
+                           f"{_mtime(f['mtime_ns'])}, same size)")
+    changes += [f"corpus file {path!r} is no longer in the corpus" for path in before if path not in after]
+    if not changes:  # same files, another order
+        return "the corpus lists the same files in another order"
+    more = f" (and {len(changes) - 1} more changed files)" if len(changes) > 1 else ""
+    return changes[0] + more
+
+
+# ----------------------------------------------------------------------------- sampling
+
+# Below this many bytes per block a sample would cost a seek per few documents; above it a
+# large sample would come from too few places. Blocks are capped so the permutation stays small.
+_MIN_BLOCK_BYTES, _MAX_BLOCK_BYTES, _MAX_BLOCKS = 4096, 1 << 20, 1 << 22
+_SPANS_PER_SAMPLE = 256
+
+
+@dataclass
+class CorpusSample:
+    """Documents drawn for a sample, and how: ``info`` is filled in as they are read."""
+
+    documents: Iterator[str]
+    detail: str  # one line for the log: what is drawn and, for a prefix, why
+    info: dict[str, Any]  # "method" ("spread" or "prefix"), its parameters, blocks read so far
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.info, "detail": self.detail}
+
+
+def _addressable(path: Path, fmt: str, cfg: CorpusConfig) -> str | None:
+    """How a file's documents are reached from a byte position (None: only from its start)."""
+    if path.name.lower().endswith(_COMPRESSED):
+        return None
+    if fmt == "parquet":
+        return "parquet"
+    if fmt == "json" and (cfg.format == "jsonl" or path.suffix.lower() in (".jsonl", ".ndjson")):
+        return "json-lines"
+    if fmt == "text" and cfg.text_sample_by in ("line", "document"):
+        return f"text-{cfg.text_sample_by}"
+    return None
+
+
+def _prefix_reason(cfg: CorpusConfig, resolved: ResolvedCorpus) -> str | None:
+    """Why this corpus can only be sampled from its start (None: it can be sampled anywhere)."""
+    if resolved.kind == "hub":
+        return f"{HUB_PREFIX}{resolved.hub_name} is read as a stream"
+    if cfg.max_documents is not None:
+        return f"max_documents={cfg.max_documents} keeps only the first documents"
+    for path, fmt in resolved.files:
+        if _addressable(path, fmt, cfg) is None:
+            what = "compressed" if path.name.lower().endswith(_COMPRESSED) else (
+                f"text split by {cfg.text_sample_by}" if fmt == "text" else fmt)
+            return f"{str(path)!r} is {what}, which reads only from its start"
+    return None
+
+
+def sample_documents(cfg: CorpusConfig, max_chars: int, seed: int = 0,
+                     resolved: ResolvedCorpus | None = None) -> CorpusSample:
+    """Documents for a sample of about ``max_chars`` characters, spread over the whole corpus.
+
+    A corpus sorted by source, topic or date would bias a sample taken from its start. Where
+    every file can be entered at a byte position (uncompressed jsonl and txt, parquet), the
+    corpus is cut into equal byte blocks and the documents starting in each block are read,
+    block after block in a seeded random order (each document once), until the consumer has
+    enough; a corpus smaller than the sample is read whole. Otherwise (hub streams,
+    compressed or csv files, max_documents) documents come in order from the start and
+    ``detail`` says why. The same files and seed always give the same documents.
+    """
+    if seed < 0:
+        raise DataError(f"the sample seed must be >= 0, not {seed}: pass --sample-seed 0 or another "
+                        "non-negative number")
+    resolved = resolved or resolve_corpus(cfg)
+    reason = _prefix_reason(cfg, resolved)
+    if reason is not None:
+        return CorpusSample(iter_documents(cfg, resolved),
+                            f"the first {max_chars:,} characters in corpus order ({reason})",
+                            {"method": "prefix", "reason": reason})
+    sizes = [path.stat().st_size for path, _ in resolved.files]
+    total = sum(sizes)
+    per_span = min(_MAX_BLOCK_BYTES, max(_MIN_BLOCK_BYTES, max_chars // _SPANS_PER_SAMPLE))
+    block = max(-(-total // _MAX_BLOCKS), per_span)
+    blocks = max(1, -(-total // block))
+    info: dict[str, Any] = {"method": "spread", "seed": seed, "block_bytes": block, "blocks": blocks,
+                            "blocks_read": 0}
+    detail = (f"whole documents from {block:,}-byte blocks drawn at random (seed {seed}) from all "
+              f"{blocks:,} blocks of the corpus ({total:,} bytes in {len(sizes)} files)")
+    return CorpusSample(_spread(cfg, resolved, sizes, block, blocks, seed, info), detail, info)
+
+
+def _spread(cfg: CorpusConfig, resolved: ResolvedCorpus, sizes: list[int], block: int, blocks: int,
+            seed: int, info: dict[str, Any]) -> Iterator[str]:
+    import numpy as np
+
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    order = np.random.default_rng(seed).permutation(blocks)
+    reader = _BlockReader(cfg)
+    empty = True
+    # Strictly in the random order: the consumer stops at any point, and any reordering for
+    # locality (sorting a batch of blocks, say) would favour the start of the corpus again.
+    for b in order.tolist():
+        info["blocks_read"] += 1
+        lo, hi = b * block, min((b + 1) * block, starts[-1])
+        first = bisect.bisect_right(starts, lo) - 1
+        for i in range(first, len(sizes)):  # the files this block overlaps
+            if starts[i] >= hi:
+                break
+            a, z = max(lo - starts[i], 0), min(hi - starts[i], sizes[i])
+            for text in reader.read(*resolved.files[i], a, z):
+                empty = False
+                yield text
+    if empty:
+        raise DataError(f"corpus {resolved.describe()} is empty (no documents): check the files")
+
+
+class _BlockReader:
+    """The documents that start in a byte range of a file; parquet rows count as spread evenly
+    over the file's bytes. Keeps the last parquet file and row group read (small blocks often
+    fall in the same one)."""
+
+    def __init__(self, cfg: CorpusConfig) -> None:
+        self.cfg = cfg
+        self._file: tuple[Path, Any] | None = None
+        self._group: tuple[Path, int, list] | None = None
+
+    def read(self, path: Path, fmt: str, lo: int, hi: int) -> Iterator[str]:
+        kind = _addressable(path, fmt, self.cfg)
+        where = f"corpus file {str(path)!r}"
+        try:
+            if kind == "parquet":
+                yield from self._parquet(path, lo, hi, where)
+            elif kind == "text-document":
+                if lo == 0:
+                    yield path.read_text(encoding="utf-8")
+            else:
+                for line in _lines_starting_in(path, lo, hi):
+                    if kind == "text-line":
+                        yield line.decode("utf-8")
+                    elif line.strip():
+                        yield _text_of(_json_object(line), self.cfg.text_field, where)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot read {where} as {fmt} ({type(e).__name__}: {str(e)[:200]}): fix "
+                            "the file or pass the right --format") from None
+
+    def _parquet(self, path: Path, lo: int, hi: int, where: str) -> Iterator[str]:
+        pf = self._parquet_file(path)
+        meta, size, name = pf.metadata, path.stat().st_size, self.cfg.text_field
+        if name not in pf.schema_arrow.names:
+            cols = ", ".join(sorted(pf.schema_arrow.names)) or "none"
+            raise DataError(f"{where} has no field {name!r} (its fields: {cols}): pass --text-field NAME")
+        # row r "starts" at byte r * size // rows, so the rows starting in [lo, hi) are [first, end)
+        first, end = -(-lo * meta.num_rows // size), -(-hi * meta.num_rows // size)
+        group_start = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            a, z = max(first, group_start), min(end, group_start + n)
+            if a < z:
+                for value in self._row_group(pf, path, g)[a - group_start:z - group_start]:
+                    yield _text_of({name: value}, name, where)
+            group_start += n
+
+    def _parquet_file(self, path: Path) -> Any:
+        if self._file is None or self._file[0] != path:
+            import pyarrow.parquet as pq
+
+            self._file = (path, pq.ParquetFile(path))
+        return self._file[1]
+
+    def _row_group(self, pf: Any, path: Path, g: int) -> list:
+        if self._group is None or self._group[:2] != (path, g):
+            column = pf.read_row_group(g, columns=[self.cfg.text_field]).column(0)
+            self._group = (path, g, column.to_pylist())
+        return self._group[2]
+
+
+def _json_object(line: bytes) -> dict:
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise ValueError(f"a line holds a JSON {type(row).__name__}, not an object")
+    return row
+
+
+def _lines_starting_in(path: Path, lo: int, hi: int) -> Iterator[bytes]:
+    """The lines of a file whose first byte lies in ``[lo, hi)``, with their newline."""
+    with open(path, "rb") as f:
+        if lo > 0:
+            f.seek(lo - 1)
+            f.readline()  # the rest of the line that starts before lo (just "\n" if it ends there)
+        pos = f.tell()
+        while pos < hi:
+            line = f.readline()
+            if not line:
+                return
+            yield line
+            pos += len(line)

@@ -3,19 +3,19 @@
 Layout under ``out_dir``: ``corpus/shakespeare.jsonl`` is not copied (it stays in the
 demo-corpus cache); ``tokenizer/tokenizer.model`` and ``data/`` (a prepared dataset) are
 written here. Each step is skipped when its output already exists with the same settings,
-so rerunning is cheap; other settings (vocab size, seq_len...) rewrite the outputs.
+so rerunning is cheap; other settings (vocab size, seq_len...) or a changed corpus file
+rewrite the outputs.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from .config import CorpusConfig, PrepareConfig
-from .corpus import iter_documents
+from .config import CorpusConfig, PrepareConfig, TokenizerTrainConfig
 from .demo_corpus import fetch_demo_corpus
-from .errors import DataError
-from .prepare import prepare_dataset
-from .tokenizer import MODEL_FILENAME, Tokenizer, train_tokenizer
+from .prepare import OutputMismatch, prepare_dataset
+from .tokenizer import MODEL_FILENAME, Tokenizer, train_tokenizer_on_corpus
 
 
 def build_demo_data(out_dir: str | os.PathLike, *, vocab_size: int = 2048, seq_len: int = 256,
@@ -28,16 +28,16 @@ def build_demo_data(out_dir: str | os.PathLike, *, vocab_size: int = 2048, seq_l
     tok_path = out / "tokenizer" / MODEL_FILENAME
     retrain = not tok_path.is_file() or Tokenizer.load(tok_path).vocab_size != vocab_size
     if retrain:
-        train_tokenizer(iter_documents(corpus_cfg), tok_path.parent, vocab_size=vocab_size,
-                        train_chars=10_000_000, progress=progress)
+        log = (lambda line: print(line, file=sys.stderr)) if progress else None
+        train_tokenizer_on_corpus(corpus_cfg, tok_path.parent,
+                                  TokenizerTrainConfig(vocab_size=vocab_size, train_chars=10_000_000),
+                                  progress=progress, log=log)
     data_dir = out / "data"
     cfg = PrepareConfig(corpus=corpus_cfg, tokenizer=str(tok_path), out=str(data_dir), seq_len=seq_len,
                         val_fraction=val_fraction, num_workers=num_workers, overwrite=retrain)
     try:
         prepare_dataset(cfg, progress=progress)
-    except DataError as e:
-        if "other settings" not in str(e):
-            raise
-        cfg.overwrite = True  # the demo owns its directory: rewrite shards for the new settings
+    except OutputMismatch:  # other settings or a re-fetched corpus
+        cfg.overwrite = True  # the demo owns its directory: rewrite the shards
         prepare_dataset(cfg, progress=progress)
     return {"corpus": corpus, "tokenizer": tok_path, "data": data_dir}

@@ -7,8 +7,10 @@ corpus index, packs (``data.packing``) and writes shards with ``streaming.MDSWri
 
 Atomicity: everything is written to ``<out>.partial`` and renamed to ``<out>`` at the end
 (the manifest is the last file written). A crashed run leaves only ``.partial``, which the
-next run deletes before starting again; a rerun with the same inputs on a complete
-dataset does nothing. Remote outputs (s3://, gs://, ...) are staged locally and uploaded
+next run deletes before starting again. A rerun with the same settings on a complete
+dataset made from the same files (each file's path, size and mtime, recorded in the
+manifest) does nothing; other settings or changed files stop it with a message naming
+them, unless ``--overwrite``. Remote outputs (s3://, gs://, ...) are staged locally and uploaded
 with the manifest last, so a reader never sees a manifest without all its shards.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -30,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import PrepareConfig
-from .corpus import count_documents, iter_documents, resolve_corpus
+from .corpus import count_documents, input_change, input_fingerprint, iter_documents, resolve_corpus
 from .errors import DataError
 from .manifest import (
     FORMAT,
@@ -48,6 +51,11 @@ from .tokenizer import MODEL_FILENAME, Tokenizer, encode_task, init_worker
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
+log = logging.getLogger(__name__)
+
+
+class OutputMismatch(DataError):
+    """``--out`` holds a complete dataset made with other settings or from other input files."""
 
 
 def validation_mask(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -62,7 +70,8 @@ def validation_mask(indices: np.ndarray, fraction: float, seed: int) -> np.ndarr
 
 
 def _settings(cfg: PrepareConfig, tok: Tokenizer, source: str) -> dict[str, Any]:
-    """The inputs that decide the output; a rerun with equal settings is a no-op."""
+    """The options that decide the output; with equal input files (``corpus.input_fingerprint``)
+    a rerun is a no-op. ``source`` is informative: the files' identity decides."""
     c = cfg.corpus
     return {"source": source, "format": c.format, "text_field": c.text_field,
             "hub_config": c.hub_config, "hub_split": c.split, "max_documents": c.max_documents,
@@ -109,8 +118,9 @@ def _out_lock(final: Path) -> Iterator[None]:
         yield
 
 
-def _existing_outcome(cfg: PrepareConfig, settings: dict, cache: str) -> dict | None:
-    """A complete dataset with the same settings at ``out`` -> its manifest (nothing to do)."""
+def _existing_outcome(cfg: PrepareConfig, settings: dict, inputs: dict, cache: str) -> dict | None:
+    """A complete dataset at ``out`` made from these settings and files -> its manifest (nothing
+    to do); None -> (re)write it. OutputMismatch when it was made otherwise and may not be replaced."""
     out = cfg.out
     if not is_remote(out):
         p = Path(out)
@@ -131,10 +141,37 @@ def _existing_outcome(cfg: PrepareConfig, settings: dict, cache: str) -> dict | 
         raise
     if cfg.overwrite:
         return None
-    if manifest.get("settings") == settings:
-        return manifest
-    raise DataError(f"{out!r} already holds a prepared dataset with other settings: pass --overwrite "
-                    "to replace it or choose another --out")
+    _check_reusable(out, manifest, settings, inputs)
+    return manifest
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_reusable(out: str, manifest: dict, settings: dict, inputs: dict) -> None:
+    """Raise OutputMismatch unless ``manifest`` was written for these settings and input files.
+
+    A manifest from before input fingerprints were recorded cannot tell: it is reused, with a
+    warning, as older versions did (refusing it would force a full re-prepare to upgrade).
+    """
+    recorded = manifest.get("inputs")
+    old = manifest.get("settings") or {}
+    ignore = {"source"} if recorded is not None else set()  # the files' identity decides instead
+    changed = sorted(k for k in settings.keys() | old.keys() if k not in ignore and old.get(k) != settings.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {_short(old.get(k))} -> {_short(settings.get(k))}" for k in changed)
+        raise OutputMismatch(f"{out!r} already holds a prepared dataset with other settings ({diffs}): "
+                             "pass --overwrite to replace it or choose another --out")
+    if recorded is None:
+        log.warning(f"{out!r} was prepared by an older version that did not record its input files, so "
+                    "whether they changed since is unknown: reusing it; pass --overwrite to re-prepare it")
+        return
+    change = input_change(recorded, inputs)
+    if change is not None:
+        raise OutputMismatch(f"{out!r} was prepared from other input files: {change}; pass --overwrite to "
+                             "re-prepare it from the current files or choose another --out")
 
 
 def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: bool) -> dict:
@@ -230,13 +267,14 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
     tok = Tokenizer.load(cfg.tokenizer)
     resolved = resolve_corpus(cfg.corpus)  # fail on a bad --input before touching the output
     settings = _settings(cfg, tok, resolved.describe())
+    inputs = input_fingerprint(cfg.corpus, resolved)
     remote = is_remote(cfg.out)
     final = Path(cfg.out).resolve() if not remote else None
     with contextlib.ExitStack() as stack:
         tmp_root = stack.enter_context(tempfile.TemporaryDirectory(prefix="linrnn-prepare-"))
         if final is not None:
             stack.enter_context(_out_lock(final))
-        existing = _existing_outcome(cfg, settings, tmp_root)
+        existing = _existing_outcome(cfg, settings, inputs, tmp_root)
         if existing is not None:
             return existing
         if final is not None:
@@ -247,13 +285,17 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
         result = _write_splits(cfg, tok, staging, progress)
+        change = input_change(inputs, input_fingerprint(cfg.corpus, resolved))
+        if change is not None:  # the shards may mix old and new contents
+            raise DataError(f"the corpus changed while prepare read it ({change}): rerun once its files "
+                            "are final")
         shutil.copyfile(tok.path, staging / MODEL_FILENAME)  # type: ignore[arg-type]
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": "linrnn-prepare",
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "seq_len": cfg.seq_len, "add_bos": cfg.add_bos, "compression": cfg.compression,
             "tokenizer": {**tok.describe(), "file": MODEL_FILENAME},
-            "settings": settings, **result,
+            "settings": settings, "inputs": inputs, **result,
         }
         manifest["dataset_id"] = dataset_id(manifest)
         write_json_atomic(staging / MANIFEST_NAME, manifest)

@@ -14,12 +14,13 @@ import hashlib
 import itertools
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .config import CorpusConfig, TokenizerTrainConfig
 from .errors import DataError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -144,14 +145,27 @@ def encode_task(task: tuple[Any, list[str], bool]) -> tuple[Any, np.ndarray, np.
 # ----------------------------------------------------------------------------- training
 
 
-def _training_sentences(documents: Iterable[str], max_chars: int, progress: bool = False) -> Iterator[str]:
-    """Lines of the documents, long ones cut at spaces, until ``max_chars`` characters."""
+def _training_sentences(documents: Iterable[str], max_chars: int, progress: bool = False,
+                        stats: dict[str, int] | None = None) -> Iterator[str]:
+    """Lines of the documents, long ones cut at spaces, until ``max_chars`` characters.
+
+    ``stats`` gets the documents and characters taken, for the report.
+    """
     from tqdm import tqdm
+
+    stats = {} if stats is None else stats
+    stats.update(documents=0, chars=0)
+
+    def counted() -> Iterator[str]:
+        for doc in documents:
+            stats["documents"] += 1
+            yield doc
 
     with tqdm(total=max_chars, unit="char", unit_scale=True, desc="tokenizer sample", disable=not progress,
               mininterval=1.0, dynamic_ncols=True) as bar:
-        for piece in _cut_lines(documents, max_chars):
+        for piece in _cut_lines(counted(), max_chars):
             bar.update(len(piece))
+            stats["chars"] += len(piece)
             yield piece
 
 
@@ -177,17 +191,20 @@ def _cut_lines(documents: Iterable[str], max_chars: int) -> Iterator[str]:
 def train_tokenizer(documents: Iterable[str], out_dir: str | os.PathLike, *, vocab_size: int,
                     model_type: str = "bpe", train_chars: int = 50_000_000,
                     character_coverage: float = 0.9995, byte_fallback: bool = True,
-                    split_digits: bool = True, num_threads: int = 0, progress: bool = False) -> Path:
+                    split_digits: bool = True, num_threads: int = 0, progress: bool = False,
+                    stats: dict[str, int] | None = None) -> Path:
     """Train a sentencepiece model on the first ``train_chars`` characters of ``documents``
     (sentencepiece samples and shuffles up to 2M lines of them); write ``out_dir/tokenizer.model``.
 
-    The model is written to a temp file and renamed, so a crash never leaves a half model.
+    Pass a corpus through ``train_tokenizer_on_corpus`` to train on a sample spread over it
+    rather than on its start. ``stats`` gets the documents and characters used. The model is
+    written to a temp file and renamed, so a crash never leaves a half model.
     """
     import sentencepiece as spm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sentences = _training_sentences(documents, train_chars, progress)
+    sentences = _training_sentences(documents, train_chars, progress, stats)
     try:
         first = next(sentences)
     except StopIteration:
@@ -217,3 +234,26 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | os.PathLike, *, voc
         if os.path.exists(tmp):
             os.remove(tmp)
     return final
+
+
+def train_tokenizer_on_corpus(corpus: CorpusConfig, out_dir: str | os.PathLike, train: TokenizerTrainConfig,
+                              *, progress: bool = False,
+                              log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Train on about ``train.train_chars`` characters drawn from all over ``corpus``.
+
+    Taking the corpus's start would bias the vocabulary towards whatever the corpus is sorted
+    by; ``data.corpus.sample_documents`` draws whole documents from seeded random places where
+    the files allow it and says when it must fall back to the start. ``log`` gets that line.
+    Returns the model path and the sample's description (method, seed, documents, chars).
+    """
+    from .corpus import sample_documents
+
+    sample = sample_documents(corpus, train.train_chars, train.sample_seed)
+    if log is not None:
+        log(f"tokenizer sample: {sample.detail}")
+    stats: dict[str, int] = {}
+    path = train_tokenizer(sample.documents, out_dir, vocab_size=train.vocab_size, model_type=train.model_type,
+                           train_chars=train.train_chars, character_coverage=train.character_coverage,
+                           byte_fallback=train.byte_fallback, split_digits=train.split_digits,
+                           num_threads=train.num_threads, progress=progress, stats=stats)
+    return path, {**sample.describe(), **stats}

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +14,8 @@ import data.prepare as prep
 from data import DataError
 from data.config import CorpusConfig, PrepareConfig
 from data.loader import TokenLoader
-from data.manifest import MANIFEST_NAME, read_manifest
+from data.corpus import input_change
+from data.manifest import MANIFEST_NAME, read_manifest, write_json_atomic
 from data.packing import IGNORE_INDEX, row_cu_seqlens
 from data.tokenizer import EOS_ID
 
@@ -182,8 +186,11 @@ def test_cli_tokenizer_prepare_inspect(tmp_path, capsys):
     src = str(corpus_slice(0, 40))
     assert main(["tokenizer", "--input", src, "--out", str(tmp_path / "tok"), "--vocab-size", "400",
                  "--train-chars", "100000", "--threads", "1"]) == 0
-    tok = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    tok = json.loads(captured.out)
     assert tok["vocab_size"] == 400 and tok["eos_id"] == EOS_ID
+    assert tok["sample"]["method"] == "spread" and tok["sample"]["chars"] >= 100_000
+    assert f"tokenizer sample: {tok['sample']['detail']}" in captured.err
     assert main(["prepare", "--input", src, "--tokenizer", tok["path"], "--out", str(tmp_path / "ds"),
                  "--seq-len", "64", "--val-fraction", "0.2", "--workers", "1", "--no-progress"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -204,3 +211,104 @@ def test_demo_data_builds_once_and_follows_settings(tmp_path):
     assert paths["tokenizer"].stat().st_mtime_ns == stamp and read_manifest(str(paths["data"])) == m
     build_demo_data(tmp_path, vocab_size=400, seq_len=32, max_documents=30, progress=False)
     assert read_manifest(str(paths["data"]))["seq_len"] == 32
+
+
+# ----------------------------------------------------------------------------- rerun by input identity
+
+
+def _own_corpus(tmp_path):
+    """A private copy of the test corpus in ``tmp_path/corpus`` (the tests edit it)."""
+    (tmp_path / "corpus").mkdir()
+    src = tmp_path / "corpus" / "docs.jsonl"
+    shutil.copyfile(corpus_slice(0, 40), src)
+    return src
+
+
+def _cfg_of(source, out, **kw):
+    base = dict(seq_len=SEQ_LEN, val_fraction=0.1, docs_per_task=8, num_workers=1)
+    return PrepareConfig(corpus=CorpusConfig(source=str(source)), tokenizer=str(tokenizer_path()), out=str(out),
+                         **{**base, **kw})
+
+
+def _bump_mtime(path, seconds: int = 5) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
+
+
+def test_rerun_detects_changed_input_files(tmp_path, monkeypatch):
+    src = _own_corpus(tmp_path)
+    out = tmp_path / "ds"
+    m = prep.prepare_dataset(_cfg_of(src, out), progress=False)
+    st = src.stat()
+    assert m["inputs"] == {"kind": "local", "files": [{"path": str(src.resolve()), "size": st.st_size,
+                                                       "mtime_ns": st.st_mtime_ns}]}
+    stamp = (out / MANIFEST_NAME).stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)  # the same file, spelled another way: reused
+    assert prep.prepare_dataset(_cfg_of("corpus", out), progress=False) == m
+    assert (out / MANIFEST_NAME).stat().st_mtime_ns == stamp
+    # edited in place, same size: the modification time tells
+    data = src.read_bytes()
+    src.write_bytes(data.replace(b"the", b"THE", 1))
+    _bump_mtime(src)
+    with pytest.raises(prep.OutputMismatch, match=r"other input files: corpus file '.*docs\.jsonl' changed "
+                                                  r"\(modified .* same size\); pass --overwrite.*another --out"):
+        prep.prepare_dataset(_cfg_of(src, out), progress=False)
+    with open(src, "ab") as f:  # appended to: the size tells
+        f.write(b'{"text": "one more document"}\n')
+    with pytest.raises(DataError, match=rf"docs\.jsonl' changed \(size {len(data)} -> \d+ bytes\)"):
+        prep.prepare_dataset(_cfg_of(src, out), progress=False)
+    m2 = prep.prepare_dataset(_cfg_of(src, out, overwrite=True), progress=False)
+    assert m2["inputs"]["files"][0]["size"] == src.stat().st_size and m2["dataset_id"] != m["dataset_id"]
+    assert prep.prepare_dataset(_cfg_of(src.parent, out), progress=False) == m2  # the directory: same file
+    shutil.copyfile(corpus_slice(0, 40), src.parent / "more.jsonl")
+    with pytest.raises(DataError, match=r"more\.jsonl' is new"):
+        prep.prepare_dataset(_cfg_of(src.parent, out), progress=False)
+    # settings are still compared first, and the message names them
+    with pytest.raises(prep.OutputMismatch, match=r"other settings \(seq_len: 128 -> 64\)"):
+        prep.prepare_dataset(_cfg_of(src, out, seq_len=64), progress=False)
+
+
+def test_input_change_messages():
+    local = {"kind": "local", "files": [{"path": "/c/a.jsonl", "size": 3, "mtime_ns": 1},
+                                        {"path": "/c/b.jsonl", "size": 4, "mtime_ns": 1}]}
+    assert input_change(local, json.loads(json.dumps(local))) is None  # as read back from a manifest
+    gone = {"kind": "local", "files": local["files"][:1]}
+    assert input_change(local, gone) == "corpus file '/c/b.jsonl' is no longer in the corpus"
+    assert input_change(gone, local) == "corpus file '/c/b.jsonl' is new"
+    both = {"kind": "local", "files": [{**f, "size": 9} for f in local["files"]]}
+    assert input_change(local, both).endswith("changed (size 3 -> 9 bytes) (and 1 more changed files)")
+    assert "another order" in input_change(local, {"kind": "local", "files": local["files"][::-1]})
+    hub = {"kind": "hub", "name": "org/c4", "config": "en", "split": "train"}
+    assert input_change(hub, hub) is None
+    assert input_change(local, hub) == ("the corpus was 2 local files and is now hub:org/c4 (config 'en', "
+                                        "split 'train')")
+
+
+def test_manifest_without_input_record_is_reused_with_a_warning(tmp_path, caplog):
+    out = tmp_path / "ds"
+    shutil.copytree(prepared(), out)
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    del m["inputs"]  # as written before input files were recorded
+    write_json_atomic(out / MANIFEST_NAME, m)
+    with caplog.at_level(logging.WARNING, logger="data.prepare"):
+        assert prep.prepare_dataset(_cfg(out), progress=False) == m
+    assert "did not record its input files" in caplog.text and "--overwrite" in caplog.text
+    with pytest.raises(prep.OutputMismatch, match="other settings.*add_bos"):
+        prep.prepare_dataset(_cfg(out, add_bos=True), progress=False)
+
+
+def test_corpus_changed_while_prepare_reads_it_is_not_published(tmp_path, monkeypatch):
+    src = _own_corpus(tmp_path)
+    out = tmp_path / "ds"
+    write = prep._write_splits
+
+    def write_then_touch(*args, **kw):
+        result = write(*args, **kw)
+        _bump_mtime(src)
+        return result
+
+    monkeypatch.setattr(prep, "_write_splits", write_then_touch)
+    with pytest.raises(DataError, match=r"corpus changed while prepare read it \(corpus file '.*docs\.jsonl' "
+                                        r"changed.*rerun once its files are final"):
+        prep.prepare_dataset(_cfg_of(src, out), progress=False)
+    assert not out.exists()
