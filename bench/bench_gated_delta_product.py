@@ -9,7 +9,15 @@ means we are faster). ``--variants`` also times launch choices of ours that only
 weigh: ``ksplit`` (``ours_ksplit``) takes the K-split gradient kernels at every K (by
 default only K > 128; they compile without spills at K = 128, where the one-kernel gradient
 spills), ``w8`` (``ours_w8``) runs every [64, K]-tile kernel in 8 warps (by default only at
-K = 256; 8 warps halve the K = 128 spills in the sm_90 compile check).
+K = 256; 8 warps halve the K = 128 spills in the sm_90 compile check), ``half``
+(``ours_half``) stores the recomputed intermediates in the input dtype instead of fp32
+(``HALF_INTERMEDIATES``: about half the transient memory, the issue's peak-memory target).
+
+Each implementation also runs once more, with a fixed random output gradient, for its
+accuracy: the relative RMSE of o, dq, dk, dv, dbeta and dg against an fp32 reference on
+the same (rounded) inputs, the torch chunked path run in fp32 with TF32 off (ours in fp32
+would first compile its fp32 FMA kernels, minutes at K = 128). The issue's bf16 limits are
+5e-3 (o), 1e-2 (dq, dk, dv), 2e-2 (dbeta, dg).
 
 TFLOP/s counts the chunked algorithm's matmuls, per sub-step row with chunks of C = 64
 rows: KK^T, W and U (2C(2K+V)), the state pass (4KV), the output (2KV + 2C(K+V));
@@ -37,7 +45,10 @@ def ints(s: str) -> list[int]:
 
 
 # variant -> (module attribute of kernels.triton.gated_delta_product, value while it is timed)
-VARIANTS = {"ksplit": ("GRAD_SPLIT_ABOVE_BK", 0), "w8": ("EIGHT_WARPS_FROM_BK", 0)}
+VARIANTS = {"ksplit": ("GRAD_SPLIT_ABOVE_BK", 0), "w8": ("EIGHT_WARPS_FROM_BK", 0),
+            "half": ("HALF_INTERMEDIATES", True)}
+# Output and gradients whose accuracy is reported, and the issue's bf16 limits (relative RMSE).
+ERR_LIMITS = {"o": 5e-3, "q": 1e-2, "k": 1e-2, "v": 1e-2, "beta": 2e-2, "g": 2e-2}
 
 
 def variant_names(s: str) -> list[str]:
@@ -149,7 +160,67 @@ def launch_variant(impl: str):
         setattr(gdp, attr, before)
 
 
-def measure(name: str, fwd: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Row | None:
+def output_and_grads(fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor],
+                     do: torch.Tensor) -> dict[str, torch.Tensor]:
+    """fwd()'s output and the gradients of the inputs in ERR_LIMITS for output gradient
+    ``do``, as fp32 copies (the inputs' .grad is left cleared)."""
+    for t in x.values():
+        t.grad = None
+    o = fwd()
+    o.backward(do.to(o.dtype))
+    out = {"o": o.detach().float()}
+    out.update({n: x[n].grad.float() for n in ERR_LIMITS if n in x})
+    for t in x.values():
+        t.grad = None
+    return out
+
+
+def rel_rmse(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    return ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def fp32_reference(x: dict[str, torch.Tensor], do: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The torch chunked path on fp32 copies of the inputs (the same values), TF32 off."""
+    import kernels
+
+    x32 = {n: t.detach().float().requires_grad_() for n, t in x.items()}
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return output_and_grads(lambda: kernels.gated_delta_product(
+            x32["q"], x32["k"], x32["v"], x32["beta"], x32["g"], backend="torch")[0], x32, do)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def accuracy(fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor], do: torch.Tensor,
+             ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Relative RMSE of fwd's output and gradients against the fp32 reference ``ref``."""
+    got = output_and_grads(fwd, x, do)
+    return {n: rel_rmse(got[n], ref[n]) for n in ref}
+
+
+def err_label(name: str) -> str:
+    return name if name == "o" else f"d{name}"
+
+
+def format_error(name: str, err: float) -> str:
+    """``1.2e-03``, with a ``!`` when over the issue's bf16 limit."""
+    return f"{err:.1e}{'!' if not err <= ERR_LIMITS[name] else ''}"
+
+
+def format_errors(err: dict[str, float]) -> str:
+    """``o 1.2e-03 dq 3.4e-03 ... dg 2.5e-02!``."""
+    return " ".join(f"{err_label(n)} {format_error(n, e)}" for n, e in err.items())
+
+
+def measure(name: str, fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor],
+            check: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> Row | None:
+    """Times and peak memory of fwd and fwd+bwd; with ``check`` = (do, reference), also the
+    relative RMSE of the output and gradients (row key ``err``)."""
+    leaves = list(x.values())
+
     def step():
         for t in leaves:
             t.grad = None
@@ -158,9 +229,29 @@ def measure(name: str, fwd: Callable[[], torch.Tensor], leaves: list[torch.Tenso
     try:
         with torch.no_grad():
             t_f = bench(fwd)
-        return dict(impl=name, fwd=t_f, fwdbwd=bench(step), mem=peak_mib(step))
+        row = dict(impl=name, fwd=t_f, fwdbwd=bench(step), mem=peak_mib(step))
     except Exception as exc:  # a comparator that fails is reported, not fatal
         print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+        return None
+    if check is not None:
+        try:
+            row["err"] = accuracy(fwd, x, *check)
+        except Exception as exc:  # the timings stand without it
+            print(f"  {name}: accuracy run failed ({type(exc).__name__}: {str(exc)[:120]})")
+    return row
+
+
+def reference_check(x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """(do, fp32 reference) for ``measure``'s accuracy run, or None when the reference fails
+    (reported; the timings still run). do is rounded to the inputs' dtype, so every
+    implementation and the reference see the same values."""
+    q = x["q"]
+    gen = torch.Generator(device=q.device).manual_seed(1)
+    do = torch.randn(q.shape[:-1] + x["v"].shape[-1:], generator=gen, device=q.device).to(q.dtype).float()
+    try:
+        return do, fp32_reference(x, do)
+    except Exception as exc:  # e.g. out of memory: accuracy is extra, the timings are not
+        print(f"  fp32 reference failed, no accuracy columns ({type(exc).__name__}: {str(exc)[:120]})")
         return None
 
 
@@ -180,10 +271,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     x = make_inputs(B, T, H, D, D, n_h, dtype)
                     fl = flops_fwd(B, T, H, D, D, n_h)
                     print(f"B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype} on {gpu}")
+                    check = reference_check(x)
                     res = {}
                     for name, fn in impls(x, n_h, a.torch, not a.no_fla, a.variants).items():
                         with launch_variant(name):
-                            r = measure(name, fn, list(x.values()))
+                            r = measure(name, fn, x, check)
                         if r is None:
                             continue
                         r.update(B=B, T=T, H=H, D=D, n_h=n_h, tflops_fwd=fl / r["fwd"] / 1e9,
@@ -199,8 +291,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         print(f"  {name:8s} fwd {r['fwd']:8.3f} ms ({r['tflops_fwd']:6.1f} TFLOP/s)  "
                               f"fwd+bwd {r['fwdbwd']:8.3f} ms ({r['tflops_fwdbwd']:6.1f} TFLOP/s)  "
                               f"peak {r['mem']:8.1f} MiB{ratio}")
+                        if "err" in r:
+                            print(f"  {'':8s} rel RMSE vs fp32: {format_errors(r['err'])}")
                         rows.append(r)
-                    del x
+                    del x, check
                     torch.cuda.empty_cache()
     if a.results:
         write_results(a.results, rows, gpu, a.dtype)
@@ -208,13 +302,20 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 def write_results(path: str, rows: list[Row], gpu: str, dtype: str) -> None:
+    names = " | ".join(f"rmse {err_label(n)}" for n in ERR_LIMITS)
     lines = [f"\n## gated_delta_product on {gpu} ({dtype})\n",
-             "| B | T | H | K=V | n_h | impl | fwd ms | fwd+bwd ms | TFLOP/s fwd+bwd | peak MiB | comparator/ours fwd+bwd |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Relative RMSE against the fp32 torch chunked path (limits: o 5e-3, dq dk dv 1e-2, "
+             "dbeta dg 2e-2; `!` marks a value over its limit).\n",
+             "| B | T | H | K=V | n_h | impl | fwd ms | fwd+bwd ms | TFLOP/s fwd+bwd | peak MiB | "
+             f"comparator/ours fwd+bwd | {names} |",
+             "|---" * (11 + len(ERR_LIMITS)) + "|"]
     for r in rows:
         ratio = f"{r['ratio_fwdbwd']:.2f}" if "ratio_fwdbwd" in r else ""
+        err = r.get("err", {})
+        errs = " | ".join(format_error(n, err[n]) if n in err else "" for n in ERR_LIMITS)
         lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['n_h']} | {r['impl']} | "
-                     f"{r['fwd']:.3f} | {r['fwdbwd']:.3f} | {r['tflops_fwdbwd']:.1f} | {r['mem']:.0f} | {ratio} |")
+                     f"{r['fwd']:.3f} | {r['fwdbwd']:.3f} | {r['tflops_fwdbwd']:.1f} | {r['mem']:.0f} | {ratio} | "
+                     f"{errs} |")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
 

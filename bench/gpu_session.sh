@@ -12,9 +12,10 @@
 #   wheels    pip install --no-index --no-deps every *.whl in $WHEELS_DIR (fla-core,
 #             deepspeed and its missing dependencies) into a private folder on PYTHONPATH
 #   pytest    python -m pytest -m gpu on the test modules that hold GPU tests
-#   gdp       bench_gated_delta_product --target --torch --variants ksplit,w8 (B=4 T=4096
-#             H=16 K=V=128, n_h 1 and 2, bf16; vs the torch chunked path, fla when
-#             importable, and two launch variants of ours: K-split gradient, 8 warps)
+#   gdp       bench_gated_delta_product --target --torch --variants ksplit,w8,half (B=4
+#             T=4096 H=16 K=V=128, n_h 1 and 2, bf16; vs the torch chunked path, fla when
+#             importable, and three variants of ours: K-split gradient, 8 warps, half-precision
+#             intermediates; each with its relative RMSE against an fp32 reference)
 #   scan, conv, ssd   bench_scan_conv_ssd, one op each, at B*T = 32768 tokens, T = 4096
 #   train     bench_train (1.3B presets, seq 4096, 10 steps each), only when deepspeed
 #             imports; the GatedDeltaProduct preset runs twice, with our kernel and with
@@ -208,7 +209,7 @@ main() {
     # shellcheck disable=SC2086  # the *_ARGS variables are word-split on purpose
     {
         run_stage gdp 180 "$gdp" "$PY" -m bench.bench_gated_delta_product \
-            ${GDP_ARGS:---target --torch --variants ksplit,w8} --results "$RESULTS"
+            ${GDP_ARGS:---target --torch --variants ksplit,w8,half} --results "$RESULTS"
         run_stage scan 60 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096} --results "$RESULTS"
         run_stage conv 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \

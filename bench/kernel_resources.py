@@ -17,11 +17,13 @@ limit (shared memory, registers); spills are only flagged.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -58,8 +60,9 @@ def _backward(out: torch.Tensor, state: torch.Tensor | None) -> None:
 
 
 def gdp_case(dtype: str, K: int, V: int, n_h: int, *, H: int = 16, gate: bool = True,
-             with_state: bool = False) -> Case:
-    """Gated DeltaProduct; ``with_state`` adds initial and final state (prefill, dht, dh0)."""
+             with_state: bool = False, half: bool = False) -> Case:
+    """Gated DeltaProduct; ``with_state`` adds initial and final state (prefill, dht, dh0);
+    ``half`` turns on HALF_INTERMEDIATES (the bench's ``half`` variant: half buffers)."""
     dt = DTYPES[dtype]
 
     def call() -> None:
@@ -68,12 +71,27 @@ def gdp_case(dtype: str, K: int, V: int, n_h: int, *, H: int = 16, gate: bool = 
         v, beta = _leaf(B, T, n_h, H, V, dtype=dt), _leaf(B, T, n_h, H, dtype=dt)
         g = _leaf(B, T, H, dtype=dt, shift=-1.0) if gate else None
         h0 = _leaf(B, H, K, V, dtype=torch.float32) if with_state else None
-        o, ht = kernels.gated_delta_product(q, k, v, beta, g, initial_state=h0,
-                                            output_final_state=with_state, backend="triton")
-        _backward(o, ht)
+        # set here, not around record(): record re-imports the module, resetting its settings
+        with _module_setting("kernels.triton.gated_delta_product", "HALF_INTERMEDIATES", half):
+            o, ht = kernels.gated_delta_product(q, k, v, beta, g, initial_state=h0,
+                                                output_final_state=with_state, backend="triton")
+            _backward(o, ht)
 
-    label = f"{dtype} K={K} V={V} n_h={n_h}{'' if gate else ' no-g'}{' +state' if with_state else ''}"
+    label = (f"{dtype} K={K} V={V} n_h={n_h}{'' if gate else ' no-g'}{' +state' if with_state else ''}"
+             f"{' half' if half else ''}")
     return Case("gated_delta_product", label, call)
+
+
+@contextlib.contextmanager
+def _module_setting(module: str, name: str, value: object) -> Iterator[None]:
+    """``module.name = value`` for the duration (then restored)."""
+    mod = importlib.import_module(module)
+    before = getattr(mod, name)
+    setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        setattr(mod, name, before)
 
 
 def ssd_case(dtype: str, P: int, N: int, *, H: int = 64, G: int = 1, neg: bool = False,
@@ -124,12 +142,14 @@ def conv_case(dtype: str, D: int, W: int = 4, *, with_state: bool = False) -> Ca
 
 
 def full_grid(fp32: bool = False) -> list[Case]:
-    """Shapes of the issues' targets and the model presets (1.3B: GDP H=16 K=V=128;
-    Mamba2 64 heads of P=64, N=128, conv over 4352 channels; Griffin width 2048), in bf16
-    (training); ``fp32`` adds fp32 twins (fp32 dots are FMA loops: GDP's take ~10 min)."""
+    """Shapes of the issues' targets and the model presets (1.3B: GDP H=16 K=V=128, also
+    with half intermediates; Mamba2 64 heads of P=64, N=128, conv over 4352 channels;
+    Griffin width 2048), in bf16 (training); ``fp32`` adds fp32 twins (fp32 dots are FMA
+    loops: GDP's take ~10 min)."""
     cases = [
         *(gdp_case("bf16", 128, 128, n_h) for n_h in (1, 2, 3)),
         gdp_case("bf16", 128, 128, 2, with_state=True),
+        gdp_case("bf16", 128, 128, 2, half=True),
         gdp_case("bf16", 64, 64, 2),
         gdp_case("bf16", 256, 256, 2),
         ssd_case("bf16", 64, 128),

@@ -45,6 +45,10 @@ CASES = {
     # K > 128 takes the K-split gradient pair (its tiles are K slices: compile time as K = 64)
     "gdp-bf16-k256-split": (kr.gdp_case("bf16", 256, 32, 1, H=1), (
         "gdp_prep_kernel", "gdp_state_kernel", "gdp_output_kernel", "gdp_dd_local_kernel", "gdp_dh_kernel")),
+    # HALF_INTERMEDIATES (the bench's ``half`` variant): bf16 buffers between the kernels
+    "gdp-bf16-nh2-half": (kr.gdp_case("bf16", 32, 32, 2, H=2, half=True), ()),
+    "gdp-bf16-k256-split-half": (kr.gdp_case("bf16", 256, 32, 1, H=1, half=True), (
+        "gdp_prep_kernel", "gdp_state_kernel", "gdp_output_kernel", "gdp_dd_local_kernel", "gdp_dh_kernel")),
     "ssd-bf16-neg-state": (kr.ssd_case("bf16", 32, 32, H=2, neg=True, with_state=True), ()),
     "ssd-fp32": (kr.ssd_case("fp32", 16, 16, H=2, G=2), ("_ssd_bwd_kernel",)),
     "scan-bf16": (kr.scan_case("bf16", 256), ()),
@@ -104,6 +108,13 @@ def test_record_keeps_the_wrappers_choices_and_restores_the_compiler(recorded):
     assert (kw["N_H"], kw["K"], kw["BK"], kw["INV_PREC"], kw["PREC"]) == (2, 32, 32, "tf32x3", "tf32")
     spec = aot.specialize(prep)
     assert spec.signature["k_ptr"] == "*bf16" and spec.signature["w_ptr"] == "*fp32"
+    # the half case's launches carry bf16 buffers (W, U) but an fp32 tinv
+    half = next(x for x in recorded["gdp-bf16-nh2-half"] if x.kernel == "gdp_prep_kernel")
+    sig = aot.specialize(half).signature
+    assert (sig["w_ptr"], sig["u_ptr"], sig["t_ptr"]) == ("*bf16", "*bf16", "*fp32")
+    grad = next(x for x in recorded["gdp-bf16-k256-split-half"] if x.kernel == "gdp_grad_kslice_kernel")
+    sig = aot.specialize(grad).signature
+    assert [sig[f"{n}_ptr"] for n in ("w", "hs", "dhs", "d", "dd", "t")] == ["*bf16"] * 5 + ["*fp32"]
     assert spec.signature["H"] == "constexpr" and spec.constexprs[(_param_index(prep, "H"),)] == 2
     assert isinstance(prep.jit_function(), triton.runtime.JITFunction)
     # SSD's wrapper picks num_warps from the tile; the launch carries it to the compiler.

@@ -2,6 +2,8 @@
 
 Activation memory: the forward saves only its inputs (and the initial state); the
 backward recomputes W, U, the per-chunk states and D, so nothing O(T*K*V) outlives a call.
+Within a call those intermediates are fp32, or bf16 / fp16 like the inputs with
+``HALF_INTERMEDIATES`` (about half the transient memory; the arithmetic stays fp32).
 The per-chunk gradients come from one kernel up to K = 128 and from two kernels that
 split K into slices above it (``GRAD_SPLIT_ABOVE_BK``), so every K up to 256 has a
 hand-written backward that fits an sm_90 block.
@@ -78,6 +80,25 @@ GRAD_SLICE_K = 64
 SPLIT_BV = 32
 KSLICE_LAUNCH = dict(num_warps=4, num_stages=3)
 FINISH_LAUNCH = dict(num_warps=8, num_stages=1)
+# Storage of the recomputed intermediates that live through a call: fp32 (False), or the
+# input dtype for bf16 / fp16 inputs (True), as flash-linear-attention keeps its w, u, h,
+# v_new and dh. The arithmetic is fp32 either way: loads are cast up, and the carried state
+# and state gradient stay fp32 in registers (the state goes on with the fp32 D, not the
+# rounded copy). At B=4 T=4096 H=16 K=V=128 n_h=2 the buffers are 2176 MiB in fp32 and
+# 1152 MiB with True. False until a GPU run (``bench_gated_delta_product --variants half``)
+# weighs accuracy, speed and peak memory against fla; fp32 inputs always store fp32. fp16
+# storage has fp16's range (65504): states or, under a large loss scale, state gradients
+# beyond it overflow where fp32 would not.
+HALF_INTERMEDIATES = False
+# The buffers HALF_INTERMEDIATES rounds: W, U, the per-chunk entering states hs, D and its
+# gradient dd, the per-chunk state gradients dhs. Each is rounded after the products that
+# made it (error 2^-9 of its own size). tinv, the rows of T = (I + A)^-1, would be rounded
+# before its products dRhs = T^T [dW | dU]: error 2^-9 |T|^T |dW|, which the large
+# alternating entries of T (beta near 2, correlated keys; why the inverse is computed in
+# tf32x3) make far larger than |T^T dW|. It stays fp32, and it is the smallest buffer
+# (64 columns: 128 MiB of the 2176 above; rounding it would save 64). fla does keep its
+# inverse in bf16; the kernels cast tinv like the rest, so a GPU run may add "tinv" here.
+HALF_BUFFERS = frozenset({"w", "u", "hs", "d", "dd", "dhs"})
 
 
 class _Problem:
@@ -101,6 +122,17 @@ class _Problem:
         self.prec = dot_precision(q.dtype)
         self.inv_prec = inverse_precision(q.dtype)
         self.BK, self.BVF, self.BV, self.BVG = _blocks(K, self.V)
+        half = HALF_INTERMEDIATES and q.dtype in (torch.bfloat16, torch.float16)
+        self.half_dtype = q.dtype if half else torch.float32
+
+    def buf_dtype(self, name: str) -> torch.dtype:
+        """Storage dtype of the intermediate ``name`` (see HALF_INTERMEDIATES)."""
+        return self.half_dtype if name in HALF_BUFFERS else torch.float32
+
+    def buffer(self, name: str, *shape: int, zero: bool = False) -> Tensor:
+        """A new intermediate ``name`` of ``shape`` in its storage dtype."""
+        make = torch.zeros if zero else torch.empty
+        return make(*shape, dtype=self.buf_dtype(name), device=self.q.device)
 
     def consts(self) -> dict:
         return dict(H=self.H, K=self.K, V=self.V, N_H=self.n_h, BC=CHUNK_ROWS, BK=self.BK,
@@ -113,16 +145,14 @@ class _Problem:
         """W, U (and (I+A)^-1), then the per-chunk entering states and D."""
         R, H, K, V = self.k.shape[0], self.H, self.K, self.V
         f32, dev = torch.float32, self.q.device
-        w = torch.empty(R, H, K, dtype=f32, device=dev)
-        u = torch.empty(R, H, V, dtype=f32, device=dev)
-        tinv = torch.empty(R if store_t else 1, H, CHUNK_ROWS, dtype=f32, device=dev)
+        w, u = self.buffer("w", R, H, K), self.buffer("u", R, H, V)
+        tinv = self.buffer("tinv", R if store_t else 1, H, CHUNK_ROWS)
         c = self.consts()
         if self.NC:
             gdp_prep_kernel[(self.NC, H)](self.k, self.v, self.beta, self.g_arg(), self.chunks,
                                           w, u, tinv, BVF=self.BVF, BLK=INV_BLOCK, STORE_T=store_t,
                                           INV_PREC=self.inv_prec, **_launch(self.BK), **c)
-        hs = torch.empty(max(self.NC, 1), H, K, V, dtype=f32, device=dev)
-        d = torch.empty(R, H, V, dtype=f32, device=dev)
+        hs, d = self.buffer("hs", max(self.NC, 1), H, K, V), self.buffer("d", R, H, V)
         ht = torch.empty(self.N, H, K, V, dtype=f32, device=dev) if want_ht else hs
         h0c = h0.float().contiguous() if h0 is not None else hs
         gdp_state_kernel[(self.N, H, triton.cdiv(V, self.BV))](
@@ -147,12 +177,12 @@ def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None)
     w, u, tinv, hs, d, _ = p.recompute(h0, store_t=True, want_ht=False)
     do = do.reshape(p.B * p.T, H, V).contiguous()
     c = p.consts()
-    dd = torch.zeros(R, H, V, dtype=f32, device=dev)
+    dd = p.buffer("dd", R, H, V, zero=True)
     nv = triton.cdiv(V, p.BV)
     if p.NC:
         gdp_dd_local_kernel[(p.NC, H, nv)](p.q, p.k, p.g_arg(), do, dd, p.chunks, p.scale,
                                           BV=p.BV, **_launch(p.BK), **c)
-    dhs = torch.empty(max(p.NC, 1), H, K, V, dtype=f32, device=dev)
+    dhs = p.buffer("dhs", max(p.NC, 1), H, K, V)
     dh0 = torch.empty(p.N, H, K, V, dtype=f32, device=dev) if h0 is not None else dhs
     dhtc = dht.float().contiguous() if dht is not None else dhs
     gdp_dh_kernel[(p.N, H, nv)](p.q, p.k, p.g_arg(), w, do, dd, dhtc, p.chunks, p.seq_chunk,

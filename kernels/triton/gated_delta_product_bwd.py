@@ -45,7 +45,7 @@ def gdp_dd_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dd_ptr, chunk_ptr, scale,
                   mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
     _, P, _ = chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H, K, N_H, BC, BK, HAS_G, PREC)
     dd = tl.dot(tl.trans(P), dob, input_precision=PREC) * scale
-    tl.store(dd_ptr + row[:, None] * (H * V) + h * V + cv[None, :], dd,
+    tl.store(dd_ptr + row[:, None] * (H * V) + h * V + cv[None, :], dd.to(dd_ptr.dtype.element_ty),
              mask=rm[:, None] & vm[None, :])
 
 
@@ -84,11 +84,12 @@ def gdp_dh_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dd_ptr, dht_ptr, chunk_ptr
         last = rm & (i % N_H == N_H - 1)
         row = (tok0 * N_H + i).to(tl.int64)
         tok = (tok0 + i // N_H).to(tl.int64)
-        tl.store(dhs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + s_off, dH, mask=sm)
+        tl.store(dhs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + s_off, dH.to(dhs_ptr.dtype.element_ty),
+                 mask=sm)
         kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
                      mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
         wb = tl.load(w_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
-                     mask=rm[:, None] & km[None, :], other=0.0)
+                     mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
         qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
                      mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
         dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
@@ -96,9 +97,10 @@ def gdp_dh_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dd_ptr, dht_ptr, chunk_ptr
         dd_off = dd_ptr + row[:, None] * (H * V) + h * V + cv[None, :]
         ddm = rm[:, None] & vm[None, :]
         _, cum, rest, total, _ = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
-        dd = tl.load(dd_off, mask=ddm, other=0.0)
+        dd = tl.load(dd_off, mask=ddm, other=0.0).to(tl.float32)
         dd += tl.dot(kb * tl.exp(rest)[:, None], dH, input_precision=PREC)
-        tl.store(dd_off, dd, mask=ddm)
+        # dH goes on with this fp32 dd; only the stored copy is rounded.
+        tl.store(dd_off, dd.to(dd_ptr.dtype.element_ty), mask=ddm)
         qg = qb * (tl.exp(cum) * scale)[:, None]
         dH = (dH * tl.exp(total) + tl.dot(tl.trans(qg), dob, input_precision=PREC)
               - tl.dot(tl.trans(wb), dd, input_precision=PREC))
@@ -130,9 +132,10 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
     qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
                  mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
     kb = tl.load(k_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
-    wb = tl.load(w_ptr + k_off, mask=rk, other=0.0)
+    wb = tl.load(w_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
     bb = tl.load(beta_ptr + row * H + h, mask=rm, other=0.0).to(tl.float32)
-    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None], other=0.0)
+    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None],
+                   other=0.0).to(tl.float32)
     _, cum, rest, total, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
 
     dqg = tl.full([BC, BK], 0.0, tl.float32)   # d(q e^cum), without scale
@@ -150,11 +153,11 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
         v_off = row[:, None] * (H * V) + h * V + cv[None, :]
         s_off = s_base + ck[:, None] * V + cv[None, :]
         sm = km[:, None] & vm[None, :]
-        S0 = tl.load(hs_ptr + s_off, mask=sm, other=0.0)
-        dH = tl.load(dhs_ptr + s_off, mask=sm, other=0.0)
-        db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0)
-        ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0)
-        ub = tl.load(u_ptr + v_off, mask=rv, other=0.0)
+        S0 = tl.load(hs_ptr + s_off, mask=sm, other=0.0).to(tl.float32)
+        dH = tl.load(dhs_ptr + s_off, mask=sm, other=0.0).to(tl.float32)
+        db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
+        ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
+        ub = tl.load(u_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         vb = tl.load(v_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
                       mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
@@ -259,10 +262,10 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
         v_off = row[:, None] * (H * V) + h * V + cv[None, :]
         s_off = s_base + ck[:, None] * V + cv[None, :]
         sm = km[:, None] & vm[None, :]
-        S0 = tl.load(hs_ptr + s_off, mask=sm, other=0.0)
-        dH = tl.load(dhs_ptr + s_off, mask=sm, other=0.0)
-        db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0)
-        ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0)
+        S0 = tl.load(hs_ptr + s_off, mask=sm, other=0.0).to(tl.float32)
+        dH = tl.load(dhs_ptr + s_off, mask=sm, other=0.0).to(tl.float32)
+        db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
+        ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
                       mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
         dqg += tl.dot(dob, tl.trans(S0), input_precision=PREC)
@@ -275,9 +278,10 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
     rk = rm[:, None] & km[None, :]
     k_off = row[:, None] * (H * K) + h * K + ck[None, :]
     kb = tl.load(k_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
-    wb = tl.load(w_ptr + k_off, mask=rk, other=0.0)
+    wb = tl.load(w_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
     bb = tl.load(beta_ptr + row * H + h, mask=rm, other=0.0).to(tl.float32)
-    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None], other=0.0)
+    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None],
+                   other=0.0).to(tl.float32)
     _, cum, rest, _, _ = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
     e_cum = tl.exp(cum)
     e_rest = tl.exp(rest)
@@ -324,7 +328,8 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
     row = (tok0 * N_H + i).to(tl.int64)
     tok = (tok0 + i // N_H).to(tl.int64)
     bb = tl.load(beta_ptr + row * H + h, mask=rm, other=0.0).to(tl.float32)
-    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None], other=0.0)
+    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None],
+                   other=0.0).to(tl.float32)
 
     dP = tl.full([BC, BC], 0.0, tl.float32)    # d(P), without scale
     dA = tl.full([BC, BC], 0.0, tl.float32)
@@ -334,9 +339,9 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
         vm = cv < V
         rv = rm[:, None] & vm[None, :]
         v_off = row[:, None] * (H * V) + h * V + cv[None, :]
-        db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0)
-        ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0)
-        ub = tl.load(u_ptr + v_off, mask=rv, other=0.0)
+        db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
+        ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
+        ub = tl.load(u_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         vb = tl.load(v_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
                       mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)

@@ -7,7 +7,9 @@ S' = e^total S0 + (K e^rest)^T D, and o_p = scale (q_p e^cum_p S0 + sum_{s<=p} e
 
 Three kernels: ``prep`` (parallel over chunks: KK^T, the triangular solve, W and U),
 ``state`` (sequential over the chunks of a sequence, fp32 state in registers; writes each
-chunk's entering state and D) and ``output`` (parallel over chunks).
+chunk's entering state and D) and ``output`` (parallel over chunks). The buffers between
+them (W, U, (I + A)^-1, states, D) may be fp32 or half (see ``HALF_INTERMEDIATES``): every
+store casts to the buffer's type and every load back to fp32, so all arithmetic is fp32.
 
 The triangular solve is blocked (``unit_lower_inverse``): forward substitution inverts only
 the four 16x16 diagonal blocks of I + A, all four at once, then three block-lower products
@@ -85,12 +87,13 @@ def gdp_prep_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, chunk_ptr, w_ptr, u_ptr, t_pt
     kg = kb * (bb * tl.exp(cum))[:, None]
     w = tl.dot(inv, kg, input_precision=PREC)
     u = tl.dot(inv, vb * bb[:, None], input_precision=PREC)
-    tl.store(w_ptr + row[:, None] * (H * K) + h * K + ck[None, :], w,
+    tl.store(w_ptr + row[:, None] * (H * K) + h * K + ck[None, :], w.to(w_ptr.dtype.element_ty),
              mask=rm[:, None] & (ck < K)[None, :])
-    tl.store(u_ptr + row[:, None] * (H * V) + h * V + cv[None, :], u,
+    tl.store(u_ptr + row[:, None] * (H * V) + h * V + cv[None, :], u.to(u_ptr.dtype.element_ty),
              mask=rm[:, None] & (cv < V)[None, :])
     if STORE_T:
-        tl.store(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], inv, mask=rm[:, None])
+        tl.store(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], inv.to(t_ptr.dtype.element_ty),
+                 mask=rm[:, None])
 
 
 @triton.jit
@@ -121,15 +124,16 @@ def gdp_state_kernel(k_ptr, g_ptr, w_ptr, u_ptr, h0_ptr, chunk_ptr, seq_chunk_pt
         ntok = tl.load(chunk_ptr + 2 * ic + 1)
         rm = i < ntok * N_H
         row = (tok0 * N_H + i).to(tl.int64)
-        tl.store(hs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + s_off, S, mask=sm)
+        tl.store(hs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + s_off, S.to(hs_ptr.dtype.element_ty), mask=sm)
         kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
                      mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
         wb = tl.load(w_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
-                     mask=rm[:, None] & km[None, :], other=0.0)
+                     mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
         ub = tl.load(u_ptr + row[:, None] * (H * V) + h * V + cv[None, :],
-                     mask=rm[:, None] & vm[None, :], other=0.0)
+                     mask=rm[:, None] & vm[None, :], other=0.0).to(tl.float32)
         d = ub - tl.dot(wb, S, input_precision=PREC)
-        tl.store(d_ptr + row[:, None] * (H * V) + h * V + cv[None, :], d,
+        # The state goes on with this fp32 d; only the copy for output and backward is rounded.
+        tl.store(d_ptr + row[:, None] * (H * V) + h * V + cv[None, :], d.to(d_ptr.dtype.element_ty),
                  mask=rm[:, None] & vm[None, :])
         _, _, rest, total, _ = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
         kr = kb * tl.exp(rest)[:, None]
@@ -159,9 +163,9 @@ def gdp_output_kernel(q_ptr, k_ptr, g_ptr, hs_ptr, d_ptr, o_ptr, chunk_ptr, scal
     tok = (tok0 + i // N_H).to(tl.int64)
     qb, P, cum = chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H, K, N_H, BC, BK, HAS_G, PREC)
     S = tl.load(hs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + h * (K * V) + ck[:, None] * V + cv[None, :],
-                mask=km[:, None] & vm[None, :], other=0.0)
+                mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
     d = tl.load(d_ptr + row[:, None] * (H * V) + h * V + cv[None, :],
-                mask=rm[:, None] & vm[None, :], other=0.0)
+                mask=rm[:, None] & vm[None, :], other=0.0).to(tl.float32)
     o = tl.dot(qb * tl.exp(cum)[:, None], S, input_precision=PREC) + tl.dot(P, d, input_precision=PREC)
     o = o * scale
     tl.store(o_ptr + tok[:, None] * (H * V) + h * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
