@@ -31,6 +31,7 @@ import contextlib
 import os
 import sys
 from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -142,22 +143,13 @@ def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool,
     return out
 
 
-@contextlib.contextmanager
-def launch_variant(impl: str):
+def launch_variant(impl: str) -> contextlib.AbstractContextManager:
     """While ``ours_<variant>`` is timed, its module setting of VARIANTS holds (then restored)."""
     variant = impl.removeprefix("ours_")
     if not impl.startswith("ours_") or variant not in VARIANTS:
-        yield
-        return
-    from kernels.triton import gated_delta_product as gdp
-
+        return contextlib.nullcontext()
     attr, value = VARIANTS[variant]
-    before = getattr(gdp, attr)
-    setattr(gdp, attr, value)
-    try:
-        yield
-    finally:
-        setattr(gdp, attr, before)
+    return mock.patch(f"kernels.triton.gated_delta_product.{attr}", value)
 
 
 def output_and_grads(fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor],

@@ -17,13 +17,12 @@ limit (shared memory, registers); spills are only flagged.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -72,7 +71,7 @@ def gdp_case(dtype: str, K: int, V: int, n_h: int, *, H: int = 16, gate: bool = 
         g = _leaf(B, T, H, dtype=dt, shift=-1.0) if gate else None
         h0 = _leaf(B, H, K, V, dtype=torch.float32) if with_state else None
         # set here, not around record(): record re-imports the module, resetting its settings
-        with _module_setting("kernels.triton.gated_delta_product", "HALF_INTERMEDIATES", half):
+        with mock.patch("kernels.triton.gated_delta_product.HALF_INTERMEDIATES", half):
             o, ht = kernels.gated_delta_product(q, k, v, beta, g, initial_state=h0,
                                                 output_final_state=with_state, backend="triton")
             _backward(o, ht)
@@ -80,18 +79,6 @@ def gdp_case(dtype: str, K: int, V: int, n_h: int, *, H: int = 16, gate: bool = 
     label = (f"{dtype} K={K} V={V} n_h={n_h}{'' if gate else ' no-g'}{' +state' if with_state else ''}"
              f"{' half' if half else ''}")
     return Case("gated_delta_product", label, call)
-
-
-@contextlib.contextmanager
-def _module_setting(module: str, name: str, value: object) -> Iterator[None]:
-    """``module.name = value`` for the duration (then restored)."""
-    mod = importlib.import_module(module)
-    before = getattr(mod, name)
-    setattr(mod, name, value)
-    try:
-        yield
-    finally:
-        setattr(mod, name, before)
 
 
 def ssd_case(dtype: str, P: int, N: int, *, H: int = 64, G: int = 1, neg: bool = False,
