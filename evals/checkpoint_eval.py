@@ -10,7 +10,7 @@ from typing import Any
 
 from . import incontext, lm
 from .checkpoint import LoadedCheckpoint
-from .report import heatmap, line_plot, write_json
+from .report import heatmap, line_plot, write_json, write_text
 
 CHECKPOINT_SUITES = {"lm": ["lm"], "passkey": ["passkey"], "kv_lookup": ["kv_lookup"], "fewshot": ["fewshot"],
                      "checkpoint": ["lm", "passkey", "kv_lookup", "fewshot"]}
@@ -42,25 +42,48 @@ def expand(suite: str) -> list[str]:
 
 
 def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: CheckpointEvalOptions,
-                         out: Path) -> dict[str, Any]:
+                         out: Path, deadline: float | None = None) -> dict[str, Any]:
+    """Run the parts in order; results.json and results.md are rewritten (atomically) after
+    each one, so a call killed from outside keeps the parts it finished. ``deadline``
+    (``time.monotonic()``): parts not started by then are skipped and listed."""
+    if "lm" in parts and not (opts.text or opts.heldout):
+        raise ValueError("suite 'lm' needs --text FILE and/or --heldout run|DATASET_DIR")
     out.mkdir(parents=True, exist_ok=True)
     context = opts.context or ck.train_context or 512
     start = time.time()
     res: dict[str, Any] = {"kind": "checkpoint_eval", "checkpoint": str(ck.path), "meta": ck.meta,
-                           "train_context": context, "results": {}}
-    md = [f"# Checkpoint evaluation: {ck.path}", "", f"- training context: {context} tokens",
-          f"- step: {ck.meta.get('step', 'unknown')}", ""]
-    r = res["results"]
-    if "lm" in parts and opts.heldout:
+                           "train_context": context, "complete": False, "not_started": [], "results": {}}
+    head = [f"# Checkpoint evaluation: {ck.path}", "", f"- training context: {context} tokens",
+            f"- step: {ck.meta.get('step', 'unknown')}", ""]
+    sections: list[str] = []
+
+    def save(complete: bool) -> None:
+        res["complete"], res["wall_time_s"] = complete, round(time.time() - start, 1)
+        skipped = [f"Not started (time limit): {', '.join(res['not_started'])}.", ""] if res["not_started"] else []
+        write_json(out / "results.json", res)
+        write_text(out / "results.md", "\n".join(head + skipped + sections) + "\n")
+
+    for i, part in enumerate(parts):
+        if deadline is not None and time.monotonic() >= deadline:
+            res["not_started"] = parts[i:]
+            break
+        sections += PARTS[part](ck, opts, context, out, res["results"])
+        save(complete=False)
+    save(complete=True)
+    return res
+
+
+def _lm_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
+             r: dict[str, Any]) -> list[str]:
+    md: list[str] = []
+    if opts.heldout:
         dcfg = lm.heldout_data_config(opts.heldout, ck.run_config)
         held = lm.heldout_perplexity(ck.model, ck.tokenizer, dcfg, opts.heldout_batches, progress=opts.progress)
         r["heldout"] = {"data": opts.heldout, "split": dcfg.val_split, **held.to_dict()}
         md += ["## Held-out shards", "", "| data | split | tokens | perplexity | bits/byte |", "|---|---|---|---|---|",
                f"| {opts.heldout} | {dcfg.val_split} | {held.tokens} | {held.perplexity:.3f} | "
                f"{held.bits_per_byte:.4f} |", ""]
-    if "lm" in parts and (opts.text or not opts.heldout):
-        if not opts.text:
-            raise ValueError("suite 'lm' needs --text FILE and/or --heldout run|DATASET_DIR")
+    if opts.text:
         stream, n_bytes = lm.encode_text(ck.tokenizer, lm.read_text(opts.text), opts.max_tokens)
         ppl = lm.perplexity(ck.model, stream, n_bytes, context, progress=opts.progress)
         ext = lm.length_extrapolation(ck.model, stream, context, opts.extrapolation_factor)
@@ -72,37 +95,48 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
                f"`length_extrapolation.png`.", ""]
         line_plot(out / "length_extrapolation.png", ext.bucket_starts, {"loss": ext.bucket_loss},
                   "position (tokens)", "loss (nats)", "loss by position", vline=(context, "training context"))
-    if "passkey" in parts:
-        lengths = opts.passkey_lengths or sorted({max(64, context // 2), context, *(
-            context * f for f in (2, 4, 8) if f <= opts.extrapolation_factor)})
-        pk = incontext.passkey(ck.model, ck.tokenizer, lengths, opts.depths, opts.trials, opts.seed, opts.progress)
-        r["passkey"] = pk.to_dict()
-        md += ["## Passkey retrieval", "", "| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
-               "|---|" + "---|" * len(lengths)]
-        md += [f"| {d:.2f} | " + " | ".join(f"{a:.2f}" for a in row) + " |" for d, row in zip(pk.depths, pk.accuracy)]
-        md.append("")
-        heatmap(out / "passkey.png", pk.accuracy, [f"{d:.2f}" for d in pk.depths], [str(L) for L in lengths],
-                "context length (tokens)", "needle depth", "passkey retrieval accuracy")
-    if "kv_lookup" in parts:
-        kv = incontext.kv_lookup(ck.model, ck.tokenizer, opts.kv_pairs, max(opts.trials, 10), opts.seed, opts.progress)
-        r["kv_lookup"] = kv
-        md += ["## In-context key-value lookup", "", "| pairs | " + " | ".join(map(str, kv["pairs"])) + " |",
-               "|---|" + "---|" * len(kv["pairs"]), "| accuracy | " + " | ".join(f"{a:.2f}" for a in kv["accuracy"]) + " |", ""]
-        line_plot(out / "kv_lookup.png", kv["pairs"], {"accuracy": kv["accuracy"], "chance": kv["chance"]},
-                  "key-value pairs", "accuracy", "in-context key-value lookup", logx=True)
-    if "fewshot" in parts:
-        series = {}
-        for task in ("parity", "modular_arithmetic"):
-            fs = incontext.fewshot(ck.model, ck.tokenizer, task, opts.fewshot_lengths, opts.shots,
-                                   max(opts.trials, 10), opts.seed, opts.progress)
-            r[f"fewshot_{task}"] = fs
-            series[f"{task} (chance {fs['chance']:.2f})"] = fs["accuracy"]
-            md += [f"## Few-shot {task} ({opts.shots} shots)", "",
-                   "| length | " + " | ".join(map(str, fs["lengths"])) + " |", "|---|" + "---|" * len(fs["lengths"]),
-                   "| accuracy | " + " | ".join(f"{a:.2f}" for a in fs["accuracy"]) + " |", ""]
-        line_plot(out / "fewshot.png", opts.fewshot_lengths, series, "length", "accuracy", "few-shot state tracking")
-    res["wall_time_s"] = round(time.time() - start, 1)
-    write_json(out / "results.json", res)
-    (out / "results.md").write_text("\n".join(md) + "\n")
-    return res
+    return md
 
+
+def _passkey_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
+                  r: dict[str, Any]) -> list[str]:
+    lengths = opts.passkey_lengths or sorted({max(64, context // 2), context, *(
+        context * f for f in (2, 4, 8) if f <= opts.extrapolation_factor)})
+    pk = incontext.passkey(ck.model, ck.tokenizer, lengths, opts.depths, opts.trials, opts.seed, opts.progress)
+    r["passkey"] = pk.to_dict()
+    md = ["## Passkey retrieval", "", "| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
+          "|---|" + "---|" * len(lengths)]
+    md += [f"| {d:.2f} | " + " | ".join(f"{a:.2f}" for a in row) + " |" for d, row in zip(pk.depths, pk.accuracy)]
+    heatmap(out / "passkey.png", pk.accuracy, [f"{d:.2f}" for d in pk.depths], [str(L) for L in lengths],
+            "context length (tokens)", "needle depth", "passkey retrieval accuracy")
+    return md + [""]
+
+
+def _kv_lookup_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
+                    r: dict[str, Any]) -> list[str]:
+    kv = incontext.kv_lookup(ck.model, ck.tokenizer, opts.kv_pairs, max(opts.trials, 10), opts.seed, opts.progress)
+    r["kv_lookup"] = kv
+    line_plot(out / "kv_lookup.png", kv["pairs"], {"accuracy": kv["accuracy"], "chance": kv["chance"]},
+              "key-value pairs", "accuracy", "in-context key-value lookup", logx=True)
+    return ["## In-context key-value lookup", "", "| pairs | " + " | ".join(map(str, kv["pairs"])) + " |",
+            "|---|" + "---|" * len(kv["pairs"]),
+            "| accuracy | " + " | ".join(f"{a:.2f}" for a in kv["accuracy"]) + " |", ""]
+
+
+def _fewshot_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
+                  r: dict[str, Any]) -> list[str]:
+    md: list[str] = []
+    series = {}
+    for task in ("parity", "modular_arithmetic"):
+        fs = incontext.fewshot(ck.model, ck.tokenizer, task, opts.fewshot_lengths, opts.shots,
+                               max(opts.trials, 10), opts.seed, opts.progress)
+        r[f"fewshot_{task}"] = fs
+        series[f"{task} (chance {fs['chance']:.2f})"] = fs["accuracy"]
+        md += [f"## Few-shot {task} ({opts.shots} shots)", "",
+               "| length | " + " | ".join(map(str, fs["lengths"])) + " |", "|---|" + "---|" * len(fs["lengths"]),
+               "| accuracy | " + " | ".join(f"{a:.2f}" for a in fs["accuracy"]) + " |", ""]
+    line_plot(out / "fewshot.png", opts.fewshot_lengths, series, "length", "accuracy", "few-shot state tracking")
+    return md
+
+
+PARTS = {"lm": _lm_part, "passkey": _passkey_part, "kv_lookup": _kv_lookup_part, "fewshot": _fewshot_part}

@@ -15,8 +15,10 @@ rank 0 writes the report.
 
 ``--time-limit SECONDS`` bounds the whole call: each run gets an equal share of the time
 left, stops training early so it can still be scored, and is marked "stopped by time
-limit"; runs with no time left are not started. The result files are rewritten
-atomically after every run, so a call killed from outside keeps the runs it finished.
+limit"; runs with no time left are not started. The checkpoint suites check the limit
+between their parts (lm, passkey, kv_lookup, fewshot): parts not started in time are skipped
+and listed under ``not_started``. The result files are rewritten atomically after every run
+or part, so a call killed from outside keeps what it finished.
 """
 from __future__ import annotations
 
@@ -108,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "run gets an equal share of the time left and stops training early to still be "
                         "scored and saved (marked 'stopped by time limit'); runs with no time left are not "
                         "started. A run always trains one step, so the call may end up to one step and "
-                        "one evaluation late")
+                        "one evaluation late. Checkpoint suites: the parts (lm, passkey, kv_lookup, fewshot) "
+                        "not started when the time is up are skipped and listed; a started part runs to its end")
     g = p.add_argument_group("conditions")
     g.add_argument("--train-lengths", type=_range, default=None, help="state tracking: LO:HI, e.g. 3:40")
     g.add_argument("--test-lengths", type=_ints, default=None, help="state tracking: e.g. 40,128,256")
@@ -305,6 +308,7 @@ class _Report:
 
 
 def run_checkpoint(args: argparse.Namespace) -> dict:
+    deadline = time.monotonic() + args.time_limit if args.time_limit else None
     if not Path(args.model).exists() and "/" not in args.model and args.model in _presets():
         raise CheckpointError(f"suite {args.suite!r} evaluates trained weights: pass an exported checkpoint "
                               f"directory, not the preset {args.model!r}")
@@ -315,7 +319,7 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
                                  max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths, depths=args.depths,
                                  trials=args.trials, kv_pairs=args.kv_pairs, fewshot_lengths=args.fewshot_lengths,
                                  shots=args.shots, seed=args.seeds[0], progress=not args.no_progress)
-    return run_checkpoint_evals(ck, expand(args.suite), opts, Path(args.out))
+    return run_checkpoint_evals(ck, expand(args.suite), opts, Path(args.out), deadline)
 
 
 def _presets() -> list[str]:

@@ -182,3 +182,41 @@ def test_checkpoint_suites_refuse_presets_missing_paths_and_missing_text(exporte
     assert "needs --text FILE and/or --heldout" in capsys.readouterr().err
     assert main([str(out), "--suite", "lm,parity", "--out", str(tmp_path / "d")]) == 2
     assert "separate calls" in capsys.readouterr().err
+
+
+def test_checkpoint_parts_are_saved_as_they_finish_and_skipped_after_the_time_limit(exported, tmp_path,
+                                                                                     monkeypatch) -> None:
+    """results.json is rewritten after every part (a killed call keeps them); with
+    --time-limit, parts not started in time are listed, not run. The clock jumps past the
+    limit while kv_lookup runs, so fewshot is skipped."""
+    import types
+
+    from evals import checkpoint_eval
+
+    out, text_file, _ = exported
+    res_dir = tmp_path / "res"
+    clock = {"now": 0.0}
+    seen: dict[str, dict] = {}
+    fake_time = types.SimpleNamespace(time=lambda: 0.0, monotonic=lambda: clock["now"])
+    monkeypatch.setattr(checkpoint_eval, "time", fake_time)
+    monkeypatch.setattr("evals.cli.time", fake_time)
+    real_kv = checkpoint_eval.PARTS["kv_lookup"]
+
+    def kv_then_time_is_up(*args):
+        seen["before_kv"] = json.loads((res_dir / "results.json").read_text())
+        clock["now"] = 1000.0
+        return real_kv(*args)
+
+    monkeypatch.setitem(checkpoint_eval.PARTS, "kv_lookup", kv_then_time_is_up)
+    rc = main([str(out), "--suite", "checkpoint", "--text", str(text_file), "--out", str(res_dir), "--no-progress",
+               "--extrapolation-factor", "2", "--passkey-lengths", "64", "--depths", "0", "--trials", "1",
+               "--kv-pairs", "2", "--device", "cpu", "--time-limit", "600"])
+    assert rc == 0
+    before = seen["before_kv"]  # what a kill during kv_lookup would have left
+    assert before["complete"] is False and sorted(before["results"]) == ["length_extrapolation", "lm", "passkey"]
+    data = json.loads((res_dir / "results.json").read_text())
+    assert data["complete"] is True and data["not_started"] == ["fewshot"]
+    assert "kv_lookup" in data["results"] and not any(k.startswith("fewshot") for k in data["results"])
+    md = (res_dir / "results.md").read_text()
+    assert "Not started (time limit): fewshot." in md and "key-value lookup" in md
+    assert not (res_dir / "fewshot.png").exists() and not list(res_dir.glob("*.tmp"))
