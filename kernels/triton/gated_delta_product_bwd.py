@@ -20,7 +20,37 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gated_delta_product_common import _sum_combine, chunk_gates, chunk_scores
+from .gated_delta_product_common import (_sum_combine, chunk_gates, chunk_masks, chunk_scores, chunk_span,
+                                         load_tile, store_tile)
+
+
+@triton.jit
+def v_block(v0, row, rm, h, H: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """V block v0.. of a per-chunk gradient kernel's loop over V: (cv, vm: its columns and
+    their mask, rv: the [BC, BV] mask, v_off: offsets into a [*, H, V] sub-step tensor)."""
+    cv = v0 + tl.arange(0, BV)
+    vm = cv < V
+    rv = rm[:, None] & vm[None, :]
+    v_off = row[:, None] * (H * V) + h * V + cv[None, :]
+    return cv, vm, rv, v_off
+
+
+@triton.jit
+def load_inverse(t_ptr, row, rm, h, H: tl.constexpr, BC: tl.constexpr):
+    """The chunk's T = (I + A)^-1 as the forward's prep kernel stored it, in fp32."""
+    return tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + tl.arange(0, BC)[None, :], mask=rm[:, None],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC: tl.constexpr):
+    """The V half of [W | U] = T diag(beta) [K e^cum | V] on one V block: stores dv and
+    returns dA and dbeta with the block's shares added."""
+    drv = tl.dot(tl.trans(tinv), ddb, input_precision=PREC)   # dRhs for the V part
+    tl.store(dv_ptr + v_off, (drv * bb[:, None]).to(dv_ptr.dtype.element_ty), mask=rv)
+    dA -= tl.dot(drv, tl.trans(ub), input_precision=PREC)
+    db += tl.reduce(drv * vb, 1, _sum_combine)
+    return dA, db
 
 
 @triton.jit
@@ -32,21 +62,15 @@ def gdp_dd_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dd_ptr, chunk_ptr, scale,
     ic = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
-    tok0 = tl.load(chunk_ptr + 2 * ic)
-    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    tok0, ntok = chunk_span(chunk_ptr, ic)
     i = tl.arange(0, BC)
     cv = iv * BV + tl.arange(0, BV)
     vm = cv < V
-    rm = i < ntok * N_H
-    last = rm & (i % N_H == N_H - 1)
-    row = (tok0 * N_H + i).to(tl.int64)
-    tok = (tok0 + i // N_H).to(tl.int64)
-    dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
-                  mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
+    rm, last, row, tok = chunk_masks(i, tok0, ntok, N_H)
+    dob = load_tile(do_ptr, tok, last, cv, vm, h, H, V)
     _, P, _ = chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H, K, N_H, BC, BK, HAS_G, PREC)
     dd = tl.dot(tl.trans(P), dob, input_precision=PREC) * scale
-    tl.store(dd_ptr + row[:, None] * (H * V) + h * V + cv[None, :], dd.to(dd_ptr.dtype.element_ty),
-             mask=rm[:, None] & vm[None, :])
+    store_tile(dd_ptr, dd, row, rm, cv, vm, h, H, V)
 
 
 @triton.jit
@@ -60,6 +84,7 @@ def gdp_dh_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dd_ptr, dht_ptr, chunk_ptr
 
     Writes dhs[c] = gradient of chunk c's leaving state, completes dd in place, and dh0.
     """
+    # written out, no chunk or tile helpers: their calls change ptxas' code (see _common)
     n = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
@@ -118,17 +143,14 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
     """Per-chunk gradients of q, k, v, beta and g (loops over V blocks, all of K)."""
     ic = tl.program_id(0)
     h = tl.program_id(1)
-    tok0 = tl.load(chunk_ptr + 2 * ic)
-    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    tok0, ntok = chunk_span(chunk_ptr, ic)
     i = tl.arange(0, BC)
     ck = tl.arange(0, BK)
     km = ck < K
-    rm = i < ntok * N_H
-    last = rm & (i % N_H == N_H - 1)
-    row = (tok0 * N_H + i).to(tl.int64)
-    tok = (tok0 + i // N_H).to(tl.int64)
+    rm, last, row, tok = chunk_masks(i, tok0, ntok, N_H)
     rk = rm[:, None] & km[None, :]
     k_off = row[:, None] * (H * K) + h * K + ck[None, :]
+    # written out (q and T loads): a helper call here changes ptxas' code (see _common)
     qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
                  mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
     kb = tl.load(k_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
@@ -147,10 +169,8 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
     dtot = tl.full([BK, BV], 0.0, tl.float32)  # S0 * dH, summed at the end
     s_base = tl.cast(ic, tl.int64) * (H * K * V) + h * (K * V)
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        vm = cv < V
-        rv = rm[:, None] & vm[None, :]
-        v_off = row[:, None] * (H * V) + h * V + cv[None, :]
+        cv, vm, rv, v_off = v_block(v0, row, rm, h, H, V, BV)
+        # written out (S0, dH and dO loads): a helper call here changes ptxas' code (see _common)
         s_off = s_base + ck[:, None] * V + cv[None, :]
         sm = km[:, None] & vm[None, :]
         S0 = tl.load(hs_ptr + s_off, mask=sm, other=0.0).to(tl.float32)
@@ -166,10 +186,7 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
         dw -= tl.dot(ddb, tl.trans(S0), input_precision=PREC)
         dkr += tl.dot(db_, tl.trans(dH), input_precision=PREC)
         dtot += S0 * dH
-        drv = tl.dot(tl.trans(tinv), ddb, input_precision=PREC)   # dRhs for the V part
-        tl.store(dv_ptr + v_off, (drv * bb[:, None]).to(dv_ptr.dtype.element_ty), mask=rv)
-        dA -= tl.dot(drv, tl.trans(ub), input_precision=PREC)
-        db += tl.reduce(drv * vb, 1, _sum_combine)
+        dA, db = v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC)
     dqg = dqg * scale
     dP = dP * scale
 
@@ -240,15 +257,11 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
     ic = tl.program_id(0)
     h = tl.program_id(1)
     j = tl.program_id(2)
-    tok0 = tl.load(chunk_ptr + 2 * ic)
-    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    tok0, ntok = chunk_span(chunk_ptr, ic)
     i = tl.arange(0, BC)
     ck = j * BK + tl.arange(0, BK)
     km = ck < K
-    rm = i < ntok * N_H
-    last = rm & (i % N_H == N_H - 1)
-    row = (tok0 * N_H + i).to(tl.int64)
-    tok = (tok0 + i // N_H).to(tl.int64)
+    rm, last, row, tok = chunk_masks(i, tok0, ntok, N_H)
 
     dqg = tl.full([BC, BK], 0.0, tl.float32)   # d(q e^cum), without scale
     dw = tl.full([BC, BK], 0.0, tl.float32)
@@ -256,6 +269,7 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
     dtot = tl.full([BK], 0.0, tl.float32)      # S0 * dH summed over V
     s_base = tl.cast(ic, tl.int64) * (H * K * V) + h * (K * V)
     for v0 in range(0, V, BV):
+        # written out: a helper call here changes ptxas' code (see _common)
         cv = v0 + tl.arange(0, BV)
         vm = cv < V
         rv = rm[:, None] & vm[None, :]
@@ -266,8 +280,7 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
         dH = tl.load(dhs_ptr + s_off, mask=sm, other=0.0).to(tl.float32)
         db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
-        dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
-                      mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        dob = load_tile(do_ptr, tok, last, cv, vm, h, H, V)
         dqg += tl.dot(dob, tl.trans(S0), input_precision=PREC)
         dw -= tl.dot(ddb, tl.trans(S0), input_precision=PREC)
         dkr += tl.dot(db_, tl.trans(dH), input_precision=PREC)
@@ -280,8 +293,7 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
     kb = tl.load(k_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
     wb = tl.load(w_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
     bb = tl.load(beta_ptr + row * H + h, mask=rm, other=0.0).to(tl.float32)
-    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None],
-                   other=0.0).to(tl.float32)
+    tinv = load_inverse(t_ptr, row, rm, h, H, BC)
     _, cum, rest, _, _ = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
     e_cum = tl.exp(cum)
     e_rest = tl.exp(rest)
@@ -298,8 +310,7 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
     red = red_ptr + slot * (4 * BC) + i
     tl.store(red, tl.reduce(drk * kg, 1, _sum_combine))
     if HAS_G:
-        qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
-                     mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
+        qb = load_tile(q_ptr, tok, last, ck, km, h, H, K)
         dcum = tl.reduce(dqg * qb * e_cum[:, None], 1, _sum_combine) + tl.reduce(dkg * kg, 1, _sum_combine)
         tl.store(red + BC, dcum)
         tl.store(red + 2 * BC, tl.reduce(dkr * kb * e_rest[:, None], 1, _sum_combine))
@@ -320,6 +331,7 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
     """
     ic = tl.program_id(0)
     h = tl.program_id(1)
+    # written out: a helper call here changes ptxas' code (see _common)
     tok0 = tl.load(chunk_ptr + 2 * ic)
     ntok = tl.load(chunk_ptr + 2 * ic + 1)
     i = tl.arange(0, BC)
@@ -328,28 +340,20 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
     row = (tok0 * N_H + i).to(tl.int64)
     tok = (tok0 + i // N_H).to(tl.int64)
     bb = tl.load(beta_ptr + row * H + h, mask=rm, other=0.0).to(tl.float32)
-    tinv = tl.load(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], mask=rm[:, None],
-                   other=0.0).to(tl.float32)
+    tinv = load_inverse(t_ptr, row, rm, h, H, BC)
 
     dP = tl.full([BC, BC], 0.0, tl.float32)    # d(P), without scale
     dA = tl.full([BC, BC], 0.0, tl.float32)
     db = tl.full([BC], 0.0, tl.float32)
     for v0 in range(0, V, BV):
-        cv = v0 + tl.arange(0, BV)
-        vm = cv < V
-        rv = rm[:, None] & vm[None, :]
-        v_off = row[:, None] * (H * V) + h * V + cv[None, :]
+        cv, vm, rv, v_off = v_block(v0, row, rm, h, H, V, BV)
         db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         ub = tl.load(u_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         vb = tl.load(v_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
-        dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
-                      mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
+        dob = load_tile(do_ptr, tok, last, cv, vm, h, H, V)
         dP += tl.dot(dob, tl.trans(db_), input_precision=PREC)
-        drv = tl.dot(tl.trans(tinv), ddb, input_precision=PREC)   # dRhs for the V part
-        tl.store(dv_ptr + v_off, (drv * bb[:, None]).to(dv_ptr.dtype.element_ty), mask=rv)
-        dA -= tl.dot(drv, tl.trans(ub), input_precision=PREC)
-        db += tl.reduce(drv * vb, 1, _sum_combine)
+        dA, db = v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC)
 
     slot0 = (tl.cast(ic, tl.int64) * H + h) * ((K + BK - 1) // BK)
     dcum = tl.full([BC], 0.0, tl.float32)
@@ -377,12 +381,10 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
     for k0 in range(0, K, BK):
         ck = k0 + tl.arange(0, BK)
         km = ck < K
-        kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
-                     mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        kb = load_tile(k_ptr, row, rm, ck, km, h, H, K)
         kk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
         if HAS_G:
-            qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
-                         mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
+            qb = load_tile(q_ptr, tok, last, ck, km, h, H, K)
             qk += tl.dot(qb, tl.trans(kb), input_precision=PREC)
     db += tl.reduce(dA * kk * E, 1, _sum_combine)
     tl.store(dbeta_ptr + row * H + h, db.to(dbeta_ptr.dtype.element_ty), mask=rm)

@@ -1,4 +1,4 @@
-"""Shared pieces of the Gated DeltaProduct Triton kernels: chunk layout and gate spans.
+"""Shared pieces of the Gated DeltaProduct Triton kernels: chunk layout, tile access and gate spans.
 
 The n_h Householder steps of a token are n_h consecutive *sub-steps*: k, v and beta are
 read as ``[T*n_h, H, ...]`` (their natural memory layout), a token's gate sits on its
@@ -27,8 +27,48 @@ INV_BLOCK = 16  # diagonal block of the chunk's triangular inverse (CHUNK_ROWS <
 # re-import these modules under the interpreter); with this combiner the interpreter
 # still takes its fast numpy path. Helpers are inlined where they would sit in loops:
 # each jit call costs milliseconds in the interpreter.
-__all__ = ["_sum_combine", "chunk_gates", "chunk_scores", "chunk_layout", "dot_precision", "inverse_precision",
-           "CHUNK_ROWS", "INV_BLOCK"]
+#
+# Some kernels write out what the tile helpers below do (marked "written out"). An inlined
+# call yields the same PTX instructions, but its debug scope adds labels that ptxas
+# schedules and allocates registers around; where a call changed a kernel's SASS for some
+# launch of bench/kernel_resources.py's GDP cases, the kernel keeps the code written out.
+__all__ = ["_sum_combine", "load_tile", "store_tile", "chunk_span", "chunk_masks", "chunk_gates",
+           "chunk_scores", "chunk_layout", "dot_precision", "inverse_precision", "CHUNK_ROWS", "INV_BLOCK"]
+
+
+@triton.jit
+def load_tile(ptr, rows, rmask, cols, cmask, h, H: tl.constexpr, W: tl.constexpr):
+    """Tile [rows, cols] of head h of a [*, H, W] tensor, in fp32 (0 where masked)."""
+    return tl.load(ptr + rows[:, None] * (H * W) + h * W + cols[None, :],
+                   mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, x, rows, rmask, cols, cmask, h, H: tl.constexpr, W: tl.constexpr):
+    """Store x at tile [rows, cols] of head h of a [*, H, W] tensor, cast to its dtype."""
+    tl.store(ptr + rows[:, None] * (H * W) + h * W + cols[None, :], x.to(ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def chunk_span(chunk_ptr, ic):
+    """(first token, token count) of chunk ic, from the [NC, 2] chunk table."""
+    return tl.load(chunk_ptr + 2 * ic), tl.load(chunk_ptr + 2 * ic + 1)
+
+
+@triton.jit
+def chunk_masks(i, tok0, ntok, N_H: tl.constexpr):
+    """Where tile rows i (tl.arange(0, BC)) of a chunk (ntok tokens from tok0) read and write.
+
+    Returns (rm: the row is a sub-step of the chunk, last: it is its token's last sub-step,
+    row: its index into the sub-step tensors k, v, beta, tok: its token, the index into q,
+    g, o); row and tok are int64.
+    """
+    rm = i < ntok * N_H
+    last = rm & (i % N_H == N_H - 1)
+    row = (tok0 * N_H + i).to(tl.int64)
+    tok = (tok0 + i // N_H).to(tl.int64)
+    return rm, last, row, tok
 
 
 @triton.jit
@@ -68,14 +108,9 @@ def chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H: tl.constexpr, K: tl.cons
     i = tl.arange(0, BC)
     ck = tl.arange(0, BK)
     km = ck < K
-    rm = i < ntok * N_H
-    last = rm & (i % N_H == N_H - 1)
-    row = (tok0 * N_H + i).to(tl.int64)
-    tok = (tok0 + i // N_H).to(tl.int64)
-    qb = tl.load(q_ptr + tok[:, None] * (H * K) + h * K + ck[None, :],
-                 mask=last[:, None] & km[None, :], other=0.0).to(tl.float32)
-    kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
-                 mask=rm[:, None] & km[None, :], other=0.0).to(tl.float32)
+    rm, last, row, tok = chunk_masks(i, tok0, ntok, N_H)
+    qb = load_tile(q_ptr, tok, last, ck, km, h, H, K)
+    kb = load_tile(k_ptr, row, rm, ck, km, h, H, K)
     _, cum, _, _, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
     causal = i[:, None] >= i[None, :]
     P = tl.dot(qb, tl.trans(kb), input_precision=PREC)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .gated_delta_product_common import _sum_combine, chunk_gates, chunk_scores
+from .gated_delta_product_common import (_sum_combine, chunk_gates, chunk_masks, chunk_scores, chunk_span,
+                                         load_tile, store_tile)
 
 
 @triton.jit
@@ -66,14 +67,13 @@ def gdp_prep_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, chunk_ptr, w_ptr, u_ptr, t_pt
                     INV_PREC: tl.constexpr):
     ic = tl.program_id(0)
     h = tl.program_id(1)
-    tok0 = tl.load(chunk_ptr + 2 * ic)
-    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    tok0, ntok = chunk_span(chunk_ptr, ic)
     nrows = ntok * N_H
     i = tl.arange(0, BC)
     ck = tl.arange(0, BK)
     cv = tl.arange(0, BVF)
-    rm = i < nrows
-    row = (tok0 * N_H + i).to(tl.int64)
+    rm, _, row, _ = chunk_masks(i, tok0, ntok, N_H)
+    # written out: a helper call here changes ptxas' code (see _common)
     kb = tl.load(k_ptr + row[:, None] * (H * K) + h * K + ck[None, :],
                  mask=rm[:, None] & (ck < K)[None, :], other=0.0).to(tl.float32)
     vb = tl.load(v_ptr + row[:, None] * (H * V) + h * V + cv[None, :],
@@ -87,10 +87,8 @@ def gdp_prep_kernel(k_ptr, v_ptr, beta_ptr, g_ptr, chunk_ptr, w_ptr, u_ptr, t_pt
     kg = kb * (bb * tl.exp(cum))[:, None]
     w = tl.dot(inv, kg, input_precision=PREC)
     u = tl.dot(inv, vb * bb[:, None], input_precision=PREC)
-    tl.store(w_ptr + row[:, None] * (H * K) + h * K + ck[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=rm[:, None] & (ck < K)[None, :])
-    tl.store(u_ptr + row[:, None] * (H * V) + h * V + cv[None, :], u.to(u_ptr.dtype.element_ty),
-             mask=rm[:, None] & (cv < V)[None, :])
+    store_tile(w_ptr, w, row, rm, ck, ck < K, h, H, K)
+    store_tile(u_ptr, u, row, rm, cv, cv < V, h, H, V)
     if STORE_T:
         tl.store(t_ptr + row[:, None] * (H * BC) + h * BC + i[None, :], inv.to(t_ptr.dtype.element_ty),
                  mask=rm[:, None])
@@ -103,6 +101,7 @@ def gdp_state_kernel(k_ptr, g_ptr, w_ptr, u_ptr, h0_ptr, chunk_ptr, seq_chunk_pt
                      BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
                      PREC: tl.constexpr):
+    # written out, no chunk or tile helpers: their calls change ptxas' code (see _common)
     n = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
@@ -150,23 +149,17 @@ def gdp_output_kernel(q_ptr, k_ptr, g_ptr, hs_ptr, d_ptr, o_ptr, chunk_ptr, scal
     ic = tl.program_id(0)
     h = tl.program_id(1)
     iv = tl.program_id(2)
-    tok0 = tl.load(chunk_ptr + 2 * ic)
-    ntok = tl.load(chunk_ptr + 2 * ic + 1)
+    tok0, ntok = chunk_span(chunk_ptr, ic)
     i = tl.arange(0, BC)
     ck = tl.arange(0, BK)
     cv = iv * BV + tl.arange(0, BV)
     km = ck < K
     vm = cv < V
-    rm = i < ntok * N_H
-    last = rm & (i % N_H == N_H - 1)
-    row = (tok0 * N_H + i).to(tl.int64)
-    tok = (tok0 + i // N_H).to(tl.int64)
+    rm, last, row, tok = chunk_masks(i, tok0, ntok, N_H)
     qb, P, cum = chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H, K, N_H, BC, BK, HAS_G, PREC)
     S = tl.load(hs_ptr + tl.cast(ic, tl.int64) * (H * K * V) + h * (K * V) + ck[:, None] * V + cv[None, :],
                 mask=km[:, None] & vm[None, :], other=0.0).to(tl.float32)
-    d = tl.load(d_ptr + row[:, None] * (H * V) + h * V + cv[None, :],
-                mask=rm[:, None] & vm[None, :], other=0.0).to(tl.float32)
+    d = load_tile(d_ptr, row, rm, cv, vm, h, H, V)
     o = tl.dot(qb * tl.exp(cum)[:, None], S, input_precision=PREC) + tl.dot(P, d, input_precision=PREC)
     o = o * scale
-    tl.store(o_ptr + tok[:, None] * (H * V) + h * V + cv[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=last[:, None] & vm[None, :])
+    store_tile(o_ptr, o, tok, last, cv, vm, h, H, V)
