@@ -55,6 +55,10 @@ class ParallelConfig:
                 f"pipeline_stages: {self.pipeline_stages} stages need parallel.zero_stage=1 (DeepSpeed's "
                 f"pipeline engine shards only the optimizer state; got {self.zero_stage}): set zero_stage=1, "
                 "or pipeline_stages=1 for ZeRO-2/3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(
+                "offload_optimizer: true needs parallel.zero_stage >= 1 (DeepSpeed offloads the ZeRO "
+                "optimizer partitions, which ZeRO-0 has not): set zero_stage=1, or offload_optimizer=false")
 
 
 @dataclass

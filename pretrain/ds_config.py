@@ -29,9 +29,7 @@ def deepspeed_config(cfg: RunConfig, dp_world: int) -> dict[str, Any]:
     p = cfg.parallel
     gas = grad_accum_steps(cfg, dp_world)
     zero: dict[str, Any] = {"stage": p.zero_stage}
-    if p.offload_optimizer:
-        if p.zero_stage == 0:
-            raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+    if p.offload_optimizer:  # ZeRO >= 1 (ParallelConfig.check); torch's AdamW steps on the host copy
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if p.zero_stage >= 1:
         zero.update(contiguous_gradients=True, overlap_comm=p.zero_stage == 2 and p.pipeline_stages == 1,

@@ -3,9 +3,17 @@ step 1 after an hour in the queue.
 
 Model states (bytes per parameter, mixed precision with fp32 master weights, ZeRO paper
 accounting): weights 2 (bf16) or 4 (fp32); gradients the same; optimizer 12 (fp32 master
-+ Adam m, v) or 8 in pure fp32. ZeRO-1 shards the optimizer over the data-parallel ranks,
-ZeRO-2 also the gradients, ZeRO-3 also the weights; pipeline stages divide all of them;
-``offload_optimizer`` moves the optimizer to host memory.
++ Adam m, v). In pure fp32 the optimizer is 8 (Adam m, v) for ZeRO-0 and ZeRO-3, which step
+the weights themselves, but 12 for ZeRO-1/2, whose optimizer steps its own fp32 copy of the
+partition. ZeRO-1 shards the optimizer over the data-parallel ranks, ZeRO-2 also the
+gradients, ZeRO-3 also the weights; pipeline stages divide all of them.
+
+``offload_optimizer`` moves the optimizer off the GPU into host memory, where DeepSpeed
+keeps per rank: the fp32 master partition and Adam's m, v (12), the partition's fp32
+gradient (4) and, for ZeRO-1/2, a weight-precision copy for the upload (2 or 4) and, with
+gradient accumulation, the partition's gradients accumulated between micro-batches (2 or 4).
+The GPU keeps the weights and gradients as without offload (pessimistic: ZeRO-1/2 free a
+gradient once it is copied to the host).
 
 Activations (bytes per token per layer): every tensor a block keeps for its backward is an
 output of a projection (their widths are read off the model), plus a few ``d_model``-wide
@@ -35,6 +43,7 @@ class MemoryEstimate:
     optimizer_gb: float
     activations_gb: float
     budget_gb: float
+    host_optimizer_gb: float = 0.0  # offloaded optimizer state per rank, in host memory
 
     @property
     def total_gb(self) -> float:
@@ -45,8 +54,10 @@ class MemoryEstimate:
         return self.total_gb <= self.budget_gb
 
     def describe(self) -> str:
+        optimizer = (f"optimizer offloaded ({self.host_optimizer_gb:.1f} GB host memory per rank)"
+                     if self.host_optimizer_gb else f"optimizer {self.optimizer_gb:.1f} GB")
         return (f"estimated memory per GPU ({self.world_size} rank(s)): weights {self.weights_gb:.1f} GB, "
-                f"gradients {self.grads_gb:.1f} GB, optimizer {self.optimizer_gb:.1f} GB, activations "
+                f"gradients {self.grads_gb:.1f} GB, {optimizer}, activations "
                 f"{self.activations_gb:.1f} GB = {self.total_gb:.1f} GB of {self.budget_gb:.0f} GB")
 
 
@@ -57,6 +68,20 @@ def block_activation_width(model: nn.Module, d_model: int) -> int:
     return 2 * width + 6 * d_model
 
 
+def optimizer_bytes_per_param(cfg: RunConfig, grad_accum: int) -> tuple[int, int]:
+    """(GPU, host) bytes per parameter of the optimizer state, before sharding (see the top)."""
+    p = cfg.parallel
+    half = p.precision in ("bf16", "fp16")
+    elem = 2 if half else 4
+    state = 12 if half or p.zero_stage in (1, 2) else 8
+    if not p.offload_optimizer:
+        return state, 0
+    host = 12 + 4  # fp32 master + Adam m, v; the fp32 gradient partition
+    if p.zero_stage in (1, 2):
+        host += elem + (elem if grad_accum > 1 else 0)
+    return 0, host
+
+
 def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEstimate:
     p = cfg.parallel
     world = world_size or p.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
@@ -65,12 +90,14 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEsti
     model = build_model(cfg.model, device="meta")
     n = sum(t.numel() for t in model.parameters())
     half = p.precision in ("bf16", "fp16")
-    w_b, g_b, o_b = (2, 2, 12) if half else (4, 4, 8)
-    weights = n * w_b / pp / (dp if p.zero_stage >= 3 else 1)
-    grads = n * g_b / pp / (dp if p.zero_stage >= 2 else 1)
-    optim = 0.0 if p.offload_optimizer else n * o_b / pp / (dp if p.zero_stage >= 1 else 1)
+    elem = 2 if half else 4  # bytes of a weight, a gradient and an activation
+    weights = n * elem / pp / (dp if p.zero_stage >= 3 else 1)
+    grads = n * elem / pp / (dp if p.zero_stage >= 2 else 1)
+    gas = max(p.global_batch_size // (p.micro_batch_size * dp), 1)
+    o_gpu, o_host = optimizer_bytes_per_param(cfg, gas)
+    shard = pp * (dp if p.zero_stage >= 1 else 1)
+    optim, host = n * o_gpu / shard, n * o_host / shard
     tokens = p.micro_batch_size * cfg.data.seq_len
-    elem = 2 if half else 4
     per_layer = block_activation_width(model, cfg.model.d_model) * elem
     layers = max(cfg.model.n_layers // pp, 1)
     if p.activation_checkpointing:
@@ -81,4 +108,5 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEsti
     act *= pp if pp > 1 else 1
     act += tokens * 8 * cfg.model.vocab_size
     gb = 2**30
-    return MemoryEstimate(n, world, weights / gb, grads / gb, optim / gb, act / gb, p.gpu_memory_gb)
+    return MemoryEstimate(n, world, weights / gb, grads / gb, optim / gb, act / gb, p.gpu_memory_gb,
+                          host / gb)

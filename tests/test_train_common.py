@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -47,6 +48,22 @@ def run_config(tmp: Path, ckpt_dir: str = "ckpt", **over) -> dict:
     return cfg
 
 
+def small_lm(n_layers: int = 2) -> dict:
+    """The distributed tests' model: a pure GatedDeltaProduct stack over the 512-token vocabulary."""
+    return {"vocab_size": 512, "d_model": 32, "n_layers": n_layers, "pattern": "D",
+            "deltaproduct": {"num_heads": 2, "head_dim": 16}}
+
+
+def train_in_process(raw: dict, expected: str) -> None:
+    """Train from a raw config dict in this (rank) process; the run must end with ``expected``."""
+    from pretrain.config import RunConfig
+    from pretrain.config_loader import build_dataclass
+    from pretrain.trainer import train
+
+    result = train(build_dataclass(RunConfig, raw))
+    assert result.status == expected, (raw["checkpoint"]["dir"], result)
+
+
 def write_config(tmp: Path, name: str = "run.yaml", **over) -> Path:
     path = tmp / name
     path.write_text(yaml.safe_dump(run_config(tmp, **over)))
@@ -60,6 +77,37 @@ def env(rank: int = 0, world: int = 1, port: int | None = None) -> dict[str, str
              PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", DS_ACCELERATOR="cpu",
              LINRNN_TEST_DATA=data_path())
     return e
+
+
+def spawn_ranks(script: str, args: list[str], world: int, log_dir: Path, timeout: float = 420) -> str:
+    """Run ``script args`` as ranks 0..world-1 of one gloo job; returns rank 0's output.
+
+    Output goes to ``log_dir/rank<r>.log`` (kept for a post-mortem). A rank that fails stops
+    the others at once: they would otherwise wait for it in a collective until the timeout,
+    and the failure would show a timeout instead of the failing rank's traceback.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    logs = [log_dir / f"rank{r}.log" for r in range(world)]
+    procs = []
+    for r, log in enumerate(logs):
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, script, *args], env=env(r, world, port),
+                                          stdout=f, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    while None in (codes := [p.poll() for p in procs]):
+        if any(c not in (None, 0) for c in codes) or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.2)
+    codes = [p.wait() for p in procs]
+    outs = [log.read_text(errors="replace") for log in logs]
+    timed_out = " (timed out: killed)" if time.monotonic() > deadline else ""
+    assert codes == [0] * world, f"{script} {' '.join(args)}: ranks exited with {codes}{timed_out}" + "".join(
+        f"\n--- rank {r} ---\n{o[-4000:]}" for r, o in enumerate(outs))
+    return outs[0]
 
 
 def train_cli(config: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:

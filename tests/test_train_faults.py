@@ -145,3 +145,22 @@ def test_export_round_trip(tmp_path, reference):
         assert torch.equal(model(ids), direct(ids))
     again = export_checkpoint(root / "step_00000006", tmp_path / "again")
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_a_failing_rank_stops_the_multi_process_job_with_its_traceback(tmp_path):
+    """The distributed tests' launcher: when one rank dies, the others (which would wait for
+    it in a collective) are killed at once and the failure shows the dead rank's output."""
+    from test_train_common import spawn_ranks
+
+    script = tmp_path / "job.py"
+    script.write_text("import os, time\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    raise SystemExit('rank 1 broke')\n"
+                      "print('rank 0 waiting', flush=True)\n"
+                      "time.sleep(600)\n")
+    with pytest.raises(AssertionError) as failure:
+        spawn_ranks(str(script), [], 2, tmp_path / "logs", timeout=300)
+    message = str(failure.value)
+    assert "ranks exited with [-9, 1]" in message and "timed out" not in message
+    assert "rank 1 broke" in message and "rank 0 waiting" in message
+    assert "rank 1 broke" in (tmp_path / "logs" / "rank1.log").read_text()

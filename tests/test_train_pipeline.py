@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,14 +37,13 @@ VAL_SEQUENCES = 5  # 3 micro-batches of 2, 2 and 1: 2 replicas (one pads), 4 rep
 
 
 def _raw(tmp: Path, ck: str, pipeline: bool, **over) -> dict:
-    from test_train_common import run_config
+    from test_train_common import run_config, small_lm
 
     raw = run_config(tmp, ckpt_dir=ck, **{"max_steps": 5, "parallel.global_batch_size": 8, "data.job_id": ck,
                                          "parallel.pipeline_stages": 2 if pipeline else 1,
                                          "parallel.activation_checkpointing": pipeline,
                                          "eval.every_steps": 5, "eval.val_sequences": VAL_SEQUENCES, **over})
-    raw["model"] = {"vocab_size": 512, "d_model": 32, "n_layers": 3, "pattern": "D",
-                    "deltaproduct": {"num_heads": 2, "head_dim": 16}}
+    raw["model"] = small_lm(3)
     return raw
 
 
@@ -73,16 +71,9 @@ def _driver(tmp: Path, ranks: int) -> None:
 
 
 def _spawn(tmp: Path, ranks: int) -> str:
-    from pretrain.distributed import free_port
-    from test_train_common import env
+    from test_train_common import spawn_ranks
 
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp), str(ranks)], env=env(rank, ranks, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(ranks)]
-    outs = [p.communicate(timeout=420)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * ranks, "".join(o[-3000:] for o in outs)
-    return outs[0]
+    return spawn_ranks(__file__, [str(tmp), str(ranks)], ranks, tmp / "rank_logs" / str(ranks))
 
 
 @pytest.mark.distributed

@@ -24,7 +24,6 @@ logs and checkpoints.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,23 +38,19 @@ VAL_SEQUENCES = 5  # 3 micro-batches of 2, 2 and 1: on 2 ranks one replica pads 
 
 
 def _raw(tmp: Path, stage: int, ck: str, job: str) -> dict:
-    from test_train_common import run_config
+    from test_train_common import run_config, small_lm
 
     raw = run_config(tmp, ckpt_dir=ck, **{"parallel.zero_stage": stage, "max_steps": 5,
                                          "parallel.global_batch_size": 8, "data.job_id": job,
                                          "eval.every_steps": 5, "eval.val_sequences": VAL_SEQUENCES})
-    raw["model"] = {"vocab_size": 512, "d_model": 32, "n_layers": 2, "pattern": "D",
-                    "deltaproduct": {"num_heads": 2, "head_dim": 16}}
+    raw["model"] = small_lm()
     return raw
 
 
 def _train(raw: dict, expected: str) -> None:
-    from pretrain.config import RunConfig
-    from pretrain.config_loader import build_dataclass
-    from pretrain.trainer import train
+    from test_train_common import train_in_process
 
-    result = train(build_dataclass(RunConfig, raw))
-    assert result.status == expected, (raw["checkpoint"]["dir"], result)
+    train_in_process(raw, expected)
 
 
 def _driver(tmp: Path, mode: str) -> None:
@@ -83,16 +78,9 @@ def _driver(tmp: Path, mode: str) -> None:
 
 
 def _spawn(tmp: Path, mode: str, world: int) -> str:
-    from pretrain.distributed import free_port
-    from test_train_common import env
+    from test_train_common import spawn_ranks
 
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(tmp), mode], env=env(rank, world, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in range(world)]
-    outs = [p.communicate(timeout=420)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * world, "\n".join(o[-4000:] for o in outs)
-    return outs[0]
+    return spawn_ranks(__file__, [str(tmp), mode], world, tmp / "rank_logs" / mode)
 
 
 def _assert_same_steps(run: Path, ref: Path, steps: list[int]) -> None:
