@@ -56,6 +56,14 @@ def test_packed_rows_equal_separate_documents(lm: LanguageModel) -> None:
     assert not torch.allclose(packed[0], lm(ids)[0], atol=1e-3)  # documents did interact unpacked
 
 
+def test_mixers_refuse_a_cache_together_with_packed_documents(lm: LanguageModel) -> None:
+    x = torch.randn(1, 6, lm.config.d_model)
+    cu = cu_seqlens_from_lengths([[2, 4]], 6)
+    for block, cache in zip(lm.blocks, lm.init_cache(1)):
+        with pytest.raises(ValueError, match="pass either cache .decoding. or cu_seqlens .packed training., not both"):
+            block.mixer(x, cu_seqlens=cu, cache=cache)
+
+
 def test_generate_greedy_is_argmax_continuation(lm: LanguageModel) -> None:
     prompt = torch.randint(0, lm.config.vocab_size, (2, 4))
     out = lm.generate(prompt, max_new_tokens=6, temperature=0.0)

@@ -8,7 +8,8 @@
   the first and last stage;
 * elastic: its step-4 checkpoint resumes on 2 ranks (2 stages x 1 data-parallel, through
   the universal checkpoint): step 5 reads the same samples, with the same loss, fp32
-  master weights and validation loss as on 4 ranks up to summation order;
+  master weights and validation loss as on 4 ranks up to summation order; and the other
+  way, a 2-rank run's step-4 checkpoint resumes on 4 ranks (2 stages x 2 data-parallel);
 * validation measures the same held-out sequences with 1, 2 or 4 data-parallel replicas:
   the pipelined and the data-parallel run agree at steps 0 and 5;
 * the export reads the fp32 master weights from the stages' optimizer partitions: equal to
@@ -17,8 +18,9 @@
   back to those module files and warns;
 * a non-finite loss is skipped by every stage alike.
 
-Two spawns (4 ranks run every 4-rank job, then 2 ranks the elastic resume), so DeepSpeed is
-imported once per rank; the test compares the JSONL logs and checkpoints.
+Three spawns (4 ranks run every 4-rank job, 2 ranks the shrinking resume and the 2-rank
+reference, 4 ranks the growing resume), so DeepSpeed is imported once per rank and spawn;
+the test compares the JSONL logs and checkpoints.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def _raw(tmp: Path, ck: str, pipeline: bool, **over) -> dict:
     return raw
 
 
-def _driver(tmp: Path, ranks: int) -> None:
+def _driver(tmp: Path, mode: str) -> None:
     from pretrain.config import RunConfig
     from pretrain.config_loader import build_dataclass
     from pretrain.trainer import train
@@ -57,8 +59,10 @@ def _driver(tmp: Path, ranks: int) -> None:
             ("pp-cut", True, {"faults": {"preempt_at_step": STOP_AT}}, "preempted"), ("pp-cut", True, {}, "done"),
             ("pp-nan", True, {"faults": {"nan_loss_steps": [1]}, "max_steps": 3}, "done"),
             ("pp-bf16", True, {"parallel": {"precision": "bf16"}, "max_steps": 2, "eval": {"every_steps": 0}}, "done")]
-    if ranks == 2:
-        runs = [("pp-elastic", True, {}, "done")]  # resumes the copy of pp-ref's step-4 checkpoint
+    if mode == "two":  # 2 ranks: pp-ref's step-4 checkpoint resumed, and the reference of the growth
+        runs = [("pp-elastic", True, {}, "done"), ("pp-two", True, {}, "done")]
+    elif mode == "grow":  # 4 ranks again: pp-two's step-4 checkpoint resumed
+        runs = [("pp-grow", True, {}, "done")]
     for ck, pipeline, extra, expected in runs:
         raw = _raw(tmp, ck, pipeline)
         for key, value in extra.items():
@@ -70,10 +74,10 @@ def _driver(tmp: Path, ranks: int) -> None:
         assert result.status == expected, (ck, result)
 
 
-def _spawn(tmp: Path, ranks: int) -> str:
+def _spawn(tmp: Path, ranks: int, mode: str) -> str:
     from test_train_common import spawn_ranks
 
-    return spawn_ranks(__file__, [str(tmp), str(ranks)], ranks, tmp / "rank_logs" / str(ranks))
+    return spawn_ranks(__file__, [str(tmp), mode], ranks, tmp / "rank_logs" / mode)
 
 
 @pytest.mark.distributed
@@ -83,11 +87,14 @@ def test_pipeline_resume_is_exact_elastic_and_matches_data_parallel(tmp_path):
     from pretrain.run_log import read_metrics
     from test_train_common import losses
 
-    out = _spawn(tmp_path, RANKS)
+    out = _spawn(tmp_path, RANKS, "four")
     assert "2 pipeline stages x 2 data-parallel" in out
     shutil.copytree(ckpt.step_dir(tmp_path / "pp-ref", ELASTIC_AT), ckpt.step_dir(tmp_path / "pp-elastic", ELASTIC_AT))
-    out = _spawn(tmp_path, 2)
+    out = _spawn(tmp_path, 2, "two")
     assert "elastic resume: 4 -> 2 ranks (2 pipeline stages x 1 data-parallel)" in out
+    shutil.copytree(ckpt.step_dir(tmp_path / "pp-two", ELASTIC_AT), ckpt.step_dir(tmp_path / "pp-grow", ELASTIC_AT))
+    out = _spawn(tmp_path, RANKS, "grow")
+    assert "elastic resume: 2 -> 4 ranks (2 pipeline stages x 2 data-parallel)" in out
 
     ref, cut = losses(tmp_path / "pp-ref"), losses(tmp_path / "pp-cut")
     assert sorted(ref) == [1, 2, 3, 4, 5] and cut == ref
@@ -114,6 +121,7 @@ def test_pipeline_resume_is_exact_elastic_and_matches_data_parallel(tmp_path):
         torch.testing.assert_close(p, dp_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
     _check_elastic(tmp_path)
+    _check_continues(tmp_path / "pp-grow", tmp_path / "pp-two")
     _check_master_export(tmp_path)
 
     nan_log = tmp_path / "pp-nan" / "logs" / "metrics.jsonl"
@@ -122,21 +130,20 @@ def test_pipeline_resume_is_exact_elastic_and_matches_data_parallel(tmp_path):
     assert [r["step"] for r in trained] == [1, 3] and trained[0]["loss"] == ref[1]
 
 
-def _check_elastic(tmp: Path) -> None:
-    """pp-elastic: pp-ref's step-4 checkpoint resumed on 2 ranks, against pp-ref's step 5."""
+def _check_continues(run: Path, ref: Path) -> None:
+    """``run`` resumed ``ref``'s step-4 checkpoint on another number of ranks: its step 5
+    reads the same samples with the same loss, validation loss and fp32 master weights."""
     from pretrain import checkpoint as ckpt
-    from pretrain.export import consolidated_state_dict, model_config_from
-    from pretrain.pipeline import pipeline_param_to_lm
+    from pretrain.export import consolidated_state_dict
     from pretrain.run_log import read_metrics
 
-    run, ref = tmp / "pp-elastic", tmp / "pp-ref"
     assert [r["step"] for r in read_metrics(run / "logs" / "metrics.jsonl", "resume")] == [ELASTIC_AT]
     got = read_metrics(run / "logs" / "metrics.jsonl")
     want = {r["step"]: r for r in read_metrics(ref / "logs" / "metrics.jsonl")}
     assert [r["step"] for r in got] == [ELASTIC_AT + 1]
     assert got[0]["data_fingerprint"] == want[ELASTIC_AT + 1]["data_fingerprint"]  # nothing repeated or skipped
     assert got[0]["loss"] == pytest.approx(want[ELASTIC_AT + 1]["loss"], rel=1e-5)
-    (val,) = read_metrics(run / "logs" / "metrics.jsonl", "val")  # the same sequences on 1 replica as on 2
+    (val,) = read_metrics(run / "logs" / "metrics.jsonl", "val")  # the same sequences on any replica count
     assert val["step"] == ELASTIC_AT + 1
     assert val["loss"] == pytest.approx(read_metrics(ref / "logs" / "metrics.jsonl", "val")[-1]["loss"], rel=1e-5)
     a, b = (consolidated_state_dict(ckpt.step_dir(r, ELASTIC_AT + 1)) for r in (run, ref))
@@ -144,6 +151,15 @@ def _check_elastic(tmp: Path) -> None:
     for k in a:  # one Adam step with a wrong moment or step count would move weights by >= 1e-5
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
+
+def _check_elastic(tmp: Path) -> None:
+    """pp-elastic: pp-ref's step-4 checkpoint resumed on 2 ranks, against pp-ref's step 5."""
+    from pretrain import checkpoint as ckpt
+    from pretrain.export import consolidated_state_dict, model_config_from
+    from pretrain.pipeline import pipeline_param_to_lm
+
+    run = tmp / "pp-elastic"
+    _check_continues(run, tmp / "pp-ref")
     # DeepSpeed's universal conversion of the step-4 checkpoint holds the same fp32 masters as the
     # export's own assembly; the tied weight came from the first stage only (declared replicated)
     step = ckpt.step_dir(run, ELASTIC_AT)
@@ -193,4 +209,4 @@ def _check_master_export(tmp: Path) -> None:
 
 
 if __name__ == "__main__":
-    _driver(Path(sys.argv[1]), int(sys.argv[2]))
+    _driver(Path(sys.argv[1]), sys.argv[2])

@@ -34,3 +34,10 @@ class Mixer(Protocol):
     def step(self, x: torch.Tensor, cache: MixerCache) -> torch.Tensor:
         """One token: ``x`` is ``[B, d_model]``; returns ``[B, d_model]``."""
         ...
+
+
+def check_cache_or_packed(mixer: str, cache: MixerCache | None, cu_seqlens: torch.Tensor | None) -> None:
+    """A cache continues one stream per row; packed documents restart state inside a row:
+    the two cannot be combined in one call."""
+    if cache is not None and cu_seqlens is not None:
+        raise ValueError(f"{mixer}: pass either cache (decoding) or cu_seqlens (packed training), not both")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import kernels
 
 from ..model_config import ModelConfig
-from .base import MixerCache
+from .base import MixerCache, check_cache_or_packed
 from .layers import GatedRMSNorm, RMSNorm, ShortConvolution
 
 
@@ -103,8 +103,7 @@ class GatedDeltaProduct(nn.Module):
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
                 cache: MixerCache | None = None) -> torch.Tensor:
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("GatedDeltaProduct: pass either cache (decoding) or cu_seqlens (packed), not both")
+        check_cache_or_packed("GatedDeltaProduct", cache, cu_seqlens)
         B, T, _ = x.shape
         H, K, V, n_h = self.num_heads, self.head_k, self.head_v, self.n_h
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

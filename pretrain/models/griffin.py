@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import kernels
 
 from ..model_config import ModelConfig
-from .base import MixerCache
+from .base import MixerCache, check_cache_or_packed
 from .layers import ShortConvolution
 
 RGLRU_C = 8.0
@@ -152,8 +152,7 @@ class RGLRUBlock(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: MixerCache | None = None,
     ) -> torch.Tensor:
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("rglru: pass either cache (decoding) or cu_seqlens (packed training), not both")
+        check_cache_or_packed("rglru", cache, cu_seqlens)
         y_branch = F.gelu(self.linear_y(x), approximate="tanh")
         xb = self.conv(self.linear_x(x), cu_seqlens=cu_seqlens, cache=cache)
         reset = reset_mask(x.shape[0], x.shape[1], x.device, cu_seqlens=cu_seqlens,

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model_config import ModelConfig
-from .base import MixerCache
+from .base import MixerCache, check_cache_or_packed
 
 _PAD_DOC, _EMPTY_DOC = -2, -1  # doc ids of block padding and of not-yet-filled cache slots
 
@@ -119,8 +119,7 @@ class LocalAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: MixerCache | None = None,
     ) -> torch.Tensor:
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("local_attention: pass either cache (decoding) or cu_seqlens (packed training), not both")
+        check_cache_or_packed("local_attention", cache, cu_seqlens)
         Bsz, T, _ = x.shape
         start = cache["pos"] if cache is not None else None
         q_doc, pos = self._doc_and_pos(x, cu_seqlens, start)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import kernels
 
 from ..model_config import ModelConfig
-from .base import MixerCache
+from .base import MixerCache, check_cache_or_packed
 from .layers import RMSNorm, ShortConvolution
 
 
@@ -104,8 +104,7 @@ class Mamba2(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: MixerCache | None = None,
     ) -> torch.Tensor:
-        if cache is not None and cu_seqlens is not None:
-            raise ValueError("mamba2: pass either cache (decoding) or cu_seqlens (packed training), not both")
+        check_cache_or_packed("mamba2", cache, cu_seqlens)
         Bsz, T, _ = x.shape
         z, xBC, dt_raw = self._split(self.in_proj(x))
         if self.conv is not None:
