@@ -13,6 +13,8 @@ limit (shared memory, registers); spills are only flagged.
     python bench/kernel_resources.py --fp32          # plus fp32 twins (~25 min more)
     python bench/kernel_resources.py --ops ssd --quick
     python bench/kernel_resources.py --num-stages 2  # what a launch option change would give
+    python bench/kernel_resources.py --ops gated_delta_product --sass > before.txt
+                                                     # digests of the machine code: diff two trees
 """
 from __future__ import annotations
 
@@ -167,18 +169,20 @@ def kernel_config(launch: aot.Launch) -> str:
     return " ".join(blocks + flags)
 
 
-def measure(launch: aot.Launch, **options) -> dict:
-    """Compile one launch; a row with its resources, or with the compiler's error."""
+def measure(launch: aot.Launch, sass: bool = False, **options) -> dict:
+    """Compile one launch; a row with its resources (and SASS digest), or the compiler's error."""
     t0 = time.perf_counter()
     try:
-        res = aot.resources(aot.compile_launch(launch, **options))
+        compiled = aot.compile_launch(launch, **options)
+        res = aot.resources(compiled)
+        digest = aot.sass_digest(compiled) if sass else None
     except Exception as e:  # noqa: BLE001 - the report shows any compiler failure
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return {"error": f"{type(e).__name__}: {first}"[:200], "seconds": time.perf_counter() - t0}
-    return {"res": res, "seconds": time.perf_counter() - t0}
+    return {"res": res, "sass": digest, "seconds": time.perf_counter() - t0}
 
 
-def rows_for(cases: list[Case], **options) -> list[dict]:
+def rows_for(cases: list[Case], sass: bool = False, **options) -> list[dict]:
     """One row per distinct kernel launch of the cases (a launch repeated by a later case
     is compiled once, under the first)."""
     rows, seen = [], set()
@@ -189,7 +193,7 @@ def rows_for(cases: list[Case], **options) -> list[dict]:
                 continue
             seen.add(key)
             row = {"kernel": launch.kernel, "case": case.label, "config": kernel_config(launch)}
-            row.update(measure(launch, **options))
+            row.update(measure(launch, sass, **options))
             rows.append(row)
             print(_format_row(row), flush=True)
     return rows
@@ -205,8 +209,9 @@ def _format_row(row: dict) -> str:
         return head + f"{'-':>4} {'-':>11} {'-':>7} {'-':>5} {'-':>3} {row['seconds']:>5.1f}  FAIL {row['error']}"
     r: aot.Resources = row["res"]
     spill = f"{r.spill_stores}/{r.spill_loads}"
+    notes = r.warnings() + ([f"sass={row['sass']}"] if row.get("sass") else [])
     return (head + f"{r.registers:>4} {spill:>11} {r.shared:>7} {r.num_warps:>5} {r.num_stages:>3} "
-            f"{row['seconds']:>5.1f}  {' '.join(r.warnings())}")
+            f"{row['seconds']:>5.1f}  {' '.join(notes)}")
 
 
 def is_hard_failure(row: dict) -> bool:
@@ -224,6 +229,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-stages", type=int, default=None,
                    help="override every launch's num_stages (what-if; the wrappers' choice otherwise)")
     p.add_argument("--num-warps", type=int, default=None, help="override every launch's num_warps")
+    p.add_argument("--sass", action="store_true",
+                   help="add a digest of each launch's SASS (no line info): equal digests in two trees = the "
+                        "same machine code, e.g. after refactoring kernel code")
     return p.parse_args(argv)
 
 
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     torch.manual_seed(0)
     cases = [c for c in (quick_grid() if args.quick else full_grid(args.fp32)) if c.op in ops]
-    rows = rows_for(cases, **options)
+    rows = rows_for(cases, args.sass, **options)
     bad = [r for r in rows if is_hard_failure(r)]
     spills = [r for r in rows if "res" in r and "SPILL" in r["res"].warnings()]
     print(f"{len(rows)} kernels compiled; {len(bad)} cannot launch on sm_90; {len(spills)} spill; "

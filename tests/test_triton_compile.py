@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import re
 
 import pytest
 import torch
@@ -175,12 +176,24 @@ def test_kernels_compile_and_fit_sm90(name, recorded):
 
 @needs_ptxas
 def test_bench_cli_prints_a_row_per_kernel(capsys):
-    assert kr.main(["--ops", "linear_recurrence", "--quick"]) == 0
+    assert kr.main(["--ops", "linear_recurrence", "--quick", "--sass"]) == 0
     out = capsys.readouterr().out
     assert "ptxas sm_90a" in out and "not timed" in out
     rows = [line for line in out.splitlines() if line.startswith("_lr_")]
     assert [r.split()[0] for r in rows] == ["_lr_fwd_kernel", "_lr_bwd_kernel"]
     for row in rows:  # kernel, case "bf16 D=2048", config "BD=32 BT=64", registers (ptxas -v), ...
         assert "FAIL" not in row and 0 < int(row.split()[5]) <= aot.REGISTER_LIMIT
+        assert re.search(r"sass=[0-9a-f]{12}$", row)
     with pytest.raises(SystemExit, match="unknown op"):
         kr.main(["--ops", "nope"])
+
+
+@needs_ptxas
+def test_sass_digest_tells_machine_code_apart(recorded):
+    """Equal for the same launch compiled twice, different for another kernel or launch
+    option (the digest --sass prints to compare two source trees)."""
+    fwd, bwd = recorded["scan-bf16"][:2]
+    first = aot.sass_digest(aot.compile_launch(fwd))
+    assert len(first) == 12 and first == aot.sass_digest(aot.compile_launch(fwd))
+    assert first != aot.sass_digest(aot.compile_launch(bwd))
+    assert first != aot.sass_digest(aot.compile_launch(fwd, num_warps=8))

@@ -24,6 +24,7 @@ process that imported triton without TRITON_INTERPRET (see ``can_compile``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import re
@@ -227,6 +228,22 @@ def ptxas_path(capability: int = 90) -> str | None:
         return path
     except (ImportError, OSError, RuntimeError, subprocess.CalledProcessError):
         return None
+
+
+def sass_digest(compiled) -> str:
+    """Short hash of a compiled kernel's SASS without line information: two source trees
+    whose launches have the same digests run the same machine code (what a refactor of
+    kernel code should keep). Uses the nvdisasm that ships beside triton's ptxas."""
+    path = ptxas_path(compiled.metadata.target.arch)
+    nvdisasm = os.path.join(os.path.dirname(path), "nvdisasm") if path else ""
+    if not os.path.isfile(nvdisasm):
+        raise RuntimeError("nvdisasm is not available beside triton's ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([nvdisasm, "-c", cubin], check=True, capture_output=True, text=True).stdout
+    return hashlib.sha1(sass.encode()).hexdigest()[:12]
 
 
 _PTXAS_PATTERNS = {
