@@ -79,16 +79,35 @@ def env(rank: int = 0, world: int = 1, port: int | None = None) -> dict[str, str
     return e
 
 
+PORT_ATTEMPTS = 3  # free_port()'s port can be taken (as an ephemeral port) before rank 0 listens
+
+
 def spawn_ranks(script: str, args: list[str], world: int, log_dir: Path, timeout: float = 420) -> str:
     """Run ``script args`` as ranks 0..world-1 of one gloo job; returns rank 0's output.
 
     Output goes to ``log_dir/rank<r>.log`` (kept for a post-mortem). A rank that fails stops
     the others at once: they would otherwise wait for it in a collective until the timeout,
-    and the failure would show a timeout instead of the failing rank's traceback.
+    and the failure would show a timeout instead of the failing rank's traceback. A job
+    whose rendezvous port was taken (EADDRINUSE: nothing has run yet) starts again on a new
+    port, up to ``PORT_ATTEMPTS`` times.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        logs = [log_dir / f"rank{r}.log" if attempt == 1 else log_dir / f"rank{r}.try{attempt}.log"
+                for r in range(world)]
+        codes, timed_out = _run_ranks(script, args, world, logs, timeout)
+        outs = [log.read_text(errors="replace") for log in logs]
+        if codes == [0] * world or not any("EADDRINUSE" in o for o in outs):
+            break
+    note = " (timed out: killed)" if timed_out else ""
+    assert codes == [0] * world, f"{script} {' '.join(args)}: ranks exited with {codes}{note}" + "".join(
+        f"\n--- rank {r} ---\n{o[-4000:]}" for r, o in enumerate(outs))
+    return outs[0]
+
+
+def _run_ranks(script: str, args: list[str], world: int, logs: list[Path], timeout: float) -> tuple[list[int], bool]:
+    """One attempt of spawn_ranks: (exit codes, whether the timeout killed it)."""
     port = free_port()
-    logs = [log_dir / f"rank{r}.log" for r in range(world)]
     procs = []
     for r, log in enumerate(logs):
         with open(log, "w") as f:
@@ -102,12 +121,7 @@ def spawn_ranks(script: str, args: list[str], world: int, log_dir: Path, timeout
                     p.kill()
             break
         time.sleep(0.2)
-    codes = [p.wait() for p in procs]
-    outs = [log.read_text(errors="replace") for log in logs]
-    timed_out = " (timed out: killed)" if time.monotonic() > deadline else ""
-    assert codes == [0] * world, f"{script} {' '.join(args)}: ranks exited with {codes}{timed_out}" + "".join(
-        f"\n--- rank {r} ---\n{o[-4000:]}" for r, o in enumerate(outs))
-    return outs[0]
+    return [p.wait() for p in procs], time.monotonic() > deadline
 
 
 def train_cli(config: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -164,3 +164,20 @@ def test_a_failing_rank_stops_the_multi_process_job_with_its_traceback(tmp_path)
     assert "ranks exited with [-9, 1]" in message and "timed out" not in message
     assert "rank 1 broke" in message and "rank 0 waiting" in message
     assert "rank 1 broke" in (tmp_path / "logs" / "rank1.log").read_text()
+
+
+def test_a_job_whose_rendezvous_port_was_taken_starts_again(tmp_path):
+    """Rank 0 fails to listen on the first attempt (as torch's TCPStore reports it): the
+    launcher retries on a fresh port and the job then runs."""
+    from test_train_common import spawn_ranks
+
+    script = tmp_path / "job.py"
+    script.write_text("import os, pathlib, sys\n"
+                      f"marker = pathlib.Path({str(tmp_path / 'tried')!r})\n"
+                      "if os.environ['RANK'] == '0' and not marker.exists():\n"
+                      "    marker.touch()\n"
+                      "    sys.exit('The server socket has failed to listen: code: -98, name: EADDRINUSE')\n"
+                      "print('port', os.environ['MASTER_PORT'], flush=True)\n")
+    out = spawn_ranks(str(script), [], 2, tmp_path / "logs", timeout=120)
+    assert out.startswith("port ") and "EADDRINUSE" in (tmp_path / "logs" / "rank0.log").read_text()
+    assert (tmp_path / "logs" / "rank0.try2.log").read_text() == out
