@@ -118,9 +118,7 @@ def _kv_lookup_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: 
     r["kv_lookup"] = kv
     line_plot(out / "kv_lookup.png", kv["pairs"], {"accuracy": kv["accuracy"], "chance": kv["chance"]},
               "key-value pairs", "accuracy", "in-context key-value lookup", logx=True)
-    return ["## In-context key-value lookup", "", "| pairs | " + " | ".join(map(str, kv["pairs"])) + " |",
-            "|---|" + "---|" * len(kv["pairs"]),
-            "| accuracy | " + " | ".join(f"{a:.2f}" for a in kv["accuracy"]) + " |", ""]
+    return ["## In-context key-value lookup", "", *_accuracy_table("pairs", kv["pairs"], kv["accuracy"])]
 
 
 def _fewshot_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
@@ -133,10 +131,15 @@ def _fewshot_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: in
         r[f"fewshot_{task}"] = fs
         series[f"{task} (chance {fs['chance']:.2f})"] = fs["accuracy"]
         md += [f"## Few-shot {task} ({opts.shots} shots)", "",
-               "| length | " + " | ".join(map(str, fs["lengths"])) + " |", "|---|" + "---|" * len(fs["lengths"]),
-               "| accuracy | " + " | ".join(f"{a:.2f}" for a in fs["accuracy"]) + " |", ""]
+               *_accuracy_table("length", fs["lengths"], fs["accuracy"])]
     line_plot(out / "fewshot.png", opts.fewshot_lengths, series, "length", "accuracy", "few-shot state tracking")
     return md
+
+
+def _accuracy_table(name: str, columns: list, accuracy: list[float]) -> list[str]:
+    """A one-row Markdown table: accuracy under each column value (pairs, lengths)."""
+    return [f"| {name} | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns),
+            "| accuracy | " + " | ".join(f"{a:.2f}" for a in accuracy) + " |", ""]
 
 
 PARTS = {"lm": _lm_part, "passkey": _passkey_part, "kv_lookup": _kv_lookup_part, "fewshot": _fewshot_part}
