@@ -7,8 +7,8 @@
 
 Trains each preset on synthetic packed batches (random tokens, 2-3 documents per row, so
 the varlen paths run) with the same engine, optimizer and precision as ``linrnn-train``,
-and prints tokens/s per GPU, MFU by the per-mixer FLOP count of ``pretrain.flops`` and
-peak memory, after ``--warmup`` untimed steps (Triton autotuning, allocator warm-up). On a
+and prints tokens/s per GPU, MFU by the per-mixer FLOP count of ``pretrain.flops``, peak
+memory and the memory plan's estimate for the same layout (``pretrain.memory``), after ``--warmup`` untimed steps (Triton autotuning, allocator warm-up). On a
 CPU it runs too (use a ``-tiny`` preset); MFU is then not reported (no peak to compare).
 
 GatedDeltaProduct presets can also run with flash-linear-attention's kernel in place of
@@ -120,6 +120,7 @@ def bench_preset(preset: str, args: argparse.Namespace, kernel: str = "ours") ->
     from pretrain.dry_run import synthetic_batch
     from pretrain.engine import build_engine
     from pretrain.flops import device_peak_flops, flops_per_token
+    from pretrain.memory import estimate_memory
 
     cfg = load_config(None, [f"model.preset={preset}", f"data.seq_len={args.seq_len}",
                              f"parallel.micro_batch_size={args.micro_batch}",
@@ -164,6 +165,7 @@ def bench_preset(preset: str, args: argparse.Namespace, kernel: str = "ours") ->
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "tokens_per_s": round(tps, 1),
             "mfu": round(tps * flops / peak, 4) if peak else None, "peak_mem_gb": mem,
+            "plan_mem_gb": round(estimate_memory(cfg, world_size=1).total_gb, 2),
             "train_flops_per_token": flops, "final_loss": last}
 
 
@@ -198,14 +200,15 @@ def ratios(rows: list[dict]) -> dict[tuple[str, str], float]:
 
 def _cells(r: dict, ratio: float | None) -> list[str]:
     if "error" in r:
-        return [r["preset"], r["gdp_kernel"], "failed", "", "", r["error"][:60]]
+        return [r["preset"], r["gdp_kernel"], "failed", "", "", "", r["error"][:60]]
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
-    return [r["preset"], r["gdp_kernel"], f"{r['tokens_per_s']:.1f}", mfu, mem,
+    plan = "-" if r.get("plan_mem_gb") is None else f"{r['plan_mem_gb']:.1f}"
+    return [r["preset"], r["gdp_kernel"], f"{r['tokens_per_s']:.1f}", mfu, mem, plan,
             "" if ratio is None else f"{ratio:.3f}"]
 
 
-HEADER = ["preset", "kernel", "tokens/s/GPU", "MFU", "peak GiB", "ours/kernel"]
+HEADER = ["preset", "kernel", "tokens/s/GPU", "MFU", "peak GiB", "plan GiB", "ours/kernel"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -221,7 +224,7 @@ def write_results(path: str, rows: list[dict], args: argparse.Namespace) -> None
     rat = ratios(rows)
     lines = [f"\n## bench_train on {dev} ({args.precision}, seq {args.seq_len}, micro-batch "
              f"{args.micro_batch}, {args.steps} steps after {args.warmup} warm-up, ZeRO-{args.zero})\n",
-             "| " + " | ".join(HEADER) + " |", "|---|---|---:|---:|---:|---:|"]
+             "| " + " | ".join(HEADER) + " |", "|---|---|---:|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(_cells(r, rat.get((r["preset"], r["gdp_kernel"])))) + " |" for r in rows]
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")

@@ -15,19 +15,22 @@ gradient accumulation, the partition's gradients accumulated between micro-batch
 The GPU keeps the weights and gradients as without offload (pessimistic: ZeRO-1/2 free a
 gradient once it is copied to the host).
 
-Activations (bytes per token per layer): every tensor a block keeps for its backward is an
-output of a projection (their widths are read off the model), plus a few ``d_model``-wide
-tensors (norm inputs, residual, mixer/MLP outputs) -- times the element size and a factor 2
-for the activation-function inputs kept beside outputs. With activation checkpointing only
-each block's input is kept, plus one block's full set during its recomputation. The fp32
-logits and their gradient add ``8 V`` bytes per token. A rough, slightly pessimistic
-estimate: it ignores the chunked kernels' per-chunk states (small beside projections).
+Activations (bytes per token): every block says what it keeps for backward
+(``Block.activation_bytes_per_token``: projection outputs, kernel inputs, per-chunk scan
+states, attention's blocked keys/values and mask bias; the norms and gates keep only their
+half-precision inputs, ``pretrain/models/lean_autograd.py``), averaged over the stage's
+blocks so hybrid patterns count every mixer. ``tests/test_memory_activations.py`` holds this
+to within 5 % of what autograd really keeps for every family. With activation
+checkpointing only each block's input is kept, plus the largest block's full set during its
+recomputation. The final norm and head input add ``2 d_model`` elements and the fp32 logits
+and their gradient ``8 V`` bytes per token.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from .config import RunConfig
@@ -61,11 +64,31 @@ class MemoryEstimate:
                 f"{self.activations_gb:.1f} GB = {self.total_gb:.1f} GB of {self.budget_gb:.0f} GB")
 
 
-def block_activation_width(model: nn.Module, d_model: int) -> int:
-    """Elements per token one block keeps for its backward (projection outputs + d-wide)."""
-    block = model.blocks[0]
-    width = sum(m.out_features for m in block.modules() if isinstance(m, nn.Linear))
-    return 2 * width + 6 * d_model
+def block_activation_bytes(model: nn.Module, elem: int, seq_len: int) -> list[float]:
+    """Bytes per token each block keeps for its backward (without checkpointing)."""
+    return [block.activation_bytes_per_token(elem, seq_len) for block in model.blocks]
+
+
+def measured_activation_bytes(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward of ``module``.
+
+    Counts every tensor handed to autograd's saved-tensor hooks once per storage, leaving
+    out parameters: the ground truth the per-block estimates are tested against (run it
+    with the kernels' autograd functions, i.e. on a GPU or under ``TRITON_INTERPRET=1``
+    with ``LINRNN_KERNEL_BACKEND=triton``).
+    """
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs)
+    return sum(seen.values())
 
 
 def optimizer_bytes_per_param(cfg: RunConfig, grad_accum: int) -> tuple[int, int]:
@@ -98,15 +121,15 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEsti
     shard = pp * (dp if p.zero_stage >= 1 else 1)
     optim, host = n * o_gpu / shard, n * o_host / shard
     tokens = p.micro_batch_size * cfg.data.seq_len
-    per_layer = block_activation_width(model, cfg.model.d_model) * elem
+    per_block = block_activation_bytes(model, elem, cfg.data.seq_len)
     layers = max(cfg.model.n_layers // pp, 1)
     if p.activation_checkpointing:
-        act = tokens * (layers * cfg.model.d_model * elem + per_layer)
+        act = tokens * (layers * cfg.model.d_model * elem + max(per_block))
     else:
-        act = tokens * layers * per_layer
+        act = tokens * layers * sum(per_block) / len(per_block)
     # pipeline: the first stage holds up to pp micro-batches in flight (1F1B)
     act *= pp if pp > 1 else 1
-    act += tokens * 8 * cfg.model.vocab_size
+    act += tokens * (2 * cfg.model.d_model * elem + 8 * cfg.model.vocab_size)
     gb = 2**30
     return MemoryEstimate(n, world, weights / gb, grads / gb, optim / gb, act / gb, p.gpu_memory_gb,
                           host / gb)

@@ -285,18 +285,20 @@ def test_plan_runs_comparators_only_where_they_apply():
 
 
 def test_table_reports_ours_over_each_comparator():
-    row = dict(device="cpu", mfu=0.5, peak_mem_gb=10.0)
+    row = dict(device="cpu", mfu=0.5, peak_mem_gb=10.0, plan_mem_gb=9.5)
     rows = [dict(row, preset="p", gdp_kernel="ours", tokens_per_s=300.0),
             dict(row, preset="p", gdp_kernel="fla", tokens_per_s=200.0),
             dict(preset="p", gdp_kernel="fla_gdn", error="RuntimeError: x"),
-            dict(row, preset="m", gdp_kernel="ours", tokens_per_s=50.0, mfu=None, peak_mem_gb=None)]
+            dict(row, preset="m", gdp_kernel="ours", tokens_per_s=50.0, mfu=None, peak_mem_gb=None,
+                 plan_mem_gb=None)]
     assert bench_train.ratios(rows) == {("p", "fla"): 1.5}
     lines = bench_train.format_table(rows).splitlines()
-    assert lines[0].split() == ["preset", "kernel", "tokens/s/GPU", "MFU", "peak", "GiB", "ours/kernel"]
-    assert lines[1].split() == ["p", "ours", "300.0", "50.0%", "10.0"]
-    assert lines[2].split() == ["p", "fla", "200.0", "50.0%", "10.0", "1.500"]
+    assert lines[0].split() == ["preset", "kernel", "tokens/s/GPU", "MFU", "peak", "GiB", "plan", "GiB",
+                                "ours/kernel"]
+    assert lines[1].split() == ["p", "ours", "300.0", "50.0%", "10.0", "9.5"]
+    assert lines[2].split() == ["p", "fla", "200.0", "50.0%", "10.0", "9.5", "1.500"]
     assert lines[3].split()[:3] == ["p", "fla_gdn", "failed"]
-    assert lines[4].split() == ["m", "ours", "50.0", "-", "-"]
+    assert lines[4].split() == ["m", "ours", "50.0", "-", "-", "-"]
 
 
 def bench_env() -> dict[str, str]:
@@ -324,6 +326,7 @@ def test_bench_train_runs_end_to_end_on_cpu(tmp_path):
     row = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{")))
     assert row["preset"] == "gated_deltaproduct-tiny" and row["gdp_kernel"] == "ours"
     assert row["tokens_per_s"] > 0 and row["mfu"] is None and torch.isfinite(torch.tensor(row["final_loss"]))
+    assert row["plan_mem_gb"] > 0
     assert "tokens/s/GPU" in r.stdout
     assert "| gated_deltaproduct-tiny | ours |" in results.read_text()
 

@@ -53,7 +53,7 @@ def loop_reference(m: Mamba2, x: torch.Tensor) -> torch.Tensor:
                 y_t.append(h[hd] @ Cg + m.D[hd] * xh)
             out[b, t] = torch.cat(y_t)
     gated = (out * F.silu(z)).view(Bsz, T, G, -1)
-    normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + m.norm_eps)
+    normed = gated * torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + m.norm.eps)
     return normed.flatten(-2) * m.norm.weight @ m.out_proj.weight.T
 
 

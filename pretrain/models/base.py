@@ -35,6 +35,11 @@ class Mixer(Protocol):
         """One token: ``x`` is ``[B, d_model]``; returns ``[B, d_model]``."""
         ...
 
+    def activation_bytes_per_token(self, elem: int, seq_len: int) -> float:
+        """Bytes per token ``forward`` keeps for backward, input included (the memory plan;
+        ``tests/test_memory_activations.py`` checks it against autograd)."""
+        ...
+
 
 def check_cache_or_packed(mixer: str, cache: MixerCache | None, cu_seqlens: torch.Tensor | None) -> None:
     """A cache continues one stream per row; packed documents restart state inside a row:

@@ -46,6 +46,18 @@ class Block(nn.Module):
             x = x + self.mlp(self.mlp_norm(x))
         return x
 
+    def activation_bytes_per_token(self, elem: int, seq_len: int) -> float:
+        """Bytes per token this block keeps for backward without activation checkpointing.
+
+        Each norm keeps its input and an fp32 rstd; the mixer and MLP say what they keep
+        (their inputs included). ``elem`` is the activation element size (2 for bf16).
+        """
+        norm = elem * self.mixer_norm.weight.shape[0] + 4
+        total = norm + self.mixer.activation_bytes_per_token(elem, seq_len)
+        if self.mlp is not None:
+            total += norm + self.mlp.activation_bytes_per_token(elem)
+        return total
+
     def step(self, x: torch.Tensor, cache: MixerCache) -> torch.Tensor:
         """One token x [B, D]."""
         x = x + self.mixer.step(self.mixer_norm(x), cache)

@@ -18,11 +18,7 @@ import kernels
 from ..model_config import ModelConfig
 from .base import MixerCache, check_cache_or_packed
 from .layers import GatedRMSNorm, RMSNorm, ShortConvolution
-
-
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+from .lean_autograd import l2_normalize
 
 
 class GatedDeltaProduct(nn.Module):
@@ -77,6 +73,20 @@ class GatedDeltaProduct(nn.Module):
         u = torch.rand_like(self.dt_bias, dtype=torch.float32)
         dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp_min(floor)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def activation_bytes_per_token(self, elem: int, seq_len: int) -> float:
+        """Bytes per token kept for backward (``elem``: bytes of an activation element).
+
+        The input (shared by the projections); the q/k/v projections (the conv's input);
+        q, k after the L2 norm (also the kernel's q, k) and v; the o-norm's input and gate
+        and the output projection's input; beta (the sigmoid's fp32 output and the kernel's
+        copy); the log gate (3 fp32 tensors); fp32 rstds. The kernel keeps no chunk states.
+        """
+        H, K, V, n = self.num_heads, self.head_k, self.head_v, self.n_h
+        half = elem * (self.d_model + 2 * H * K * (1 + n) + 2 * n * H * V
+                       + H * V * (3 if self.use_output_gate else 2) + (n * H if elem != 4 else 0))
+        fp32 = 4 * (H * (1 + n) + n * H + H + (3 * H if self.use_forget_gate else 0))
+        return half + fp32
 
     # ------------------------------------------------------------------ shared pieces
 

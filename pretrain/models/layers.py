@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import kernels
 
 from .base import MixerCache
+from .lean_autograd import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -17,16 +18,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(RMSNorm):
-    """RMSNorm(x) * SiLU(gate), normalising over the last dim (per head when reshaped)."""
+    """RMSNorm(x) * SiLU(gate), normalising over the last dim (per head when reshaped).
+
+    With ``group`` and ``gate_first`` it is Mamba2's ``RMSNorm(x * SiLU(gate))`` normalised
+    over each group of ``group`` channels.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, group: int | None = None, gate_first: bool = False):
+        super().__init__(dim, eps)
+        self.group, self.gate_first = group or dim, gate_first
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return (super().forward(x).float() * F.silu(gate.float())).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, gate=gate, group=self.group, gate_first=self.gate_first)
 
 
 class ShortConvolution(nn.Module):

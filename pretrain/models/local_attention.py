@@ -61,6 +61,24 @@ class LocalAttention(nn.Module):
     def reset_mixer_parameters(self) -> None:
         """Nothing beyond the LM's generic Linear init: attention has no special parameters."""
 
+    def activation_bytes_per_token(self, elem: int, seq_len: int) -> float:
+        """Bytes per token kept for backward (``elem``: bytes of an activation element).
+
+        The input; attention's q, the blocked keys and values (each block of ``bs`` queries
+        sees ``span`` keys, repeated to every query head for MQA/GQA), its output and fp32
+        log-sum-exp, and the mask as an additive bias of ``span`` per query; RoPE's fp32
+        cos/sin; the output projection's input. Memory-efficient attention on a GPU keeps the
+        same set.
+        """
+        H, hd, w, T = self.num_heads, self.head_dim, self.window, max(seq_len, 1)
+        bs = min(w, T)
+        nb = -(-T // bs)
+        span = bs + (w - 1 if T > w else 0)
+        padded = nb * bs / T  # the last query block is padded to bs
+        copy = H * hd if nb * bs != T else 0  # the padded output is sliced, then copied for out_proj
+        half = elem * (self.d_model + padded * (2 * H * hd + span) + 2 * H * hd * nb * span / T + copy)
+        return half + 4 * (H * padded + hd)
+
     # ---------------------------------------------------------------- helpers
     def _doc_and_pos(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None,
                      start: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

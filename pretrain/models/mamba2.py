@@ -18,7 +18,10 @@ import kernels
 
 from ..model_config import ModelConfig
 from .base import MixerCache, check_cache_or_packed
-from .layers import RMSNorm, ShortConvolution
+from .layers import GatedRMSNorm, ShortConvolution
+
+
+SSD_STATE_EVERY = 64  # tokens per chunk state the Triton scan saves (kernels/triton/ssd.py SAVE_EVERY)
 
 
 class Mamba2(nn.Module):
@@ -45,7 +48,6 @@ class Mamba2(nn.Module):
         self.dt_limit = tuple(cfg.dt_limit)
         self.A_init_range = tuple(cfg.A_init_range)
         self.allow_neg_eigval = cfg.allow_neg_eigval
-        self.norm_eps = config.norm_eps
 
         self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
         self.in_proj = nn.Linear(self.d_model, self.d_inner + self.conv_dim + self.num_heads, bias=False)
@@ -56,7 +58,8 @@ class Mamba2(nn.Module):
         self.D = nn.Parameter(torch.empty(self.num_heads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # type: ignore[attr-defined]  # mamba_ssm's convention
-        self.norm = RMSNorm(self.d_inner, eps=config.norm_eps)
+        self.norm = GatedRMSNorm(self.d_inner, eps=config.norm_eps, group=self.d_inner // self.n_groups,
+                                 gate_first=True)
         self.out_proj = nn.Linear(self.d_inner, self.d_model, bias=False)
         self.reset_mixer_parameters()
 
@@ -75,6 +78,21 @@ class Mamba2(nn.Module):
         if self.conv is not None and self.conv.bias is not None:
             self.conv.bias.zero_()
 
+    def activation_bytes_per_token(self, elem: int, seq_len: int) -> float:
+        """Bytes per token kept for backward (``elem``: bytes of an activation element).
+
+        The input; the conv's input (x, B, C); z; the scan's copies of x, B, C; the scan
+        output and the output projection's input; dt (2 fp32); and the scan's fp32 chunk
+        states, one ``[H, P, N]`` per ``SSD_STATE_EVERY`` tokens plus one per sequence.
+        """
+        GN = self.n_groups * self.d_state
+        conv_in = self.conv_dim if self.conv is not None else self.d_inner + self.conv_dim + self.num_heads
+        half = elem * (self.d_model + conv_in + 4 * self.d_inner + 2 * GN)
+        dt = 2 + (1 if self.dt_limit[0] > 0.0 or self.dt_limit[1] < float("inf") else 0)
+        fp32 = 4 * (dt * self.num_heads + self.n_groups)
+        states = 4 * self.num_heads * self.head_dim * self.d_state * (1 / SSD_STATE_EVERY + 1 / max(seq_len, 1))
+        return half + fp32 + states
+
     # ---------------------------------------------------------------- helpers
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.num_heads], dim=-1)  # type: ignore[return-value]
@@ -90,11 +108,12 @@ class Mamba2(nn.Module):
         return -torch.exp(self.A_log.float())
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``RMSNorm(y * SiLU(z))`` over each group's channels, as in mamba_ssm (gate first)."""
-        g = y.float() * F.silu(z.float())
-        g = g.unflatten(-1, (self.n_groups, -1))
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        return (g.flatten(-2) * self.norm.weight.float()).to(y.dtype)
+        """``RMSNorm(y * SiLU(z))`` over each group's channels, as in mamba_ssm (gate first).
+
+        z is a slice of the input projection; a contiguous copy is saved for backward so the
+        whole projection output is not kept alive.
+        """
+        return self.norm(y, z.contiguous())
 
     # ---------------------------------------------------------------- forward
     def forward(

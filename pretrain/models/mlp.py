@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..model_config import ModelConfig
+from .lean_autograd import gated_activation
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -45,10 +45,14 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(config.d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, config.d_model, bias=False)
 
+    def activation_bytes_per_token(self, elem: int) -> float:
+        """The input, gate and up projections (the gated activation recomputes act(gate)) and
+        the down projection's input, ``elem`` bytes each."""
+        return elem * (self.gate_proj.in_features + 3 * self.gate_proj.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_proj(x)
-        act = F.silu(g) if self.mlp_type == "swiglu" else F.gelu(g, approximate="tanh")
-        return self.down_proj(act * self.up_proj(x))
+        kind = "silu" if self.mlp_type == "swiglu" else "gelu"
+        return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), kind))
 
 
 def build_mlp(config: ModelConfig) -> nn.Module | None:
