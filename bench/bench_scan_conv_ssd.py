@@ -1,10 +1,12 @@
-"""GPU benchmark of the Triton linear_recurrence, causal_conv1d and SSD kernels.
+"""GPU benchmark of the Triton linear_recurrence, causal_conv1d, SSD and RMSNorm kernels.
 
 Prints, per op: forward and forward+backward time, achieved GB/s (memory-bound scan and
 conv; with the GPU's measured copy bandwidth for the scan) or TFLOP/s (SSD, counting the
 chunked algorithm's matmuls), and ratios against the torch path of ``kernels`` and the
 public comparators when importable: flash-linear-attention (HGRN recurrence for the scan,
 chunk_simple_gla for SSD), mamba-ssm's mamba_chunk_scan_combined, Dao's causal_conv1d.
+rms_norm (GB/s) is the gated, grouped norm as Mamba2 calls it, against the torch path and
+the plain eager composition the models used before (``--norm-group`` channels per group).
 Needs only torch and triton to import; ``--results FILE`` appends a Markdown table.
 """
 from __future__ import annotations
@@ -34,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dstate", type=int, default=128, help="SSD N")
     p.add_argument("--groups", type=int, default=1, help="SSD groups of B/C")
     p.add_argument("--neg", action="store_true", help="SSD with allow_neg_eigval")
+    p.add_argument("--norm-group", type=int, default=None, help="rms_norm channels per group (default --dim)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference path")
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
@@ -127,6 +130,37 @@ def bench_causal_conv1d(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     return [r for r in rows if r]
 
 
+def _eager_gated_norm(x, w, z, group: int, eps: float = 1e-6):
+    """The plain composition (autograd keeps every fp32 intermediate): the eager baseline."""
+    u = (x.float() * torch.nn.functional.silu(z.float())).unflatten(-1, (-1, group))
+    return ((u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * w.float()).to(x.dtype)
+
+
+def bench_rms_norm(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    B, T, D = a.tokens // a.seqlen, a.seqlen, a.dim
+    group = a.norm_group or D
+    x = leaf(torch.randn(B, T, D, device="cuda", dtype=dtype))
+    z = leaf(torch.randn(B, T, D, device="cuda", dtype=dtype))
+    w = leaf(torch.ones(D, device="cuda", dtype=dtype))
+    esz = x.element_size()
+    fwd_bytes, bwd_bytes = 3 * x.numel() * esz, 5 * x.numel() * esz  # x,z->y ; x,z,dy->dx,dz
+
+    def norm(backend):
+        return lambda: kernels.rms_norm(x, w, gate=z, group=group, gate_first=True, backend=backend)
+
+    rows = [timed("triton", norm("triton"), [x, z, w])]
+    if not a.no_torch:
+        rows.append(timed("torch", norm("torch"), [x, z, w]))
+    rows.append(timed("eager composition", lambda: _eager_gated_norm(x, w, z, group), [x, z, w]))
+    for r in rows:
+        if r:
+            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
+            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
+    return [r for r in rows if r]
+
+
 def ssd_flops(T_total: int, H: int, P: int, N: int, L: int = 64) -> tuple[float, float]:
     """Matmul FLOPs of the chunked algorithm per token and head, chunk length L."""
     fwd = 2 * L * N + 2 * L * P + 4 * P * N
@@ -203,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, a.dtype)
     gpu = torch.cuda.get_device_name()
     lines = [f"## {gpu}, {a.dtype}, B*T = {a.tokens}, T = {a.seqlen}", ""]
-    funcs = dict(linear_recurrence=bench_linear_recurrence, causal_conv1d=bench_causal_conv1d, ssd=bench_ssd)
+    funcs = dict(linear_recurrence=bench_linear_recurrence, causal_conv1d=bench_causal_conv1d, ssd=bench_ssd,
+                 rms_norm=bench_rms_norm)
     for op in a.ops.split(","):
         print(f"{op}:")
         report(op, funcs[op](a, dtype), lines)

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
 from kernels.triton import aot  # noqa: E402
 
-OPS = ("gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d")
+OPS = ("gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d", "rms_norm")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Batch and length only shape the grids and integer arguments (multiples of 16, as in
 # training); 8 sequences make the scan's channel block what a B*T = 32K batch gets.
@@ -130,6 +130,22 @@ def conv_case(dtype: str, D: int, W: int = 4, *, with_state: bool = False) -> Ca
     return Case("causal_conv1d", f"{dtype} D={D} W={W}{' +state' if with_state else ''}", call)
 
 
+def norm_case(dtype: str, D: int, *, group: int | None = None, gated: bool = False,
+              gate_first: bool = False) -> Case:
+    """RMSNorm over ``BATCH * SEQLEN`` tokens (as the blocks' norms, GDP's per-head gated
+    o-norm and Mamba2's grouped gate-first norm use it)."""
+    dt = DTYPES[dtype]
+
+    def call() -> None:
+        x, w = _leaf(BATCH, SEQLEN, D, dtype=dt), _leaf(D, dtype=dt, shift=1.0)
+        gate = _leaf(BATCH, SEQLEN, D, dtype=dt) if gated else None
+        y = kernels.rms_norm(x, w, 1e-6, gate=gate, group=group, gate_first=gate_first, backend="triton")
+        _backward(y, None)
+
+    label = f"{dtype} D={D} group={group or D}{' gated' if gated else ''}{' gate-first' if gate_first else ''}"
+    return Case("rms_norm", label, call)
+
+
 def full_grid(fp32: bool = False) -> list[Case]:
     """Shapes of the issues' targets and the model presets (1.3B: GDP H=16 K=V=128, also
     with half intermediates; Mamba2 64 heads of P=64, N=128, conv over 4352 channels;
@@ -147,17 +163,20 @@ def full_grid(fp32: bool = False) -> list[Case]:
         scan_case("bf16", 2048, with_state=True),
         conv_case("bf16", 4352),
         conv_case("bf16", 2048, with_state=True),
+        norm_case("bf16", 2048),
+        norm_case("bf16", 2048, group=128, gated=True),
+        norm_case("bf16", 4096, gated=True, gate_first=True),
     ]
     if fp32:
         cases += [gdp_case("fp32", 128, 128, 2), ssd_case("fp32", 64, 128),
-                  scan_case("fp32", 2048), conv_case("fp32", 2048)]
+                  scan_case("fp32", 2048), conv_case("fp32", 2048), norm_case("fp32", 2048)]
     return cases
 
 
 def quick_grid() -> list[Case]:
     """One realistic bf16 case per op."""
     return [gdp_case("bf16", 128, 128, 2), ssd_case("bf16", 64, 128), scan_case("bf16", 2048),
-            conv_case("bf16", 4352)]
+            conv_case("bf16", 4352), norm_case("bf16", 2048, group=128, gated=True)]
 
 
 def kernel_config(launch: aot.Launch) -> str:

@@ -1,4 +1,4 @@
-"""The four public ops. Each validates its inputs once, then dispatches to a backend.
+"""The public ops. Each validates its inputs once, then dispatches to a backend.
 
 Signatures are stable: the Triton kernels implement exactly these. The torch backend is
 the chunked reference (fast enough to train tiny models on a CPU); the naive per-token
@@ -12,6 +12,7 @@ from .dispatch import resolve_backend, triton_impl
 from .reference import causal_conv1d as _conv_ref
 from .reference import gated_delta_product as _gdp_ref
 from .reference import linear_recurrence as _lr_ref
+from .reference import rms_norm as _norm_ref
 from .reference import ssd as _ssd_ref
 from .varlen import check_cu_seqlens
 
@@ -170,3 +171,31 @@ def causal_conv1d(
     if resolve_backend(op, backend, x) == "triton":
         return triton_impl(op)(x, weight, bias, **kwargs)
     return _conv_ref.chunk_causal_conv1d(x, weight, bias, **kwargs)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    gate: torch.Tensor | None = None,
+    group: int | None = None,
+    gate_first: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """RMSNorm of ``x [..., D]`` over each group of ``group`` channels (default D), times
+    ``weight [D]``, in fp32, returned in x's dtype. With ``gate`` (x's shape):
+    ``norm(x) * silu(gate)``, or ``norm(x * silu(gate))`` with ``gate_first`` (Mamba2).
+    Backward keeps x, gate and an fp32 rstd per row, nothing else."""
+    op = "rms_norm"
+    D = x.shape[-1]
+    group = group or D
+    if tuple(weight.shape) != (D,):
+        raise ValueError(f"{op}: weight must have shape [{D}] (x's last dim), got {list(weight.shape)}")
+    if D % group:
+        raise ValueError(f"{op}: group {group} must divide the last dim {D}")
+    if gate is not None and gate.shape != x.shape:
+        raise ValueError(f"{op}: gate must have x's shape {list(x.shape)}, got {list(gate.shape)}")
+    if resolve_backend(op, backend, x) == "triton":
+        return triton_impl(op)(x, weight, eps, gate, group, gate_first)
+    return _norm_ref.rms_norm(x, weight, eps, gate, group, gate_first)

@@ -56,6 +56,8 @@ CASES = {
     "scan-fp32-state": (kr.scan_case("fp32", 256, with_state=True), ()),
     "conv-bf16-state": (kr.conv_case("bf16", 256, with_state=True), ()),
     "conv-fp32": (kr.conv_case("fp32", 256), ()),
+    "norm-bf16-gate-first": (kr.norm_case("bf16", 96, group=32, gated=True, gate_first=True), ()),
+    "norm-fp32": (kr.norm_case("fp32", 256), ()),
 }
 
 

@@ -19,3 +19,7 @@ try:
     from . import gated_delta_product  # noqa: F401
 except ImportError:
     pass
+try:
+    from . import rms_norm  # noqa: F401
+except ImportError:
+    pass
