@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton linear_recurrence, causal_conv1d, SSD and RMSNorm kernels.
+"""GPU benchmark of the Triton linear_recurrence, causal_conv1d, SSD, RMSNorm and gated-activation kernels.
 
 Prints, per op: forward and forward+backward time, achieved GB/s (memory-bound scan and
 conv; with the GPU's measured copy bandwidth for the scan) or TFLOP/s (SSD, counting the
@@ -6,7 +6,9 @@ chunked algorithm's matmuls), and ratios against the torch path of ``kernels`` a
 public comparators when importable: flash-linear-attention (HGRN recurrence for the scan,
 chunk_simple_gla for SSD), mamba-ssm's mamba_chunk_scan_combined, Dao's causal_conv1d.
 rms_norm (GB/s) is the gated, grouped norm as Mamba2 calls it, against the torch path and
-the plain eager composition the models used before (``--norm-group`` channels per group).
+the plain eager composition the models used before (``--norm-group`` channels per group);
+gated_activation (GB/s) is SwiGLU's ``silu(gate) * up`` at ``--hidden`` channels, against the
+torch path and ``F.silu(gate) * up``.
 Needs only torch and triton to import; ``--results FILE`` appends a Markdown table.
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--groups", type=int, default=1, help="SSD groups of B/C")
     p.add_argument("--neg", action="store_true", help="SSD with allow_neg_eigval")
     p.add_argument("--norm-group", type=int, default=None, help="rms_norm channels per group (default --dim)")
+    p.add_argument("--hidden", type=int, default=5632, help="gated_activation channels (an MLP's hidden width)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference path")
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
@@ -161,6 +164,25 @@ def bench_rms_norm(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     return [r for r in rows if r]
 
 
+def bench_gated_activation(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    B, T = a.tokens // a.seqlen, a.seqlen
+    g = leaf(torch.randn(B, T, a.hidden, device="cuda", dtype=dtype))
+    u = leaf(torch.randn(B, T, a.hidden, device="cuda", dtype=dtype))
+    esz = g.element_size()
+    fwd_bytes, bwd_bytes = 3 * g.numel() * esz, 5 * g.numel() * esz  # g,u->out ; g,u,dout->dg,du
+    rows = [timed("triton", lambda: kernels.gated_activation(g, u, "silu", backend="triton"), [g, u])]
+    if not a.no_torch:
+        rows.append(timed("torch", lambda: kernels.gated_activation(g, u, "silu", backend="torch"), [g, u]))
+    rows.append(timed("eager composition", lambda: torch.nn.functional.silu(g) * u, [g, u]))
+    for r in rows:
+        if r:
+            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
+            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
+    return [r for r in rows if r]
+
+
 def ssd_flops(T_total: int, H: int, P: int, N: int, L: int = 64) -> tuple[float, float]:
     """Matmul FLOPs of the chunked algorithm per token and head, chunk length L."""
     fwd = 2 * L * N + 2 * L * P + 4 * P * N
@@ -238,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     gpu = torch.cuda.get_device_name()
     lines = [f"## {gpu}, {a.dtype}, B*T = {a.tokens}, T = {a.seqlen}", ""]
     funcs = dict(linear_recurrence=bench_linear_recurrence, causal_conv1d=bench_causal_conv1d, ssd=bench_ssd,
-                 rms_norm=bench_rms_norm)
+                 rms_norm=bench_rms_norm, gated_activation=bench_gated_activation)
     for op in a.ops.split(","):
         print(f"{op}:")
         report(op, funcs[op](a, dtype), lines)

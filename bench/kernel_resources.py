@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
 from kernels.triton import aot  # noqa: E402
 
-OPS = ("gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d", "rms_norm")
+OPS = ("gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d", "rms_norm", "gated_activation")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Batch and length only shape the grids and integer arguments (multiples of 16, as in
 # training); 8 sequences make the scan's channel block what a B*T = 32K batch gets.
@@ -146,6 +146,17 @@ def norm_case(dtype: str, D: int, *, group: int | None = None, gated: bool = Fal
     return Case("rms_norm", label, call)
 
 
+def act_case(dtype: str, D: int, kind: str = "silu") -> Case:
+    """The gated MLP's ``act(gate) * up`` over ``BATCH * SEQLEN`` tokens of width D."""
+    dt = DTYPES[dtype]
+
+    def call() -> None:
+        g, u = _leaf(BATCH, SEQLEN, D, dtype=dt), _leaf(BATCH, SEQLEN, D, dtype=dt)
+        _backward(kernels.gated_activation(g, u, kind, backend="triton"), None)
+
+    return Case("gated_activation", f"{dtype} D={D} {kind}", call)
+
+
 def full_grid(fp32: bool = False) -> list[Case]:
     """Shapes of the issues' targets and the model presets (1.3B: GDP H=16 K=V=128, also
     with half intermediates; Mamba2 64 heads of P=64, N=128, conv over 4352 channels;
@@ -166,17 +177,20 @@ def full_grid(fp32: bool = False) -> list[Case]:
         norm_case("bf16", 2048),
         norm_case("bf16", 2048, group=128, gated=True),
         norm_case("bf16", 4096, gated=True, gate_first=True),
+        act_case("bf16", 5632),
+        act_case("bf16", 6144, "gelu"),
     ]
     if fp32:
         cases += [gdp_case("fp32", 128, 128, 2), ssd_case("fp32", 64, 128),
-                  scan_case("fp32", 2048), conv_case("fp32", 2048), norm_case("fp32", 2048)]
+                  scan_case("fp32", 2048), conv_case("fp32", 2048), norm_case("fp32", 2048),
+                  act_case("fp32", 5632)]
     return cases
 
 
 def quick_grid() -> list[Case]:
     """One realistic bf16 case per op."""
     return [gdp_case("bf16", 128, 128, 2), ssd_case("bf16", 64, 128), scan_case("bf16", 2048),
-            conv_case("bf16", 4352), norm_case("bf16", 2048, group=128, gated=True)]
+            conv_case("bf16", 4352), norm_case("bf16", 2048, group=128, gated=True), act_case("bf16", 5632)]
 
 
 def kernel_config(launch: aot.Launch) -> str:

@@ -10,6 +10,7 @@ import torch
 
 from .dispatch import resolve_backend, triton_impl
 from .reference import causal_conv1d as _conv_ref
+from .reference import gated_activation as _act_ref
 from .reference import gated_delta_product as _gdp_ref
 from .reference import linear_recurrence as _lr_ref
 from .reference import rms_norm as _norm_ref
@@ -199,3 +200,18 @@ def rms_norm(
     if resolve_backend(op, backend, x) == "triton":
         return triton_impl(op)(x, weight, eps, gate, group, gate_first)
     return _norm_ref.rms_norm(x, weight, eps, gate, group, gate_first)
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str = "silu", *,
+                     backend: str = "auto") -> torch.Tensor:
+    """``act(gate) * up`` with act SiLU (``kind="silu"``, SwiGLU) or tanh-GeLU (``"gelu"``,
+    GeGLU), in gate's dtype. Backward keeps gate and up and recomputes the activation."""
+    op = "gated_activation"
+    if kind not in _act_ref.KINDS:
+        raise ValueError(f"{op}: kind must be one of {_act_ref.KINDS}, got {kind!r}")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"{op}: gate and up must have the same shape and dtype, got "
+                         f"{list(gate.shape)} {gate.dtype} and {list(up.shape)} {up.dtype}")
+    if resolve_backend(op, backend, gate) == "triton":
+        return triton_impl(op)(gate, up, kind)
+    return _act_ref.gated_activation(gate, up, kind)

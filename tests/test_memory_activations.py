@@ -19,7 +19,7 @@ from pretrain.models.block import Block  # noqa: E402
 from pretrain.model_config import ModelConfig  # noqa: E402
 
 TRITON_MODULES = ("kernels.triton.linear_recurrence", "kernels.triton.causal_conv1d", "kernels.triton.ssd",
-                  "kernels.triton.rms_norm",
+                  "kernels.triton.rms_norm", "kernels.triton.gated_activation",
                   "kernels.triton.gated_delta_product_common", "kernels.triton.gated_delta_product_fwd",
                   "kernels.triton.gated_delta_product_bwd", "kernels.triton.gated_delta_product")
 LETTERS = {"D": "gated_deltaproduct", "M": "mamba2", "R": "rglru", "A": "local_attention"}

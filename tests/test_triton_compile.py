@@ -58,6 +58,8 @@ CASES = {
     "conv-fp32": (kr.conv_case("fp32", 256), ()),
     "norm-bf16-gate-first": (kr.norm_case("bf16", 96, group=32, gated=True, gate_first=True), ()),
     "norm-fp32": (kr.norm_case("fp32", 256), ()),
+    "act-bf16-gelu": (kr.act_case("bf16", 96, "gelu"), ()),
+    "act-fp32-silu": (kr.act_case("fp32", 96), ()),
 }
 
 

@@ -23,3 +23,7 @@ try:
     from . import rms_norm  # noqa: F401
 except ImportError:
     pass
+try:
+    from . import gated_activation  # noqa: F401
+except ImportError:
+    pass

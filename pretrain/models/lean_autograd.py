@@ -6,8 +6,9 @@ element instead of the 2 of its input, RG-LRU's gate math keeps ten fp32 tensors
 functions save their inputs in their own dtype (plus a per-row fp32 ``rstd``) and recompute
 the rest in backward (cheap elementwise work), which cuts a 1.3B model's activation memory
 by a third to a half. Gradients are those of the plain compositions (tested against them);
-outputs are computed in fp32 and rounded once. The norms are ``kernels.rms_norm``: the same
-function in PyTorch, one fused Triton kernel each way on CUDA tensors.
+outputs are computed in fp32 and rounded once. The norms and the gated activation are
+``kernels.rms_norm`` and ``kernels.gated_activation``: the same functions in PyTorch, one
+fused Triton kernel each way on CUDA tensors.
 
 Parameters (norm weights, ``a_param``) are passed in by the module that owns them, so
 ZeRO-3 has gathered them in that module's forward hook.
@@ -15,7 +16,6 @@ ZeRO-3 has gathered them in that module's forward hook.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 from kernels.reference.rms_norm import acc
@@ -56,36 +56,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return _L2Normalize.apply(x, eps)
 
 
-class _GatedActivation(torch.autograd.Function):
-    """``act(gate) * up``; saves gate and up, recomputes ``act(gate)`` in backward.
-
-    Uses the same aten forward/backward ops as ``F.silu``/``F.gelu`` in the inputs' dtype, so
-    gradients are bit-identical to the plain composition's.
-    """
-
-    @staticmethod
-    def forward(ctx, gate, up, kind: str):  # type: ignore[override]
-        ctx.save_for_backward(gate, up)
-        ctx.kind = kind
-        return _activation(gate, kind) * up
-
-    @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
-        gate, up = ctx.saved_tensors
-        dact = dout * up
-        if ctx.kind == "silu":
-            dgate = torch.ops.aten.silu_backward(dact, gate)
-        else:
-            dgate = torch.ops.aten.gelu_backward(dact, gate, approximate="tanh")
-        return dgate, dout * _activation(gate, ctx.kind), None
-
-
-def _activation(gate: torch.Tensor, kind: str) -> torch.Tensor:
-    return F.silu(gate) if kind == "silu" else F.gelu(gate, approximate="tanh")
-
-
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
-    """``silu(gate) * up`` (SwiGLU) or ``gelu_tanh(gate) * up`` (GeGLU); kind 'silu' or 'gelu'."""
-    if kind not in ("silu", "gelu"):
-        raise ValueError(f"gated activation must be 'silu' or 'gelu', got {kind!r}")
-    return _GatedActivation.apply(gate, up, kind)
+    """``silu(gate) * up`` (SwiGLU) or ``gelu_tanh(gate) * up`` (GeGLU); kind 'silu' or 'gelu':
+    ``kernels.gated_activation`` (one fused Triton kernel each way on CUDA tensors)."""
+    return kernels.gated_activation(gate, up, kind)
