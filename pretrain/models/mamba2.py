@@ -83,7 +83,8 @@ class Mamba2(nn.Module):
 
         The input; the conv's input (x, B, C); z; the scan's copies of x, B, C; the scan
         output and the output projection's input; dt (2 fp32); and the scan's fp32 chunk
-        states, one ``[H, P, N]`` per ``SSD_STATE_EVERY`` tokens plus one per sequence.
+        states, one ``[H, P, N]`` per ``SSD_STATE_EVERY`` tokens plus one per sequence (per
+        document when packed; counted here as one per row of ``seq_len`` tokens).
         """
         GN = self.n_groups * self.d_state
         conv_in = self.conv_dim if self.conv is not None else self.d_inner + self.conv_dim + self.num_heads
