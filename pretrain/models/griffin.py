@@ -234,13 +234,13 @@ class RGLRUBlock(nn.Module):
 
     def step(self, x: torch.Tensor, cache: MixerCache) -> torch.Tensor:
         """One token ``[B, d_model]``: h = a·h + x̃ on the fp32 cached state."""
-        y_branch = F.gelu(self.linear_y(x), approximate="tanh")
+        y_branch = self.linear_y(x)
         xb = self.conv.step(self.linear_x(x), cache)
         x_norm, a = self._rg_lru_inputs(xb, ~cache["started"][:, None])
         h = a * cache["h"] + x_norm
         cache["h"].copy_(h)
         cache["started"].fill_(True)
-        return self.out_proj(h.to(x.dtype) * y_branch)
+        return self.out_proj(gated_activation(y_branch, h.to(x.dtype), "gelu"))
 
 
 def reset_mask(
