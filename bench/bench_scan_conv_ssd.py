@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton linear_recurrence, causal_conv1d, SSD, RMSNorm and gated-activation kernels.
+"""GPU benchmark of the Triton scan, conv, SSD, RMSNorm, gated-activation and L2-norm kernels.
 
 Prints, per op: forward and forward+backward time, achieved GB/s (memory-bound scan and
 conv; with the GPU's measured copy bandwidth for the scan) or TFLOP/s (SSD, counting the
@@ -8,7 +8,8 @@ chunk_simple_gla for SSD), mamba-ssm's mamba_chunk_scan_combined, Dao's causal_c
 rms_norm (GB/s) is the gated, grouped norm as Mamba2 calls it, against the torch path and
 the plain eager composition the models used before (``--norm-group`` channels per group);
 gated_activation (GB/s) is SwiGLU's ``silu(gate) * up`` at ``--hidden`` channels, against the
-torch path and ``F.silu(gate) * up``.
+torch path and ``F.silu(gate) * up``; l2_normalize (GB/s) is GDP's q/k normalisation over
+``--l2-heads`` heads of ``--l2-dim`` channels, against the torch path and the eager composition.
 Needs only torch and triton to import; ``--results FILE`` appends a Markdown table.
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--neg", action="store_true", help="SSD with allow_neg_eigval")
     p.add_argument("--norm-group", type=int, default=None, help="rms_norm channels per group (default --dim)")
     p.add_argument("--hidden", type=int, default=5632, help="gated_activation channels (an MLP's hidden width)")
+    p.add_argument("--l2-heads", type=int, default=48, help="l2_normalize heads per token (GDP-1.3B n_h=2: 16 q + 32 k)")
+    p.add_argument("--l2-dim", type=int, default=128, help="l2_normalize channels per head")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference path")
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
@@ -183,6 +186,29 @@ def bench_gated_activation(a: argparse.Namespace, dtype: torch.dtype) -> list[Ro
     return [r for r in rows if r]
 
 
+def bench_l2_normalize(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    B, T = a.tokens // a.seqlen, a.seqlen
+    x = leaf(torch.randn(B, T, a.l2_heads, a.l2_dim, device="cuda", dtype=dtype))
+    nbytes = x.numel() * x.element_size()
+    fwd_bytes, bwd_bytes = 2 * nbytes, 3 * nbytes  # x->y ; y,dy->dx (rstd is 1/K of a pass)
+
+    def eager():
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + 1e-6)).to(dtype)
+
+    rows = [timed("triton", lambda: kernels.l2_normalize(x, backend="triton"), [x])]
+    if not a.no_torch:
+        rows.append(timed("torch", lambda: kernels.l2_normalize(x, backend="torch"), [x]))
+    rows.append(timed("eager composition", eager, [x]))
+    for r in rows:
+        if r:
+            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
+            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
+    return [r for r in rows if r]
+
+
 def ssd_flops(T_total: int, H: int, P: int, N: int, L: int = 64) -> tuple[float, float]:
     """Matmul FLOPs of the chunked algorithm per token and head, chunk length L."""
     fwd = 2 * L * N + 2 * L * P + 4 * P * N
@@ -260,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     gpu = torch.cuda.get_device_name()
     lines = [f"## {gpu}, {a.dtype}, B*T = {a.tokens}, T = {a.seqlen}", ""]
     funcs = dict(linear_recurrence=bench_linear_recurrence, causal_conv1d=bench_causal_conv1d, ssd=bench_ssd,
-                 rms_norm=bench_rms_norm, gated_activation=bench_gated_activation)
+                 rms_norm=bench_rms_norm, gated_activation=bench_gated_activation,
+                 l2_normalize=bench_l2_normalize)
     for op in a.ops.split(","):
         print(f"{op}:")
         report(op, funcs[op](a, dtype), lines)

@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
 from kernels.triton import aot  # noqa: E402
 
-OPS = ("gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d", "rms_norm", "gated_activation")
+OPS = ("gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d", "rms_norm", "gated_activation",
+       "l2_normalize")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Batch and length only shape the grids and integer arguments (multiples of 16, as in
 # training); 8 sequences make the scan's channel block what a B*T = 32K batch gets.
@@ -157,6 +158,16 @@ def act_case(dtype: str, D: int, kind: str = "silu") -> Case:
     return Case("gated_activation", f"{dtype} D={D} {kind}", call)
 
 
+def l2_case(dtype: str, H: int, K: int) -> Case:
+    """GDP's q/k L2 normalisation: ``H`` heads of ``K`` channels over ``BATCH * SEQLEN`` tokens."""
+    dt = DTYPES[dtype]
+
+    def call() -> None:
+        _backward(kernels.l2_normalize(_leaf(BATCH, SEQLEN, H, K, dtype=dt), backend="triton"), None)
+
+    return Case("l2_normalize", f"{dtype} H={H} K={K}", call)
+
+
 def full_grid(fp32: bool = False) -> list[Case]:
     """Shapes of the issues' targets and the model presets (1.3B: GDP H=16 K=V=128, also
     with half intermediates; Mamba2 64 heads of P=64, N=128, conv over 4352 channels;
@@ -179,18 +190,21 @@ def full_grid(fp32: bool = False) -> list[Case]:
         norm_case("bf16", 4096, gated=True, gate_first=True),
         act_case("bf16", 5632),
         act_case("bf16", 6144, "gelu"),
+        l2_case("bf16", 32, 128),
+        l2_case("bf16", 16, 256),
     ]
     if fp32:
         cases += [gdp_case("fp32", 128, 128, 2), ssd_case("fp32", 64, 128),
                   scan_case("fp32", 2048), conv_case("fp32", 2048), norm_case("fp32", 2048),
-                  act_case("fp32", 5632)]
+                  act_case("fp32", 5632), l2_case("fp32", 32, 128)]
     return cases
 
 
 def quick_grid() -> list[Case]:
     """One realistic bf16 case per op."""
     return [gdp_case("bf16", 128, 128, 2), ssd_case("bf16", 64, 128), scan_case("bf16", 2048),
-            conv_case("bf16", 4352), norm_case("bf16", 2048, group=128, gated=True), act_case("bf16", 5632)]
+            conv_case("bf16", 4352), norm_case("bf16", 2048, group=128, gated=True), act_case("bf16", 5632),
+            l2_case("bf16", 32, 128)]
 
 
 def kernel_config(launch: aot.Launch) -> str:

@@ -12,6 +12,7 @@ from .dispatch import resolve_backend, triton_impl
 from .reference import causal_conv1d as _conv_ref
 from .reference import gated_activation as _act_ref
 from .reference import gated_delta_product as _gdp_ref
+from .reference import l2_normalize as _l2_ref
 from .reference import linear_recurrence as _lr_ref
 from .reference import rms_norm as _norm_ref
 from .reference import ssd as _ssd_ref
@@ -215,3 +216,14 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str = "silu", *
     if resolve_backend(op, backend, gate) == "triton":
         return triton_impl(op)(gate, up, kind)
     return _act_ref.gated_activation(gate, up, kind)
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
+    """``x / sqrt(sum(x²) + eps)`` over the last dim, in fp32, returned in x's dtype (q and k
+    of the delta rule). Backward keeps the output and an fp32 rstd per row, nothing else."""
+    op = "l2_normalize"
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dim (normalised over the last)")
+    if resolve_backend(op, backend, x) == "triton":
+        return triton_impl(op)(x, eps)
+    return _l2_ref.l2_normalize(x, eps)

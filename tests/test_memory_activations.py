@@ -13,21 +13,18 @@ pytest.importorskip("triton")
 pytest.importorskip("yaml")  # presets and configs; a bare GPU machine may lack it
 
 from kernel_checks import interpreted_module  # noqa: E402
+from kernels.triton.aot import KERNEL_MODULES  # noqa: E402  (every kernel module, in reload order)
 from model_families import FAMILIES, small_config  # noqa: E402
 from pretrain.memory import measured_activation_bytes  # noqa: E402
 from pretrain.models.block import Block  # noqa: E402
 from pretrain.model_config import ModelConfig  # noqa: E402
 
-TRITON_MODULES = ("kernels.triton.linear_recurrence", "kernels.triton.causal_conv1d", "kernels.triton.ssd",
-                  "kernels.triton.rms_norm", "kernels.triton.gated_activation",
-                  "kernels.triton.gated_delta_product_common", "kernels.triton.gated_delta_product_fwd",
-                  "kernels.triton.gated_delta_product_bwd", "kernels.triton.gated_delta_product")
 LETTERS = {"D": "gated_deltaproduct", "M": "mamba2", "R": "rglru", "A": "local_attention"}
 
 
 @pytest.fixture(scope="module")
 def triton_backend():
-    with interpreted_module(*TRITON_MODULES), pytest.MonkeyPatch.context() as mp:
+    with interpreted_module(*KERNEL_MODULES), pytest.MonkeyPatch.context() as mp:
         mp.setenv("LINRNN_KERNEL_BACKEND", "triton")
         yield
 

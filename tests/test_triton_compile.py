@@ -60,6 +60,8 @@ CASES = {
     "norm-fp32": (kr.norm_case("fp32", 256), ()),
     "act-bf16-gelu": (kr.act_case("bf16", 96, "gelu"), ()),
     "act-fp32-silu": (kr.act_case("fp32", 96), ()),
+    "l2-bf16": (kr.l2_case("bf16", 2, 48), ()),
+    "l2-fp32": (kr.l2_case("fp32", 2, 128), ()),
 }
 
 

@@ -47,6 +47,7 @@ KERNEL_MODULES = (
     "kernels.triton.gated_delta_product",
     "kernels.triton.rms_norm",
     "kernels.triton.gated_activation",
+    "kernels.triton.l2_normalize",
 )
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on H100/H200 (227 KiB)
 REGISTER_LIMIT = 255  # registers per thread the ISA can address

@@ -104,8 +104,9 @@ def _rms_norm_bwd_kernel(x_ptr, gate_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dgate
     tl.store(dx_ptr + offs, du.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _tiles(N: int) -> tuple[int, int, int]:
-    """(BM, BN, num_warps): about 4K elements per program, at least one token."""
+def row_tiles(N: int) -> tuple[int, int, int]:
+    """(BM, BN, num_warps) of a row-wise kernel over rows of N channels: about 4K elements per
+    program, at least one row (also the L2 norm's tiles)."""
     BN = triton.next_power_of_2(N)
     BM = max(1, min(64, 4096 // BN))
     return BM, BN, 4 if BM * BN <= 2048 else 8
@@ -118,7 +119,7 @@ class _RMSNormTriton(torch.autograd.Function):
         x_c = x.contiguous()
         gate_c = gate.contiguous() if gate is not None else None
         M, G, N = x_c.numel() // D, D // group, group
-        BM, BN, warps = _tiles(N)
+        BM, BN, warps = row_tiles(N)
         y = torch.empty_like(x_c)
         rstd = torch.empty(M, G, device=x.device, dtype=torch.float32)
         _rms_norm_fwd_kernel[(triton.cdiv(M, BM), G)](
@@ -133,7 +134,7 @@ class _RMSNormTriton(torch.autograd.Function):
         x, gate, weight, rstd = ctx.saved_tensors
         M, G = rstd.shape
         N = x.shape[-1] // G
-        BM, BN, warps = _tiles(N)
+        BM, BN, warps = row_tiles(N)
         programs = triton.cdiv(M, BM)
         dx = torch.empty_like(x)
         dgate = torch.empty_like(gate) if gate is not None else None

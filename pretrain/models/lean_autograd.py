@@ -7,8 +7,8 @@ functions save their inputs in their own dtype (plus a per-row fp32 ``rstd``) an
 the rest in backward (cheap elementwise work), which cuts a 1.3B model's activation memory
 by a third to a half. Gradients are those of the plain compositions (tested against them);
 outputs are computed in fp32 and rounded once. The norms and the gated activation are
-``kernels.rms_norm`` and ``kernels.gated_activation``: the same functions in PyTorch, one
-fused Triton kernel each way on CUDA tensors.
+``kernels.rms_norm``, ``kernels.l2_normalize`` and ``kernels.gated_activation``: the same
+functions in PyTorch, one fused Triton kernel each way on CUDA tensors.
 
 Parameters (norm weights, ``a_param``) are passed in by the module that owns them, so
 ZeRO-3 has gathered them in that module's forward hook.
@@ -30,30 +30,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gate: torch.T
     return kernels.rms_norm(x, weight, eps, gate=gate, group=group, gate_first=gate_first)
 
 
-class _L2Normalize(torch.autograd.Function):
-    """``x / sqrt(sum x² + eps)``; saves its output and fp32 rstd (as fla's l2norm does).
-
-    The output is what the delta-rule kernel saves anyway, so the two share one tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, x, eps: float):  # type: ignore[override]
-        xf = acc(x)
-        rstd = torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)
-        y = (xf * rstd).to(x.dtype)
-        ctx.save_for_backward(y, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        y, rstd = ctx.saved_tensors
-        dy, yf = acc(dy), acc(y)
-        dx = rstd * (dy - yf * (dy * yf).sum(-1, keepdim=True))
-        return dx.to(y.dtype), None
-
-
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return _L2Normalize.apply(x, eps)
+    """``x / sqrt(sum x² + eps)`` over the last dim, saving its output (which the delta-rule
+    kernel saves anyway, so they share one tensor) and an fp32 rstd: ``kernels.l2_normalize``
+    (a fused Triton kernel on CUDA tensors)."""
+    return kernels.l2_normalize(x, eps)
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
