@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from .config import RunConfig
+from .ds_config import grad_accum_steps
 from .models import build_model
 
 
@@ -116,7 +117,7 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEsti
     elem = 2 if half else 4  # bytes of a weight, a gradient and an activation
     weights = n * elem / pp / (dp if p.zero_stage >= 3 else 1)
     grads = n * elem / pp / (dp if p.zero_stage >= 2 else 1)
-    gas = max(p.global_batch_size // (p.micro_batch_size * dp), 1)
+    gas = grad_accum_steps(cfg, dp)  # the engine's own count; a batch that does not divide is refused
     o_gpu, o_host = optimizer_bytes_per_param(cfg, gas)
     shard = pp * (dp if p.zero_stage >= 1 else 1)
     optim, host = n * o_gpu / shard, n * o_host / shard

@@ -56,6 +56,11 @@ def test_offload_needs_a_zero_stage():
         load_config("configs/runs/demo.yaml", ["parallel.zero_stage=0", "parallel.offload_optimizer=true"])
 
 
+def test_plan_refuses_a_global_batch_the_ranks_cannot_split():
+    with pytest.raises(ConfigError, match="global_batch_size=10 is not a multiple of micro_batch_size"):
+        _estimate("parallel.zero_stage=2", "parallel.global_batch_size=10", world=4)
+
+
 def test_pipeline_and_checkpointing_shrink_what_a_gpu_holds():
     flat, _ = _estimate("parallel.zero_stage=1", "parallel.global_batch_size=8")
     piped, cfg = _estimate("parallel.zero_stage=1", "parallel.pipeline_stages=2", "parallel.global_batch_size=8")
