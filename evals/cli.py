@@ -16,8 +16,9 @@ rank 0 writes the report.
 ``--time-limit SECONDS`` bounds the whole call: each run gets an equal share of the time
 left, stops training early so it can still be scored, and is marked "stopped by time
 limit"; runs with no time left are not started. The checkpoint suites check the limit
-between their parts (lm, passkey, kv_lookup, fewshot): parts not started in time are skipped
-and listed under ``not_started``. The result files are rewritten atomically after every run
+inside their parts' loops (lm, passkey, kv_lookup, fewshot): a running part keeps what it
+scored (listed under ``stopped_by_time_limit``), later parts are skipped and listed under
+``not_started``. The result files are rewritten atomically after every run
 or part, so a call killed from outside keeps what it finished.
 """
 from __future__ import annotations
@@ -110,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run gets an equal share of the time left and stops training early to still be "
                         "scored and saved (marked 'stopped by time limit'); runs with no time left are not "
                         "started. A run always trains one step, so the call may end up to one step and "
-                        "one evaluation late. Checkpoint suites: the parts (lm, passkey, kv_lookup, fewshot) "
-                        "not started when the time is up are skipped and listed; a started part runs to its end")
+                        "one evaluation late. Checkpoint suites: a running part (lm, passkey, kv_lookup, fewshot) "
+                        "stops its loop and keeps what it scored (at least one item: a passkey cell, a "
+                        "perplexity batch); later parts are skipped and listed")
     g = p.add_argument_group("conditions")
     g.add_argument("--train-lengths", type=_range, default=None, help="state tracking: LO:HI, e.g. 3:40")
     g.add_argument("--test-lengths", type=_ints, default=None, help="state tracking: e.g. 40,128,256")

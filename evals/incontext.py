@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from data.tokenizer import Tokenizer
 
 from .tasks import Condition, ModularArithmeticTask, ParityTask
+from .time_limit import time_is_up
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # Used when the tokenizer has too few whole-word pieces (small demo vocabularies): the
@@ -46,8 +47,9 @@ def score_target(model: torch.nn.Module, prompt: list[int], target: list[int]) -
 class PasskeyResult:
     lengths: list[int]
     depths: list[float]
-    accuracy: list[list[float]]  # [depth][length]
+    accuracy: list[list[float | None]]  # [depth][length]; None: not reached before the time limit
     trials: int
+    stopped_by_time_limit: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,23 +74,28 @@ def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str) -> tuple
 
 
 def passkey(model: torch.nn.Module, tok: Tokenizer, lengths: list[int], depths: list[float], trials: int = 5,
-            seed: int = 0, progress: bool = True) -> PasskeyResult:
+            seed: int = 0, progress: bool = True, deadline: float | None = None) -> PasskeyResult:
+    """Accuracy per (depth, length), shortest lengths first, so a ``deadline`` that stops
+    the loop (after the first cell) leaves whole columns of the short lengths."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    acc = []
-    bar = tqdm(total=len(lengths) * len(depths) * trials, desc="passkey", disable=not progress, leave=False)
-    for d in depths:
-        row = []
-        for L in lengths:
-            hits = 0
-            for _ in range(trials):
-                key = str(int(torch.randint(10_000, 100_000, (1,), generator=gen)))
-                hits += score_target(model, *passkey_prompt(tok, L, d, key))[1]
-                bar.update(1)
-            row.append(hits / trials)
-        acc.append(row)
+    acc: list[list[float | None]] = [[None] * len(lengths) for _ in depths]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    cells = [(j, i) for j in order for i in range(len(depths))]
+    bar = tqdm(total=len(cells) * trials, desc="passkey", disable=not progress, leave=False)
+    stopped = False
+    for n, (j, i) in enumerate(cells):
+        if n > 0 and time_is_up(deadline):
+            stopped = True
+            break
+        hits = 0
+        for _ in range(trials):
+            key = str(int(torch.randint(10_000, 100_000, (1,), generator=gen)))
+            hits += score_target(model, *passkey_prompt(tok, lengths[j], depths[i], key))[1]
+            bar.update(1)
+        acc[i][j] = hits / trials
     bar.close()
-    return PasskeyResult(lengths, depths, acc, trials)
+    return PasskeyResult(lengths, depths, acc, trials, stopped)
 
 
 def word_pieces(tok: Tokenizer, min_len: int = 3, limit: int = 2000) -> list[str]:
@@ -104,9 +111,10 @@ def word_pieces(tok: Tokenizer, min_len: int = 3, limit: int = 2000) -> list[str
 
 
 def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], trials: int = 20, seed: int = 0,
-              progress: bool = True) -> dict:
-    """``key: value`` lines of random words, then one key again; accuracy by number of pairs.
-    Words are the tokenizer's whole-word pieces (one token each) when it has enough."""
+              progress: bool = True, deadline: float | None = None) -> dict:
+    """``key: value`` lines of random words, then one key again; accuracy by number of pairs
+    (``None`` past ``deadline``, checked after the first count). Words are the tokenizer's
+    whole-word pieces (one token each) when it has enough."""
     model.eval()
     words = word_pieces(tok)
     if len(words) < 2 * max(pair_counts):
@@ -115,8 +123,10 @@ def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], tr
         raise ValueError(f"kv_lookup: at most {len(words) // 2} pairs of distinct words, "
                          f"asked for {max(pair_counts)}")
     gen = torch.Generator().manual_seed(seed)
-    acc = []
+    acc: list[float | None] = []
     for n in tqdm(pair_counts, desc="kv lookup", disable=not progress, leave=False):
+        if acc and time_is_up(deadline):
+            break
         hits = 0
         for _ in range(trials):
             pick = torch.randperm(len(words), generator=gen)[: 2 * n].tolist()
@@ -125,7 +135,9 @@ def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], tr
             text = "Remember these pairs.\n" + "".join(f"{k}: {v}\n" for k, v in zip(keys, values)) + f"{keys[q]}:"
             hits += score_target(model, [tok.bos_id, *tok.encode(text)], tok.encode(" " + values[q]))[1]
         acc.append(hits / trials)
-    return {"pairs": pair_counts, "accuracy": acc, "trials": trials, "chance": [1 / n for n in pair_counts]}
+    stopped = len(acc) < len(pair_counts)
+    return {"pairs": pair_counts, "accuracy": acc + [None] * (len(pair_counts) - len(acc)), "trials": trials,
+            "chance": [1 / n for n in pair_counts], "stopped_by_time_limit": stopped}
 
 
 def _choose(model: torch.nn.Module, prompt: list[int], choices: list[list[int]]) -> int:
@@ -134,8 +146,9 @@ def _choose(model: torch.nn.Module, prompt: list[int], choices: list[list[int]])
 
 
 def fewshot(model: torch.nn.Module, tok: Tokenizer, task: str, lengths: list[int], shots: int = 8,
-            trials: int = 20, seed: int = 0, progress: bool = True) -> dict:
-    """Few-shot ``parity`` ("1 0 1 -> 0") or ``modular_arithmetic`` ("3+4*2 = 1", mod 5)."""
+            trials: int = 20, seed: int = 0, progress: bool = True, deadline: float | None = None) -> dict:
+    """Few-shot ``parity`` ("1 0 1 -> 0") or ``modular_arithmetic`` ("3+4*2 = 1", mod 5);
+    accuracy by length (``None`` past ``deadline``, checked after the first length)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     if task == "parity":
@@ -151,8 +164,10 @@ def fewshot(model: torch.nn.Module, tok: Tokenizer, task: str, lengths: list[int
     else:
         raise ValueError(f"fewshot task must be 'parity' or 'modular_arithmetic', got {task!r}")
     choices = [tok.encode(f" {c}") for c in range(n_choices)]
-    acc = []
+    acc: list[float | None] = []
     for L in tqdm(lengths, desc=f"few-shot {task}", disable=not progress, leave=False):
+        if acc and time_is_up(deadline):
+            break
         hits = 0
         for _ in range(trials):
             ids, labels = src.sample(shots + 1, Condition(L), gen)
@@ -161,5 +176,6 @@ def fewshot(model: torch.nn.Module, tok: Tokenizer, task: str, lengths: list[int
             prompt = [tok.bos_id, *tok.encode("".join(lines) + render(ids[-1].tolist()))]
             hits += _choose(model, prompt, choices) == answers[-1]
         acc.append(hits / trials)
-    return {"task": task, "lengths": lengths, "accuracy": acc, "shots": shots, "trials": trials,
-            "chance": 1 / n_choices}
+    stopped = len(acc) < len(lengths)
+    return {"task": task, "lengths": lengths, "accuracy": acc + [None] * (len(lengths) - len(acc)), "shots": shots,
+            "trials": trials, "chance": 1 / n_choices, "stopped_by_time_limit": stopped}

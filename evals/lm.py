@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data.tokenizer import Tokenizer
+
+from .time_limit import time_is_up
 
 
 def read_text(path: str | Path) -> str:
@@ -58,6 +61,7 @@ class PerplexityResult:
     nll_per_token: float
     perplexity: float
     bits_per_byte: float
+    stopped_by_time_limit: bool = False  # then tokens and bytes cover the scored prefix only
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,27 +69,36 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, stream: torch.Tensor, n_bytes: int, context: int,
-               batch_size: int = 8, progress: bool = True) -> PerplexityResult:
-    """Windows of ``context`` predictions; the last may be shorter."""
+               batch_size: int = 8, progress: bool = True, deadline: float | None = None,
+               prefix_bytes: Callable[[int], int] | None = None) -> PerplexityResult:
+    """Windows of ``context`` predictions; the last may be shorter. Past ``deadline`` (after
+    the first batch) scoring stops: the result covers the predicted prefix, whose bytes
+    ``prefix_bytes(n_tokens)`` counts (windows are scored in text order)."""
     model.eval()
     n_pred = stream.numel() - 1
     total, count = 0.0, 0
     starts = list(range(0, n_pred, context))
     full = [s for s in starts if s + context <= n_pred]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in starts if s + context > n_pred]  # the shorter tail window
     bar = tqdm(total=len(starts), desc="perplexity", disable=not progress, leave=False)
-    for i in range(0, len(full), batch_size):
-        rows = torch.stack([stream[s:s + context + 1] for s in full[i:i + batch_size]])
+    stopped = False
+    for i, batch in enumerate(batches):
+        if i > 0 and time_is_up(deadline):
+            stopped = True
+            break
+        rows = torch.stack([stream[s:s + min(context, n_pred - s) + 1] for s in batch])
         losses = token_losses(model, rows, batch_size)
         total, count = total + float(losses.sum()), count + losses.numel()
-        bar.update(rows.shape[0])
-    tail = [s for s in starts if s + context > n_pred]
-    for s in tail:
-        losses = token_losses(model, stream[s:][None])
-        total, count = total + float(losses.sum()), count + losses.numel()
-        bar.update(1)
+        bar.update(len(batch))
     bar.close()
+    if stopped:
+        if prefix_bytes is None:
+            raise ValueError("perplexity: a deadline needs prefix_bytes to count the bytes of a partial score")
+        n_bytes = prefix_bytes(count)
     nll = total / max(count, 1)
-    return PerplexityResult(count, n_bytes, context, nll, math.exp(min(nll, 700.0)), total / math.log(2) / max(n_bytes, 1))
+    return PerplexityResult(count, n_bytes, context, nll, math.exp(min(nll, 700.0)),
+                            total / math.log(2) / max(n_bytes, 1), stopped)
 
 
 @dataclass
@@ -95,6 +108,7 @@ class ExtrapolationResult:
     windows: int
     bucket_starts: list[int]
     bucket_loss: list[float]
+    stopped_by_time_limit: bool = False  # then ``windows`` is the number scored
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,20 +116,29 @@ class ExtrapolationResult:
 
 @torch.no_grad()
 def length_extrapolation(model: torch.nn.Module, stream: torch.Tensor, train_context: int, factor: int = 8,
-                         buckets: int = 32, max_windows: int = 16, batch_size: int = 2) -> ExtrapolationResult:
+                         buckets: int = 32, max_windows: int = 16, batch_size: int = 2,
+                         deadline: float | None = None) -> ExtrapolationResult:
     """Mean loss by position bucket over windows of ``factor * train_context`` tokens (shorter
-    when the text is shorter): a flat curve past the training context means it extrapolates."""
+    when the text is shorter): a flat curve past the training context means it extrapolates.
+    Past ``deadline`` (after the first batch) the curve averages the windows scored so far."""
     model.eval()
     length = min(factor * train_context, stream.numel() - 1)
     if length < buckets:
         raise ValueError(f"text too short for a length curve: {stream.numel() - 1} tokens")
     n = min(max_windows, (stream.numel() - 1) // length)
     rows = torch.stack([stream[i * length:i * length + length + 1] for i in range(n)])
-    losses = token_losses(model, rows, batch_size).mean(0)
+    parts = []
+    for i in range(0, n, batch_size):
+        if i > 0 and time_is_up(deadline):
+            break
+        parts.append(token_losses(model, rows[i:i + batch_size], batch_size))
+    losses = torch.cat(parts)
+    scored = losses.shape[0]
+    losses = losses.mean(0)
     width = math.ceil(length / buckets)
     starts = list(range(0, length, width))
-    return ExtrapolationResult(train_context, length, n, starts,
-                               [round(float(losses[s:s + width].mean()), 5) for s in starts])
+    return ExtrapolationResult(train_context, length, scored, starts,
+                               [round(float(losses[s:s + width].mean()), 5) for s in starts], scored < n)
 
 
 def heldout_data_config(target: str, run_config: dict | None, cache_root: str | None = None):
@@ -141,17 +164,22 @@ def heldout_data_config(target: str, run_config: dict | None, cache_root: str | 
 
 @torch.no_grad()
 def heldout_perplexity(model: torch.nn.Module, tok: Tokenizer, data_cfg, max_batches: int = 50,
-                       batch_size: int = 8, progress: bool = True) -> PerplexityResult:
+                       batch_size: int = 8, progress: bool = True,
+                       deadline: float | None = None) -> PerplexityResult:
     """Loss on the validation split of prepared shards, packed documents kept apart
-    (``cu_seqlens``) exactly as in training; bytes are those of the decoded target tokens."""
+    (``cu_seqlens``) exactly as in training; bytes are those of the decoded target tokens.
+    Past ``deadline`` (after the first batch) the batches scored so far count."""
     from data.loader import TokenLoader
 
     model.eval()
     device = next(model.parameters()).device
-    total, count, n_bytes = 0.0, 0, 0
+    total, count, n_bytes, stopped = 0.0, 0, 0, False
     with TokenLoader(data_cfg, batch_size, split=data_cfg.val_split, rank=0, world_size=1) as loader:
         for i, batch in enumerate(tqdm(loader, desc="held-out shards", disable=not progress, leave=False)):
             if i >= max_batches:
+                break
+            if i > 0 and time_is_up(deadline):
+                stopped = True
                 break
             labels = batch["labels"]
             logits = model(batch["input_ids"].to(device), cu_seqlens=batch["cu_seqlens"].to(device))
@@ -163,4 +191,4 @@ def heldout_perplexity(model: torch.nn.Module, tok: Tokenizer, data_cfg, max_bat
         raise ValueError(f"the {data_cfg.val_split!r} split has no tokens to score")
     nll = total / count
     return PerplexityResult(count, n_bytes, data_cfg.seq_len, nll, math.exp(min(nll, 700.0)),
-                            total / math.log(2) / max(n_bytes, 1))
+                            total / math.log(2) / max(n_bytes, 1), stopped)

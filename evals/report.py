@@ -113,8 +113,8 @@ def benchmark_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 def line_plot(path: Path, xs: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str,
               title: str, logx: bool = False, vline: tuple[float, str] | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, ys in series.items():
-        ax.plot(xs[: len(ys)], ys, marker="o", label=name)
+    for name, ys in series.items():  # None (not scored) leaves a gap
+        ax.plot(xs[: len(ys)], [math.nan if y is None else y for y in ys], marker="o", label=name)
     if vline is not None:
         ax.axvline(vline[0], color="grey", linestyle=":", label=vline[1])
     if logx:
@@ -131,15 +131,18 @@ def line_plot(path: Path, xs: list[float], series: dict[str, list[float]], xlabe
     return path
 
 
-def heatmap(path: Path, matrix: list[list[float]], rows: list[str], cols: list[str], xlabel: str,
+def heatmap(path: Path, matrix: list[list[float | None]], rows: list[str], cols: list[str], xlabel: str,
             ylabel: str, title: str) -> Path:
+    """None cells (not scored) are blank and marked '—'."""
     fig, ax = plt.subplots(figsize=(1 + 0.7 * len(cols), 1 + 0.5 * len(rows)))
-    im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    values = [[math.nan if v is None else v for v in row] for row in matrix]
+    im = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=7)
+            ax.text(j, i, "—" if v is None else f"{v:.2f}", ha="center", va="center",
+                    color="white" if v is None or v < 0.6 else "black", fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -200,6 +200,7 @@ def test_checkpoint_parts_are_saved_as_they_finish_and_skipped_after_the_time_li
     fake_time = types.SimpleNamespace(time=lambda: 0.0, monotonic=lambda: clock["now"])
     monkeypatch.setattr(checkpoint_eval, "time", fake_time)
     monkeypatch.setattr("evals.cli.time", fake_time)
+    monkeypatch.setattr("evals.time_limit.time", fake_time)
     real_kv = checkpoint_eval.PARTS["kv_lookup"]
 
     def kv_then_time_is_up(*args):
@@ -220,3 +221,54 @@ def test_checkpoint_parts_are_saved_as_they_finish_and_skipped_after_the_time_li
     md = (res_dir / "results.md").read_text()
     assert "Not started (time limit): fewshot." in md and "key-value lookup" in md
     assert not (res_dir / "fewshot.png").exists() and not list(res_dir.glob("*.tmp"))
+
+
+def test_a_part_running_into_the_time_limit_keeps_what_it_scored(exported, tmp_path, monkeypatch) -> None:
+    """The clock passes the limit during passkey's first cell: passkey keeps that cell (the
+    shortest length, first depth), the other cells are '—'/null, and the later parts are not
+    started; the perplexity loop, cut after its first batch, scores a prefix whose bytes are
+    those of the decoded prefix."""
+    import types
+
+    from evals import checkpoint_eval
+
+    out, text_file, _ = exported
+    clock = {"now": 0.0}
+    fake_time = types.SimpleNamespace(time=lambda: 0.0, monotonic=lambda: clock["now"])
+    monkeypatch.setattr(checkpoint_eval, "time", fake_time)
+    monkeypatch.setattr("evals.cli.time", fake_time)
+    monkeypatch.setattr("evals.time_limit.time", fake_time)
+    real_score = incontext.score_target
+
+    def score_then_time_is_up(*args):
+        clock["now"] = 1000.0
+        return real_score(*args)
+
+    monkeypatch.setattr(incontext, "score_target", score_then_time_is_up)
+    res_dir = tmp_path / "res"
+    rc = main([str(out), "--suite", "passkey,kv_lookup", "--out", str(res_dir), "--no-progress",
+               "--passkey-lengths", "128,64", "--depths", "0,1", "--trials", "2", "--kv-pairs", "2",
+               "--device", "cpu", "--time-limit", "600"])
+    assert rc == 0
+    data = json.loads((res_dir / "results.json").read_text())
+    assert data["stopped_by_time_limit"] == ["passkey"] and data["not_started"] == ["kv_lookup"]
+    pk = data["results"]["passkey"]
+    assert pk["stopped_by_time_limit"] and pk["lengths"] == [128, 64]
+    assert pk["accuracy"][0][1] is not None and [pk["accuracy"][0][0], *pk["accuracy"][1]] == [None] * 3
+    md = (res_dir / "results.md").read_text()
+    assert "Stopped by the time limit" in md and "—" in md and (res_dir / "passkey.png").stat().st_size > 1000
+
+    ck = load_checkpoint(out)
+    stream, n_bytes = lm.encode_text(ck.tokenizer, lm.read_text(text_file))
+    clock["now"] = 1000.0  # already past: only the first batch (two windows of 20) is scored
+    part = lm.perplexity(ck.model, stream, n_bytes, context=20, batch_size=2, progress=False, deadline=600.0,
+                         prefix_bytes=lambda n: len(ck.tokenizer.decode(stream[1:1 + n].tolist()).encode()))
+    assert part.stopped_by_time_limit and part.tokens == 40 < stream.numel() - 1
+    assert part.bytes == len(ck.tokenizer.decode(stream[1:41].tolist()).encode()) < n_bytes
+    whole = lm.perplexity(ck.model, stream[:41], part.bytes, context=20, progress=False)
+    assert part.nll_per_token == pytest.approx(whole.nll_per_token, rel=1e-6) and not whole.stopped_by_time_limit
+    kv = incontext.kv_lookup(ck.model, ck.tokenizer, [2, 3], trials=1, progress=False, deadline=600.0)
+    few = incontext.fewshot(ck.model, ck.tokenizer, "parity", [2, 3], shots=2, trials=1, progress=False,
+                            deadline=600.0)
+    assert kv["accuracy"][1] is None and few["accuracy"][1] is None
+    assert kv["accuracy"][0] is not None and kv["stopped_by_time_limit"] and few["stopped_by_time_limit"]
