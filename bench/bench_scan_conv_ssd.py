@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton scan, conv, SSD, RMSNorm, gated-activation and L2-norm kernels.
+"""GPU benchmark of the Triton scan, conv, SSD and fused elementwise (norm, gate) kernels.
 
 Prints, per op: forward and forward+backward time, achieved GB/s (memory-bound scan and
 conv; with the GPU's measured copy bandwidth for the scan) or TFLOP/s (SSD, counting the
@@ -9,7 +9,9 @@ rms_norm (GB/s) is the gated, grouped norm as Mamba2 calls it, against the torch
 the plain eager composition the models used before (``--norm-group`` channels per group);
 gated_activation (GB/s) is SwiGLU's ``silu(gate) * up`` at ``--hidden`` channels, against the
 torch path and ``F.silu(gate) * up``; l2_normalize (GB/s) is GDP's q/k normalisation over
-``--l2-heads`` heads of ``--l2-dim`` channels, against the torch path and the eager composition.
+``--l2-heads`` heads of ``--l2-dim`` channels, against the torch path and the eager composition;
+rg_lru_gates (GB/s) is Griffin's RG-LRU gating at ``--dim`` channels, against the torch path
+and the eager composition the model used before.
 Needs only torch and triton to import; ``--results FILE`` appends a Markdown table.
 """
 from __future__ import annotations
@@ -61,8 +63,8 @@ def fwd_bwd(fwd: Callable[[], object], leaves: list[torch.Tensor]) -> Callable[[
         for t in leaves:
             t.grad = None
         out = fwd()
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        out.backward(torch.ones_like(out))
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if o is not None and o.requires_grad]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])  # every output (rg_lru_gates: x̃ and a)
     return step
 
 
@@ -209,6 +211,37 @@ def bench_l2_normalize(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     return [r for r in rows if r]
 
 
+def bench_rg_lru_gates(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    B, T, W = a.tokens // a.seqlen, a.seqlen, a.dim
+    x, gx, ga = (leaf(torch.randn(B, T, W, device="cuda", dtype=dtype)) for _ in range(3))
+    lam = leaf(torch.full((W,), -6.0, device="cuda"))
+    reset = torch.zeros(B, T, 1, device="cuda", dtype=torch.bool)
+    reset[:, 0] = True
+    n, esz = x.numel(), x.element_size()
+    fwd_bytes, bwd_bytes = n * (3 * esz + 8), n * (6 * esz + 8)  # x,gx,ga->xn,a ; +dxn,da->dx,dgx,dga
+
+    def eager():  # the plain composition: autograd keeps every fp32 intermediate
+        log_a = -8.0 * torch.sigmoid(ga.float()) * torch.nn.functional.softplus(lam)
+        mult = torch.sqrt(-torch.expm1(2.0 * log_a)).masked_fill(reset, 1.0)
+        return x.float() * torch.sigmoid(gx.float()) * mult, torch.exp(log_a).masked_fill(reset, 0.0)
+
+    def gates(backend):
+        return lambda: kernels.rg_lru_gates(x, gx, ga, lam, reset, backend=backend)
+
+    leaves = [x, gx, ga, lam]
+    rows = [timed("triton", gates("triton"), leaves)]
+    if not a.no_torch:
+        rows.append(timed("torch", gates("torch"), leaves))
+    rows.append(timed("eager composition", eager, leaves))
+    for r in rows:
+        if r:
+            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
+            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
+    return [r for r in rows if r]
+
+
 def ssd_flops(T_total: int, H: int, P: int, N: int, L: int = 64) -> tuple[float, float]:
     """Matmul FLOPs of the chunked algorithm per token and head, chunk length L."""
     fwd = 2 * L * N + 2 * L * P + 4 * P * N
@@ -287,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"## {gpu}, {a.dtype}, B*T = {a.tokens}, T = {a.seqlen}", ""]
     funcs = dict(linear_recurrence=bench_linear_recurrence, causal_conv1d=bench_causal_conv1d, ssd=bench_ssd,
                  rms_norm=bench_rms_norm, gated_activation=bench_gated_activation,
-                 l2_normalize=bench_l2_normalize)
+                 l2_normalize=bench_l2_normalize, rg_lru_gates=bench_rg_lru_gates)
     for op in a.ops.split(","):
         print(f"{op}:")
         report(op, funcs[op](a, dtype), lines)

@@ -17,7 +17,7 @@
 #             importable, and three variants of ours: K-split gradient, 8 warps, half-precision
 #             intermediates; each with its relative RMSE against an fp32 reference)
 #   scan, conv, ssd   bench_scan_conv_ssd, one op each (conv also times rms_norm,
-#             gated_activation and l2_normalize), at B*T = 32768 tokens, T = 4096
+#             gated_activation, l2_normalize and rg_lru_gates), at B*T = 32768 tokens, T = 4096
 #   train     bench_train (1.3B presets, seq 4096, 10 steps each), only when deepspeed
 #             imports; the GatedDeltaProduct preset runs twice, with our kernel and with
 #             fla's chunk_gated_delta_product (ours/fla tokens/s), when fla imports
@@ -213,8 +213,8 @@ main() {
             ${GDP_ARGS:---target --torch --variants ksplit,w8,half} --results "$RESULTS"
         run_stage scan 60 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096} --results "$RESULTS"
-        run_stage conv 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize --tokens 32768 --seqlen 4096} --results "$RESULTS"
+        run_stage conv 60 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize,rg_lru_gates --tokens 32768 --seqlen 4096} --results "$RESULTS"
         run_stage ssd 120 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096} --results "$RESULTS"
         if wanted train && ! timeout 120 "$PY" -c "import deepspeed" >/dev/null 2>&1; then

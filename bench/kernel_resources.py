@@ -34,7 +34,7 @@ import kernels  # noqa: E402
 from kernels.triton import aot  # noqa: E402
 
 OPS = ("gated_delta_product", "ssd", "linear_recurrence", "causal_conv1d", "rms_norm", "gated_activation",
-       "l2_normalize")
+       "l2_normalize", "rg_lru_gates")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Batch and length only shape the grids and integer arguments (multiples of 16, as in
 # training); 8 sequences make the scan's channel block what a B*T = 32K batch gets.
@@ -168,6 +168,20 @@ def l2_case(dtype: str, H: int, K: int) -> Case:
     return Case("l2_normalize", f"{dtype} H={H} K={K}", call)
 
 
+def rglru_case(dtype: str, W: int) -> Case:
+    """Griffin's RG-LRU gating over ``BATCH * SEQLEN`` tokens of width W, a reset per row."""
+    dt = DTYPES[dtype]
+
+    def call() -> None:
+        x, gx, ga = (_leaf(BATCH, SEQLEN, W, dtype=dt) for _ in range(3))
+        reset = torch.zeros(BATCH, SEQLEN, 1, dtype=torch.bool)
+        reset[:, 0] = True
+        xn, a = kernels.rg_lru_gates(x, gx, ga, _leaf(W, dtype=torch.float32), reset, backend="triton")
+        _backward(xn + a, None)
+
+    return Case("rg_lru_gates", f"{dtype} W={W}", call)
+
+
 def full_grid(fp32: bool = False) -> list[Case]:
     """Shapes of the issues' targets and the model presets (1.3B: GDP H=16 K=V=128, also
     with half intermediates; Mamba2 64 heads of P=64, N=128, conv over 4352 channels;
@@ -192,11 +206,13 @@ def full_grid(fp32: bool = False) -> list[Case]:
         act_case("bf16", 6144, "gelu"),
         l2_case("bf16", 32, 128),
         l2_case("bf16", 16, 256),
+        rglru_case("bf16", 2048),
     ]
     if fp32:
         cases += [gdp_case("fp32", 128, 128, 2), ssd_case("fp32", 64, 128),
                   scan_case("fp32", 2048), conv_case("fp32", 2048), norm_case("fp32", 2048),
-                  act_case("fp32", 5632), l2_case("fp32", 32, 128)]
+                  act_case("fp32", 5632), l2_case("fp32", 32, 128),
+                  rglru_case("fp32", 2048)]
     return cases
 
 
@@ -204,7 +220,7 @@ def quick_grid() -> list[Case]:
     """One realistic bf16 case per op."""
     return [gdp_case("bf16", 128, 128, 2), ssd_case("bf16", 64, 128), scan_case("bf16", 2048),
             conv_case("bf16", 4352), norm_case("bf16", 2048, group=128, gated=True), act_case("bf16", 5632),
-            l2_case("bf16", 32, 128)]
+            l2_case("bf16", 32, 128), rglru_case("bf16", 2048)]
 
 
 def kernel_config(launch: aot.Launch) -> str:

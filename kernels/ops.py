@@ -14,6 +14,7 @@ from .reference import gated_activation as _act_ref
 from .reference import gated_delta_product as _gdp_ref
 from .reference import l2_normalize as _l2_ref
 from .reference import linear_recurrence as _lr_ref
+from .reference import rg_lru_gates as _rglru_ref
 from .reference import rms_norm as _norm_ref
 from .reference import ssd as _ssd_ref
 from .varlen import check_cu_seqlens
@@ -227,3 +228,26 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -
     if resolve_backend(op, backend, x) == "triton":
         return triton_impl(op)(x, eps)
     return _l2_ref.l2_normalize(x, eps)
+
+
+def rg_lru_gates(x: torch.Tensor, gx_logits: torch.Tensor, ga_logits: torch.Tensor, a_param: torch.Tensor,
+                 reset: torch.Tensor, *, c: float = 8.0, max_sqrt_gradient: float = 1000.0,
+                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The RG-LRU's inputs to ``linear_recurrence``, both fp32 ``[..., W]``:
+    ``x̃ = x·σ(gx)·sqrt(1 - a²)`` and ``a = exp(-c·σ(ga)·softplus(a_param))``; at rows where
+    ``reset [..., 1]`` (bool) is True, x̃ = x·σ(gx) and a = 0 (a document start). The sqrt's
+    derivative is capped at ``max_sqrt_gradient``. Backward keeps x, the logits and reset."""
+    op = "rg_lru_gates"
+    W = x.shape[-1]
+    if gx_logits.shape != x.shape or ga_logits.shape != x.shape:
+        raise ValueError(f"{op}: gx_logits and ga_logits must have x's shape {list(x.shape)}, got "
+                         f"{list(gx_logits.shape)} and {list(ga_logits.shape)}")
+    if a_param.shape != (W,):
+        raise ValueError(f"{op}: a_param must be [{W}] (x's last dim), got {list(a_param.shape)}")
+    if reset.dtype != torch.bool or reset.shape != (*x.shape[:-1], 1):
+        raise ValueError(f"{op}: reset must be a bool tensor of shape {[*x.shape[:-1], 1]}, got "
+                         f"{reset.dtype} {list(reset.shape)}")
+    args = (x, gx_logits, ga_logits, a_param, reset, c, max_sqrt_gradient)
+    if resolve_backend(op, backend, x) == "triton":
+        return triton_impl(op)(*args)
+    return _rglru_ref.rg_lru_gates(*args)

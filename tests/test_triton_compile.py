@@ -62,6 +62,8 @@ CASES = {
     "act-fp32-silu": (kr.act_case("fp32", 96), ()),
     "l2-bf16": (kr.l2_case("bf16", 2, 48), ()),
     "l2-fp32": (kr.l2_case("fp32", 2, 128), ()),
+    "rglru-bf16": (kr.rglru_case("bf16", 192), ()),
+    "rglru-fp32": (kr.rglru_case("fp32", 64), ()),
 }
 
 

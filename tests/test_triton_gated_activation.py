@@ -15,7 +15,7 @@ from kernel_checks import interpreter_fixture, rel_rmse  # noqa: E402
 import kernels  # noqa: E402
 from kernels.reference.gated_activation import gated_activation as reference  # noqa: E402
 
-tk = interpreter_fixture("kernels.triton.gated_activation")
+tk = interpreter_fixture("kernels.triton.jit_math", "kernels.triton.gated_activation")
 
 
 def _run(fn, shape, kind, dtype, device="cpu", scale=3.0, bf16_inputs=False):

@@ -16,7 +16,7 @@ from kernel_checks import interpreter_fixture, rel_rmse  # noqa: E402
 import kernels  # noqa: E402
 from kernels.reference.l2_normalize import l2_normalize as reference  # noqa: E402
 
-tk = interpreter_fixture("kernels.triton.l2_normalize")
+tk = interpreter_fixture("kernels.triton.jit_math", "kernels.triton.l2_normalize")
 
 SHAPES = [
     (2, 5, 3, 16),      # GDP q: [B, T, H, K]

@@ -16,7 +16,7 @@ from kernel_checks import interpreter_fixture, rel_rmse  # noqa: E402
 import kernels  # noqa: E402
 from kernels.reference.rms_norm import rms_norm as reference  # noqa: E402
 
-tk = interpreter_fixture("kernels.triton.rms_norm")
+tk = interpreter_fixture("kernels.triton.jit_math", "kernels.triton.rms_norm")
 
 # (shape, group, gated, gate_first)
 CASES = [

@@ -45,9 +45,11 @@ KERNEL_MODULES = (
     "kernels.triton.gated_delta_product_fwd",
     "kernels.triton.gated_delta_product_bwd",
     "kernels.triton.gated_delta_product",
+    "kernels.triton.jit_math",
     "kernels.triton.rms_norm",
     "kernels.triton.gated_activation",
     "kernels.triton.l2_normalize",
+    "kernels.triton.rg_lru_gates",
 )
 SM90_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on H100/H200 (227 KiB)
 REGISTER_LIMIT = 255  # registers per thread the ISA can address

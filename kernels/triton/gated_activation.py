@@ -6,7 +6,8 @@ forward reads gate and up and writes the product once, the backward reads dout, 
 and writes dgate, dup once. Arithmetic in fp32, each output rounded once. Saves gate and
 up, like ``kernels.reference.gated_activation`` (the oracle).
 
-Kernels call only builtins and this module's jit helpers (see ``linear_recurrence``).
+Kernels call only builtins and jit helpers of this module and ``jit_math`` (see
+``linear_recurrence``).
 """
 from __future__ import annotations
 
@@ -15,14 +16,10 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_triton
+from .jit_math import sigmoid
 from ..reference import gated_activation as _ref
 
 BLOCK = 1024
-
-
-@triton.jit
-def _sigmoid(z):
-    return 1.0 / (1.0 + tl.exp(-z))
 
 
 @triton.jit
@@ -30,11 +27,11 @@ def _act_and_grad(g, GELU: tl.constexpr):
     """(act(g), act'(g)) in fp32: SiLU, or GeLU with the tanh approximation."""
     if GELU:  # sqrt(2 / pi) = 0.7978845608028654, cubic coefficient 0.044715
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        t = 2.0 * _sigmoid(2.0 * inner) - 1.0  # tanh(inner)
+        t = 2.0 * sigmoid(2.0 * inner) - 1.0  # tanh(inner)
         act = 0.5 * g * (1.0 + t)
         grad = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
     else:
-        s = _sigmoid(g)
+        s = sigmoid(g)
         act = g * s
         grad = s * (1.0 + g * (1.0 - s))
     return act, grad

@@ -7,7 +7,8 @@ fp32 rstd per row; the backward reads y, rstd and dy once and writes dx. Same sa
 tensors (y, rstd) and gradients as ``kernels.reference.l2_normalize`` (the oracle);
 arithmetic in fp32. Program i owns ``BM`` rows of ``BN >= K`` columns.
 
-Kernels call only builtins and this module's jit helpers (see ``linear_recurrence``).
+Kernels call only builtins and jit helpers of this module and ``jit_math`` (see
+``linear_recurrence``).
 """
 from __future__ import annotations
 
@@ -16,15 +17,11 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_triton
+from .jit_math import add
 from ..reference import l2_normalize as _ref
 from .rms_norm import row_tiles
 
 MAX_TILE = 16384  # channels one program holds; wider rows take the torch path
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
 
 
 @triton.jit
@@ -35,7 +32,7 @@ def _l2_fwd_kernel(x_ptr, y_ptr, rstd_ptr, M, N, eps, BM: tl.constexpr, BN: tl.c
     mask = rmask[:, None] & (cols < N)[None, :]
     offs = rows[:, None] * N + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 1, _add) + eps)
+    rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 1, add) + eps)
     tl.store(y_ptr + offs, (x * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=rmask)
 
@@ -50,7 +47,7 @@ def _l2_bwd_kernel(y_ptr, rstd_ptr, dy_ptr, dx_ptr, M, N, BM: tl.constexpr, BN: 
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-    dx = rstd[:, None] * (dy - y * tl.reduce(dy * y, 1, _add)[:, None])
+    dx = rstd[:, None] * (dy - y * tl.reduce(dy * y, 1, add)[:, None])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

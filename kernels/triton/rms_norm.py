@@ -11,8 +11,8 @@ Layout: x is ``[M, G, N]`` (M tokens, G groups of N channels); program (i, g) ow
 tokens of group g, so its weight slice is fixed. fp32 arithmetic throughout. Same
 semantics, saved tensors and gradients as ``kernels.reference.rms_norm`` (the oracle).
 
-Kernels call only builtins and this module's jit helpers (see ``linear_recurrence``), so
-reloading this one module switches it to and from the interpreter.
+Kernels call only builtins and jit helpers of this module and ``jit_math`` (see
+``linear_recurrence``).
 """
 from __future__ import annotations
 
@@ -21,19 +21,10 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_triton
+from .jit_math import add, sigmoid
 from ..reference import rms_norm as _ref
 
 MAX_TILE = 16384  # channels per group one program holds; wider groups take the torch path
-
-
-@triton.jit
-def _add(a, b):
-    return a + b
-
-
-@triton.jit
-def _sigmoid(z):
-    return 1.0 / (1.0 + tl.exp(-z))
 
 
 @triton.jit
@@ -56,10 +47,10 @@ def _rms_norm_fwd_kernel(x_ptr, gate_ptr, w_ptr, y_ptr, rstd_ptr, M, G, N, eps,
     gate_silu = x  # replaced below when there is a gate
     if HAS_GATE:
         g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gate_silu = g * _sigmoid(g)
+        gate_silu = g * sigmoid(g)
         if GATE_FIRST:
             x = x * gate_silu
-    rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 1, _add) / N + eps)
+    rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 1, add) / N + eps)
     w = tl.load(w_ptr + grp * N + cols, mask=cmask, other=0.0).to(tl.float32)
     y = x * rstd[:, None] * w[None, :]
     if HAS_GATE:
@@ -84,7 +75,7 @@ def _rms_norm_bwd_kernel(x_ptr, gate_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dgate
     dsilu = x
     if HAS_GATE:
         g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = _sigmoid(g)
+        s = sigmoid(g)
         gate_silu = g * s
         dsilu = s * (1.0 + g * (1.0 - s))
         if GATE_FIRST:
@@ -94,9 +85,9 @@ def _rms_norm_bwd_kernel(x_ptr, gate_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dgate
         if not GATE_FIRST:
             tl.store(dgate_ptr + offs, (dy * xhat * w[None, :] * dsilu).to(dgate_ptr.dtype.element_ty), mask=mask)
             dy = dy * gate_silu
-    tl.store(dwp_ptr + (pid * G + grp) * N + cols, tl.reduce(dy * xhat, 0, _add), mask=cmask)
+    tl.store(dwp_ptr + (pid * G + grp) * N + cols, tl.reduce(dy * xhat, 0, add), mask=cmask)
     dxhat = dy * w[None, :]
-    du = rstd[:, None] * (dxhat - xhat * (tl.reduce(dxhat * xhat, 1, _add) / N)[:, None])
+    du = rstd[:, None] * (dxhat - xhat * (tl.reduce(dxhat * xhat, 1, add) / N)[:, None])
     if HAS_GATE:
         if GATE_FIRST:
             tl.store(dgate_ptr + offs, (du * x * dsilu).to(dgate_ptr.dtype.element_ty), mask=mask)

@@ -22,14 +22,14 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
+from kernels.reference.rg_lru_gates import sqrt_bound_denominator
 
 from ..model_config import ModelConfig
 from .base import MixerCache, check_cache_or_packed
 from .layers import ShortConvolution
-from .lean_autograd import acc, gated_activation
+from .lean_autograd import gated_activation
 
 RGLRU_C = 8.0
 MAX_SQRT_GRADIENT = 1000.0
@@ -47,65 +47,20 @@ class SqrtBoundDerivative(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        return grad_out / _sqrt_bound_denominator(x)
-
-
-def _sqrt_bound_denominator(x: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt(torch.clamp(4.0 * x, min=1.0 / MAX_SQRT_GRADIENT**2))
+        return grad_out / sqrt_bound_denominator(x, MAX_SQRT_GRADIENT)
 
 
 def sqrt_bound_derivative(x: torch.Tensor) -> torch.Tensor:
     return SqrtBoundDerivative.apply(x)
 
 
-class _RGLRUInputs(torch.autograd.Function):
-    """The RG-LRU's gating (module docstring) from the conv output and the two gate logits.
-
-    Written out, autograd would keep about ten fp32 ``lru_width``-wide tensors per token;
-    this keeps the three half-precision inputs and recomputes the gates in backward.
-    Returns (x̃, a) in fp32.
-    """
-
-    @staticmethod
-    def _gates(x, gx_logits, ga_logits, a_param, reset):
-        gate_x = torch.sigmoid(acc(gx_logits))
-        gate_a = torch.sigmoid(acc(ga_logits))
-        softplus_a = F.softplus(acc(a_param))
-        log_a = -RGLRU_C * gate_a * softplus_a
-        # 1 - a² = -expm1(2 log a): exact near a = 1 where 1 - exp(..)² would cancel.
-        one_minus_a2 = -torch.expm1(2.0 * log_a)
-        multiplier = torch.sqrt(one_minus_a2).masked_fill(reset, 1.0)
-        return gate_x, gate_a, softplus_a, log_a, one_minus_a2, multiplier
-
-    @staticmethod
-    def forward(ctx, x, gx_logits, ga_logits, a_param, reset):  # type: ignore[override]
-        gate_x, _, _, log_a, _, multiplier = _RGLRUInputs._gates(x, gx_logits, ga_logits, a_param, reset)
-        ctx.save_for_backward(x, gx_logits, ga_logits, a_param, reset)
-        return acc(x) * gate_x * multiplier, torch.exp(log_a).masked_fill(reset, 0.0)
-
-    @staticmethod
-    def backward(ctx, dx_norm, da):  # type: ignore[override]
-        x, gx_logits, ga_logits, a_param, reset = ctx.saved_tensors
-        gate_x, gate_a, softplus_a, log_a, one_minus_a2, multiplier = _RGLRUInputs._gates(
-            x, gx_logits, ga_logits, a_param, reset)
-        xf = acc(x)
-        dx = dx_norm * gate_x * multiplier
-        dgate_x = dx_norm * xf * multiplier
-        dmultiplier = (dx_norm * xf * gate_x).masked_fill(reset, 0.0)
-        # d(1 - a²)/d log a = -2 a²; the sqrt's derivative is capped as in SqrtBoundDerivative.
-        dlog_a = dmultiplier / _sqrt_bound_denominator(one_minus_a2) * (-2.0 * torch.exp(2.0 * log_a))
-        dlog_a = dlog_a + da.masked_fill(reset, 0.0) * torch.exp(log_a)
-        dgate_a = dlog_a * (-RGLRU_C * softplus_a)
-        dsoftplus = (dlog_a * (-RGLRU_C * gate_a)).reshape(-1, a_param.shape[-1]).sum(0)
-        da_param = dsoftplus * torch.sigmoid(acc(a_param))
-        return (dx.to(x.dtype), (dgate_x * gate_x * (1.0 - gate_x)).to(gx_logits.dtype),
-                (dgate_a * gate_a * (1.0 - gate_a)).to(ga_logits.dtype), da_param.to(a_param.dtype), None)
-
-
 def rg_lru_inputs(x: torch.Tensor, gx_logits: torch.Tensor, ga_logits: torch.Tensor, a_param: torch.Tensor,
                   reset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̃, a) in fp32: ``x̃ = x·σ(gx)·sqrt(1 - a²)`` (1 at resets), ``a = exp(-c·σ(ga)·softplus(Λ))`` (0 at resets)."""
-    return _RGLRUInputs.apply(x, gx_logits, ga_logits, a_param, reset)
+    """(x̃, a) in fp32: ``x̃ = x·σ(gx)·sqrt(1 - a²)`` (1 at resets), ``a = exp(-c·σ(ga)·softplus(Λ))``
+    (0 at resets): ``kernels.rg_lru_gates``, which keeps only its half-precision inputs for
+    backward (one fused Triton kernel each way on CUDA tensors)."""
+    return kernels.rg_lru_gates(x, gx_logits, ga_logits, a_param, reset, c=RGLRU_C,
+                                max_sqrt_gradient=MAX_SQRT_GRADIENT)
 
 
 class BlockDiagLinear(nn.Module):
