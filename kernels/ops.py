@@ -84,13 +84,16 @@ def ssd(
     initial_state: State = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    save_state_every: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, State]:
     """Mamba2 state-space duality scan with scalar decay per head.
 
     x [B,T,H,P], dt [B,T,H] (> 0), A [H] (< 0), B and C [B,T,G,N], D [H] or None,
     states [N_seq,H,P,N] fp32. a_t = exp(dt A), or 2 exp(dt A) - 1 with allow_neg_eigval;
-    h_t = a_t h_{t-1} + dt_t x_t B_t^T; y_t = h_t C_t + D x_t.
+    h_t = a_t h_{t-1} + dt_t x_t B_t^T; y_t = h_t C_t + D x_t. ``save_state_every`` (a
+    multiple of 64, default 64): tokens per chunk state the Triton path keeps for backward,
+    which recomputes those in between; a memory/time trade that does not change results.
     """
     op = "ssd"
     Bsz, T, H, P = x.shape
@@ -105,6 +108,8 @@ def ssd(
         raise ValueError(f"{op}: number of heads {H} must be divisible by groups {G}")
     if D is not None and D.shape != (H,):
         raise ValueError(f"{op}: D must be [{H}], got {list(D.shape)}")
+    if save_state_every is not None and (save_state_every < 64 or save_state_every % 64):
+        raise ValueError(f"{op}: save_state_every must be a positive multiple of 64, got {save_state_every}")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, T, Bsz, op)
     _check_state(op, initial_state, (_num_seqs(Bsz, cu_seqlens), H, P, N))
@@ -112,7 +117,7 @@ def ssd(
     kwargs = dict(D=D, allow_neg_eigval=allow_neg_eigval, initial_state=initial_state,
                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     if resolve_backend(op, backend, x) == "triton":
-        return triton_impl(op)(*args, **kwargs)
+        return triton_impl(op)(*args, **kwargs, save_every=save_state_every)
     return _ssd_ref.chunk_ssd(*args, **kwargs)
 
 

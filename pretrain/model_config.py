@@ -42,6 +42,10 @@ class Mamba2Config:
     dt_limit: tuple[float, float] = (0.0, float("inf"))
     A_init_range: tuple[float, float] = (1.0, 16.0)
     allow_neg_eigval: bool = False  # a_t = 2 exp(dt A) - 1 in (-1, 1)
+    # Tokens per fp32 chunk state the Triton scan keeps for backward (a multiple of 64): 128
+    # halves that memory (~16 KiB/token/layer at the 1.3B shapes), the backward recomputes
+    # the states in between. No effect on the result or on the torch path.
+    ssd_state_every: int = 64
 
 
 @dataclass
@@ -119,6 +123,9 @@ class ModelConfig:
                 raise ValueError("mamba2.A_init_range: need 0 < low <= high")
             if not 1 <= m2.conv_size <= 4:
                 raise ValueError(f"mamba2.conv_size: must be in 1..4, got {m2.conv_size}")
+            if m2.ssd_state_every < 64 or m2.ssd_state_every % 64:
+                raise ValueError(
+                    f"mamba2.ssd_state_every: must be a positive multiple of 64, got {m2.ssd_state_every}")
         if "rglru" in used:
             width = rg.lru_width or self.d_model
             if rg.num_heads < 1 or width % rg.num_heads:

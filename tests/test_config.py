@@ -86,6 +86,13 @@ def test_bad_config_names_the_key(run_yaml, override, fragment):
     assert fragment in str(err.value)
 
 
+def test_ssd_state_interval_must_be_a_multiple_of_64(run_yaml):
+    cfg = load_config(run_yaml, ["model.preset=mamba2-tiny", "model.mamba2.ssd_state_every=128"])
+    assert cfg.model.mamba2.ssd_state_every == 128
+    with pytest.raises(ConfigError, match="mamba2.ssd_state_every: must be a positive multiple of 64, got 96"):
+        load_config(run_yaml, ["model.preset=mamba2-tiny", "model.mamba2.ssd_state_every=96"])
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

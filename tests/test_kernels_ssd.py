@@ -163,6 +163,12 @@ def test_bad_shapes_name_the_argument(name, bad, match):
                     initial_state=inp.get("initial_state"), backend="torch")
 
 
+def test_saved_state_interval_must_be_a_multiple_of_64():
+    inp = make_inputs(1, 5, 4, 4, 1, 8, neg=False)
+    with pytest.raises(ValueError, match="save_state_every must be a positive multiple of 64, got 32"):
+        kernels.ssd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], save_state_every=32, backend="torch")
+
+
 def test_groups_must_divide_heads():
     inp = make_inputs(1, 5, 4, 4, 3, 8, neg=False)
     with pytest.raises(ValueError, match="divisible"):

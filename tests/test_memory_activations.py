@@ -51,6 +51,31 @@ def test_block_activation_estimate_is_within_ten_percent(triton_backend, family,
     assert estimate == pytest.approx(measured, rel=0.05)
 
 
+def test_sparser_ssd_states_save_memory_and_change_nothing_else(triton_backend):
+    """mamba2.ssd_state_every=128 keeps half the chunk states (the estimate follows) and gives
+    the same output and gradients: the backward recomputes the states in between."""
+    import dataclasses
+
+    T = 136  # two 64-token chunks and a partial one: state slots T // every + 1
+    results = {}
+    for every in (64, 128):
+        cfg = small_config("mamba2")
+        cfg = dataclasses.replace(cfg, mamba2=dataclasses.replace(cfg.mamba2, ssd_state_every=every))
+        torch.manual_seed(0)
+        block = Block(cfg, 0, "mamba2")
+        x = torch.randn(1, T, cfg.d_model, requires_grad=True)
+        measured = measured_activation_bytes(block, x) / T
+        assert block.activation_bytes_per_token(4, T) == pytest.approx(measured, rel=0.05)
+        block(x).pow(2).sum().backward()
+        m = block.mixer
+        grads = [x.grad, *(p.grad for p in block.parameters())]
+        results[every] = (measured, 4 * m.num_heads * m.head_dim * m.d_state, grads)
+    (m64, state_bytes, g64), (m128, _, g128) = results[64], results[128]
+    assert m64 - m128 == pytest.approx((T // 64 - T // 128) * state_bytes / T)
+    for a, b in zip(g64, g128):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["gated_deltaproduct-1.3b", "mamba2-1.3b", "griffin-1.3b"])
 def test_plan_matches_a_gpu_forward_of_the_1_3b_blocks(preset, monkeypatch):

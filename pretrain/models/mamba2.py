@@ -21,7 +21,6 @@ from .base import MixerCache, check_cache_or_packed
 from .layers import GatedRMSNorm, ShortConvolution
 
 
-SSD_STATE_EVERY = 64  # tokens per chunk state the Triton scan saves (kernels/triton/ssd.py SAVE_EVERY)
 
 
 class Mamba2(nn.Module):
@@ -48,6 +47,7 @@ class Mamba2(nn.Module):
         self.dt_limit = tuple(cfg.dt_limit)
         self.A_init_range = tuple(cfg.A_init_range)
         self.allow_neg_eigval = cfg.allow_neg_eigval
+        self.ssd_state_every = cfg.ssd_state_every
 
         self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
         self.in_proj = nn.Linear(self.d_model, self.d_inner + self.conv_dim + self.num_heads, bias=False)
@@ -83,7 +83,7 @@ class Mamba2(nn.Module):
 
         The input; the conv's input (x, B, C); z; the scan's copies of x, B, C; the scan
         output and the output projection's input; dt (2 fp32); and the scan's fp32 chunk
-        states, one ``[H, P, N]`` per ``SSD_STATE_EVERY`` tokens plus one per sequence (per
+        states, one ``[H, P, N]`` per ``ssd_state_every`` tokens plus one per sequence (per
         document when packed; counted here as one per row of ``seq_len`` tokens).
         """
         GN = self.n_groups * self.d_state
@@ -91,7 +91,7 @@ class Mamba2(nn.Module):
         half = elem * (self.d_model + conv_in + 4 * self.d_inner + 2 * GN)
         dt = 2 + (1 if self.dt_limit[0] > 0.0 or self.dt_limit[1] < float("inf") else 0)
         fp32 = 4 * (dt * self.num_heads + self.n_groups)
-        states = 4 * self.num_heads * self.head_dim * self.d_state * (1 / SSD_STATE_EVERY + 1 / max(seq_len, 1))
+        states = 4 * self.num_heads * self.head_dim * self.d_state * (1 / self.ssd_state_every + 1 / max(seq_len, 1))
         return half + fp32 + states
 
     # ---------------------------------------------------------------- helpers
@@ -143,6 +143,7 @@ class Mamba2(nn.Module):
             initial_state=cache["ssm"] if cache is not None else None,
             output_final_state=cache is not None,
             cu_seqlens=cu_seqlens,
+            save_state_every=self.ssd_state_every,
         )
         if cache is not None:
             cache["ssm"].copy_(final)
