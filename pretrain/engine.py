@@ -8,6 +8,7 @@ layer list instead (``pipeline.py``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,25 +35,27 @@ class LossModule(nn.Module):
         return self.lm.loss(input_ids, labels, cu_seqlens=cu_seqlens)
 
 
-class _Checkpointed(nn.Module):
-    """Recompute a block in the backward instead of storing its activations."""
+@functools.cache
+def _recomputing_class(block_class: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``block_class`` whose forward recomputes the block in the backward
+    instead of storing its activations (not when decoding with a cache, nor without grad)."""
 
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(self: nn.Module, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if not torch.is_grad_enabled() or kwargs.get("cache") is not None:
-            return self.block(x, **kwargs)
-        return checkpoint(lambda h: self.block(h, **kwargs), x, use_reentrant=False)
+            return block_class.forward(self, x, **kwargs)
+        return checkpoint(lambda h: block_class.forward(self, h, **kwargs), x, use_reentrant=False)
+
+    return type(f"Recomputed{block_class.__name__}", (block_class,),
+                {"forward": forward, "recomputes_activations": True})
 
 
 def apply_activation_checkpointing(lm: LanguageModel) -> None:
-    """Per-block activation checkpointing. Parameter names gain ``.block``; the export
-    strips it again (see ``export.clean_state_dict``)."""
-    for i, block in enumerate(lm.blocks):
-        if not isinstance(block, _Checkpointed):
-            lm.blocks[i] = _Checkpointed(block)
+    """Per-block activation checkpointing that leaves parameter names as they are: each block
+    becomes an instance of a recomputing subclass of its own class (no wrapper module), so
+    a checkpoint saved with checkpointing on loads with it off and the other way round."""
+    for block in lm.blocks:
+        if not getattr(block, "recomputes_activations", False):
+            block.__class__ = _recomputing_class(type(block))
 
 
 def precision_dtype(precision: str) -> torch.dtype:

@@ -53,8 +53,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def clean_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Engine names -> LanguageModel names: drop the ``lm.`` wrapper and the activation-
-    checkpointing wrapper's ``.block``."""
+    """Engine names -> LanguageModel names: drop the ``lm.`` wrapper, and the ``.block`` that
+    checkpoints of runs with activation checkpointing had before 2026-11-29 (a wrapper module
+    then; now the names do not change)."""
     out = {}
     for k, v in sd.items():
         k = k[3:] if k.startswith("lm.") else k

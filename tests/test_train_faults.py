@@ -84,6 +84,30 @@ def test_sigterm_saves_exits_with_requeue_code_and_rerun_matches(tmp_path, refer
     assert losses(root) == ref
 
 
+def test_activation_checkpointing_can_be_switched_on_at_a_resume(tmp_path, reference):
+    """The usual answer to an out-of-memory crash: resume the same run with checkpointing on.
+    Parameter names do not change, so the checkpoint loads, and the losses are the
+    reference's exactly (recomputation repeats the same fp32 arithmetic). ZeRO-3 gathers
+    the blocks' parameters again for the recomputation: same losses up to summation order."""
+    _, ref = reference
+    cfg = write_config(tmp_path)
+    root = tmp_path / "ckpt"
+    r = train_cli(cfg, "faults.preempt_at_step=4")
+    assert r.returncode == REQUEUE_EXIT_CODE, r.stderr[-3000:]
+    r = train_cli(cfg, "parallel.activation_checkpointing=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 4" in r.stdout and losses(root) == ref
+    sd = torch.load(ckpt.step_dir(root, 6) / "ds" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert "lm.blocks.0.mixer.q_proj.weight" in sd and not any(".block." in k for k in sd)
+    zero3 = tmp_path / "zero3.yaml"
+    zero3.write_text(cfg.read_text())
+    r = train_cli(zero3, "parallel.zero_stage=3", "parallel.activation_checkpointing=true",
+                  f"checkpoint.dir={tmp_path / 'ckpt3'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = losses(tmp_path / "ckpt3")
+    assert got.keys() == ref.keys() and all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, stage):
     cfg = write_config(tmp_path)
