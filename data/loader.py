@@ -352,8 +352,12 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue from ``state`` at the next ``__iter__``.
 
-        ``strict`` refuses a state saved for other datasets, weights or another global batch
-        size (each changes which samples come next); pass False to accept it knowingly.
+        The batch size and rank count may differ from the saving job's, as long as the
+        position (samples consumed by all ranks) is a whole number of this job's batches
+        (``batch_size x world_size``): each global batch of the saving job is then served as
+        one or more whole batches here, the same samples in the same order of steps (tested
+        across rank counts and batch sizes). ``strict`` refuses a state saved for other
+        datasets or mixture weights; pass False to accept it knowingly.
         """
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data loader state has version {state.get('version')}, expected "
@@ -364,12 +368,13 @@ class TokenLoader:
                 raise DataError("the checkpoint's data state belongs to other datasets or mixture "
                                 "weights than data.sources: restore the original sources, or resume "
                                 "with strict=False to restart the data order knowingly")
-            if state["global_batch_size"] != self.global_batch_size:
-                raise DataError(
-                    f"the checkpoint's data state was saved at global batch "
-                    f"{state['global_batch_size']} sequences, this job has {self.global_batch_size} "
-                    f"({self.world_size} ranks x {self.batch_size}): keep the global batch size "
-                    "fixed when changing the number of ranks")
+        position = int(state["streaming"].get("sample_in_epoch", 0))
+        if position % self.global_batch_size:
+            raise DataError(
+                f"the checkpoint's data state is {position} sequences into its epoch (saved at "
+                f"{state['global_batch_size']} per batch), not a whole number of this job's batches of "
+                f"{self.global_batch_size} ({self.world_size} ranks x {self.batch_size}): choose a batch "
+                f"size and rank count whose product divides {state['global_batch_size']}")
         self.dataset.load_state_dict(state["streaming"])
 
     # ------------------------------------------------------------------ teardown

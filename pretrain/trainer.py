@@ -89,8 +89,10 @@ class Batches:
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
-    def load_state_dict(self, state: dict, strict: bool) -> None:
-        self.loader.load_state_dict(state, strict=strict)
+    def load_state_dict(self, state: dict) -> None:
+        """Also with another micro-batch size or rank count at the same global batch: the
+        steps read the same samples (``TokenLoader.load_state_dict``)."""
+        self.loader.load_state_dict(state)
 
     def close(self) -> None:
         self.loader.close()
@@ -140,7 +142,7 @@ class Trainer:
         rng = ckpt.load_rng(path, self.env.rank)
         if rng is not None:
             ckpt.set_rng_state(rng)
-        self.batches.load_state_dict(state["data"], strict=same_world)
+        self.batches.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens_seen"]
         self.last_saved = self.step
         self.log.print(f"[train] resumed from {path} at step {self.step} ({self.tokens} tokens)")

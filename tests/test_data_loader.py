@@ -107,9 +107,39 @@ def test_resume_from_two_ranks_on_one_rank_keeps_the_global_order(tmp_path):
     assert before == reference[:k]
     assert after == reference[k:]
 
-    with TokenLoader(cfg, BATCH // 2) as wrong:  # global batch 2 != 4
-        with pytest.raises(DataError, match="global batch"):
+    with TokenLoader(cfg, 3) as wrong:  # 3 does not divide the 4 per saved batch
+        with pytest.raises(DataError, match="not a whole number of this job's batches of 3"):
             wrong.load_state_dict(state)
+
+
+@pytest.mark.parametrize("before,after", [((1, 4), (1, 2)), ((1, 2), (1, 4)), ((2, 2), (2, 1)),
+                                          ((1, 4), (2, 1))])
+def test_resume_with_another_micro_batch_reads_the_same_samples_per_step(tmp_path, before, after):
+    """(ranks, micro-batch) before and after the resume, at 4 sequences per optimizer step:
+    the steps after it read the same samples as an uninterrupted run's (what lowering the
+    micro-batch after running out of memory needs)."""
+    cfg = data_config(tmp_path, prepared(), num_canonical_nodes=2)
+
+    def steps(world, micro, max_steps=None, state=None):
+        loaders = [TokenLoader(cfg, micro, rank=r, world_size=world) for r in range(world)]
+        for ld in loaders:
+            if state is not None:
+                ld.load_state_dict(state)
+        accum = BATCH // (micro * world)
+        per_rank = [_keys(ld, None if max_steps is None else max_steps * accum) for ld in loaders]
+        n = min(map(len, per_rank)) // accum
+        out = [{k for batches in per_rank for b in batches[i * accum:(i + 1) * accum] for k in b} for i in range(n)]
+        saved = loaders[0].state_dict()
+        for ld in loaders:
+            ld.close()
+        return out, saved
+
+    reference, _ = steps(*before)
+    k = 7
+    first, state = steps(*before, max_steps=k)
+    second, _ = steps(*after, state=state)
+    assert first == reference[:k]
+    assert second == reference[k:] and len(second) > 10
 
 
 def test_weighted_mixture_draws_the_configured_proportions(tmp_path):

@@ -108,6 +108,21 @@ def test_activation_checkpointing_can_be_switched_on_at_a_resume(tmp_path, refer
     assert got.keys() == ref.keys() and all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
 
 
+def test_a_run_resumes_with_a_smaller_micro_batch_at_the_same_global_batch(tmp_path, reference):
+    """The other answer to running out of memory: micro-batch 2 -> 1 (gradient accumulation
+    1 -> 2) at a resume. The steps read the same samples: the reference's losses up to
+    summation order."""
+    _, ref = reference
+    cfg = write_config(tmp_path)
+    r = train_cli(cfg, "faults.preempt_at_step=4")
+    assert r.returncode == REQUEUE_EXIT_CODE, r.stderr[-3000:]
+    r = train_cli(cfg, "parallel.micro_batch_size=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = losses(tmp_path / "ckpt")
+    assert "at step 4" in r.stdout and got.keys() == ref.keys()
+    assert all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, stage):
     cfg = write_config(tmp_path)
