@@ -57,6 +57,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import broadcast_from_rank0
+
 MARKER = "COMPLETE"
 LATEST = "latest"
 DS_TAG = "ds"
@@ -301,9 +303,6 @@ def ensure_universal(path: Path, rank: int) -> None:
         except OSError as e:  # e.g. a read-only checkpoint directory
             error = (f"cannot write the universal checkpoint into {str(path)!r} for an elastic resume "
                      f"({e}): make the directory writable, or resume on the rank count it was saved with")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = broadcast_from_rank0(error)
     if error:
         raise CheckpointError(error)

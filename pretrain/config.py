@@ -67,6 +67,7 @@ class CheckpointConfig:
     every_steps: int = _rng(1000, ge=0)  # 0: only at the end and on preemption
     keep_last: int = _rng(3, ge=1)
     resume: bool = True  # resume from the newest complete checkpoint in ``dir``
+    lock_wait_s: float = _rng(120.0, ge=0.0)  # how long to wait for another job's lock on ``dir``
 
 
 @dataclass

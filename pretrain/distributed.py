@@ -101,6 +101,18 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world, local, local_world, backend)
 
 
+def broadcast_from_rank0(value: str) -> str:
+    """Rank 0's ``value`` on every rank (as is without a multi-rank process group): how a
+    failure only rank 0 can see (a lock, a conversion) stops all ranks with its message."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
 def device() -> "torch.device":  # noqa: F821
     import torch
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from . import run_lock
 from .config import RunConfig
 from .config_loader import config_to_dict, dump_config
 from .distributed import DistEnv, device, init_distributed
@@ -402,17 +403,23 @@ class Trainer:
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the configured job in this process; collective over all ranks."""
     info = check_data(cfg)  # refuse bad input before touching anything
-    resume_from = check_resume(cfg, info["tokenizer_hash"])
+    check_resume(cfg, info["tokenizer_hash"])
     env = init_distributed()
     if cfg.parallel.pipeline_stages > 1:
         from .pipeline import check_pipeline
 
         check_pipeline(cfg, env.world_size)
-    trainer = Trainer(cfg, env, info, resume_from)
+    lock = run_lock.lock_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock_wait_s, env.is_main)
     try:
-        return trainer.run()
+        # again, under the lock: a job we waited for may have saved a newer checkpoint
+        resume_from = check_resume(cfg, info["tokenizer_hash"])
+        trainer = Trainer(cfg, env, info, resume_from)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        run_lock.release(lock)
 
 
 __all__ = ["train", "Trainer", "TrainResult", "TrainError", "EXIT_OK", "EXIT_FAILED", "REQUEUE_EXIT_CODE"]

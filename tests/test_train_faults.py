@@ -166,6 +166,26 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, reference):
     assert _snapshot(other) == before
 
 
+def test_a_second_job_on_the_same_checkpoint_dir_is_refused(tmp_path):
+    """While one job holds checkpoint.dir (here: this process), another waits lock_wait_s,
+    then stops with a message naming the holder, having written nothing."""
+    import os
+
+    from pretrain import run_lock
+
+    cfg = write_config(tmp_path)
+    root = tmp_path / "ckpt"
+    held = run_lock.acquire(root, 0)
+    try:
+        r = train_cli(cfg, "checkpoint.lock_wait_s=1")
+    finally:
+        run_lock.release(held)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"another job is training into checkpoint.dir {str(root)!r} (pid {os.getpid()}" in r.stderr
+    assert "waiting up to 1 s" in r.stdout + r.stderr
+    assert sorted(p.name for p in root.iterdir()) == [run_lock.LOCK_NAME]
+
+
 def test_export_round_trip(tmp_path, reference):
     ref_tmp, _ = reference
     root = ref_tmp / "ckpt"

@@ -3,6 +3,7 @@ directory rules, the DeepSpeed config. No process group, no DeepSpeed engine."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch.nn as nn
@@ -354,3 +355,30 @@ def test_signal_during_start_up_is_kept_for_the_first_stop_flag():
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+def test_run_lock_admits_one_job_per_checkpoint_dir(tmp_path, monkeypatch):
+    import errno
+    import threading
+
+    from pretrain import run_lock
+
+    held = run_lock.acquire(tmp_path / "ckpt", 0)
+    assert held is not None and str(os.getpid()) in (tmp_path / "ckpt" / run_lock.LOCK_NAME).read_text()
+    with pytest.raises(run_lock.RunLockError, match=f"another job is training into .*pid {os.getpid()} on"):
+        run_lock.acquire(tmp_path / "ckpt", 0)  # flock conflicts between open files, also in one process
+    # a job that finds it taken waits for it (a requeued job while the old one lets go)
+    monkeypatch.setattr(run_lock, "POLL_S", 0.05)
+    said = []
+    threading.Timer(0.3, run_lock.release, [held]).start()
+    again = run_lock.acquire(tmp_path / "ckpt", 10, log=said.append)
+    assert again is not None and "waiting up to 10 s" in said[0]
+    run_lock.release(again)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)  # e.g. an NFS mount without locking
+    said.clear()
+    assert run_lock.acquire(tmp_path / "ckpt", 10, log=said.append) is None
+    assert "has no file locks" in said[0]
