@@ -6,8 +6,9 @@
 * an existing checkpoint directory: its newest complete checkpoint must come from the
   same model shape and tokenizer, else resuming would load mismatched weights (or fail
   deep inside DeepSpeed) and the next save would overwrite another run's checkpoints; and
-  from the same ZeRO stage, pipeline stages, sequence length and global batch (the rank
-  count, and with it a pipeline's data-parallel degree, may change).
+  from the same ZeRO stage, pipeline stages, precision, sequence length and global batch
+  (the rank count and micro-batch size, and with them a pipeline's data-parallel degree,
+  may change).
 """
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ def _diff(saved: dict, current: dict, prefix: str = "model") -> list[str]:
     return out
 
 
+def _saved_precision(step: Path) -> str | None:
+    import yaml
+
+    try:
+        saved = yaml.safe_load((step / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return ((saved or {}).get("parallel") or {}).get("precision")
+
+
 def check_resume(cfg: RunConfig, tokenizer_hash: str) -> Path | None:
     """The checkpoint to resume from (None: start fresh); raises if the directory is foreign."""
     root = Path(cfg.checkpoint.dir)
@@ -67,9 +78,13 @@ def check_resume(cfg: RunConfig, tokenizer_hash: str) -> Path | None:
             f"data now has {tokenizer_hash}: resume with the original data, or use a new checkpoint.dir")
     why = {"zero_stage": "the optimizer state is laid out for the former",
            "pipeline_stages": "the model and optimizer state are split by stage (only the data-parallel degree, "
-                              "i.e. the rank count, may change)"}
+                              "i.e. the rank count, may change)",
+           "precision": "DeepSpeed stores the optimizer state per precision (bf16/fp16 runs keep fp32 master "
+                        "weights in their own files)"}
     for key, reason in why.items():
         saved = state.get(key, 1 if key == "pipeline_stages" else None)
+        if key == "precision" and saved is None:  # run.json before 2026-11-29: the step's config
+            saved = _saved_precision(newest)
         if saved is not None and saved != getattr(cfg.parallel, key):
             raise ckpt.CheckpointError(
                 f"checkpoint {str(newest)!r} was saved with parallel.{key}={saved}, the config says "

@@ -156,6 +156,7 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens, "data": self.batches.state_dict(),
             "tokenizer_hash": self.info["tokenizer_hash"], "model": config_to_dict(cfg.model),
             "world_size": self.env.world_size, "zero_stage": cfg.parallel.zero_stage,
+            "precision": cfg.parallel.precision,
             "pipeline_stages": cfg.parallel.pipeline_stages,
             "global_batch_size": cfg.parallel.global_batch_size, "max_steps": cfg.max_steps,
             "seq_len": cfg.data.seq_len, "torch": torch.__version__,

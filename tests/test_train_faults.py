@@ -163,6 +163,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, reference):
     cfg = load_config(base, [f"checkpoint.dir={other}", "model.d_model=64"])
     with pytest.raises(ckpt.CheckpointError, match="another model shape.*d_model"):
         train(cfg)
+    cfg = load_config(base, [f"checkpoint.dir={other}", "parallel.precision=bf16"])  # was a raw FileNotFoundError
+    with pytest.raises(ckpt.CheckpointError, match="saved with parallel.precision=fp32, the config says bf16"):
+        train(cfg)
     assert _snapshot(other) == before
 
 

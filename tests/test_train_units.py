@@ -382,3 +382,11 @@ def test_run_lock_admits_one_job_per_checkpoint_dir(tmp_path, monkeypatch):
     said.clear()
     assert run_lock.acquire(tmp_path / "ckpt", 10, log=said.append) is None
     assert "has no file locks" in said[0]
+
+
+def test_precision_of_an_older_checkpoint_comes_from_its_config(tmp_path):
+    from pretrain.run_checks import _saved_precision
+
+    (tmp_path / "config.yaml").write_text("parallel: {zero_stage: 1, precision: fp32}\n")
+    assert _saved_precision(tmp_path) == "fp32"
+    assert _saved_precision(tmp_path / "missing") is None
