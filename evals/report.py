@@ -141,8 +141,8 @@ def heatmap(path: Path, matrix: list[list[float | None]], rows: list[str], cols:
     ax.set_yticks(range(len(rows)), rows)
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
-            ax.text(j, i, "—" if v is None else f"{v:.2f}", ha="center", va="center",
-                    color="white" if v is None or v < 0.6 else "black", fontsize=7)
+            color = "grey" if v is None else "white" if v < 0.6 else "black"  # None: a blank cell
+            ax.text(j, i, "—" if v is None else f"{v:.2f}", ha="center", va="center", color=color, fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
