@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_triton
-from .jit_math import sigmoid
 from ..reference import gated_activation as _ref
+from .jit_math import sigmoid
 
 BLOCK = 1024
 

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_triton
-from .jit_math import add
 from ..reference import l2_normalize as _ref
+from .jit_math import add
 from .rms_norm import row_tiles
 
 MAX_TILE = 16384  # channels one program holds; wider rows take the torch path

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_triton
-from .jit_math import add, sigmoid
 from ..reference import rg_lru_gates as _ref
+from .jit_math import add, sigmoid
 
 BM, BW, ROWS = 16, 128, 256  # tile rows x channels; tokens per program (dsoftplus partials)
 

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_triton
-from .jit_math import add, sigmoid
 from ..reference import rms_norm as _ref
+from .jit_math import add, sigmoid
 
 MAX_TILE = 16384  # channels per group one program holds; wider groups take the torch path
 
