@@ -73,7 +73,7 @@ def _is_main() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags may come between overrides
     if not args.dry_run:
         install_early_handlers()  # a signal during start-up becomes a save-and-requeue
     try:

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied in order")
     parser.add_argument("--presets", action="store_true",
                         help="list the model presets with their parameter counts")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come between overrides
     try:
         if args.presets:
             from .models import count_parameters
