@@ -4,7 +4,7 @@ The JSONL file is the machine-readable record (tests compare per-step losses fro
 every record carries ``step`` and an ``event`` ("train", "val", "skip", "resume", ...).
 TensorBoard is written when the package is installed; W&B only when
 ``logging.wandb_project`` is set, with the key read by wandb from ``WANDB_API_KEY``
-(never passed, printed or saved here).
+(never passed, printed or saved here); a resumed job continues the same W&B run.
 """
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ import json
 import math
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
+
+WANDB_ID_FILE = "wandb_run_id"
 
 
 class RunLog:
@@ -40,9 +43,22 @@ class RunLog:
             try:
                 import wandb
 
-                self._wandb = wandb.init(project=wandb_project, name=run_name, config=config, resume="allow")
+                self._wandb = wandb.init(project=wandb_project, name=run_name, config=config,
+                                         id=self._wandb_run_id(), resume="allow")
             except ImportError:
                 print("warning: logging.wandb_project is set but wandb is not installed", file=sys.stderr)
+
+    def _wandb_run_id(self) -> str:
+        """One W&B run for the whole job, across requeues: its id is kept in the log directory
+        (without it every resume would start a new W&B run)."""
+        path = self.dir / WANDB_ID_FILE
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        run_id = uuid.uuid4().hex[:16]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(run_id + "\n")
+        tmp.replace(path)
+        return run_id
 
     def write(self, event: str, step: int, **fields: Any) -> None:
         if not self.enabled:

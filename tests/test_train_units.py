@@ -390,3 +390,26 @@ def test_precision_of_an_older_checkpoint_comes_from_its_config(tmp_path):
     (tmp_path / "config.yaml").write_text("parallel: {zero_stage: 1, precision: fp32}\n")
     assert _saved_precision(tmp_path) == "fp32"
     assert _saved_precision(tmp_path / "missing") is None
+
+
+def test_a_resumed_job_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Every start of a job (requeues included) logs into one W&B run: the id is kept in the
+    log directory. A stand-in ``wandb`` module records the calls (no network)."""
+    import sys
+    import types
+
+    from pretrain.run_log import RunLog
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(
+        log=lambda *a, **k: None, finish=lambda: None))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for _ in range(2):
+        log = RunLog(tmp_path / "logs", enabled=True, tensorboard=False, wandb_project="p", run_name="r",
+                     config={"optim": {"lr": 1e-3}})
+        log.close()
+    assert len(calls) == 2 and calls[0]["id"] == calls[1]["id"] and calls[0]["resume"] == "allow"
+    assert (tmp_path / "logs" / "wandb_run_id").read_text().strip() == calls[0]["id"]
+    other = RunLog(tmp_path / "other", enabled=True, tensorboard=False, wandb_project="p")
+    other.close()
+    assert calls[2]["id"] != calls[0]["id"]  # another run directory, another W&B run
