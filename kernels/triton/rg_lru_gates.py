@@ -10,7 +10,8 @@ Same saved tensors and gradients as the reference, arithmetic in fp32.
 softplus and expm1 use exact forms for small arguments (``log1p``/``expm1`` are not Triton
 builtins): the reference's ``F.softplus`` and ``torch.expm1`` keep full relative precision
 where 1 - a² is tiny (a → 1) and where softplus(Λ) ~ 1e-4 (Λ at init). Program (i, j) owns
-``ROWS`` tokens (looping over ``BM``-row tiles) of channel block j.
+``ROWS`` tokens (looping over ``BM``-row tiles) of channel block j: up to 256, fewer for
+short inputs (a decoding step has one token per sequence).
 
 Kernels call only builtins and jit helpers of this module and ``jit_math`` (see
 ``linear_recurrence``).
@@ -25,7 +26,7 @@ from ..dispatch import register_triton
 from ..reference import rg_lru_gates as _ref
 from .jit_math import add, sigmoid
 
-BM, BW, ROWS = 16, 128, 256  # tile rows x channels; tokens per program (dsoftplus partials)
+BM, BW, MAX_ROWS = 16, 128, 256  # tile rows x channels; tokens per program (dsoftplus partials)
 
 
 @triton.jit
@@ -114,8 +115,10 @@ def _rg_lru_bwd_kernel(x_ptr, gx_ptr, ga_ptr, lam_ptr, reset_ptr, dxn_ptr, da_pt
     tl.store(dsp_ptr + tl.program_id(0) * W + cols, dsp, mask=cmask)
 
 
-def _launch_shape(M: int, W: int) -> tuple[int, int]:
-    return triton.cdiv(M, ROWS), triton.cdiv(W, BW)
+def _launch(M: int, W: int) -> tuple[tuple[int, int], int]:
+    """(grid, ROWS): tokens per program a power of two in [BM, MAX_ROWS], no idle tiles."""
+    rows = max(BM, min(MAX_ROWS, triton.next_power_of_2(M)))
+    return (triton.cdiv(M, rows), triton.cdiv(W, BW)), rows
 
 
 class _RGLRUGatesTriton(torch.autograd.Function):
@@ -127,8 +130,9 @@ class _RGLRUGatesTriton(torch.autograd.Function):
         reset_rows = reset.reshape(M).contiguous().view(torch.uint8)
         x_norm = torch.empty(x.shape, device=x.device, dtype=torch.float32)
         a = torch.empty_like(x_norm)
-        _rg_lru_fwd_kernel[_launch_shape(M, W)](x, gx_logits, ga_logits, a_param, reset_rows, x_norm, a, M, W, c,
-                                                BM=BM, BW=BW, ROWS=ROWS, num_warps=8)
+        grid, rows = _launch(M, W)
+        _rg_lru_fwd_kernel[grid](x, gx_logits, ga_logits, a_param, reset_rows, x_norm, a, M, W, c,
+                                 BM=BM, BW=BW, ROWS=rows, num_warps=8)
         ctx.save_for_backward(x, gx_logits, ga_logits, a_param, reset_rows)
         ctx.c, ctx.max_sqrt_gradient = c, max_sqrt_gradient
         return x_norm, a
@@ -138,12 +142,12 @@ class _RGLRUGatesTriton(torch.autograd.Function):
         x, gx_logits, ga_logits, a_param, reset_rows = ctx.saved_tensors
         W = x.shape[-1]
         M = x.numel() // W
-        grid = _launch_shape(M, W)
+        grid, rows = _launch(M, W)
         dx, dgx, dga = torch.empty_like(x), torch.empty_like(gx_logits), torch.empty_like(ga_logits)
         dsp_partial = torch.empty(grid[0], W, device=x.device, dtype=torch.float32)
         _rg_lru_bwd_kernel[grid](x, gx_logits, ga_logits, a_param, reset_rows, dx_norm.contiguous(), da.contiguous(),
                                  dx, dgx, dga, dsp_partial, M, W, ctx.c, 1.0 / ctx.max_sqrt_gradient**2,
-                                 BM=BM, BW=BW, ROWS=ROWS, num_warps=8)
+                                 BM=BM, BW=BW, ROWS=rows, num_warps=8)
         da_param = dsp_partial.sum(0) * torch.sigmoid(a_param.float())
         return dx, dgx, dga, da_param.to(a_param.dtype), None, None, None
 
