@@ -11,7 +11,7 @@ config is used for the architecture benchmarks; the checkpoint suites lm, passke
 kv_lookup, fewshot and checkpoint (all four) evaluate its weights). Results: ``results.json``,
 ``results.md`` and one PNG per task in ``--out``. Runs can be split over ranks
 (``RANK``/``WORLD_SIZE``, e.g. under torchrun or srun): each rank trains its share and
-rank 0 writes the report.
+rank 0 writes the report. Checkpoint suites run on rank 0 alone (other ranks exit at once).
 
 ``--time-limit SECONDS`` bounds the whole call: each run gets an equal share of the time
 left, stops training early so it can still be scored, and is marked "stopped by time
@@ -314,6 +314,11 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
     if not Path(args.model).exists() and "/" not in args.model and args.model in _presets():
         raise CheckpointError(f"suite {args.suite!r} evaluates trained weights: pass an exported checkpoint "
                               f"directory, not the preset {args.model!r}")
+    rank, world = _shard()
+    if rank != 0:  # the parts are not split over ranks: the others would only write the same files
+        print(f"linrnn-eval: checkpoint suites run on rank 0; rank {rank} of {world} has nothing to do",
+              file=sys.stderr)
+        return {}
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ck = load_checkpoint(args.model, device=device)
     opts = CheckpointEvalOptions(text=args.text, heldout=args.heldout, heldout_batches=args.heldout_batches,

@@ -184,6 +184,15 @@ def test_checkpoint_suites_refuse_presets_missing_paths_and_missing_text(exporte
     assert "separate calls" in capsys.readouterr().err
 
 
+def test_checkpoint_suites_run_on_rank_0_only(exported, tmp_path, capsys, monkeypatch) -> None:
+    """Under srun --ntasks=N the other ranks would only write the same files again."""
+    out, _, _ = exported
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([str(out), "--suite", "passkey", "--out", str(tmp_path / "r1"), "--device", "cpu"]) == 0
+    assert "rank 1 of 2 has nothing to do" in capsys.readouterr().err and not (tmp_path / "r1").exists()
+
+
 def test_checkpoint_parts_are_saved_as_they_finish_and_skipped_after_the_time_limit(exported, tmp_path,
                                                                                      monkeypatch) -> None:
     """results.json is rewritten after every part (a killed call keeps them); with
