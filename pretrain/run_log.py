@@ -50,13 +50,18 @@ class RunLog:
 
     def _wandb_run_id(self) -> str:
         """One W&B run for the whole job, across requeues: its id is kept in the log directory
-        (without it every resume would start a new W&B run)."""
-        path = self.dir / WANDB_ID_FILE
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
+        (without it every resume would start a new W&B run). A copied run directory (a branch
+        of an experiment) gets a run of its own: the file also names the directory."""
+        path, here = self.dir / WANDB_ID_FILE, str(self.dir.resolve())
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("dir") == here and saved.get("id"):
+                return str(saved["id"])
+        except (OSError, ValueError, AttributeError):
+            pass
         run_id = uuid.uuid4().hex[:16]
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(run_id + "\n")
+        tmp.write_text(json.dumps({"id": run_id, "dir": here}) + "\n")
         tmp.replace(path)
         return run_id
 
