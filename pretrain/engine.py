@@ -9,6 +9,7 @@ layer list instead (``pipeline.py``).
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +30,21 @@ class LossModule(nn.Module):
     def __init__(self, lm: LanguageModel):
         super().__init__()
         self.lm = lm
+        self.register_load_state_dict_pre_hook(_drop_old_checkpointing_names)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm.loss(input_ids, labels, cu_seqlens=cu_seqlens)
+
+
+_OLD_CHECKPOINTED = re.compile(r"^(.*blocks\.\d+\.)block\.")
+
+
+def _drop_old_checkpointing_names(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Checkpoints saved with activation checkpointing before 2026-11-29 name block parameters
+    ``blocks.N.block.*`` (a wrapper module then): load them under today's ``blocks.N.*``."""
+    for key in [k for k in state_dict if _OLD_CHECKPOINTED.match(k)]:
+        state_dict[_OLD_CHECKPOINTED.sub(r"\1", key)] = state_dict.pop(key)
 
 
 @functools.cache

@@ -414,3 +414,19 @@ def test_a_resumed_job_continues_its_wandb_run(tmp_path, monkeypatch):
     shutil.copytree(tmp_path / "logs", tmp_path / "branch")  # a copied run: a W&B run of its own
     RunLog(tmp_path / "branch", enabled=True, tensorboard=False, wandb_project="p").close()
     assert calls[2]["id"] != calls[0]["id"]
+
+
+def test_checkpoints_from_the_old_checkpointing_wrapper_still_load():
+    """Before 2026-11-29 activation checkpointing wrapped each block, so its parameters were
+    saved as ``lm.blocks.N.block.*``; such a checkpoint loads into today's names."""
+    import torch
+
+    from pretrain.engine import LossModule, apply_activation_checkpointing
+
+    module = LossModule(build_model(load_model_config("gated_deltaproduct-tiny")))
+    apply_activation_checkpointing(module.lm)
+    old = {k.replace("lm.blocks.0.", "lm.blocks.0.block."): v.detach() + 1 for k, v in module.state_dict().items()}
+    assert any(".block." in k for k in old)
+    module.load_state_dict(old, strict=True)
+    new = module.state_dict()
+    assert all(torch.equal(new[k.replace("lm.blocks.0.block.", "lm.blocks.0.")], v) for k, v in old.items())
