@@ -44,11 +44,16 @@ def _holder(path: Path) -> str:
 
 def acquire(ckpt_dir: str | os.PathLike, wait_s: float, log: Callable[[str], None] = print) -> int | None:
     """Hold the directory's lock (returns its file descriptor, kept open for the run), or
-    None where the file system has no locks. Raises ``RunLockError`` after ``wait_s``."""
+    None where the file system has no locks. Raises ``RunLockError`` after ``wait_s``, and
+    ``CheckpointError`` where the directory cannot be written."""
     root = Path(ckpt_dir)
-    root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {str(path)!r} ({e.strerror}): checkpoint.dir must be a writable "
+                              "directory; fix its permissions or choose another checkpoint.dir") from None
     deadline, told = time.monotonic() + wait_s, False
     while True:
         try:
@@ -85,15 +90,15 @@ def release(fd: int | None) -> None:
 
 
 def lock_for_run(ckpt_dir: str, wait_s: float, is_main: bool, log: Callable[[str], None] = print) -> int | None:
-    """Collective: rank 0 takes the lock and every rank raises the same ``RunLockError``
+    """Collective: rank 0 takes the lock and every rank raises the same ``CheckpointError``
     when it cannot (so no rank is left waiting in a collective)."""
     fd, message = None, ""
     if is_main:
         try:
             fd = acquire(ckpt_dir, wait_s, log)
-        except RunLockError as e:
+        except CheckpointError as e:  # the lock is taken, or the directory is not writable
             message = str(e)
     message = broadcast_from_rank0(message)
     if message:
-        raise RunLockError(message)
+        raise CheckpointError(message)
     return fd

@@ -382,6 +382,9 @@ def test_run_lock_admits_one_job_per_checkpoint_dir(tmp_path, monkeypatch):
     said.clear()
     assert run_lock.acquire(tmp_path / "ckpt", 10, log=said.append) is None
     assert "has no file locks" in said[0]
+    (tmp_path / "file").write_text("")  # a checkpoint.dir that cannot be created
+    with pytest.raises(ckpt.CheckpointError, match="must be a writable directory"):
+        run_lock.acquire(tmp_path / "file" / "ckpt", 0)
 
 
 def test_precision_of_an_older_checkpoint_comes_from_its_config(tmp_path):
