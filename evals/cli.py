@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             close = difflib.get_close_matches(unknown[0] if unknown else "", all_suites, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown suite {(unknown or [args.suite])[0]!r}{hint}; suites: {', '.join(all_suites)}")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} exists and is not a directory: pass a directory for the results")
         ckpt_suites = [n for n in names if n in CHECKPOINT_SUITES]
         if ckpt_suites and len(ckpt_suites) != len(names):
             raise ValueError("run checkpoint suites and architecture benchmarks in separate calls "

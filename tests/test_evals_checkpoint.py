@@ -182,6 +182,9 @@ def test_checkpoint_suites_refuse_presets_missing_paths_and_missing_text(exporte
     assert "needs --text FILE and/or --heldout" in capsys.readouterr().err
     assert main([str(out), "--suite", "lm,parity", "--out", str(tmp_path / "d")]) == 2
     assert "separate calls" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main([str(out), "--suite", "passkey", "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_checkpoint_suites_run_on_rank_0_only(exported, tmp_path, capsys, monkeypatch) -> None:
