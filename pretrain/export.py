@@ -7,7 +7,8 @@ Layout of an export::
     config.yaml         the ModelConfig (``load_exported`` builds the model from it)
     run_config.yaml     the resolved run config the checkpoint was trained with
     tokenizer.model     the sentencepiece model of the training data (when found)
-    export.json         step, tokens seen, tokenizer hash, source checkpoint
+    export.json         step, tokens seen, tokenizer hash, source checkpoint; written last
+                        (and removed first when re-exporting), so it marks a complete export
 
 Weights are the fp32 master weights where the checkpoint has them: DeepSpeed's own ZeRO
 consolidation (``zero_to_fp32``) without a pipeline, the stages' ZeRO-1 partitions with one
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -200,18 +203,34 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     sd = {k: v.to(torch_dtype).contiguous() for k, v in sd.items() if k in expected}
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ckpt.CheckpointError(f"export target {str(out)!r} exists and is not a directory: choose a directory")
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out / WEIGHTS), metadata={"format": "pt"})
-    (out / CONFIG).write_text(dump_config(mcfg))
-    shutil.copyfile(step_path / "config.yaml", out / RUN_CONFIG)
+    # export.json marks a complete export (written last, removed first when re-exporting);
+    # every file is written whole under a temporary name and renamed, so a kill at any
+    # moment leaves whole files and, until the end, no marker (slurm/eval.sbatch re-exports)
+    (out / META).unlink(missing_ok=True)
+    _write_whole(out / WEIGHTS, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    _write_whole(out / CONFIG, lambda tmp: tmp.write_text(dump_config(mcfg)))
+    _write_whole(out / RUN_CONFIG, lambda tmp: shutil.copyfile(step_path / "config.yaml", tmp))
     tok = find_tokenizer(run_config)
     if tok is not None:
-        shutil.copyfile(tok, out / TOKENIZER)
+        _write_whole(out / TOKENIZER, lambda tmp: shutil.copyfile(tok, tmp))
     meta = {"step": run_state["step"], "tokens_seen": run_state["tokens_seen"],
             "tokenizer_hash": run_state.get("tokenizer_hash"), "source": str(step_path.resolve()),
             "dtype": dtype, "tokenizer_file": TOKENIZER if tok is not None else None}
-    (out / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _write_whole(out / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return out
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary sibling of ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu",

@@ -207,6 +207,26 @@ def test_export_round_trip(tmp_path, reference):
         assert torch.equal(model(ids), direct(ids))
     again = export_checkpoint(root / "step_00000006", tmp_path / "again")
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # re-exporting into an export killed while writing its weights: the marker goes first,
+    # the old files stay whole, no temporary file is left; the rerun completes it
+    import pretrain.export as export_module
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    (out / "eval").mkdir()  # what evaluations keep beside an export is left alone
+    real = export_module._write_whole
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_module, "_write_whole", lambda path, write: real(path, killed))
+        with pytest.raises(KeyboardInterrupt):
+            export_checkpoint(root, out)
+    assert not (out / "export.json").exists() and load_exported(out) is not None
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    export_checkpoint(root, out)
+    assert (out / "export.json").is_file() and (out / "eval").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ckpt.CheckpointError, match="exists and is not a directory"):
+        export_checkpoint(root, tmp_path / "file")
 
 
 def test_a_failing_rank_stops_the_multi_process_job_with_its_traceback(tmp_path):
