@@ -3,6 +3,7 @@ evaluation, with one clear error per thing that can be missing."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} pieces but the model only "
                               f"{model.config.vocab_size} embeddings: wrong tokenizer for this checkpoint")
     meta = json.loads((p / export.META).read_text()) if (p / export.META).is_file() else {}
+    if not meta and (p / export.RUN_CONFIG).is_file():  # made by linrnn-export, but not finished
+        print(f"warning: {str(p)!r} has no {export.META}: an export that did not finish? rerun linrnn-export "
+              "to complete it", file=sys.stderr)
     context, run = None, None
     if (p / export.RUN_CONFIG).is_file():
         run = yaml.safe_load((p / export.RUN_CONFIG).read_text()) or {}

@@ -172,6 +172,17 @@ def test_broken_exports_error_clearly(exported, tmp_path, capsys, remove, messag
     assert rc == 2 and message in capsys.readouterr().err
 
 
+def test_an_unfinished_export_loads_with_a_warning(exported, tmp_path, capsys) -> None:
+    out, _, _ = exported
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for f in out.iterdir():
+        if f.name != export.META:  # the marker linrnn-export writes last
+            (unfinished / f.name).write_bytes(f.read_bytes())
+    assert load_checkpoint(unfinished).meta == {}
+    assert "has no export.json: an export that did not finish?" in capsys.readouterr().err
+
+
 def test_checkpoint_suites_refuse_presets_missing_paths_and_missing_text(exported, tmp_path, capsys) -> None:
     out, _, _ = exported
     assert main(["mamba2-tiny", "--suite", "passkey", "--out", str(tmp_path / "a")]) == 2
