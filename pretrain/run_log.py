@@ -31,7 +31,10 @@ class RunLog:
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
+        torn = self.path.is_file() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
         self._file = open(self.path, "a", buffering=1)
+        if torn:  # a kill mid-line: end it, so the next record starts a line of its own
+            self._file.write("\n")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -98,11 +101,21 @@ def _json_default(v: Any) -> Any:
 
 
 def read_metrics(path: str | os.PathLike, event: str = "train") -> list[dict]:
-    """Records of one event type from a metrics.jsonl file, in file order."""
+    """Records of one event type from a metrics.jsonl file, in file order. A line cut short
+    (a kill mid-write, or a read while the line is being written) is skipped."""
     out = []
     with open(path) as f:
         for line in f:
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             if rec.get("event") == event:
                 out.append(rec)
     return out
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"

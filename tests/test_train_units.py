@@ -433,3 +433,18 @@ def test_checkpoints_from_the_old_checkpointing_wrapper_still_load():
     module.load_state_dict(old, strict=True)
     new = module.state_dict()
     assert all(torch.equal(new[k.replace("lm.blocks.0.block.", "lm.blocks.0.")], v) for k, v in old.items())
+
+
+def test_a_metrics_line_cut_by_a_kill_is_sealed_and_skipped(tmp_path):
+    from pretrain.run_log import RunLog, read_metrics
+
+    log = RunLog(tmp_path, enabled=True, tensorboard=False)
+    log.write("train", 1, loss=2.0)
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "train", "step": 2, "lo')  # killed mid-line
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    log = RunLog(tmp_path, enabled=True, tensorboard=False)  # the resumed run
+    log.write("train", 2, loss=1.5)
+    log.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
