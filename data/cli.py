@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs-per-task", type=int, default=256)
     p.add_argument("--compression", default=None, help="e.g. zstd or zstd:7")
     p.add_argument("--shard-size", default="64mb")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out (never another directory)")
     p.add_argument("--staging-dir", default=None, help="remote --out: local directory to stage shards")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_prepare)

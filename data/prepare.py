@@ -10,7 +10,8 @@ Atomicity: everything is written to ``<out>.partial`` and renamed to ``<out>`` a
 next run deletes before starting again. A rerun with the same settings on a complete
 dataset made from the same files (each file's path, size and mtime, recorded in the
 manifest) does nothing; other settings or changed files stop it with a message naming
-them, unless ``--overwrite``. Remote outputs (s3://, gs://, ...) are staged locally and uploaded
+them, unless ``--overwrite`` (which replaces prepared datasets only: a non-empty directory
+without a manifest is never replaced). Remote outputs (s3://, gs://, ...) are staged locally and uploaded
 with the manifest last, so a reader never sees a manifest without all its shards.
 """
 from __future__ import annotations
@@ -129,10 +130,9 @@ def _existing_outcome(cfg: PrepareConfig, settings: dict, inputs: dict, cache: s
         if not (p / MANIFEST_NAME).is_file():
             if p.is_dir() and not any(p.iterdir()):
                 return None
-            if not cfg.overwrite:
-                raise DataError(f"{out!r} exists and is not a prepared dataset: choose another --out "
-                                "or pass --overwrite to replace it")
-            return None
+            # --overwrite replaces datasets only: this could be a home or project directory
+            raise DataError(f"{out!r} exists and is not a prepared dataset, so it is not replaced (not even "
+                            "with --overwrite): choose another --out, or empty or remove it yourself")
     try:
         manifest = read_manifest(out, cache)
     except DataError:

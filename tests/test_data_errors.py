@@ -63,8 +63,12 @@ def test_missing_text_field(tmp_path):
 def test_output_that_is_not_a_dataset_is_not_replaced(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a prepared dataset.*--overwrite"):
+    with pytest.raises(DataError, match="not a prepared dataset, so it is not replaced"):
         _prep(tmp_path, corpus_slice(0, 40))
+    cfg = PrepareConfig(corpus=CorpusConfig(source=str(corpus_slice(0, 40))), tokenizer=str(tokenizer_path()),
+                        out=str(tmp_path / "out"), seq_len=SEQ_LEN, overwrite=True)
+    with pytest.raises(DataError, match=r"not even with --overwrite"):  # it used to delete the directory
+        prepare_dataset(cfg, progress=False)
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
 
