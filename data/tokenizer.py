@@ -203,6 +203,9 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | os.PathLike, *, voc
     import sentencepiece as spm
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {str(out)!r} exists and is not a directory: the tokenizer goes into "
+                        f"<out>/{MODEL_FILENAME}; pass a directory")
     out.mkdir(parents=True, exist_ok=True)
     sentences = _training_sentences(documents, train_chars, progress, stats)
     try:

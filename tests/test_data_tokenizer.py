@@ -81,6 +81,9 @@ def test_bad_tokenizer_files(tmp_path):
 def test_training_on_empty_corpus_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no text"):
         train_tokenizer(iter(["", "   \n  "]), tmp_path, vocab_size=300)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match="exists and is not a directory"):
+        train_tokenizer(iter(["some text"]), tmp_path / "file", vocab_size=300)
 
 
 # ----------------------------------------------------------------------------- training sample
