@@ -46,6 +46,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -219,6 +220,12 @@ def load_engine_state(engine: Any, path: Path, *, universal: bool = False) -> No
     try:
         load_path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be loaded ({type(e).__name__}: {first}): if its files are "
+            f"damaged (a full disk, an interrupted copy), move it out of the way, e.g. rename it to "
+            f"{path.name}.damaged, and the run resumes from the previous complete checkpoint") from e
     finally:
         config.load_universal_checkpoint = before
     if load_path is None:

@@ -189,6 +189,26 @@ def test_a_second_job_on_the_same_checkpoint_dir_is_refused(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [run_lock.LOCK_NAME]
 
 
+def test_a_damaged_newest_checkpoint_is_named_and_can_be_set_aside(tmp_path, reference):
+    """A complete checkpoint whose files were damaged later (a full disk, a bad copy) stops
+    the resume with its name and the fix; renamed, the run resumes from the one before."""
+    import shutil
+
+    ref_tmp, ref = reference
+    root = tmp_path / "ckpt"
+    shutil.copytree(ref_tmp / "ckpt", root, ignore=shutil.ignore_patterns(".train.lock"))
+    cfg = write_config(tmp_path, max_steps=8)
+    newest = ckpt.newest_complete(root)
+    (newest / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"torn")
+    r = train_cli(cfg)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"checkpoint {str(newest)!r} cannot be loaded" in r.stderr and f"{newest.name}.damaged" in r.stderr
+    newest.rename(newest.with_name(f"{newest.name}.damaged"))
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step_00000004" in r.stdout and "resumed from" in r.stdout
+
+
 def test_export_round_trip(tmp_path, reference):
     ref_tmp, _ = reference
     root = ref_tmp / "ckpt"
