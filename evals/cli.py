@@ -335,6 +335,17 @@ def _presets() -> list[str]:
     return list_model_presets()
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any model is built."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -347,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             close = difflib.get_close_matches(unknown[0] if unknown else "", all_suites, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown suite {(unknown or [args.suite])[0]!r}{hint}; suites: {', '.join(all_suites)}")
+        _check_device(args.device)
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out!r} exists and is not a directory: pass a directory for the results")
         ckpt_suites = [n for n in names if n in CHECKPOINT_SUITES]

@@ -173,3 +173,9 @@ def test_rank_files_of_an_earlier_launch_never_match(monkeypatch) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "1001")
     other = build_parser().parse_args(["gated_deltanet-tiny", "--suite", "parity", "--out", "o", "--seeds", "1"])
     assert _fingerprint(other) != first
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_missing_cuda_device_is_refused_clearly(tmp_path, capsys) -> None:
+    assert main(["gated_deltanet-tiny", "--suite", "parity", "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA GPU is visible here" in capsys.readouterr().err
