@@ -20,6 +20,15 @@ from .config import RunConfig
 from .config_loader import ConfigError, config_to_dict
 
 
+def check_device(cfg: RunConfig) -> None:
+    """What this machine cannot run (DeepSpeed would fail deep inside its engine)."""
+    import torch
+
+    if cfg.parallel.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("parallel.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16): "
+                          "use parallel.precision=bf16 or fp32 on the CPU")
+
+
 def check_data(cfg: RunConfig) -> dict[str, Any]:
     from data.loader import data_info
 

@@ -29,7 +29,7 @@ from .flops import device_peak_flops, flops_per_token
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
-from .run_checks import check_data, check_resume
+from .run_checks import check_data, check_device, check_resume
 from .run_log import RunLog
 from .schedule import lr_at
 from .validation import (ReplicaShare, forward_losses, pipeline_losses, replica_share, token_sums,
@@ -403,6 +403,7 @@ class Trainer:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the configured job in this process; collective over all ranks."""
+    check_device(cfg)
     info = check_data(cfg)  # refuse bad input before touching anything
     check_resume(cfg, info["tokenizer_hash"])
     env = init_distributed()

@@ -157,6 +157,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, reference):
     cfg = load_config(base, ["model.vocab_size=1024"])
     with pytest.raises(ConfigError, match="model.vocab_size=512"):
         train(cfg)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):  # was DeepSpeed's ValueError
+            train(load_config(base, ["parallel.precision=fp16"]))
     assert not (tmp_path / "ckpt").exists()
     other = ref_tmp / "ckpt"
     before = _snapshot(other)
