@@ -54,7 +54,10 @@ def _ints(text: str) -> list[int]:
 
 def _range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition(":")
-    return int(lo), int(hi or lo)
+    low, high = int(lo), int(hi or lo)
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length range LO:HI with 1 <= LO <= HI")
+    return low, high
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:

@@ -179,3 +179,10 @@ def test_rank_files_of_an_earlier_launch_never_match(monkeypatch) -> None:
 def test_a_missing_cuda_device_is_refused_clearly(tmp_path, capsys) -> None:
     assert main(["gated_deltanet-tiny", "--suite", "parity", "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
     assert "--device cuda: no CUDA GPU is visible here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["5:2", "0:3"])
+def test_an_empty_or_zero_length_range_is_refused_by_the_parser(value, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["gated_deltanet-tiny", "--suite", "parity", "--out", "unused", "--train-lengths", value])
+    assert e.value.code == 2 and f"{value!r} is not a length range LO:HI" in capsys.readouterr().err
