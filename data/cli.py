@@ -16,7 +16,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .config import CorpusConfig, PrepareConfig, TokenizerTrainConfig
+from .config import CorpusConfig, PrepareConfig, TokenizerTrainConfig, range_violation
 from .errors import DataError
 
 
@@ -52,12 +52,24 @@ def _cmd_demo_corpus(a: argparse.Namespace) -> None:
     print(path)
 
 
+_OPTION_NAMES = {"num_workers": "workers", "num_threads": "threads"}  # fields named unlike their option
+
+
+def _check_options(cfg: object) -> None:
+    """Range limits of the settings, reported under their option names (``--seq-len``)."""
+    problem = range_violation(cfg)
+    if problem is not None:
+        name, rest = problem.split(" ", 1)
+        raise DataError(f"--{_OPTION_NAMES.get(name, name.replace('_', '-'))} {rest}")
+
+
 def _cmd_tokenizer(a: argparse.Namespace) -> None:
     from .tokenizer import Tokenizer, train_tokenizer_on_corpus
 
     t = TokenizerTrainConfig(vocab_size=a.vocab_size, model_type=a.model_type, train_chars=a.train_chars,
                              sample_seed=a.sample_seed, character_coverage=a.character_coverage,
                              byte_fallback=not a.no_byte_fallback, num_threads=a.threads)
+    _check_options(t)
     path, sample = train_tokenizer_on_corpus(_corpus(a), a.out, t, progress=True,
                                              log=lambda line: print(line, file=sys.stderr))
     tok = Tokenizer.load(path)
@@ -71,6 +83,7 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
                         val_fraction=a.val_fraction, split_seed=a.split_seed, add_bos=a.add_bos,
                         num_workers=a.workers, docs_per_task=a.docs_per_task, compression=a.compression,
                         shard_size=a.shard_size, overwrite=a.overwrite, staging_dir=a.staging_dir)
+    _check_options(cfg)
     m = prepare_dataset(cfg, progress=not a.no_progress)
     print(json.dumps({"out": a.out, "dataset_id": m["dataset_id"], "dtype": m["dtype"],
                       "seq_len": m["seq_len"], "splits": m["splits"]}, indent=2))

@@ -7,12 +7,44 @@ offline ``linrnn-prepare`` steps. Range limits use the run-config convention
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 def _rng(default, **bounds):
     return field(default=default, metadata=bounds)
+
+
+_BOUNDS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+
+
+def bound_violation(value: Any, bounds: Any) -> str | None:
+    """``"must be >= 2, got 0"`` when a number breaks its field's range metadata (``_rng``),
+    else None. Shared with ``pretrain.config_loader``."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN is not allowed"
+    for name, bound in bounds.items():
+        ok, op = _BOUNDS.get(name, (None, None))
+        if ok is not None and not ok(value, bound):
+            return f"must be {op} {bound}, got {value!r}"
+    return None
+
+
+def range_violation(cfg: Any) -> str | None:
+    """The first field of ``cfg`` (nested dataclasses included) outside its range metadata,
+    as ``"seq_len must be >= 2, got 0"``; None when all fit. For settings built in code (the
+    ``linrnn-prepare`` options), which ``pretrain.config_loader`` does not see."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        problem = range_violation(value) if dataclasses.is_dataclass(value) else bound_violation(value, f.metadata)
+        if problem is not None:
+            return problem if dataclasses.is_dataclass(value) else f"{f.name} {problem}"
+    return None
 
 
 @dataclass

@@ -230,9 +230,10 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | os.PathLike, *, voc
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
     except RuntimeError as e:
-        raise DataError(
-            f"sentencepiece could not train a {vocab_size}-piece {model_type} model ({e}); "
-            "lower --vocab-size or give it more text (--train-chars)") from None
+        fix = ("raise --vocab-size (it must hold every character kept) or lower --character-coverage"
+               if "smaller than required_chars" in str(e) else
+               "lower --vocab-size or give it more text (--train-chars)")
+        raise DataError(f"sentencepiece could not train a {vocab_size}-piece {model_type} model ({e}); {fix}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from data.config import bound_violation
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 MODEL_PRESETS_DIR = CONFIGS_DIR / "models"
@@ -195,15 +196,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _check_range(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
-    if value is None or not isinstance(value, (int, float)):
-        return
-    if isinstance(value, float) and math.isnan(value):
-        raise ConfigError(f"config key {key!r}: NaN is not allowed")
-    tests = {"ge": (lambda b: value >= b, ">="), "gt": (lambda b: value > b, ">"),
-             "le": (lambda b: value <= b, "<="), "lt": (lambda b: value < b, "<")}
-    for name, bound in meta.items():
-        if name in tests and not tests[name][0](bound):
-            raise ConfigError(f"config key {key!r}: must be {tests[name][1]} {bound}, got {value!r}")
+    problem = bound_violation(value, meta)
+    if problem is not None:
+        raise ConfigError(f"config key {key!r}: {problem}")
 
 
 def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:

@@ -181,6 +181,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["prepare", "--seq-len", "0"], "--seq-len must be >= 2, got 0"),  # was an AssertionError
+    (["prepare", "--val-fraction", "1.5"], "--val-fraction must be < 1.0, got 1.5"),
+    (["prepare", "--workers", "-1"], "--workers must be >= 0, got -1"),
+    (["tokenizer", "--vocab-size", "5"], "--vocab-size must be >= 16, got 5"),
+])
+def test_cli_checks_option_ranges_before_reading_anything(tmp_path, capsys, args, message):
+    extra = ["--tokenizer", str(tokenizer_path())] if args[0] == "prepare" else []
+    rc = main([*args, "--input", str(corpus_slice(0, 10)), "--out", str(tmp_path / "o"), *extra])
+    assert rc == 2 and capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("command", ["demo-corpus", "tokenizer", "prepare", "inspect", "demo"])
 def test_cli_help(command, capsys):
     with pytest.raises(SystemExit) as e:
