@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 
 
 @register_model("linrnn")
@@ -130,11 +130,16 @@ class LinRNNLM(LM):
         return text
 
 
-def main() -> None:
-    """lm_eval's CLI with the ``linrnn`` model registered."""
+def main() -> int:
+    """lm_eval's CLI with the ``linrnn`` model registered; a bad checkpoint is one line, exit 2."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except CheckpointError as e:
+        print(f"linrnn-lm-eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -95,3 +95,12 @@ def test_lm_eval_runs_local_tasks_offline(exported, tmp_path) -> None:
     assert 0.0 <= r["linrnn_local_choice"]["acc,none"] <= 1.0
     assert r["linrnn_local_rolling"]["bits_per_byte,none"] > 0
     assert 0.0 <= r["linrnn_local_gen"]["exact_match,none"] <= 1.0
+
+
+def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    from evals.lm_eval_adapter import main
+
+    monkeypatch.setattr("sys.argv", ["linrnn-lm-eval", "run", "--model", "linrnn", "--model_args",
+                                     f"pretrained={tmp_path / 'nope'}", "--tasks", "lambada_openai"])
+    assert main() == 2
+    assert capsys.readouterr().err.strip().endswith(f"checkpoint {str(tmp_path / 'nope')!r} does not exist")
