@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 Row = dict
+DEVICE = "cuda"  # the CPU smoke test (tests/test_bench_scripts.py) points it at the interpreter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,8 +81,23 @@ def timed(name: str, fwd: Callable[[], object], leaves: list[torch.Tensor]) -> R
         return None
 
 
+def three_way(a: argparse.Namespace, op: Callable[[str], Callable[[], object]], eager: Callable[[], object],
+              leaves: list[torch.Tensor], fwd_bytes: int, bwd_bytes: int) -> list[Row]:
+    """A fused elementwise op: its Triton kernel, its torch path (unless ``--no-torch``) and the
+    eager composition the models used before, with GB/s from the bytes one pass must move."""
+    rows = [timed("triton", op("triton"), leaves)]
+    if not a.no_torch:
+        rows.append(timed("torch", op("torch"), leaves))
+    rows.append(timed("eager composition", eager, leaves))
+    for r in rows:
+        if r:
+            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
+            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
+    return [r for r in rows if r]
+
+
 def copy_bandwidth(nbytes: int) -> float:
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=DEVICE)
     dst = torch.empty_like(src)
     return 2 * src.numel() * 2 / bench(lambda: dst.copy_(src)) / 1e6  # GB/s
 
@@ -90,8 +106,8 @@ def bench_linear_recurrence(a: argparse.Namespace, dtype: torch.dtype) -> list[R
     import kernels
 
     B, T, D = a.tokens // a.seqlen, a.seqlen, a.dim
-    x = leaf(torch.randn(B, T, D, device="cuda", dtype=dtype))
-    gate = leaf(torch.rand(B, T, D, device="cuda", dtype=dtype) * 0.1 + 0.9)
+    x = leaf(torch.randn(B, T, D, device=DEVICE, dtype=dtype))
+    gate = leaf(torch.rand(B, T, D, device=DEVICE, dtype=dtype) * 0.1 + 0.9)
     esz = x.element_size()
     fwd_bytes, bwd_bytes = 3 * x.numel() * esz, 5 * x.numel() * esz  # x,a->h ; a,h,dh->dx,da
     rows = [timed("triton", lambda: kernels.linear_recurrence(x, gate, backend="triton"), [x, gate])]
@@ -118,9 +134,9 @@ def bench_causal_conv1d(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     import kernels
 
     B, T, D, W = a.tokens // a.seqlen, a.seqlen, a.dim, a.width
-    x = leaf(torch.randn(B, T, D, device="cuda", dtype=dtype))
-    w = leaf(torch.randn(D, W, device="cuda", dtype=dtype) / W**0.5)
-    b = leaf(torch.randn(D, device="cuda", dtype=dtype))
+    x = leaf(torch.randn(B, T, D, device=DEVICE, dtype=dtype))
+    w = leaf(torch.randn(D, W, device=DEVICE, dtype=dtype) / W**0.5)
+    b = leaf(torch.randn(D, device=DEVICE, dtype=dtype))
     nbytes = 2 * x.numel() * x.element_size()
     rows = [timed("triton", lambda: kernels.causal_conv1d(x, w, b, activation="silu", backend="triton"), [x, w, b])]
     if not a.no_torch:
@@ -149,50 +165,35 @@ def bench_rms_norm(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
 
     B, T, D = a.tokens // a.seqlen, a.seqlen, a.dim
     group = a.norm_group or D
-    x = leaf(torch.randn(B, T, D, device="cuda", dtype=dtype))
-    z = leaf(torch.randn(B, T, D, device="cuda", dtype=dtype))
-    w = leaf(torch.ones(D, device="cuda", dtype=dtype))
+    x = leaf(torch.randn(B, T, D, device=DEVICE, dtype=dtype))
+    z = leaf(torch.randn(B, T, D, device=DEVICE, dtype=dtype))
+    w = leaf(torch.ones(D, device=DEVICE, dtype=dtype))
     esz = x.element_size()
     fwd_bytes, bwd_bytes = 3 * x.numel() * esz, 5 * x.numel() * esz  # x,z->y ; x,z,dy->dx,dz
 
     def norm(backend):
         return lambda: kernels.rms_norm(x, w, gate=z, group=group, gate_first=True, backend=backend)
 
-    rows = [timed("triton", norm("triton"), [x, z, w])]
-    if not a.no_torch:
-        rows.append(timed("torch", norm("torch"), [x, z, w]))
-    rows.append(timed("eager composition", lambda: _eager_gated_norm(x, w, z, group), [x, z, w]))
-    for r in rows:
-        if r:
-            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
-            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
-    return [r for r in rows if r]
+    return three_way(a, norm, lambda: _eager_gated_norm(x, w, z, group), [x, z, w], fwd_bytes, bwd_bytes)
 
 
 def bench_gated_activation(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     import kernels
 
     B, T = a.tokens // a.seqlen, a.seqlen
-    g = leaf(torch.randn(B, T, a.hidden, device="cuda", dtype=dtype))
-    u = leaf(torch.randn(B, T, a.hidden, device="cuda", dtype=dtype))
+    g = leaf(torch.randn(B, T, a.hidden, device=DEVICE, dtype=dtype))
+    u = leaf(torch.randn(B, T, a.hidden, device=DEVICE, dtype=dtype))
     esz = g.element_size()
     fwd_bytes, bwd_bytes = 3 * g.numel() * esz, 5 * g.numel() * esz  # g,u->out ; g,u,dout->dg,du
-    rows = [timed("triton", lambda: kernels.gated_activation(g, u, "silu", backend="triton"), [g, u])]
-    if not a.no_torch:
-        rows.append(timed("torch", lambda: kernels.gated_activation(g, u, "silu", backend="torch"), [g, u]))
-    rows.append(timed("eager composition", lambda: torch.nn.functional.silu(g) * u, [g, u]))
-    for r in rows:
-        if r:
-            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
-            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
-    return [r for r in rows if r]
+    return three_way(a, lambda backend: lambda: kernels.gated_activation(g, u, "silu", backend=backend),
+                     lambda: torch.nn.functional.silu(g) * u, [g, u], fwd_bytes, bwd_bytes)
 
 
 def bench_l2_normalize(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     import kernels
 
     B, T = a.tokens // a.seqlen, a.seqlen
-    x = leaf(torch.randn(B, T, a.l2_heads, a.l2_dim, device="cuda", dtype=dtype))
+    x = leaf(torch.randn(B, T, a.l2_heads, a.l2_dim, device=DEVICE, dtype=dtype))
     nbytes = x.numel() * x.element_size()
     fwd_bytes, bwd_bytes = 2 * nbytes, 3 * nbytes  # x->y ; y,dy->dx (rstd is 1/K of a pass)
 
@@ -200,24 +201,17 @@ def bench_l2_normalize(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + 1e-6)).to(dtype)
 
-    rows = [timed("triton", lambda: kernels.l2_normalize(x, backend="triton"), [x])]
-    if not a.no_torch:
-        rows.append(timed("torch", lambda: kernels.l2_normalize(x, backend="torch"), [x]))
-    rows.append(timed("eager composition", eager, [x]))
-    for r in rows:
-        if r:
-            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
-            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
-    return [r for r in rows if r]
+    return three_way(a, lambda backend: lambda: kernels.l2_normalize(x, backend=backend), eager, [x],
+                     fwd_bytes, bwd_bytes)
 
 
 def bench_rg_lru_gates(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     import kernels
 
     B, T, W = a.tokens // a.seqlen, a.seqlen, a.dim
-    x, gx, ga = (leaf(torch.randn(B, T, W, device="cuda", dtype=dtype)) for _ in range(3))
-    lam = leaf(torch.full((W,), -6.0, device="cuda"))
-    reset = torch.zeros(B, T, 1, device="cuda", dtype=torch.bool)
+    x, gx, ga = (leaf(torch.randn(B, T, W, device=DEVICE, dtype=dtype)) for _ in range(3))
+    lam = leaf(torch.full((W,), -6.0, device=DEVICE))
+    reset = torch.zeros(B, T, 1, device=DEVICE, dtype=torch.bool)
     reset[:, 0] = True
     n, esz = x.numel(), x.element_size()
     fwd_bytes, bwd_bytes = n * (3 * esz + 8), n * (6 * esz + 8)  # x,gx,ga->xn,a ; +dxn,da->dx,dgx,dga
@@ -230,16 +224,7 @@ def bench_rg_lru_gates(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     def gates(backend):
         return lambda: kernels.rg_lru_gates(x, gx, ga, lam, reset, backend=backend)
 
-    leaves = [x, gx, ga, lam]
-    rows = [timed("triton", gates("triton"), leaves)]
-    if not a.no_torch:
-        rows.append(timed("torch", gates("torch"), leaves))
-    rows.append(timed("eager composition", eager, leaves))
-    for r in rows:
-        if r:
-            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
-            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
-    return [r for r in rows if r]
+    return three_way(a, gates, eager, [x, gx, ga, lam], fwd_bytes, bwd_bytes)
 
 
 def ssd_flops(T_total: int, H: int, P: int, N: int, L: int = 64) -> tuple[float, float]:
@@ -253,7 +238,7 @@ def bench_ssd(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     import kernels
 
     B, T, H, P, N, G = a.tokens // a.seqlen, a.seqlen, a.heads, a.headdim, a.dstate, a.groups
-    dev = "cuda"
+    dev = DEVICE
     x = leaf(torch.randn(B, T, H, P, device=dev, dtype=dtype))
     dt = leaf((torch.rand(B, T, H, device=dev) * 0.1 + 0.001).to(dtype))
     A = leaf(-torch.rand(H, device=dev) * 15 - 1)

@@ -32,3 +32,29 @@ def test_bad_arguments_and_stages_exit_2_naming_the_fix(script, var, tmp_path):
     assert res.returncode == 2
     assert f"unknown stage 'bogus' in {var}; choose from: env," in res.stderr
     assert not (tmp_path / "summary.txt").exists()  # refused before any stage ran
+
+
+def test_elementwise_kernel_benchmarks_run_their_three_paths(monkeypatch, capsys):
+    """bench_scan_conv_ssd's fused-op rows on the CPU (kernels interpreted, the timer replaced
+    by one call): each op's triton, torch and eager paths run forward and backward, and the
+    GB/s columns are filled. Catches a broken benchmark before a GPU session spends on it."""
+    import argparse
+
+    import torch
+
+    pytest.importorskip("triton")
+    from bench import bench_scan_conv_ssd as bsc
+    from kernel_checks import interpreted_module
+
+    modules = [f"kernels.triton.{m}" for m in ("jit_math", "rms_norm", "gated_activation", "l2_normalize",
+                                               "rg_lru_gates")]
+    monkeypatch.setattr(bsc, "DEVICE", "cpu")
+    monkeypatch.setattr(bsc, "bench", lambda fn: (fn(), 1.0)[1])
+    args = argparse.Namespace(tokens=32, seqlen=16, dim=24, norm_group=8, hidden=40, l2_heads=3, l2_dim=8,
+                              no_torch=False)
+    with interpreted_module(*modules):
+        for op in (bsc.bench_rms_norm, bsc.bench_gated_activation, bsc.bench_l2_normalize, bsc.bench_rg_lru_gates):
+            rows = op(args, torch.float32)
+            assert [r["impl"] for r in rows] == ["triton", "torch", "eager composition"], op.__name__
+            assert all(r["GB/s fwd"] > 0 and r["GB/s fwd+bwd"] > 0 for r in rows)
+    assert "failed" not in capsys.readouterr().out
