@@ -3,7 +3,8 @@
 ``DataConfig`` is the ``data`` section of the run config: which prepared datasets to read
 and how. ``PrepareConfig`` (with ``CorpusConfig`` and ``TokenizerTrainConfig``) drives the
 offline ``linrnn-prepare`` steps. Range limits use the run-config convention
-``metadata={"ge": x}`` etc., which ``pretrain.config_loader`` checks.
+``metadata={"ge": x}`` etc., checked by ``bound_violation`` (for the run config in
+``pretrain.config_loader``, for the ``linrnn-prepare`` options in ``data.cli``).
 """
 from __future__ import annotations
 
