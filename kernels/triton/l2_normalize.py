@@ -25,12 +25,17 @@ MAX_TILE = 16384  # channels one program holds; wider rows take the torch path
 
 
 @triton.jit
-def _l2_fwd_kernel(x_ptr, y_ptr, rstd_ptr, M, N, eps, BM: tl.constexpr, BN: tl.constexpr):
+def _row_tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's BM rows of N channels: row indices, row mask, tile mask, offsets."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.arange(0, BN)
     rmask = rows < M
-    mask = rmask[:, None] & (cols < N)[None, :]
-    offs = rows[:, None] * N + cols[None, :]
+    return rows, rmask, rmask[:, None] & (cols < N)[None, :], rows[:, None] * N + cols[None, :]
+
+
+@triton.jit
+def _l2_fwd_kernel(x_ptr, y_ptr, rstd_ptr, M, N, eps, BM: tl.constexpr, BN: tl.constexpr):
+    rows, rmask, mask, offs = _row_tile(M, N, BM, BN)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 1, add) + eps)
     tl.store(y_ptr + offs, (x * rstd[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
@@ -39,11 +44,7 @@ def _l2_fwd_kernel(x_ptr, y_ptr, rstd_ptr, M, N, eps, BM: tl.constexpr, BN: tl.c
 
 @triton.jit
 def _l2_bwd_kernel(y_ptr, rstd_ptr, dy_ptr, dx_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.arange(0, BN)
-    rmask = rows < M
-    mask = rmask[:, None] & (cols < N)[None, :]
-    offs = rows[:, None] * N + cols[None, :]
+    rows, rmask, mask, offs = _row_tile(M, N, BM, BN)
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
