@@ -68,6 +68,13 @@ class CheckpointConfig:
     keep_last: int = _rng(3, ge=1)
     resume: bool = True  # resume from the newest complete checkpoint in ``dir``
     lock_wait_s: float = _rng(120.0, ge=0.0)  # how long to wait for another job's lock on ``dir``
+    # A resume whose data differs from the checkpoint's (data.sources or their weights,
+    # data.seq_len, parallel.global_batch_size): "refuse" (the default: exact resume only);
+    # "continue" (same sources, new global batch: read on from the saved position, e.g. a
+    # batch-size ramp); "restart" (a new mixture or sequence length, e.g. an annealing or
+    # long-context stage: the new data from its beginning). A resume with unchanged data is
+    # always exact, so the setting can stay in the config through later requeues.
+    on_data_change: Literal["refuse", "continue", "restart"] = "refuse"
 
 
 @dataclass

@@ -6,12 +6,17 @@
 * an existing checkpoint directory: its newest complete checkpoint must come from the
   same model shape and tokenizer, else resuming would load mismatched weights (or fail
   deep inside DeepSpeed) and the next save would overwrite another run's checkpoints; and
-  from the same ZeRO stage, pipeline stages, precision, sequence length and global batch
-  (the rank count and micro-batch size, and with them a pipeline's data-parallel degree,
-  may change).
+  from the same ZeRO stage, pipeline stages and precision (the rank count and micro-batch
+  size, and with them a pipeline's data-parallel degree, may change);
+* the data against the checkpoint's: other sources (or weights), sequence length or global
+  batch are refused unless ``checkpoint.on_data_change`` says what to do ("continue": the
+  same sources at a new global batch read on from the saved position; "restart": other
+  data begins from its start). Unchanged data always resumes exactly, so a requeue after
+  the first checkpoint of a new data stage does not restart the data again.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +68,77 @@ def _saved_precision(step: Path) -> str | None:
     return ((saved or {}).get("parallel") or {}).get("precision")
 
 
-def check_resume(cfg: RunConfig, tokenizer_hash: str) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); raises if the directory is foreign."""
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run resumes: the checkpoint, and what becomes of its data position.
+
+    ``data`` is "exact" (the same data: read on from the saved position), "continue" (the
+    same sources at another global batch: read on from the saved position) or "restart"
+    (other data: begin the new data order from its start); ``changes`` names what differs.
+    """
+
+    path: Path
+    data: str = "exact"
+    changes: tuple[str, ...] = ()
+    other_data: bool = False  # the sources, split or sequence length differ
+
+
+def _source_ids(sources: list) -> list[list]:
+    """[dataset_id, weight] per source; weights only matter when there are several."""
+    pairs = [[s[0], float(s[1])] if isinstance(s, (list, tuple)) else [s["dataset_id"], float(s["weight"])]
+             for s in sources]
+    return [[i, 1.0] for i, _ in pairs] if len(pairs) == 1 else pairs
+
+
+def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[list[str], bool]:
+    """What differs between the checkpoint's data and this config's: (descriptions, whether
+    the sources, split or sequence length differ, so that the saved position means nothing)."""
+    changes, other_data = [], False
+    saved = state.get("data") or {}
+    if "sources" in saved and _source_ids(saved["sources"]) != _source_ids(info["sources"]):
+        was = ", ".join(f"{i} x{w:g}" for i, w in _source_ids(saved["sources"]))
+        now = ", ".join(f"{i} x{w:g}" for i, w in _source_ids(info["sources"]))
+        changes.append(f"data.sources: checkpoint [{was}], config [{now}]")
+        other_data = True
+    if saved.get("split") not in (None, cfg.data.train_split):
+        changes.append(f"data.train_split: checkpoint {saved['split']!r}, config {cfg.data.train_split!r}")
+        other_data = True
+    if state.get("seq_len") not in (None, cfg.data.seq_len):
+        changes.append(f"data.seq_len: checkpoint {state['seq_len']}, config {cfg.data.seq_len}")
+        other_data = True
+    if state.get("global_batch_size") not in (None, cfg.parallel.global_batch_size):
+        changes.append(f"parallel.global_batch_size: checkpoint {state['global_batch_size']}, "
+                       f"config {cfg.parallel.global_batch_size}")
+    return changes, other_data
+
+
+def _data_mode(newest: Path, state: dict, cfg: RunConfig, info: dict[str, Any]) -> ResumePoint:
+    """Apply ``checkpoint.on_data_change`` to what differs (module doc)."""
+    changes, other_data = data_changes(state, cfg, info)
+    if not changes:
+        return ResumePoint(newest)
+    policy = cfg.checkpoint.on_data_change
+    listed = "; ".join(changes)
+    if policy == "refuse":
+        how = ("checkpoint.on_data_change=restart to train on the new data from its beginning (a new mixture "
+               "or sequence length)") if other_data else (
+               "checkpoint.on_data_change=continue to read on from the saved position at the new global batch")
+        raise ckpt.CheckpointError(
+            f"checkpoint {str(newest)!r} was trained on other data than the config's ({listed}): restore "
+            f"the config to resume exactly, or set {how}")
+    if policy == "continue" and other_data:
+        raise ckpt.CheckpointError(
+            f"checkpoint.on_data_change=continue keeps the saved data position, which means nothing in "
+            f"other data ({listed}): set checkpoint.on_data_change=restart to begin the new data from "
+            "its start, or restore the data config")
+    return ResumePoint(newest, policy, tuple(changes), other_data)
+
+
+def check_resume(cfg: RunConfig, info: dict[str, Any]) -> ResumePoint | None:
+    """Where to resume (None: start fresh); raises if the directory is foreign.
+
+    ``info`` is the data's ``data.loader.data_info`` (tokenizer hash, sources)."""
+    tokenizer_hash = info["tokenizer_hash"]
     root = Path(cfg.checkpoint.dir)
     if root.exists() and not root.is_dir():
         raise ckpt.CheckpointError(f"checkpoint.dir {str(root)!r} exists and is not a directory")
@@ -99,13 +173,4 @@ def check_resume(cfg: RunConfig, tokenizer_hash: str) -> Path | None:
                 f"checkpoint {str(newest)!r} was saved with parallel.{key}={saved}, the config says "
                 f"{getattr(cfg.parallel, key)}: {reason}; set parallel.{key}={saved} to resume, or use a "
                 "new checkpoint.dir")
-    if state.get("seq_len") not in (None, cfg.data.seq_len):
-        raise ckpt.CheckpointError(
-            f"checkpoint {str(newest)!r} was trained at data.seq_len={state['seq_len']}, the config "
-            f"says {cfg.data.seq_len}: the data order would not continue; restore data.seq_len")
-    if state.get("global_batch_size") not in (None, cfg.parallel.global_batch_size):
-        raise ckpt.CheckpointError(
-            f"checkpoint {str(newest)!r} was trained at parallel.global_batch_size="
-            f"{state['global_batch_size']}, the config says {cfg.parallel.global_batch_size}: keep the "
-            "global batch fixed across resumes (change micro_batch_size or the rank count instead)")
-    return newest
+    return _data_mode(newest, state, cfg, info)

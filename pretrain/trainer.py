@@ -29,7 +29,7 @@ from .flops import device_peak_flops, flops_per_token
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
-from .run_checks import check_data, check_device, check_resume
+from .run_checks import ResumePoint, check_data, check_device, check_resume
 from .run_log import RunLog
 from .schedule import lr_at
 from .validation import (ReplicaShare, forward_losses, pipeline_losses, replica_share, token_sums,
@@ -100,10 +100,11 @@ class Batches:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, info: dict[str, Any], resume_from: Path | None):
+    def __init__(self, cfg: RunConfig, env: DistEnv, info: dict[str, Any], resume: ResumePoint | None):
         self.cfg, self.env = cfg, env
         self.dev = device()
-        self.info, self.resume_from = info, resume_from
+        self.info, self.resume = info, resume
+        self.resume_from = resume.path if resume is not None else None
         self.log_dir = Path(cfg.logging.log_dir or Path(cfg.checkpoint.dir) / "logs")
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
@@ -143,11 +144,28 @@ class Trainer:
         rng = ckpt.load_rng(path, self.env.rank)
         if rng is not None:
             ckpt.set_rng_state(rng)
-        self.batches.load_state_dict(state["data"])
         self.step, self.tokens = state["step"], state["tokens_seen"]
         self.last_saved = self.step
+        self.restore_data(state["data"])
         self.log.print(f"[train] resumed from {path} at step {self.step} ({self.tokens} tokens)")
         self.log.write("resume", self.step, path=str(path), tokens_seen=self.tokens)
+
+    def restore_data(self, saved: dict) -> None:
+        """The data position, as ``checkpoint.on_data_change`` decided (``run_checks``)."""
+        resume = self.resume
+        assert resume is not None
+        if resume.data == "restart":
+            again = ("" if resume.other_data else
+                     " The sources are unchanged: the run reads their start again (continue would read on).")
+            self.log.print(f"[train] data changed at step {self.step} ({'; '.join(resume.changes)}): the data "
+                           f"order starts from its beginning (checkpoint.on_data_change=restart).{again}")
+            self.log.write("data_change", self.step, mode="restart", changes=list(resume.changes))
+            return
+        self.batches.load_state_dict(saved)
+        if resume.data == "continue":
+            self.log.print(f"[train] data changed at step {self.step} ({'; '.join(resume.changes)}): reading on "
+                           "from the saved position (checkpoint.on_data_change=continue)")
+            self.log.write("data_change", self.step, mode="continue", changes=list(resume.changes))
 
     def save(self) -> Path:
         cfg = self.cfg
@@ -405,7 +423,7 @@ def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the configured job in this process; collective over all ranks."""
     check_device(cfg)
     info = check_data(cfg)  # refuse bad input before touching anything
-    check_resume(cfg, info["tokenizer_hash"])
+    check_resume(cfg, info)
     env = init_distributed()
     if cfg.parallel.pipeline_stages > 1:
         from .pipeline import check_pipeline
@@ -414,8 +432,7 @@ def train(cfg: RunConfig) -> TrainResult:
     lock = run_lock.lock_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock_wait_s, env.is_main)
     try:
         # again, under the lock: a job we waited for may have saved a newer checkpoint
-        resume_from = check_resume(cfg, info["tokenizer_hash"])
-        trainer = Trainer(cfg, env, info, resume_from)
+        trainer = Trainer(cfg, env, info, check_resume(cfg, info))
         try:
             return trainer.run()
         finally:

@@ -212,6 +212,71 @@ def test_a_damaged_newest_checkpoint_is_named_and_can_be_set_aside(tmp_path, ref
     assert "step_00000004" in r.stdout and "resumed from" in r.stdout
 
 
+def _resumable_at_step_4(tmp_path, reference):
+    """A copy of the reference run's checkpoints without its last: it resumes at step 4."""
+    import shutil
+
+    ref_tmp, _ = reference
+    root = tmp_path / "ckpt"
+    shutil.copytree(ref_tmp / "ckpt", root, ignore=shutil.ignore_patterns(".train.lock", "step_00000006"))
+    (root / ckpt.LATEST).write_text("step_00000004")
+    return root
+
+
+def _fingerprints(root) -> dict[int, int]:
+    return {r["step"]: r["data_fingerprint"] for r in read_metrics(root / "logs" / "metrics.jsonl")}
+
+
+def test_a_batch_size_ramp_at_a_resume_reads_on_without_repeating(tmp_path, reference):
+    """Global batch 4 -> 8 at step 4: refused by default (nothing written); with
+    checkpoint.on_data_change=continue the run reads on from the saved position, so its
+    step 5 reads exactly the samples of the reference's steps 5 and 6 (the fingerprint is
+    a sum of token ids)."""
+    ref_tmp, _ = reference
+    root = _resumable_at_step_4(tmp_path, reference)
+    cfg = write_config(tmp_path, max_steps=5, **{"parallel.global_batch_size": 8})
+    before = _snapshot(root)
+    with pytest.raises(ckpt.CheckpointError, match="parallel.global_batch_size: checkpoint 4, config 8.*"
+                       "on_data_change=continue"):
+        train(load_config(cfg, []))
+    assert _snapshot(root) == before
+    r = train_cli(cfg, "checkpoint.on_data_change=continue")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 4" in r.stdout and "reading on from the saved position" in r.stdout
+    ref = _fingerprints(ref_tmp / "ckpt")
+    assert _fingerprints(root)[5] == ref[5] + ref[6]
+    assert read_metrics(root / "logs" / "metrics.jsonl", "data_change")[0]["mode"] == "continue"
+
+
+def test_a_new_data_stage_starts_its_data_once_and_then_resumes_exactly(tmp_path, reference):
+    """Another dataset at step 4 (an annealing stage): refused by default and by continue;
+    with restart the run reads the new data from its start. Preempted after one step and
+    requeued with the same config, it resumes exactly (no second restart)."""
+    from data.loader import TokenLoader
+    from test_data_common import data_config, prepared
+
+    root = _resumable_at_step_4(tmp_path, reference)
+    other = prepared(40, 40)
+    cfg = write_config(tmp_path, **{"data.sources": [{"path": str(other)}]})
+    before = _snapshot(root)
+    for policy, match in (("refuse", "data.sources: checkpoint .*on_data_change=restart"),
+                          ("continue", "continue keeps the saved data position, which means nothing")):
+        with pytest.raises(ckpt.CheckpointError, match=match):
+            train(load_config(cfg, [f"checkpoint.on_data_change={policy}"]))
+    assert _snapshot(root) == before
+    r = train_cli(cfg, "checkpoint.on_data_change=restart", "faults.preempt_at_step=5")
+    assert r.returncode == REQUEUE_EXIT_CODE, r.stderr[-3000:]
+    assert "at step 4" in r.stdout and "the data order starts from its beginning" in r.stdout
+    r = train_cli(cfg, "checkpoint.on_data_change=restart")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 5" in r.stdout and "data changed" not in r.stdout
+    with TokenLoader(data_config(tmp_path, other, job_id="expected"), 2, rank=0, world_size=1) as loader:
+        sums = [int(b["input_ids"].sum()) for b, _ in zip(loader, range(4))]
+    got = _fingerprints(root)
+    assert (got[5], got[6]) == (sums[0] + sums[1], sums[2] + sums[3])
+    assert all(math.isfinite(v) for v in losses(root).values())
+
+
 def test_export_round_trip(tmp_path, reference):
     ref_tmp, _ = reference
     root = ref_tmp / "ckpt"

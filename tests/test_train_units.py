@@ -224,15 +224,63 @@ def test_resume_refuses_another_pipeline_stage_count(tmp_path):
              "global_batch_size": 8}
     (d / "run.json").write_text(json.dumps({**state, "pipeline_stages": 2}))
     (d / ckpt.MARKER).write_text("ok")
-    assert check_resume(cfg, "h") == d  # same stages: any rank count (data-parallel degree)
+    info = {"tokenizer_hash": "h", "sources": []}
+    assert check_resume(cfg, info).path == d  # same stages: any rank count (data-parallel degree)
     for stages in (1, 4):
         with pytest.raises(ckpt.CheckpointError, match=r"step_00000004.*saved with parallel.pipeline_stages=2, "
                            rf"the config says {stages}: .*only the data-parallel degree.*set "
                            r"parallel.pipeline_stages=2 to resume"):
-            check_resume(load_config(None, over + [f"parallel.pipeline_stages={stages}"]), "h")
+            check_resume(load_config(None, over + [f"parallel.pipeline_stages={stages}"]), info)
     (d / "run.json").write_text(json.dumps(state))  # a run.json from before pipelines: one stage
     with pytest.raises(ckpt.CheckpointError, match="saved with parallel.pipeline_stages=1, the config says 2"):
-        check_resume(cfg, "h")
+        check_resume(cfg, info)
+
+
+def test_a_resume_on_other_data_follows_on_data_change(tmp_path):
+    """Unchanged data resumes exactly whatever the setting (so it can stay on through
+    requeues); a new global batch may continue, other sources or lengths may restart."""
+    import json
+
+    from pretrain.config_loader import config_to_dict
+    from pretrain.run_checks import check_resume
+
+    over = ["parallel.micro_batch_size=2", "parallel.global_batch_size=8", "data.seq_len=128",
+            f"checkpoint.dir={tmp_path}"]
+    cfg = load_config(None, over)
+    d = ckpt.step_dir(tmp_path, 4)
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({
+        "model": config_to_dict(cfg.model), "tokenizer_hash": "h", "zero_stage": 1, "precision": "bf16",
+        "global_batch_size": 8, "seq_len": 128,
+        "data": {"split": "train", "sources": [["ds:a", 1.0]], "seq_len": 128}}))
+    (d / ckpt.MARKER).write_text("ok")
+    a = {"tokenizer_hash": "h", "sources": [{"dataset_id": "ds:a", "weight": 2.0}]}  # one source: weight moot
+    b = {"tokenizer_hash": "h", "sources": [{"dataset_id": "ds:a", "weight": 1.0},
+                                            {"dataset_id": "ds:b", "weight": 1.0}]}
+    policies = ("refuse", "continue", "restart")
+    for policy in policies:
+        point = check_resume(load_config(None, over + [f"checkpoint.on_data_change={policy}"]), a)
+        assert (point.path, point.data, point.changes) == (d, "exact", ())
+    bigger = over + ["parallel.global_batch_size=16"]
+    with pytest.raises(ckpt.CheckpointError, match=r"other data than the config's \(parallel.global_batch_size: "
+                       r"checkpoint 8, config 16\).*checkpoint.on_data_change=continue to read on"):
+        check_resume(load_config(None, bigger), a)
+    point = check_resume(load_config(None, bigger + ["checkpoint.on_data_change=continue"]), a)
+    assert point.data == "continue" and not point.other_data
+    point = check_resume(load_config(None, bigger + ["checkpoint.on_data_change=restart"]), a)
+    assert point.data == "restart" and not point.other_data
+    for change, info in (([], b), (["data.seq_len=256"], a)):
+        with pytest.raises(ckpt.CheckpointError, match="other data.*on_data_change=restart to train on the new data"):
+            check_resume(load_config(None, over + change), info)
+        with pytest.raises(ckpt.CheckpointError, match="continue keeps the saved data position.*set "
+                           "checkpoint.on_data_change=restart"):
+            check_resume(load_config(None, over + change + ["checkpoint.on_data_change=continue"]), info)
+        point = check_resume(load_config(None, over + change + ["checkpoint.on_data_change=restart"]), info)
+        assert point.data == "restart" and point.other_data
+    point = check_resume(load_config(None, over + ["checkpoint.on_data_change=restart"]), b)
+    assert point.changes == ("data.sources: checkpoint [ds:a x1], config [ds:a x1, ds:b x1]",)
+    with pytest.raises(ConfigError, match="on_data_change"):
+        load_config(None, over + ["checkpoint.on_data_change=skip"])
 
 
 def test_universal_load_repair_matches_param_groups_by_name(tmp_path):
