@@ -68,6 +68,37 @@ def _saved_precision(step: Path) -> str | None:
     return ((saved or {}).get("parallel") or {}).get("precision")
 
 
+def schedule_change(step_dir: Path, cfg: RunConfig, step: int) -> str | None:
+    """The learning-rate jump a resume makes because the schedule's settings changed (None:
+    no jump, or the checkpoint's config is unreadable).
+
+    Not refused: extending a warmup-stable-decay run or branching its decay from a stable
+    checkpoint changes ``max_steps`` on purpose. A cosine run given more steps, though,
+    jumps back up the curve, which users should see before it shows in the loss."""
+    import math
+
+    import yaml
+
+    from .config import OptimizerConfig
+    from .config_loader import build_dataclass
+    from .schedule import lr_at
+
+    try:
+        saved = yaml.safe_load((step_dir / "config.yaml").read_text()) or {}
+        optim = build_dataclass(OptimizerConfig, saved.get("optim") or {})
+        max_steps = int(saved["max_steps"])
+    except (OSError, yaml.YAMLError, ConfigError, KeyError, TypeError, ValueError):
+        return None
+    before, now = lr_at(step, optim, max_steps), lr_at(step, cfg.optim, cfg.max_steps)
+    if math.isclose(before, now, rel_tol=1e-3):
+        return None
+    changed = [f"max_steps {max_steps} -> {cfg.max_steps}"] if max_steps != cfg.max_steps else []
+    changed += [f"optim.{k} {getattr(optim, k)} -> {getattr(cfg.optim, k)}"
+                for k in vars(optim) if getattr(optim, k) != getattr(cfg.optim, k)]
+    return (f"the learning rate of step {step} is {now:.3g} under this config's schedule, {before:.3g} under the "
+            f"checkpoint's ({', '.join(changed)}): the run continues on the new schedule from there")
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a run resumes: the checkpoint, and what becomes of its data position.

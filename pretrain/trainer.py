@@ -29,7 +29,7 @@ from .flops import device_peak_flops, flops_per_token
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
-from .run_checks import ResumePoint, check_data, check_device, check_resume
+from .run_checks import ResumePoint, check_data, check_device, check_resume, schedule_change
 from .run_log import RunLog
 from .schedule import lr_at
 from .validation import (ReplicaShare, forward_losses, pipeline_losses, replica_share, token_sums,
@@ -147,6 +147,10 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens_seen"]
         self.last_saved = self.step
         self.restore_data(state["data"])
+        jump = schedule_change(path, self.cfg, self.step)
+        if jump:
+            self.log.print(f"[train] warning: {jump}")
+            self.log.write("schedule_change", self.step, message=jump)
         self.log.print(f"[train] resumed from {path} at step {self.step} ({self.tokens} tokens)")
         self.log.write("resume", self.step, path=str(path), tokens_seen=self.tokens)
 

@@ -231,7 +231,7 @@ def test_a_batch_size_ramp_at_a_resume_reads_on_without_repeating(tmp_path, refe
     """Global batch 4 -> 8 at step 4: refused by default (nothing written); with
     checkpoint.on_data_change=continue the run reads on from the saved position, so its
     step 5 reads exactly the samples of the reference's steps 5 and 6 (the fingerprint is
-    a sum of token ids)."""
+    a sum of token ids). Its shorter max_steps moves the cosine schedule: a warning."""
     ref_tmp, _ = reference
     root = _resumable_at_step_4(tmp_path, reference)
     cfg = write_config(tmp_path, max_steps=5, **{"parallel.global_batch_size": 8})
@@ -243,6 +243,7 @@ def test_a_batch_size_ramp_at_a_resume_reads_on_without_repeating(tmp_path, refe
     r = train_cli(cfg, "checkpoint.on_data_change=continue")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 4" in r.stdout and "reading on from the saved position" in r.stdout
+    assert "warning: the learning rate of step 4 is" in r.stdout and "(max_steps 6 -> 5)" in r.stdout
     ref = _fingerprints(ref_tmp / "ckpt")
     assert _fingerprints(root)[5] == ref[5] + ref[6]
     assert read_metrics(root / "logs" / "metrics.jsonl", "data_change")[0]["mode"] == "continue"

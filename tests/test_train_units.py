@@ -283,6 +283,29 @@ def test_a_resume_on_other_data_follows_on_data_change(tmp_path):
         load_config(None, over + ["checkpoint.on_data_change=skip"])
 
 
+def test_a_resume_that_moves_the_learning_rate_is_named(tmp_path):
+    from pretrain.config_loader import dump_config
+    from pretrain.run_checks import schedule_change
+
+    base = ["max_steps=1000", "optim.warmup_steps=10", "optim.lr=1e-3"]
+    for schedule in ("cosine", "wsd"):
+        saved = load_config(None, base + [f"optim.schedule={schedule}"])
+        (tmp_path / "config.yaml").write_text(dump_config(saved))
+        assert schedule_change(tmp_path, saved, 500) is None
+        longer = load_config(None, base + [f"optim.schedule={schedule}", "max_steps=2000"])
+        jump = schedule_change(tmp_path, longer, 500)
+        if schedule == "wsd":  # extending a stable phase moves nothing
+            assert jump is None
+        else:
+            assert jump == ("the learning rate of step 500 is 0.000872 under this config's schedule, 0.000557 "
+                            "under the checkpoint's (max_steps 1000 -> 2000): the run continues on the new "
+                            "schedule from there")
+    lower = load_config(None, base + ["optim.schedule=wsd", "optim.lr=5e-4"])
+    assert "optim.lr 0.001 -> 0.0005" in schedule_change(tmp_path, lower, 500)
+    (tmp_path / "config.yaml").write_text("optim: [")
+    assert schedule_change(tmp_path, lower, 500) is None  # unreadable: no claim
+
+
 def test_universal_load_repair_matches_param_groups_by_name(tmp_path):
     """DeepSpeed copies the saved groups' hyperparameters (from a pipeline's first stage) by
     position; each group must end with those of its own name, or keep its own."""
