@@ -178,6 +178,36 @@ def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, run_state: 
     return d
 
 
+# how torch's zip writer reports a failed write (ENOSPC, EFBIG, EDQUOT, EIO) as a RuntimeError
+_TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "file write failed", "iostream error", "inline_container.cc")
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether a save died of the filesystem (full disk, quota, lost mount): an OSError, or
+    torch's writer reporting one as a RuntimeError, anywhere in the exception's chain."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_ERRORS)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def save_failure_message(root: str | os.PathLike, step: int, rank: int, e: BaseException) -> str:
+    """What a failed save means for the run and what to do (``is_write_failure``)."""
+    root = Path(root)
+    newest = newest_complete(root)
+    torn = step_dir(root, step)
+    size = sum(f.stat().st_size for f in torn.rglob("*") if f.is_file()) if torn.is_dir() else 0
+    last = (f"the newest complete checkpoint, {newest.name}, is intact and a rerun resumes from it" if newest
+            else "no complete checkpoint exists yet, so a rerun starts from step 0")
+    return (f"saving checkpoint {str(torn)!r} failed on rank {rank}, writing to disk ({e}). Without a "
+            f"COMPLETE marker it is ignored ({size / 2**20:.1f} MiB written; the next save of step {step} "
+            f"replaces it); {last}. Free space (or quota) under {str(root)!r} first, or lower "
+            "checkpoint.keep_last")
+
+
 def prune(root: Path, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; drop torn ones older than them."""
     entries = list_checkpoints(root)

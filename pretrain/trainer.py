@@ -9,6 +9,7 @@ non-finite steps in a row (no save, exit 1).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -189,9 +190,17 @@ class Trainer:
             if crash:  # the fault drill: die with the files written but no marker
                 os._exit(137)
 
-        path = ckpt.save_checkpoint(self.eng.engine, cfg.checkpoint.dir, self.step, run_state, dump_config(cfg),
-                                    rank=self.env.rank, keep_last=cfg.checkpoint.keep_last,
-                                    before_marker=before_marker if crash else None)
+        try:
+            path = ckpt.save_checkpoint(self.eng.engine, cfg.checkpoint.dir, self.step, run_state,
+                                        dump_config(cfg), rank=self.env.rank, keep_last=cfg.checkpoint.keep_last,
+                                        before_marker=before_marker if crash else None)
+        except (OSError, RuntimeError) as e:
+            if not ckpt.is_write_failure(e):
+                raise
+            message = ckpt.save_failure_message(cfg.checkpoint.dir, self.step, self.env.rank, e)
+            with contextlib.suppress(OSError):  # the log may sit on the same full disk
+                self.log.write("save_failed", self.step, rank=self.env.rank, error=str(e))
+            raise TrainError(message) from e
         self.last_saved = self.step
         self.save_seconds = time.perf_counter() - start
         self.log.print(f"[train] checkpoint {path} ({self.save_seconds:.1f}s)")

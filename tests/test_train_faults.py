@@ -278,6 +278,29 @@ def test_a_new_data_stage_starts_its_data_once_and_then_resumes_exactly(tmp_path
     assert all(math.isfinite(v) for v in losses(root).values())
 
 
+def test_a_save_that_fills_the_disk_stops_with_what_to_do(tmp_path):
+    """A real write failure: the run's file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored)
+    lets the logs through but not the optimizer state, so the first save fails with EFBIG
+    as a full disk would with ENOSPC. The run stops with exit 1 and one message naming the
+    torn checkpoint and the fix; the torn directory never counts."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    cfg = write_config(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "pretrain", str(cfg)], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=240, preexec_fn=limit_file_size)
+    root = tmp_path / "ckpt"
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"error: saving checkpoint {str(ckpt.step_dir(root, 2))!r} failed on rank 0, writing to disk" in r.stderr
+    assert "no complete checkpoint exists yet, so a rerun starts from step 0" in r.stderr and "Free space (or quota)" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert ckpt.newest_complete(root) is None and not (root / ckpt.LATEST).exists()
+    assert read_metrics(root / "logs" / "metrics.jsonl", "save_failed")[0]["step"] == 2
+
+
 def test_export_round_trip(tmp_path, reference):
     ref_tmp, _ = reference
     root = ref_tmp / "ckpt"

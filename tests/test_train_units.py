@@ -373,6 +373,35 @@ def test_only_complete_checkpoints_count_and_pruning(tmp_path):
     assert left == [(20, True), (30, True), (40, False)]
 
 
+def test_a_failed_save_is_told_apart_and_explained(tmp_path):
+    import errno
+
+    def chained(outer: Exception, inner: Exception) -> Exception:
+        try:
+            try:
+                raise inner
+            except Exception:
+                raise outer
+        except Exception as e:
+            return e
+
+    assert ckpt.is_write_failure(OSError(errno.ENOSPC, "No space left on device"))
+    assert ckpt.is_write_failure(chained(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos"),
+                                         RuntimeError("basic_ios::clear: iostream error")))
+    assert ckpt.is_write_failure(chained(ValueError("wrapped"), OSError(errno.EDQUOT, "Disk quota exceeded")))
+    assert not ckpt.is_write_failure(RuntimeError("CUDA error: an illegal memory access"))
+    for s in (2, 4):
+        ckpt.step_dir(tmp_path, s).mkdir()
+    (ckpt.step_dir(tmp_path, 2) / ckpt.MARKER).write_text("ok")
+    (ckpt.step_dir(tmp_path, 4) / "part").write_bytes(b"x" * 2**20)
+    msg = ckpt.save_failure_message(tmp_path, 4, 1, OSError(errno.ENOSPC, "No space left on device"))
+    assert msg == (f"saving checkpoint {str(ckpt.step_dir(tmp_path, 4))!r} failed on rank 1, writing to disk "
+                   "([Errno 28] No space left on device). Without a COMPLETE marker it is ignored (1.0 MiB "
+                   "written; the next save of step 4 replaces it); the newest complete checkpoint, "
+                   "step_00000002, is intact and a rerun resumes from it. Free space (or quota) under "
+                   f"{str(tmp_path)!r} first, or lower checkpoint.keep_last")
+
+
 def test_rng_state_round_trip():
     import random
 
