@@ -65,6 +65,7 @@ LATEST = "latest"
 DS_TAG = "ds"
 UNIVERSAL = "universal"
 _UNIVERSAL_TMP = ".universal-tmp-"
+HOLD = ".hold"  # a reader's shared flock keeps the checkpoint from pruning (``hold``)
 _PREFIX = "step_"
 
 
@@ -173,7 +174,7 @@ def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, run_state: 
     if rank == 0:
         write_atomic(d / MARKER, f"step {step}\n")
         write_atomic(root / LATEST, d.name + "\n")
-        prune(root, keep_last)
+        prune(root, keep_last, log=print)
     _barrier()
     return d
 
@@ -208,8 +209,11 @@ def save_failure_message(root: str | os.PathLike, step: int, rank: int, e: BaseE
             "checkpoint.keep_last")
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; drop torn ones older than them."""
+def prune(root: Path, keep_last: int, log: Callable[[str], None] | None = None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop torn ones older than them.
+
+    A checkpoint that a reader holds (``hold``: an export, say of an eval job) stays until
+    a later save finds it free."""
     entries = list_checkpoints(root)
     complete = [(s, p) for s, p, ok in entries if ok]
     if not complete:
@@ -219,8 +223,56 @@ def prune(root: Path, keep_last: int) -> None:
     for s, p, ok in entries:
         if p in keep or (not ok and s > newest_step):
             continue
-        (p / MARKER).unlink(missing_ok=True)
-        shutil.rmtree(p, ignore_errors=True)
+        if not _remove_unless_held(p) and log is not None:
+            log(f"[train] kept {p.name} past checkpoint.keep_last: a reader (an export) holds it")
+
+
+def _remove_unless_held(step: Path) -> bool:
+    """Remove ``step`` unless a reader holds its hold file; whether it was removed."""
+    import fcntl
+
+    fd = None
+    try:
+        fd = os.open(step / HOLD, os.O_RDONLY | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    except OSError:  # no flock on this file system (or the file cannot be made): remove anyway
+        pass
+    try:
+        (step / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(step, ignore_errors=True)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return True
+
+
+@contextlib.contextmanager
+def hold(step: Path):
+    """Keep ``step`` from being pruned while it is read (``linrnn-export`` during training).
+
+    A shared ``flock`` on ``step/.hold``: ``prune`` skips a held checkpoint and removes it at
+    a later save. The kernel drops the lock however the reader ends, so no stale hold can
+    keep a checkpoint forever. Raises if the checkpoint was pruned before the hold took."""
+    import fcntl
+
+    fd = None
+    try:
+        fd = os.open(step / HOLD, os.O_RDONLY | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a prune removes it
+    except OSError:  # pruned already (checked below), read-only, or no flock: read unheld
+        pass
+    try:
+        if not (step / MARKER).is_file():
+            raise CheckpointError(
+                f"checkpoint {str(step)!r} was removed (the training run keeps checkpoint.keep_last "
+                "checkpoints) before it could be read: read a newer one, or raise checkpoint.keep_last")
+        yield step
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def read_run_state(path: Path) -> dict[str, Any]:

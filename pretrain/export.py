@@ -190,10 +190,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     from safetensors.torch import save_file
 
     step_path = resolve_checkpoint(checkpoint)
-    run_state = ckpt.read_run_state(step_path)
-    run_config = yaml.safe_load((step_path / "config.yaml").read_text())
-    mcfg = model_config_from(run_state["model"])
-    sd = consolidated_state_dict(step_path, mcfg)
+    with ckpt.hold(step_path):  # a training run still saving into its root does not prune it meanwhile
+        run_state = ckpt.read_run_state(step_path)
+        run_config = yaml.safe_load((step_path / "config.yaml").read_text())
+        mcfg = model_config_from(run_state["model"])
+        sd = consolidated_state_dict(step_path, mcfg)
     expected = build_model(mcfg, device="meta").state_dict()
     missing = set(expected) - set(sd) - ({"lm_head.weight"} if mcfg.tie_embeddings else set())
     if missing:
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except ckpt.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}")
+    source = json.loads((out / META).read_text())["source"]  # the step exported, even if newer ones came since
+    print(f"exported {source} -> {out}")
     return 0
 
 

@@ -141,3 +141,29 @@ def test_checkpoint_picking(tmp_path):
     assert pick(root / "step_00000002", None) == root / "step_00000002"
     with pytest.raises(ValueError, match="no complete checkpoint"):
         pick(tmp_path / "empty", None)
+
+
+def test_a_sweep_pins_its_checkpoints_so_pruning_cannot_shift_them(tmp_path, capsys):
+    """Names pinned at submission: a task takes its own checkpoint, or says it was removed
+    (never the i-th of a list that training changed meanwhile)."""
+    import shutil
+
+    from launch.checkpoints import main, pick
+
+    root = tmp_path / "ckpt"
+    for step in (2, 4, 6):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / "COMPLETE").write_text("")
+    assert main(["names", str(root)]) == 0
+    names = capsys.readouterr().out.strip()
+    assert names == "step_00000002,step_00000004,step_00000006"
+    shutil.rmtree(root / "step_00000002")  # training saved step 8 and pruned step 2
+    (root / "step_00000008").mkdir()
+    (root / "step_00000008" / "COMPLETE").write_text("")
+    pinned = names.split(",")
+    assert [pick(root, i, pinned).name for i in (1, 2)] == ["step_00000004", "step_00000006"]
+    assert pick(root, 1).name == "step_00000006"  # unpinned: the list moved on
+    assert main(["pick", str(root), "0", "--names", names]) == 2
+    assert "step_00000002' (array task 0) is gone: the training run removed it" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="pinned 3 checkpoints"):
+        pick(root, 3, pinned)

@@ -130,3 +130,40 @@ def test_eval_script_on_an_export_passes_suite_and_options(tmp_path):
     first = calls.read_text().splitlines()[0]
     assert first.endswith(f"-m evals.cli {export} --suite parity --out {export}/eval/parity --no-progress "
                           "--seeds 0,1"), first
+
+
+def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_path):
+    """eval_sweep.sh submits one array task per complete checkpoint with the list pinned in
+    LINRNN_EVAL_STEPS and passes what follows -- to linrnn-eval; a task whose checkpoint
+    training removed meanwhile stops with its name before exporting anything."""
+    import shlex
+    import shutil
+    import sys
+
+    root = tmp_path / "run"
+    for step in (5, 10, 15):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / "COMPLETE").write_text("")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_sbatch = '#!/bin/bash\necho "STEPS=$LINRNN_EVAL_STEPS" > "$CALLS"\necho "sbatch $*" >> "$CALLS"\n'
+    (bin_dir / "sbatch").write_text(fake_sbatch)
+    (bin_dir / "sbatch").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINRNN_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), LINRNN_PYTHON=sys.executable,
+               PYTHONPATH=str(ROOT))
+    r = subprocess.run(["bash", str(SLURM / "eval_sweep.sh"), str(root), "parity", "--partition=h100", "--",
+                        "--steps", "5"], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    steps_line, sbatch_line = calls.read_text().splitlines()
+    names = "step_00000005,step_00000010,step_00000015"
+    assert steps_line == f"STEPS={names}"
+    assert shlex.split(sbatch_line) == ["sbatch", "--array=0-2", "--partition=h100", str(SLURM / "eval.sbatch"),
+                                        str(root), "parity", "--steps", "5"]
+    shutil.rmtree(root / "step_00000005")  # training pruned it while the array waited
+    env.update(LINRNN_EVAL_STEPS=names, SLURM_ARRAY_TASK_ID="0", SLURM_JOB_ID="9")
+    r = subprocess.run(["bash", str(SLURM / "eval.sbatch"), str(root), "parity"], env=env, capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and "step_00000005' (array task 0) is gone" in r.stderr, r.stderr
+    assert not (root / "exports").exists()

@@ -181,7 +181,8 @@ def test_scancel_does_not_requeue_and_keeps_checkpoints(cluster, workdir):
 
 
 def test_eval_job_exports_and_evaluates_the_final_checkpoint(cluster, workdir, reference):
-    """eval.sbatch on a step directory: it exports it (safetensors + config) and evaluates the export."""
+    """eval.sbatch on a step directory: it exports it (safetensors + config) beside the step
+    directories, out of pruning's way, and evaluates the export."""
     _, ckpt, _, _ = reference
     step = ckpt / f"step_{MAX_STEPS:08d}"
     job = cluster.sbatch("--ntasks=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
@@ -191,7 +192,7 @@ def test_eval_job_exports_and_evaluates_the_final_checkpoint(cluster, workdir, r
     fields = cluster.wait_done(job, 180)
     log = _log(workdir, job)
     assert fields["JobState"] == "COMPLETED", log[-6000:]
-    export = step / "export"
+    export = ckpt / "exports" / step.name
     assert json.loads((export / "export.json").read_text())["step"] == MAX_STEPS
     results = export / "eval" / "parity" / "results.json"
     assert results.is_file(), log[-4000:]

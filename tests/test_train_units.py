@@ -373,6 +373,23 @@ def test_only_complete_checkpoints_count_and_pruning(tmp_path):
     assert left == [(20, True), (30, True), (40, False)]
 
 
+def test_a_held_checkpoint_outlives_pruning_until_its_reader_is_done(tmp_path):
+    """An export reading step 10 while training saves step 30 with keep_last=2: step 10
+    stays (and says so), and the first save after the export is done removes it."""
+    for s in (10, 20, 30):
+        _fake(tmp_path, s, True)
+    said = []
+    with ckpt.hold(ckpt.step_dir(tmp_path, 10)) as held:
+        ckpt.prune(tmp_path, keep_last=2, log=said.append)
+        assert (held / "run.json").is_file()
+    assert said == ["[train] kept step_00000010 past checkpoint.keep_last: a reader (an export) holds it"]
+    ckpt.prune(tmp_path, keep_last=2, log=said.append)
+    assert [s for s, _, _ in ckpt.list_checkpoints(tmp_path)] == [20, 30] and len(said) == 1
+    with pytest.raises(ckpt.CheckpointError, match="step_00000010' was removed .* raise checkpoint.keep_last"):
+        with ckpt.hold(ckpt.step_dir(tmp_path, 10)):
+            pass
+
+
 def test_a_failed_save_is_told_apart_and_explained(tmp_path):
     import errno
 
