@@ -53,7 +53,10 @@ class DataSource:
     """One prepared dataset (a ``linrnn-prepare prepare`` output) in the training mixture."""
 
     path: str = ""  # local directory or any remote streaming supports (s3://, gs://, ...)
-    weight: float = _rng(1.0, gt=0.0)  # relative; normalised over all sources
+    # Relative share of the training mixture, normalised over all sources (e.g. 3 and 1:
+    # three quarters from the first). None on every source: each is read once per epoch,
+    # i.e. in proportion to its size, as if the datasets were one (Megatron's default).
+    weight: float | None = _rng(None, gt=0.0)
 
 
 @dataclass

@@ -109,7 +109,7 @@ def _single_process_env() -> Iterator[None]:
 @dataclass
 class SourceInfo:
     path: str
-    weight: float
+    weight: float | None
     manifest: dict[str, Any]
 
     @property
@@ -133,6 +133,10 @@ def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike,
         from .tokenizer import Tokenizer
 
         expected = Tokenizer.load(cfg.tokenizer).hash
+    weighted = [src.weight is not None for src in cfg.sources]
+    if any(weighted) and not all(weighted):
+        raise DataError("data.sources: give every source a weight (a mixture), or none (each source once per "
+                        "epoch, in proportion to its size)")
     infos = []
     for i, src in enumerate(cfg.sources):
         if not src.path:
@@ -146,6 +150,18 @@ def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike,
         infos.append(SourceInfo(src.path, src.weight, manifest))
     assert expected is not None
     return infos, expected
+
+
+def mixture_key(sources: list) -> list[list]:
+    """[dataset_id, weight] per source (``SourceInfo``, ``data_info`` dicts or saved pairs),
+    as loader states compare them: one source's weight means nothing, so it reads as None;
+    weights are relative, so they are normalised."""
+    pairs = [[s.dataset_id, s.weight] if isinstance(s, SourceInfo) else
+             [s["dataset_id"], s["weight"]] if isinstance(s, dict) else list(s) for s in sources]
+    if len(pairs) == 1 or any(w is None for _, w in pairs):
+        return [[i, None] for i, _ in pairs]
+    total = sum(float(w) for _, w in pairs)
+    return [[i, round(float(w) / total, 12)] for i, w in pairs]
 
 
 def data_info(cfg: DataConfig, split: str | None = None) -> dict[str, Any]:
@@ -215,8 +231,8 @@ class TokenLoader:
         env = _single_process_env() if self.explicit else contextlib.nullcontext()
         with env:
             self._clean_stale_shm(leader)
-            weighted = is_train and len(self.sources) > 1
-            total_w = sum(s.weight for s in self.sources)
+            weighted = is_train and len(self.sources) > 1 and self.sources[0].weight is not None
+            total_w = sum(s.weight or 0.0 for s in self.sources)
             streams = []
             for s in self.sources:
                 if self._in_place(s):
@@ -363,8 +379,7 @@ class TokenLoader:
             raise DataError(f"data loader state has version {state.get('version')}, expected "
                             f"{STATE_VERSION}: it was written by another code version")
         if strict:
-            mine = [[s.dataset_id, s.weight] for s in self.sources]
-            if state["sources"] != mine or state["split"] != self.split:
+            if mixture_key(state["sources"]) != mixture_key(self.sources) or state["split"] != self.split:
                 raise DataError("the checkpoint's data state belongs to other datasets or mixture "
                                 "weights than data.sources: restore the original sources, or resume "
                                 "with strict=False to restart the data order knowingly")

@@ -114,21 +114,16 @@ class ResumePoint:
     other_data: bool = False  # the sources, split or sequence length differ
 
 
-def _source_ids(sources: list) -> list[list]:
-    """[dataset_id, weight] per source; weights only matter when there are several."""
-    pairs = [[s[0], float(s[1])] if isinstance(s, (list, tuple)) else [s["dataset_id"], float(s["weight"])]
-             for s in sources]
-    return [[i, 1.0] for i, _ in pairs] if len(pairs) == 1 else pairs
-
-
 def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[list[str], bool]:
     """What differs between the checkpoint's data and this config's: (descriptions, whether
     the sources, split or sequence length differ, so that the saved position means nothing)."""
+    from data.loader import mixture_key
+
     changes, other_data = [], False
     saved = state.get("data") or {}
-    if "sources" in saved and _source_ids(saved["sources"]) != _source_ids(info["sources"]):
-        was = ", ".join(f"{i} x{w:g}" for i, w in _source_ids(saved["sources"]))
-        now = ", ".join(f"{i} x{w:g}" for i, w in _source_ids(info["sources"]))
+    if "sources" in saved and mixture_key(saved["sources"]) != mixture_key(info["sources"]):
+        was, now = (", ".join(i if w is None else f"{i} x{w:.3g}" for i, w in mixture_key(sources))
+                    for sources in (saved["sources"], info["sources"]))
         changes.append(f"data.sources: checkpoint [{was}], config [{now}]")
         other_data = True
     if saved.get("split") not in (None, cfg.data.train_split):

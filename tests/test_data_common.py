@@ -69,9 +69,9 @@ def prepared(first: int = 0, count: int = 40, seq_len: int = SEQ_LEN, val_fracti
     return out
 
 
-def data_config(tmp: Path, *paths: Path, weights: tuple[float, ...] = (), **kw) -> DataConfig:
+def data_config(tmp: Path, *paths: Path, weights: tuple[float | None, ...] = (), **kw) -> DataConfig:
     """A DataConfig over prepared datasets with a private cache under ``tmp``."""
-    ws = weights or (1.0,) * len(paths)
+    ws = weights or (None,) * len(paths)
     base = dict(sources=[DataSource(path=str(p), weight=w) for p, w in zip(paths, ws)],
                 seq_len=SEQ_LEN, cache_root=str(tmp / "cache"), job_id="test", num_workers=0)
     base.update(kw)

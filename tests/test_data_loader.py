@@ -159,6 +159,23 @@ def test_weighted_mixture_draws_the_configured_proportions(tmp_path):
         with pytest.raises(DataError, match="mixture weights"):
             other.load_state_dict(state)
         other.load_state_dict(state, strict=False)  # knowingly accepted
+    with TokenLoader(data_config(tmp_path, a, b, weights=(6.0, 2.0), epoch_size=400), BATCH) as same:
+        same.load_state_dict(state)  # weights are relative: 6:2 is 3:1
+
+
+def test_unweighted_sources_are_read_whole_once_per_epoch(tmp_path):
+    """No weights: the sources together, every sequence of each once per epoch (as one
+    dataset); weights on some sources only are refused."""
+    a, b = prepared(0, 40), prepared(40, 30)
+    alone = []
+    for i, src in enumerate((a, b)):
+        with TokenLoader(data_config(tmp_path / str(i), src, drop_last=False), 1, shuffle=False) as ld:
+            alone.append(sorted(k for batch in _keys(ld) for k in batch))
+    with TokenLoader(data_config(tmp_path / "both", a, b, drop_last=False), 1) as ld:
+        both = sorted(k for batch in _keys(ld) for k in batch)
+    assert both == sorted(alone[0] + alone[1]) and len(alone[0]) != len(alone[1])
+    with pytest.raises(DataError, match="give every source a weight .*or none"):
+        data_info(data_config(tmp_path, a, b, weights=(1.0, None)))
 
 
 def test_validation_split_is_read_in_order_without_shuffle(tmp_path):

@@ -278,7 +278,7 @@ def test_a_resume_on_other_data_follows_on_data_change(tmp_path):
         point = check_resume(load_config(None, over + change + ["checkpoint.on_data_change=restart"]), info)
         assert point.data == "restart" and point.other_data
     point = check_resume(load_config(None, over + ["checkpoint.on_data_change=restart"]), b)
-    assert point.changes == ("data.sources: checkpoint [ds:a x1], config [ds:a x1, ds:b x1]",)
+    assert point.changes == ("data.sources: checkpoint [ds:a], config [ds:a x0.5, ds:b x0.5]",)
     with pytest.raises(ConfigError, match="on_data_change"):
         load_config(None, over + ["checkpoint.on_data_change=skip"])
 
