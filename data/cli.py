@@ -77,28 +77,54 @@ def _cmd_tokenizer(a: argparse.Namespace) -> None:
 
 
 def _cmd_prepare(a: argparse.Namespace) -> None:
+    from .manifest import join_path, part_name
     from .prepare import prepare_dataset
 
     cfg = PrepareConfig(corpus=_corpus(a), tokenizer=a.tokenizer, out=a.out, seq_len=a.seq_len,
                         val_fraction=a.val_fraction, split_seed=a.split_seed, add_bos=a.add_bos,
                         num_workers=a.workers, docs_per_task=a.docs_per_task, compression=a.compression,
-                        shard_size=a.shard_size, overwrite=a.overwrite, staging_dir=a.staging_dir)
+                        shard_size=a.shard_size, overwrite=a.overwrite, staging_dir=a.staging_dir,
+                        parts=a.parts, part=_part_index(a))
     _check_options(cfg)
     m = prepare_dataset(cfg, progress=not a.no_progress)
-    print(json.dumps({"out": a.out, "dataset_id": m["dataset_id"], "dtype": m["dtype"],
+    out = a.out if a.parts == 1 else join_path(a.out, part_name(cfg.part))
+    print(json.dumps({"out": out, "dataset_id": m["dataset_id"], "dtype": m["dtype"],
                       "seq_len": m["seq_len"], "splits": m["splits"]}, indent=2))
+
+
+def _part_index(a: argparse.Namespace) -> int:
+    """--part, else the SLURM array task id when --parts splits the work."""
+    import os
+
+    if a.part is not None or a.parts <= 1:
+        return a.part or 0
+    task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
+    if not task.isdigit():
+        raise DataError(f"--parts {a.parts} needs --part (0..{a.parts - 1}), or a SLURM array job "
+                        f"(sbatch --array=0-{a.parts - 1}) that sets SLURM_ARRAY_TASK_ID")
+    return int(task)
 
 
 def _cmd_inspect(a: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .manifest import is_remote, read_manifest, verify_split
+    import tempfile
 
-    m = read_manifest(a.path)
-    if not is_remote(a.path):
-        for split, info in m["splits"].items():
-            verify_split(Path(a.path) / split, info, a.verify)
-    print(json.dumps(m, indent=2, sort_keys=True))
+    from .manifest import is_remote, read_dataset, verify_split
+
+    with tempfile.TemporaryDirectory(prefix="linrnn-inspect-") as cache:
+        found = read_dataset(a.path, cache)
+    for path, m in found:
+        if not is_remote(path):
+            for split, info in m["splits"].items():
+                verify_split(Path(path) / split, info, a.verify)
+    if len(found) == 1:
+        print(json.dumps(found[0][1], indent=2, sort_keys=True))
+    else:  # a preparation in parts: each part's sizes, and the totals
+        splits = {s: {k: sum(m["splits"][s][k] for _, m in found) for k in ("documents", "sequences", "tokens")}
+                  for s in found[0][1]["splits"]}
+        print(json.dumps({"parts": len(found), "group": found[0][1]["part"]["group"], "splits": splits,
+                          "part_splits": {Path(p).name: m["splits"] for p, m in found}}, indent=2, sort_keys=True))
     print(f"ok: {a.path} (verify={a.verify if not is_remote(a.path) else 'skipped for remote'})",
           file=sys.stderr)
 
@@ -151,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="64mb")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset at --out (never another directory)")
     p.add_argument("--staging-dir", default=None, help="remote --out: local directory to stage shards")
+    p.add_argument("--parts", type=int, default=1,
+                   help="split the preparation into this many jobs (e.g. a SLURM array); each writes "
+                        "<out>/part-XXXXX and training reads <out> as one dataset")
+    p.add_argument("--part", type=int, default=None,
+                   help="which part this job writes, 0..parts-1 (default: $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_prepare)
 

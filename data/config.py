@@ -150,3 +150,8 @@ class PrepareConfig:
     shard_size: str = "64mb"  # uncompressed bytes per shard
     overwrite: bool = False  # replace a complete dataset at ``out``
     staging_dir: str | None = None  # remote ``out`` only: where shards are written first
+    # One part of a preparation split over several jobs (a SLURM array): part ``part`` of
+    # ``parts`` reads its share of the corpus (``data.corpus.iter_documents``) and writes a
+    # complete dataset to ``<out>/part-XXXXX``; training reads ``<out>`` as all parts together.
+    parts: int = _rng(1, ge=1)
+    part: int = _rng(0, ge=0)

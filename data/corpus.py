@@ -160,7 +160,9 @@ def _iter_local_file(path: Path, fmt: str, cfg: CorpusConfig) -> Iterator[str]:
                         f"{str(e)[:200]}): fix the file or pass the right --format") from None
 
 
-def _iter_hub(name: str, cfg: CorpusConfig) -> Iterator[str]:
+def _iter_hub(name: str, cfg: CorpusConfig, part: int = 0, parts: int = 1) -> Iterator[str]:
+    """The hub dataset's rows, or part ``part`` of ``parts`` of them, cut by data files when
+    streamed (``IterableDataset.shard``), into contiguous row ranges when downloaded."""
     import datasets
 
     where = f"hub dataset {name!r} (config {cfg.hub_config!r}, split {cfg.split!r})"
@@ -169,14 +171,24 @@ def _iter_hub(name: str, cfg: CorpusConfig) -> Iterator[str]:
     except Exception as e:
         raise DataError(f"cannot open {where} ({type(e).__name__}: {str(e)[:200]}): check the name, "
                         "config and split, and network access (HF_HUB_OFFLINE must be unset)") from None
+    if parts > 1 and isinstance(ds, datasets.IterableDataset):
+        files = getattr(ds, "num_shards", None) or ds.n_shards  # num_shards from datasets 4 on
+        if files < parts:
+            raise DataError(f"{where} streams from {files} data file(s), too few for --parts {parts}: "
+                            f"use at most {files} parts, or --no-streaming")
+        ds = ds.shard(num_shards=parts, index=part)
+    elif parts > 1:
+        ds = ds.shard(num_shards=parts, index=part, contiguous=True)
     for row in ds:
         yield _text_of(row, cfg.text_field, where)
 
 
-def iter_documents(cfg: CorpusConfig, resolved: ResolvedCorpus | None = None) -> Iterator[str]:
-    """Every document's text in a fixed order, up to ``cfg.max_documents``.
+def iter_documents(cfg: CorpusConfig, resolved: ResolvedCorpus | None = None, part: int = 0,
+                   parts: int = 1) -> Iterator[str]:
+    """Every document's text in a fixed order, up to ``cfg.max_documents``; with ``parts`` > 1
+    only part ``part``'s share (``_part_documents``).
 
-    Raises DataError when the corpus yields no document at all.
+    Raises DataError when the corpus (or the part) yields no document at all.
     """
     import datasets
 
@@ -184,9 +196,12 @@ def iter_documents(cfg: CorpusConfig, resolved: ResolvedCorpus | None = None) ->
     datasets.disable_progress_bars()
     limit = cfg.max_documents
     count = 0
-    if resolved.kind == "hub":
-        gen: Iterator[str] = _iter_hub(resolved.hub_name or "", cfg)
-        ctx: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if parts > 1:
+        gen: Iterator[str] = _part_documents(cfg, resolved, part, parts)
+        ctx: contextlib.AbstractContextManager = offline_hub() if resolved.kind == "local" else contextlib.nullcontext()
+    elif resolved.kind == "hub":
+        gen = _iter_hub(resolved.hub_name or "", cfg)
+        ctx = contextlib.nullcontext()
     else:
         gen = (t for path, fmt in resolved.files for t in _iter_local_file(path, fmt, cfg))
         ctx = offline_hub()
@@ -197,7 +212,40 @@ def iter_documents(cfg: CorpusConfig, resolved: ResolvedCorpus | None = None) ->
             count += 1
             yield text
     if count == 0:
-        raise DataError(f"corpus {resolved.describe()} is empty (no documents): check the files")
+        what = f"part {part} of {parts} of corpus" if parts > 1 else "corpus"
+        fix = "use fewer --parts" if parts > 1 else "check the files"
+        raise DataError(f"{what} {resolved.describe()} is empty (no documents): {fix}")
+
+
+def _part_documents(cfg: CorpusConfig, resolved: ResolvedCorpus, part: int, parts: int) -> Iterator[str]:
+    """Part ``part`` of ``parts``: disjoint shares that together are the corpus, each in corpus order.
+
+    Local files count as one byte stream cut into ``parts`` equal ranges; a part reads the
+    documents that start in its range (uncompressed jsonl and txt by line, parquet by row, as
+    ``sample_documents`` does), and every other file whole when its first byte is in the
+    range. A hub dataset is cut by its data files (``IterableDataset.shard``).
+    """
+    if not 0 <= part < parts:
+        raise DataError(f"--part {part} is outside 0..{parts - 1} (--parts {parts})")
+    if cfg.max_documents is not None:
+        raise DataError("--max-documents cannot be combined with --parts (which documents are first "
+                        "depends on the other parts): drop one of them")
+    if resolved.kind == "hub":
+        yield from _iter_hub(resolved.hub_name or "", cfg, part, parts)
+        return
+    sizes = [path.stat().st_size for path, _ in resolved.files]
+    total = sum(sizes)
+    lo, hi = part * total // parts, (part + 1) * total // parts
+    reader = _BlockReader(cfg)
+    start = 0
+    for (path, fmt), size in zip(resolved.files, sizes):
+        a, z = max(lo - start, 0), min(hi - start, size)
+        if _addressable(path, fmt, cfg) is not None:
+            if a < z:
+                yield from reader.read(path, fmt, a, z)
+        elif lo <= start < hi:
+            yield from _iter_local_file(path, fmt, cfg)
+        start += size
 
 
 def _count_lines(path: Path) -> int:

@@ -42,7 +42,7 @@ from typing import Any
 
 from .config import DataConfig
 from .errors import DataError
-from .manifest import check_compatible, is_remote, read_manifest, verify_split
+from .manifest import check_compatible, is_remote, read_dataset, verify_split
 from .packing import collate_packed, example_from_sample
 
 STATE_VERSION = 1
@@ -141,13 +141,17 @@ def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike,
     for i, src in enumerate(cfg.sources):
         if not src.path:
             raise DataError(f"data.sources[{i}].path is empty: set it to a prepared dataset directory")
-        manifest = read_manifest(src.path, Path(scratch) / f"manifest{i}")
-        if expected is None:
-            expected = manifest["tokenizer"]["hash"]
-        check_compatible(manifest, src.path, seq_len=cfg.seq_len, tokenizer_hash=expected, split=split)
-        if not is_remote(src.path):
-            verify_split(Path(src.path) / split, manifest["splits"][split], verify)
-        infos.append(SourceInfo(src.path, src.weight, manifest))
+        found = read_dataset(src.path, Path(scratch) / f"manifest{i}")
+        # a source prepared in parts: its weight shared by the parts' training sizes
+        sizes = [m["splits"]["train"]["sequences"] for _, m in found]
+        for path, manifest in found:
+            if expected is None:
+                expected = manifest["tokenizer"]["hash"]
+            check_compatible(manifest, path, seq_len=cfg.seq_len, tokenizer_hash=expected, split=split)
+            if not is_remote(path):
+                verify_split(Path(path) / split, manifest["splits"][split], verify)
+            share = None if src.weight is None else src.weight * manifest["splits"]["train"]["sequences"] / sum(sizes)
+            infos.append(SourceInfo(path, share, manifest))
     assert expected is not None
     return infos, expected
 

@@ -102,6 +102,48 @@ def read_manifest(root: str, cache_dir: str | os.PathLike | None = None) -> dict
     return manifest
 
 
+PART_PREFIX = "part-"
+
+
+def part_name(part: int) -> str:
+    """The directory of one part of a preparation split over jobs (``PrepareConfig.parts``)."""
+    return f"{PART_PREFIX}{part:05d}"
+
+
+def join_path(root: str, name: str) -> str:
+    return root.rstrip("/") + "/" + name
+
+
+def read_dataset(root: str, cache_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """[(path, manifest)] of a prepared dataset: itself, or, for the ``<out>`` of a preparation
+    in parts, every part in order, all of one preparation and all complete; else DataError."""
+    try:
+        return [(root, read_manifest(root, Path(cache_dir) / "whole"))]
+    except DataError as whole_error:
+        first = join_path(root, part_name(0))
+        try:
+            manifest = read_manifest(first, Path(cache_dir) / part_name(0))
+        except DataError:
+            raise whole_error from None
+        if not isinstance(manifest.get("part"), dict):
+            raise whole_error from None
+    group, count = manifest["part"]["group"], manifest["part"]["count"]
+    found = [(first, manifest)]
+    for i in range(1, count):
+        path = join_path(root, part_name(i))
+        try:
+            m = read_manifest(path, Path(cache_dir) / part_name(i))
+        except DataError:
+            raise DataError(f"part {i} of the {count} parts of {root!r} is not complete ({path!r} has no "
+                            f"manifest): run its prepare (--part {i} --parts {count}, same options), then "
+                            "train") from None
+        if (m.get("part") or {}).get("group") != group or m["part"].get("index") != i:
+            raise DataError(f"{path!r} belongs to another preparation than {first!r} (other settings, input "
+                            "files or part count): re-prepare every part with the same options")
+        found.append((path, m))
+    return found
+
+
 def check_compatible(manifest: dict[str, Any], root: str, *, seq_len: int,
                      tokenizer_hash: str | None, split: str) -> None:
     """Refuse a dataset written for another seq_len or tokenizer, or lacking ``split``."""

@@ -13,12 +13,22 @@ manifest) does nothing; other settings or changed files stop it with a message n
 them, unless ``--overwrite`` (which replaces prepared datasets only: a non-empty directory
 without a manifest is never replaced). Remote outputs (s3://, gs://, ...) are staged locally and uploaded
 with the manifest last, so a reader never sees a manifest without all its shards.
+
+In parts (``--parts N --part I``, e.g. a SLURM array of N jobs): each job reads its share of
+the corpus (``data.corpus.iter_documents``) and writes a complete dataset, as above, to
+``<out>/part-0000I``, whose manifest records the part and a group id shared by the parts of
+one preparation. A failed part is rerun alone; ``data.manifest.read_dataset`` reads
+``<out>`` as all N parts (refusing a missing or foreign one), and training reads them as
+one dataset.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
+import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -43,6 +53,8 @@ from .manifest import (
     MANIFEST_NAME,
     dataset_id,
     is_remote,
+    join_path,
+    part_name,
     read_manifest,
     sha256_file,
     write_json_atomic,
@@ -78,7 +90,8 @@ def _settings(cfg: PrepareConfig, tok: Tokenizer, source: str) -> dict[str, Any]
             "hub_config": c.hub_config, "hub_split": c.split, "max_documents": c.max_documents,
             "text_sample_by": c.text_sample_by, "val_fraction": cfg.val_fraction,
             "split_seed": cfg.split_seed, "add_bos": cfg.add_bos, "tokenizer_hash": tok.hash,
-            "seq_len": cfg.seq_len, "compression": cfg.compression}
+            "seq_len": cfg.seq_len, "compression": cfg.compression,
+            **({"parts": cfg.parts, "part": cfg.part} if cfg.parts > 1 else {})}
 
 
 def _tasks(docs: Iterator[str], per_task: int, add_bos: bool, stats: dict) -> Iterator[tuple]:
@@ -187,7 +200,10 @@ def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: b
                             hashes=["xxh64"], size_limit=cfg.shard_size) for s in split_names}
     packers = {s: Packer(cfg.seq_len, dtype) for s in split_names}
     stats = collections.Counter(skipped_empty=0)
-    total = count_documents(cfg.corpus, resolved)
+    total = count_documents(cfg.corpus, resolved) if cfg.parts == 1 else None
+    # a part numbers its documents from 0: its own range of indices keeps the held-out choice
+    # independent of the other parts'
+    index_offset = np.int64(cfg.part) << np.int64(40)
     bar = tqdm(total=total, unit="doc", desc=f"prepare {Path(cfg.out).name}", disable=not progress,
                mininterval=1.0, dynamic_ncols=True)
     t0, tokens_seen = time.perf_counter(), 0
@@ -195,7 +211,7 @@ def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: b
     def handle(result: tuple) -> None:
         nonlocal tokens_seen
         indices, flat, lengths, chars = result
-        is_val = validation_mask(indices, cfg.val_fraction, cfg.split_seed)
+        is_val = validation_mask(indices + index_offset, cfg.val_fraction, cfg.split_seed)
         token_is_val = np.repeat(is_val, lengths)
         parts = {"train": (flat[~token_is_val], lengths[~is_val])}
         if "val" in packers:
@@ -210,7 +226,7 @@ def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: b
 
     try:
         pending: collections.deque = collections.deque()
-        docs = iter_documents(cfg.corpus, resolved)
+        docs = iter_documents(cfg.corpus, resolved, cfg.part, cfg.parts)
         for task in _tasks(docs, cfg.docs_per_task, cfg.add_bos, stats):
             pending.append(pool.apply_async(encode_task, (task,)))
             if len(pending) >= 2 * workers + 2:  # bounded: the corpus may be far larger than RAM
@@ -258,6 +274,24 @@ def _upload_tree(staging: Path, out: str) -> None:
         uploader.upload_file(rel)
 
 
+def _part_target(cfg: PrepareConfig) -> PrepareConfig:
+    """One part's own output, ``<out>/part-XXXXX`` (``PrepareConfig.parts``)."""
+    if not 0 <= cfg.part < cfg.parts:
+        raise DataError(f"--part {cfg.part} is outside 0..{cfg.parts - 1} (--parts {cfg.parts})")
+    if not is_remote(cfg.out) and (Path(cfg.out) / MANIFEST_NAME).is_file():
+        raise DataError(f"{cfg.out!r} holds a dataset prepared whole, not in parts: choose another --out "
+                        "for the parts")
+    return dataclasses.replace(cfg, out=join_path(cfg.out, part_name(cfg.part)))
+
+
+def _part_record(settings: dict, inputs: dict, part: int, parts: int) -> dict[str, Any]:
+    """What ties the parts of one preparation together: the same settings (but the part
+    number), input files and part count give the same group id."""
+    shared = {k: v for k, v in settings.items() if k != "part"}
+    blob = json.dumps({"settings": shared, "inputs": inputs}, sort_keys=True).encode()
+    return {"index": part, "count": parts, "group": hashlib.sha256(blob).hexdigest()[:32]}
+
+
 def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
     """Run the whole prepare step; returns the manifest written (or already present)."""
     if not cfg.out:
@@ -266,6 +300,8 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
         raise DataError("no tokenizer given: pass --tokenizer PATH (train one with `linrnn-prepare tokenizer`)")
     tok = Tokenizer.load(cfg.tokenizer)
     resolved = resolve_corpus(cfg.corpus)  # fail on a bad --input before touching the output
+    if cfg.parts > 1:
+        cfg = _part_target(cfg)
     settings = _settings(cfg, tok, resolved.describe())
     inputs = input_fingerprint(cfg.corpus, resolved)
     remote = is_remote(cfg.out)
@@ -296,6 +332,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
             "seq_len": cfg.seq_len, "add_bos": cfg.add_bos, "compression": cfg.compression,
             "tokenizer": {**tok.describe(), "file": MODEL_FILENAME},
             "settings": settings, "inputs": inputs, **result,
+            **({"part": _part_record(settings, inputs, cfg.part, cfg.parts)} if cfg.parts > 1 else {}),
         }
         manifest["dataset_id"] = dataset_id(manifest)
         write_json_atomic(staging / MANIFEST_NAME, manifest)

@@ -312,3 +312,113 @@ def test_corpus_changed_while_prepare_reads_it_is_not_published(tmp_path, monkey
                                         r"changed.*rerun once its files are final"):
         prep.prepare_dataset(_cfg_of(src, out), progress=False)
     assert not out.exists()
+
+
+def _mixed_corpus(tmp_path) -> tuple[str, list[str]]:
+    """A corpus of every file kind: byte-addressable (jsonl, parquet, txt lines) and not (gzip)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = read_texts(corpus_slice(0, 40))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:15]))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in texts[15:20]))
+    pq.write_table(pa.table({"text": texts[20:40]}), tmp_path / "c.parquet", row_group_size=3)
+    files = [tmp_path / n for n in ("a.jsonl", "b.jsonl.gz", "c.parquet")]
+    return ",".join(map(str, files)), texts
+
+
+def test_corpus_parts_hold_every_document_once_in_corpus_order(tmp_path):
+    from data.corpus import iter_documents
+
+    source, texts = _mixed_corpus(tmp_path)
+    cfg = CorpusConfig(source=source)
+    assert list(iter_documents(cfg)) == texts
+    for parts in (2, 3, 7):
+        got = [list(iter_documents(cfg, part=i, parts=parts)) for i in range(parts)]
+        assert sum(got, []) == texts, parts
+        assert all(got), parts  # every part has documents
+    with pytest.raises(DataError, match=r"part \d+ of 40 of corpus .* is empty .*use fewer --parts"):
+        for i in range(40):
+            list(iter_documents(cfg, part=i, parts=40))
+    with pytest.raises(DataError, match="--max-documents cannot be combined with --parts"):
+        list(iter_documents(CorpusConfig(source=source, max_documents=3), part=0, parts=2))
+
+
+def test_hub_parts_are_the_dataset_files_shared_out(tmp_path, monkeypatch):
+    import datasets
+
+    from data.corpus import iter_documents
+
+    texts = read_texts(corpus_slice(0, 40))[:12]
+    files = []
+    for i in range(4):
+        files.append(str(tmp_path / f"{i}.jsonl"))
+        (tmp_path / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[3 * i:3 * i + 3]))
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: real(
+        "json", data_files=files, split="train", streaming=streaming))
+    for streaming in (True, False):
+        cfg = CorpusConfig(source="hub:someone/corpus", streaming=streaming)
+        got = [list(iter_documents(cfg, part=i, parts=2)) for i in range(2)]
+        assert sorted(got[0] + got[1]) == sorted(texts) and got[0] and got[1]
+    with pytest.raises(DataError, match="streams from 4 data file.*too few for --parts 5"):
+        list(iter_documents(CorpusConfig(source="hub:someone/corpus"), part=0, parts=5))
+
+
+def test_a_preparation_in_parts_trains_as_one_dataset(tmp_path, capsys, monkeypatch):
+    """Three jobs (one finds its part in SLURM_ARRAY_TASK_ID) write <out>/part-0000I; the loader
+    reads <out> as every part; a rerun part does nothing; a missing or foreign part, or parts
+    into a dataset prepared whole, are refused with what to do."""
+    from data.cli import main
+    from data.loader import data_info
+
+    source, texts = _mixed_corpus(tmp_path)
+    out = tmp_path / "parts"
+    common = ["prepare", "--input", source, "--tokenizer", str(tokenizer_path()), "--out", str(out),
+              "--seq-len", "64", "--val-fraction", "0.2", "--workers", "1", "--no-progress", "--parts", "3"]
+    for i in (0, 2):
+        assert main(common + ["--part", str(i)]) == 0
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    assert main(common) == 2 and "--parts 3 needs --part" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"part 1 of the 3 parts of .*\(--part 1 --parts 3, same options\)"):
+        data_info(data_config(tmp_path, out, seq_len=64))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert main(common) == 0
+    capsys.readouterr()
+    manifests = [read_manifest(str(out / f"part-{i:05d}")) for i in range(3)]
+    assert [m["part"]["index"] for m in manifests] == [0, 1, 2] and len({m["part"]["group"] for m in manifests}) == 1
+    before = (out / "part-00001" / MANIFEST_NAME).stat().st_mtime_ns
+    assert main(common) == 0 and (out / "part-00001" / MANIFEST_NAME).stat().st_mtime_ns == before  # done: no-op
+    capsys.readouterr()
+    whole = prep.prepare_dataset(PrepareConfig(corpus=CorpusConfig(source=source), tokenizer=str(tokenizer_path()),
+                                               out=str(tmp_path / "whole"), seq_len=64, val_fraction=0.2,
+                                               num_workers=1), progress=False)
+
+    def total(ms, key):
+        return sum(m["splits"][s][key] for m in ms for s in m["splits"])
+
+    assert total(manifests, "documents") == total([whole], "documents") == len(texts)
+    assert total(manifests, "document_tokens") == total([whole], "document_tokens")
+    cfg = data_config(tmp_path, out, seq_len=64, drop_last=False)
+    with TokenLoader(cfg, batch_size=1) as loader:
+        assert len(list(loader)) == sum(m["splits"]["train"]["sequences"] for m in manifests)
+    info = data_info(data_config(tmp_path, out, tmp_path / "whole", weights=(3.0, 1.0), seq_len=64))
+    assert [s["path"] for s in info["sources"]] == [str(out / f"part-{i:05d}") for i in range(3)] + [
+        str(tmp_path / "whole")]
+    assert sum(s["weight"] for s in info["sources"][:3]) == pytest.approx(3.0)
+    assert main(["inspect", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["parts"] == 3 and shown["splits"]["train"]["documents"] == sum(
+        m["splits"]["train"]["documents"] for m in manifests)
+    # a part prepared with other options does not join the others
+    other = common[:-2] + ["--parts", "3", "--part", "1", "--overwrite"]
+    other[other.index("0.2")] = "0.3"
+    assert main(other) == 0
+    capsys.readouterr()
+    with pytest.raises(DataError, match="part-00001' belongs to another preparation"):
+        data_info(data_config(tmp_path, out, seq_len=64))
+    assert main(common[:-2] + ["--out", str(tmp_path / "whole"), "--parts", "2", "--part", "0"]) == 2
+    assert "holds a dataset prepared whole, not in parts" in capsys.readouterr().err
