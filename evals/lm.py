@@ -145,9 +145,10 @@ def heldout_data_config(target: str, run_config: dict | None, cache_root: str | 
     """The ``DataConfig`` to score: ``run`` = the run's own sources (its validation split), or a
     prepared dataset directory (its seq_len read from its manifest)."""
     import dataclasses
+    import tempfile
 
     from data.config import DataConfig, DataSource
-    from data.manifest import read_manifest
+    from data.manifest import read_dataset
     from pretrain.config_loader import build_dataclass
 
     if target == "run":
@@ -156,7 +157,8 @@ def heldout_data_config(target: str, run_config: dict | None, cache_root: str | 
                              "pass a prepared dataset directory instead")
         cfg = build_dataclass(DataConfig, run_config["data"], prefix="data")
     else:
-        manifest = read_manifest(target)
+        with tempfile.TemporaryDirectory(prefix="linrnn-heldout-") as cache:
+            manifest = read_dataset(target, cache)[0][1]  # a dataset, or the first of its parts
         cfg = DataConfig(sources=[DataSource(path=target)], seq_len=int(manifest["seq_len"]))
     return dataclasses.replace(cfg, drop_last=False, num_workers=0, shuffle=False,
                                cache_root=cache_root or cfg.cache_root)
