@@ -3,6 +3,8 @@ the length-extrapolation curve on a text file), ``passkey``, ``kv_lookup``, ``fe
 ``checkpoint`` runs them all. Writes results.json, results.md and PNG plots."""
 from __future__ import annotations
 
+import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +53,12 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
     (``time.monotonic()``): a running part stops its loops at it (keeping what it scored,
     listed under ``stopped_by_time_limit``) and later parts are skipped (``not_started``)."""
     if "lm" in parts and not (opts.text or opts.heldout):
-        raise ValueError("suite 'lm' needs --text FILE and/or --heldout run|DATASET_DIR")
+        if not ((ck.run_config or {}).get("data") or {}).get("sources"):
+            raise ValueError("suite 'lm' needs --text FILE and/or --heldout run|DATASET_DIR (this export "
+                             "has no run config whose validation split --heldout run could score)")
+        opts = dataclasses.replace(opts, heldout="run")
+        print("linrnn-eval: suite 'lm' scores the run's own validation split (--heldout run); pass --text "
+              "or --heldout DATASET_DIR to score other data", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     context = opts.context or ck.train_context or 512
     start = time.time()

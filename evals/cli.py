@@ -156,6 +156,10 @@ GATHER_POLL_S = 2.0
 
 def run_benchmarks(args: argparse.Namespace) -> dict:
     start = time.monotonic()
+    if (Path(args.model) / "model.safetensors").is_file():  # an export: only its config.yaml is used
+        print(f"linrnn-eval: note: suite {args.suite!r} trains new models with the architecture of {args.model} "
+              f"(its config.yaml), not its trained weights; the checkpoint suites ({', '.join(CHECKPOINT_SUITES)}) "
+              "score the weights", file=sys.stderr)
     deadline = start + args.time_limit if args.time_limit else None
     tasks = [suites.customise(bt, train_lengths=args.train_lengths, test_lengths=args.test_lengths,
                               mqar_vocab=args.mqar_vocab, mqar_train=args.mqar_train, mqar_test=args.mqar_test)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -132,7 +133,7 @@ def test_checkpoint_suite_via_cli_writes_everything(exported, tmp_path) -> None:
         assert (res_dir / png).stat().st_size > 1000
 
 
-def test_heldout_shards_are_scored_with_documents_kept_apart(exported, tmp_path) -> None:
+def test_heldout_shards_are_scored_with_documents_kept_apart(exported, tmp_path, capsys) -> None:
     from data.config import CorpusConfig, PrepareConfig
     from data.prepare import prepare_dataset
 
@@ -156,6 +157,16 @@ def test_heldout_shards_are_scored_with_documents_kept_apart(exported, tmp_path)
     assert data["results"]["heldout"]["split"] == "val" and "lm" not in data["results"]
     with pytest.raises(ValueError, match="data.sources"):
         lm.heldout_data_config("run", ck.run_config)
+    # an export whose run config names its data: suite lm without --text/--heldout scores that
+    # data's validation split (what slurm/eval.sbatch's default suite does)
+    with_run = tmp_path / "with_run"
+    shutil.copytree(out, with_run)
+    (with_run / export.RUN_CONFIG).write_text(f"data:\n  seq_len: 64\n  sources: [{{path: {ds}}}]\n")
+    rc = main([str(with_run), "--suite", "lm", "--heldout-batches", "2", "--out", str(tmp_path / "res_run"),
+               "--no-progress", "--device", "cpu"])
+    assert rc == 0 and "scores the run's own validation split (--heldout run)" in capsys.readouterr().err
+    data = json.loads((tmp_path / "res_run" / "results.json").read_text())
+    assert data["results"]["heldout"]["data"] == "run" and data["results"]["heldout"]["split"] == "val"
 
 
 @pytest.mark.parametrize("remove,message", [(export.TOKENIZER, "has no tokenizer"), (export.WEIGHTS, "has no model.safetensors")])

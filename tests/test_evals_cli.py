@@ -68,9 +68,10 @@ def test_end_to_end_run_writes_json_markdown_and_plots(tmp_path, capsys) -> None
     assert "wrote" in capsys.readouterr().out
 
 
-def test_exported_checkpoint_config_is_benchmarked_and_runs_shard_over_ranks(tmp_path, monkeypatch) -> None:
+def test_exported_checkpoint_config_is_benchmarked_and_runs_shard_over_ranks(tmp_path, monkeypatch, capsys) -> None:
     ckpt = tmp_path / "export"
     ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"")  # an export's weights: not used by an architecture suite
     (ckpt / "config.yaml").write_text(dump_config(load_model_config("mamba2-tiny", ["n_layers=1", "d_model=16",
                                                                                    "mamba2.head_dim=8",
                                                                                    "mamba2.d_state=8"])))
@@ -79,6 +80,7 @@ def test_exported_checkpoint_config_is_benchmarked_and_runs_shard_over_ranks(tmp
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main(args) == 0
+    assert "trains new models with the architecture of" in capsys.readouterr().err
     assert (out / "records.rank1-of-2.json").is_file() and not (out / "results.json").exists()
     monkeypatch.setenv("RANK", "0")
     assert main(args) == 0

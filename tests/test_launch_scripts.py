@@ -134,8 +134,9 @@ def test_eval_script_on_an_export_passes_suite_and_options(tmp_path):
 
 def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_path):
     """eval_sweep.sh submits one array task per complete checkpoint with the list pinned in
-    LINRNN_EVAL_STEPS and passes what follows -- to linrnn-eval; a task whose checkpoint
-    training removed meanwhile stops with its name before exporting anything."""
+    LINRNN_EVAL_STEPS, passes what follows -- to linrnn-eval, and submits the summary to run
+    after the array; a task whose checkpoint training removed meanwhile stops with its name
+    before exporting anything."""
     import shlex
     import shutil
     import sys
@@ -146,7 +147,8 @@ def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_pat
         (root / f"step_{step:08d}" / "COMPLETE").write_text("")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake_sbatch = '#!/bin/bash\necho "STEPS=$LINRNN_EVAL_STEPS" > "$CALLS"\necho "sbatch $*" >> "$CALLS"\n'
+    fake_sbatch = ('#!/bin/bash\necho "STEPS=$LINRNN_EVAL_STEPS" >> "$CALLS"\n'
+                   'echo "sbatch $(printf \'%q \' "$@")" >> "$CALLS"\necho "$((40 + $(grep -c ^sbatch "$CALLS")))"\n')
     (bin_dir / "sbatch").write_text(fake_sbatch)
     (bin_dir / "sbatch").chmod(0o755)
     calls = tmp_path / "calls"
@@ -156,11 +158,16 @@ def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_pat
     r = subprocess.run(["bash", str(SLURM / "eval_sweep.sh"), str(root), "parity", "--partition=h100", "--",
                         "--steps", "5"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    steps_line, sbatch_line = calls.read_text().splitlines()
+    steps_line, sbatch_line, _, summary_line = calls.read_text().splitlines()
     names = "step_00000005,step_00000010,step_00000015"
     assert steps_line == f"STEPS={names}"
-    assert shlex.split(sbatch_line) == ["sbatch", "--array=0-2", "--partition=h100", str(SLURM / "eval.sbatch"),
-                                        str(root), "parity", "--steps", "5"]
+    assert shlex.split(sbatch_line) == ["sbatch", "--parsable", "--array=0-2", "--partition=h100",
+                                        str(SLURM / "eval.sbatch"), str(root), "parity", "--steps", "5"]
+    summary = shlex.split(summary_line)  # after the array (job 41), on the same partition, no GPU
+    assert summary[:4] == ["sbatch", "--parsable", "--dependency=afterany:41", "--partition=h100"]
+    assert "--gpus-per-node=0" in summary
+    assert shlex.split(summary[-1]) == [sys.executable, "-m", "evals.sweep", str(root), "--suite", "parity"]
+    assert "Submitted batch job 41: 3 array task(s)" in r.stdout and "Submitted batch job 42: the summary" in r.stdout
     shutil.rmtree(root / "step_00000005")  # training pruned it while the array waited
     env.update(LINRNN_EVAL_STEPS=names, SLURM_ARRAY_TASK_ID="0", SLURM_JOB_ID="9")
     r = subprocess.run(["bash", str(SLURM / "eval.sbatch"), str(root), "parity"], env=env, capture_output=True,

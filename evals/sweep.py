@@ -1,0 +1,156 @@
+"""Every evaluated checkpoint of a run side by side: how the scores moved during training.
+
+    linrnn-eval-sweep RUN_DIR [--suite checkpoint]
+
+Reads ``<RUN_DIR>/exports/step_*/eval/<suite>/results.json`` (what ``slurm/eval_sweep.sh``'s
+array tasks write; ``eval_sweep.sh`` also runs this once they are done) and writes
+``<RUN_DIR>/exports/sweep-<suite>.{json,md,png}`` (several suites joined by ``+``): one row per checkpoint (step, tokens seen)
+with each checkpoint eval's headline numbers (``headline``), and one panel per number
+against tokens seen. A checkpoint whose evaluation is missing or stopped early is listed
+as such, so a table never hides a gap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .report import write_json, write_text
+
+
+def _mean(values: list[Any]) -> float | None:
+    flat = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(flat) / len(flat) if flat else None
+
+
+def headline(results: dict[str, Any]) -> dict[str, float | None]:
+    """The numbers that summarise one checkpoint evaluation (``evals.checkpoint_eval`` results)."""
+    out: dict[str, float | None] = {}
+    for name, label in (("heldout", "held-out"), ("lm", "text")):
+        if name in results:
+            out[f"{label} perplexity"] = results[name].get("perplexity")
+            out[f"{label} bits/byte"] = results[name].get("bits_per_byte")
+    ext = results.get("length_extrapolation")
+    if ext:
+        pairs = list(zip(ext["bucket_starts"], ext["bucket_loss"]))
+        out["loss within context"] = _mean([loss for start, loss in pairs if start < ext["train_context"]])
+        out["loss past context"] = _mean([loss for start, loss in pairs if start >= ext["train_context"]])
+    pk = results.get("passkey")
+    if pk:
+        out["passkey accuracy"] = _mean([a for row in pk["accuracy"] for a in row])
+        out[f"passkey accuracy at {pk['lengths'][-1]}"] = _mean([row[-1] for row in pk["accuracy"]])
+    if "kv_lookup" in results:
+        out["kv lookup accuracy"] = _mean(results["kv_lookup"]["accuracy"])
+    for name, part in sorted(results.items()):
+        if name.startswith("fewshot_"):
+            out[f"few-shot {part.get('task', name[8:])} accuracy"] = _mean(part["accuracy"])
+    return out
+
+
+def collect(run_dir: Path, suite: str) -> list[dict[str, Any]]:
+    """One row per step directory that has an export or an evaluation, oldest first."""
+    exports = run_dir / "exports"
+    rows = []
+    for step_dir in sorted(exports.glob("step_*")) if exports.is_dir() else []:
+        path = step_dir / "eval" / suite.replace(",", "+") / "results.json"  # as slurm/eval.sbatch names it
+        row: dict[str, Any] = {"checkpoint": step_dir.name, "step": int(step_dir.name.split("_")[-1])}
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            rows.append({**row, "status": "not evaluated"})
+            continue
+        meta = res.get("meta") or {}
+        status = "complete" if res.get("complete", True) else "incomplete (time limit)"
+        rows.append({**row, "step": meta.get("step", row["step"]), "tokens_seen": meta.get("tokens_seen"),
+                     "status": status, "scores": headline(res.get("results") or {})})
+    return rows
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def markdown(rows: list[dict[str, Any]], names: list[str], title: str) -> str:
+    head = ["checkpoint", "tokens seen", "status", *names]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        scores = r.get("scores") or {}
+        cells = [r["checkpoint"], _cell(r.get("tokens_seen")), r["status"], *(_cell(scores.get(n)) for n in names)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, rows: list[dict[str, Any]], names: list[str]) -> Path | None:
+    """One panel per headline number against tokens seen (steps where tokens are unknown)."""
+    scored = [r for r in rows if r.get("scores")]
+    if not scored or not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_tokens = all(r.get("tokens_seen") is not None for r in scored)
+    xs = [r["tokens_seen"] if by_tokens else r["step"] for r in scored]
+    cols = min(3, len(names))
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ys = [r["scores"].get(name) for r in scored]
+        ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("tokens seen" if by_tokens else "step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summarise(run_dir: Path, suite: str) -> dict[str, Any]:
+    rows = collect(run_dir, suite)
+    if not rows:
+        raise ValueError(f"{str(run_dir)!r} has no exports/step_* directories: evaluate its checkpoints first "
+                         "(slurm/eval_sweep.sh RUN_DIR, or slurm/eval.sbatch per checkpoint)")
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r.get("scores") or {} if n not in names]
+    out = run_dir / "exports" / f"sweep-{suite.replace(',', '+')}"
+    summary = {"run": str(run_dir), "suite": suite, "metrics": names, "checkpoints": rows}
+    write_json(out.with_suffix(".json"), summary)
+    write_text(out.with_suffix(".md"), markdown(rows, names, f"{run_dir.name}: suite {suite} by checkpoint"))
+    plot(out.with_suffix(".png"), rows, names)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="linrnn-eval-sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="a run's checkpoint.dir (its exports/ holds the evaluated checkpoints)")
+    p.add_argument("--suite", default="checkpoint", help="the checkpoint suite evaluated (default: checkpoint)")
+    args = p.parse_args(argv)
+    try:
+        summary = summarise(Path(args.run_dir), args.suite)
+    except ValueError as e:
+        print(f"linrnn-eval-sweep: error: {e}", file=sys.stderr)
+        return 2
+    md = Path(args.run_dir) / "exports" / f"sweep-{args.suite.replace(',', '+')}.md"
+    print(md.read_text())
+    missing = [r["checkpoint"] for r in summary["checkpoints"] if r["status"] != "complete"]
+    if missing:
+        print(f"note: {len(missing)} checkpoint(s) without a complete evaluation: {', '.join(missing)}",
+              file=sys.stderr)
+    print(f"wrote {md} (+ .json, .png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""linrnn-eval-sweep: every evaluated checkpoint of a run in one table and one figure."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evals.sweep import headline, main
+
+
+def _results(step: int, ppl: float, passkey: list[list[float | None]], complete: bool = True) -> dict:
+    return {"kind": "checkpoint_eval", "meta": {"step": step, "tokens_seen": step * 1000}, "complete": complete,
+            "results": {
+                "heldout": {"data": "run", "perplexity": ppl, "bits_per_byte": ppl / 100},
+                "passkey": {"lengths": [64, 128], "depths": [0.0, 1.0], "accuracy": passkey},
+                "kv_lookup": {"pairs": [4, 8], "accuracy": [0.5, 0.25]},
+                "fewshot_parity": {"task": "parity", "lengths": [4, 8], "accuracy": [0.75, 0.5]},
+                "length_extrapolation": {"train_context": 128, "bucket_starts": [0, 64, 128, 192],
+                                         "bucket_loss": [4.0, 3.0, 3.5, 4.5]}}}
+
+
+def test_headline_numbers_of_one_evaluation():
+    h = headline(_results(10, 200.0, [[1.0, 0.0], [None, 0.5]])["results"])
+    assert h == {"held-out perplexity": 200.0, "held-out bits/byte": 2.0, "loss within context": 3.5,
+                 "loss past context": 4.0, "passkey accuracy": 0.5, "passkey accuracy at 128": 0.25,
+                 "kv lookup accuracy": 0.375, "few-shot parity accuracy": 0.625}
+
+
+def test_a_sweep_table_lists_every_checkpoint_and_its_gaps(tmp_path, capsys):
+    run = tmp_path / "run"
+    for step, ppl, complete in ((100, 300.0, True), (200, 150.0, False)):
+        d = run / "exports" / f"step_{step:08d}" / "eval" / "checkpoint"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps(_results(step, ppl, [[1.0, 1.0], [1.0, 0.0]], complete)))
+    (run / "exports" / "step_00000300").mkdir()  # exported, its evaluation never ran
+    assert main([str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "2 checkpoint(s) without a complete evaluation: step_00000200, step_00000300" in captured.err
+    md = (run / "exports" / "sweep-checkpoint.md").read_text().splitlines()
+    assert md[2].startswith("| checkpoint | tokens seen | status | held-out perplexity |")
+    assert md[4].startswith("| step_00000100 | 100,000 | complete | 300 |")
+    assert md[5].startswith("| step_00000200 | 200,000 | incomplete (time limit) | 150 |")
+    assert md[6].startswith("| step_00000300 | — | not evaluated | — |")
+    summary = json.loads((run / "exports" / "sweep-checkpoint.json").read_text())
+    assert [c["step"] for c in summary["checkpoints"]] == [100, 200, 300]
+    assert (run / "exports" / "sweep-checkpoint.png").stat().st_size > 0
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "has no exports/step_* directories" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", ["lm,passkey"])
+def test_several_suites_are_read_where_eval_sbatch_writes_them(tmp_path, suite):
+    d = tmp_path / "exports" / "step_00000005" / "eval" / "lm+passkey"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(_results(5, 99.0, [[1.0, 1.0], [1.0, 1.0]])))
+    assert main([str(tmp_path), "--suite", suite]) == 0
+    assert (tmp_path / "exports" / "sweep-lm+passkey.md").read_text().count("| step_00000005 | 5,000 | complete") == 1
