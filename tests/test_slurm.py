@@ -197,3 +197,31 @@ def test_eval_job_exports_and_evaluates_the_final_checkpoint(cluster, workdir, r
     results = export / "eval" / "parity" / "results.json"
     assert results.is_file(), log[-4000:]
     assert json.loads(results.read_text())["runs"] and f"results: {results}" in log
+
+
+def test_an_eval_sweep_scores_every_checkpoint_then_summarises(cluster, workdir, reference):
+    """eval_sweep.sh on a run with two checkpoints: an array task each (export, then the lm
+    suite on the run's validation split), then the summary job once both ended."""
+    import re
+    import shutil
+    import subprocess
+
+    _, ckpt, _, _ = reference
+    run = workdir / "sweep-run"
+    keep = {f"step_{s:08d}" for s in (MAX_STEPS - SAVE_EVERY, MAX_STEPS)}
+    shutil.copytree(ckpt, run, ignore=lambda d, names: [n for n in names if n.startswith("step_") and n not in keep
+                                                        or n in ("logs", ".train.lock")])
+    r = subprocess.run(["bash", str(SLURM / "eval_sweep.sh"), str(run), "lm", "--ntasks=1", "--gpus-per-node=0",
+                        "--cpus-per-task=1", "--time=10", f"--output={workdir}/%x-%A_%a.log", f"--chdir={workdir}",
+                        "--", "--heldout-batches", "1"],
+                       env=cluster.env(**_job_env(workdir)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jobs = re.findall(r"Submitted batch job (\d+)", r.stdout)
+    assert len(jobs) == 2, r.stdout
+    fields = cluster.wait_done(jobs[1], 300)
+    assert fields["JobState"] == "COMPLETED", (_log(workdir, jobs[1]), r.stdout)
+    for name in sorted(keep):
+        res = json.loads((run / "exports" / name / "eval" / "lm" / "results.json").read_text())
+        assert res["complete"] and res["results"]["heldout"]["data"] == "run"
+    table = (run / "exports" / "sweep-lm.md").read_text()
+    assert all(f"| {name} |" in table for name in keep) and table.count("| complete |") == 2, table
