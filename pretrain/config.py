@@ -75,6 +75,9 @@ class CheckpointConfig:
     # long-context stage: the new data from its beginning). A resume with unchanged data is
     # always exact, so the setting can stay in the config through later requeues.
     on_data_change: Literal["refuse", "continue", "restart"] = "refuse"
+    # An export (linrnn-export) whose weights a new run starts from, with a fresh optimizer,
+    # schedule and data order; ignored once ``dir`` holds this run's own checkpoints.
+    init_from: str | None = None
 
 
 @dataclass

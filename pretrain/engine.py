@@ -89,17 +89,23 @@ class Engine:
         return self.num_stages > 1
 
 
-def build_engine(cfg: RunConfig, world_size: int) -> Engine:
-    """Model (seeded, so every rank starts equal), optimizer and the DeepSpeed engine."""
+def build_engine(cfg: RunConfig, world_size: int, init_from: str | None = None) -> Engine:
+    """Model (seeded, so every rank starts equal; or the weights of the export ``init_from``),
+    optimizer and the DeepSpeed engine."""
     import deepspeed
+
+    from .init_from import load_init_weights
 
     dtype = precision_dtype(cfg.parallel.precision)
     n_params = count_parameters(cfg.model)
+    tied = cfg.model.tie_embeddings
     if cfg.parallel.pipeline_stages > 1:
-        from .pipeline import build_pipeline_module, check_pipeline
+        from .pipeline import build_pipeline_module, check_pipeline, pipeline_param_to_lm
 
         dp_world = check_pipeline(cfg, world_size)
         module = build_pipeline_module(cfg)
+        if init_from:
+            load_init_weights(module, init_from, lambda n: pipeline_param_to_lm(n, cfg.model), tied)
         ds_cfg = deepspeed_config(cfg, dp_world)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=build_optimizer(module, cfg.optim),
                                                config=ds_cfg)
@@ -107,6 +113,8 @@ def build_engine(cfg: RunConfig, world_size: int) -> Engine:
                       engine.num_stages)
     torch.manual_seed(cfg.seed)
     lm = build_model(cfg.model, init_seed=draw_base_seed())  # the seed a pipeline's stages would draw
+    if init_from:
+        load_init_weights(lm, init_from, lambda n: n, tied)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(lm)
     module = LossModule(lm)

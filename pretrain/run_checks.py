@@ -47,12 +47,12 @@ def check_data(cfg: RunConfig) -> dict[str, Any]:
     return info
 
 
-def _diff(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+def model_diffs(saved: dict, current: dict, prefix: str = "model") -> list[str]:
     out = []
     for k in sorted(set(saved) | set(current)):
         a, b = saved.get(k), current.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _diff(a, b, f"{prefix}.{k}")
+            out += model_diffs(a, b, f"{prefix}.{k}")
         elif a != b:
             out.append(f"{prefix}.{k}: checkpoint {a!r}, config {b!r}")
     return out
@@ -176,7 +176,7 @@ def check_resume(cfg: RunConfig, info: dict[str, Any]) -> ResumePoint | None:
             f"checkpoint.dir {str(root)!r} already holds checkpoints (newest {newest.name}) and "
             "checkpoint.resume is false: choose a new checkpoint.dir, or set checkpoint.resume=true")
     state = ckpt.read_run_state(newest)
-    diffs = _diff(state.get("model", {}), config_to_dict(cfg.model))
+    diffs = model_diffs(state.get("model", {}), config_to_dict(cfg.model))
     if diffs:
         raise ckpt.CheckpointError(
             f"checkpoint.dir {str(root)!r} holds a run of another model shape ({'; '.join(diffs[:4])}): "

@@ -30,6 +30,7 @@ from .flops import device_peak_flops, flops_per_token
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
+from .init_from import check_init_from
 from .run_checks import ResumePoint, check_data, check_device, check_resume, schedule_change
 from .run_log import RunLog
 from .schedule import lr_at
@@ -110,7 +111,15 @@ class Trainer:
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
-        self.eng: Engine = build_engine(cfg, env.world_size)
+        init_from = cfg.checkpoint.init_from if resume is None else None  # a run's own checkpoint wins
+        self.eng: Engine = build_engine(cfg, env.world_size, init_from)
+        if init_from:
+            meta = info.get("init_from") or {}
+            self.log.print(f"[train] weights from {init_from} (step {meta.get('step')} of its run, "
+                           f"{meta.get('tokens_seen')} tokens); optimizer, schedule and data start fresh")
+        elif cfg.checkpoint.init_from:
+            self.log.print(f"[train] checkpoint.init_from ({cfg.checkpoint.init_from}) is not used: the run "
+                           "resumes from its own checkpoint")
         self.batches = Batches(cfg, cfg.parallel.micro_batch_size)
         self.val = None  # the validation split's loader, built at the first validation
         self.val_share: ReplicaShare | None = None
@@ -361,7 +370,8 @@ class Trainer:
             return TrainResult("done", self.step, EXIT_OK, self.resume_from)
         if self.resume_from is None:
             self.log.write("start", 0, config=config_to_dict(cfg), world_size=self.env.world_size,
-                           grad_accum=self.eng.grad_accum, flops_per_token=self.flops.train)
+                           grad_accum=self.eng.grad_accum, flops_per_token=self.flops.train,
+                           init_from=self.info.get("init_from"))
             self.maybe_validate()
         layout = f", {self.eng.num_stages} pipeline stages x {self.eng.dp_world} data-parallel" \
             if self.eng.pipelined else ""
@@ -437,6 +447,7 @@ def train(cfg: RunConfig) -> TrainResult:
     check_device(cfg)
     info = check_data(cfg)  # refuse bad input before touching anything
     check_resume(cfg, info)
+    info["init_from"] = check_init_from(cfg, info["tokenizer_hash"])
     env = init_distributed()
     if cfg.parallel.pipeline_stages > 1:
         from .pipeline import check_pipeline

@@ -341,6 +341,48 @@ def test_export_round_trip(tmp_path, reference):
         export_checkpoint(root, tmp_path / "file")
 
 
+def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference):
+    """checkpoint.init_from: the new run's weights are the export's (one step at lr 1e-10
+    later its checkpoint still equals the export to 1e-8), its optimizer, step and data
+    start fresh; once it has checkpoints, it resumes from them. A foreign shape, a training
+    checkpoint or another tokenizer are refused before anything is written."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from pretrain.export import consolidated_state_dict
+
+    ref_tmp, ref = reference
+    exp = tmp_path / "export"
+    export_checkpoint(ref_tmp / "ckpt" / "step_00000006", exp)
+    cfg = write_config(tmp_path, ckpt_dir="tuned", max_steps=1, **{
+        "checkpoint.init_from": str(exp), "optim.lr": 1e-10, "optim.weight_decay": 0.0, "optim.warmup_steps": 0})
+    for over, match in ((["model.d_model=64"], "holds another model shape .*d_model"),
+                        ([f"checkpoint.init_from={ref_tmp / 'ckpt'}"], "export it first, `linrnn-export")):
+        with pytest.raises(ckpt.CheckpointError, match=match):
+            train(load_config(cfg, over))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(exp, foreign)
+    meta = json.loads((foreign / "export.json").read_text())
+    (foreign / "export.json").write_text(json.dumps({**meta, "tokenizer_hash": "sha256:other"}))
+    with pytest.raises(ckpt.CheckpointError, match="tokenizer sha256:other.*embeddings would read other tokens"):
+        train(load_config(cfg, [f"checkpoint.init_from={foreign}"]))
+    assert not (tmp_path / "tuned").exists()
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"weights from {exp} (step 6 of its run" in r.stdout and "resumed from" not in r.stdout
+    got = consolidated_state_dict(ckpt.step_dir(tmp_path / "tuned", 1))
+    want = load_file(str(exp / "model.safetensors"))
+    assert want.keys() <= got.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-8, msg=lambda m, k=k: f"{k}: {m}")
+    tuned = losses(tmp_path / "tuned")
+    assert tuned[1] < ref[1] - 0.05  # the trained weights, not a fresh initialisation
+    r = train_cli(cfg, "max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is not used: the run resumes from its own checkpoint" in r.stdout and "at step 1" in r.stdout
+
+
 def test_a_failing_rank_stops_the_multi_process_job_with_its_traceback(tmp_path):
     """The distributed tests' launcher: when one rank dies, the others (which would wait for
     it in a collective) are killed at once and the failure shows the dead rank's output."""

@@ -16,7 +16,9 @@
   DeepSpeed's universal conversion of the same checkpoint, and, in a bf16 run, the masters
   whose bf16 rounding the per-layer module files hold; without optimizer files it falls
   back to those module files and warns;
-* a non-finite loss is skipped by every stage alike.
+* a non-finite loss is skipped by every stage alike;
+* a pipelined run started from the data-parallel run's export (``checkpoint.init_from``)
+  holds its weights, each stage its own layers'.
 
 Three spawns (4 ranks run every 4-rank job, 2 ranks the shrinking resume and the 2-rank
 reference, 4 ranks the growing resume), so DeepSpeed is imported once per rank and spawn;
@@ -61,8 +63,10 @@ def _driver(tmp: Path, mode: str) -> None:
             ("pp-bf16", True, {"parallel": {"precision": "bf16"}, "max_steps": 2, "eval": {"every_steps": 0}}, "done")]
     if mode == "two":  # 2 ranks: pp-ref's step-4 checkpoint resumed, and the reference of the growth
         runs = [("pp-elastic", True, {}, "done"), ("pp-two", True, {}, "done")]
-    elif mode == "grow":  # 4 ranks again: pp-two's step-4 checkpoint resumed
-        runs = [("pp-grow", True, {}, "done")]
+    elif mode == "grow":  # 4 ranks again: pp-two's step-4 checkpoint resumed; a run from dp-ref's export
+        init = {"checkpoint": {"init_from": str(tmp / "dp-export")}, "max_steps": 1, "eval": {"every_steps": 0},
+                "optim": {"lr": 1e-10, "weight_decay": 0.0, "warmup_steps": 0}}
+        runs = [("pp-grow", True, {}, "done"), ("pp-init", True, init, "done")]
     for ck, pipeline, extra, expected in runs:
         raw = _raw(tmp, ck, pipeline)
         for key, value in extra.items():
@@ -93,6 +97,9 @@ def test_pipeline_resume_is_exact_elastic_and_matches_data_parallel(tmp_path):
     out = _spawn(tmp_path, 2, "two")
     assert "elastic resume: 4 -> 2 ranks (2 pipeline stages x 1 data-parallel)" in out
     shutil.copytree(ckpt.step_dir(tmp_path / "pp-two", ELASTIC_AT), ckpt.step_dir(tmp_path / "pp-grow", ELASTIC_AT))
+    from pretrain.export import export_checkpoint, load_exported
+
+    dp_export = export_checkpoint(tmp_path / "dp-ref", tmp_path / "dp-export")
     out = _spawn(tmp_path, RANKS, "grow")
     assert "elastic resume: 2 -> 4 ranks (2 pipeline stages x 2 data-parallel)" in out
 
@@ -112,16 +119,15 @@ def test_pipeline_resume_is_exact_elastic_and_matches_data_parallel(tmp_path):
     assert [r["loss"] for r in read_metrics(log, "val")] == val  # resumed: the same validation, exactly
 
     # the export assembles the stages' fp32 masters under LanguageModel names
-    from pretrain.export import export_checkpoint, load_exported
-
     pp_model = load_exported(export_checkpoint(tmp_path / "pp-ref", tmp_path / "pp-export"))
-    dp_model = load_exported(export_checkpoint(tmp_path / "dp-ref", tmp_path / "dp-export"))
+    dp_model = load_exported(dp_export)
     dp_weights = dict(dp_model.named_parameters())
     for name, p in pp_model.named_parameters():
         torch.testing.assert_close(p, dp_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
     _check_elastic(tmp_path)
     _check_continues(tmp_path / "pp-grow", tmp_path / "pp-two")
+    _check_init_from(tmp_path / "pp-init", dp_export)
     _check_master_export(tmp_path)
 
     nan_log = tmp_path / "pp-nan" / "logs" / "metrics.jsonl"
@@ -150,6 +156,21 @@ def _check_continues(run: Path, ref: Path) -> None:
     assert a.keys() == b.keys()
     for k in a:  # one Adam step with a wrong moment or step count would move weights by >= 1e-5
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _check_init_from(run: Path, export: Path) -> None:
+    """A pipelined run started from a data-parallel run's export: each stage took its own
+    layers' weights (one step at lr 1e-10 later, still the export's to 1e-8)."""
+    from safetensors.torch import load_file
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.export import WEIGHTS, consolidated_state_dict
+
+    got = consolidated_state_dict(ckpt.step_dir(run, 1))
+    want = load_file(str(export / WEIGHTS))
+    assert want.keys() <= got.keys() and "embed.weight" in want
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=1e-8, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def _check_elastic(tmp: Path) -> None:

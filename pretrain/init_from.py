@@ -1,0 +1,87 @@
+"""Start a new run from another run's weights: ``checkpoint.init_from: <export dir>``.
+
+Continued pretraining on new data, a long-context stage as its own run, or a released
+checkpoint as the starting point: the weights come from an export (``linrnn-export``:
+safetensors, so loading runs no code), the optimizer, schedule, step and data order start
+fresh. Only a run with no checkpoint of its own starts this way; once it has saved, a
+restart resumes from its own checkpoints (the setting can stay in the config).
+
+The export must hold the configured model shape and come from data with the same
+tokenizer (``check_init_from``, before anything is written); every parameter is then copied
+by name into the freshly built model, or pipeline stage, before DeepSpeed wraps it
+(``load_init_weights``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import yaml
+
+from .checkpoint import CheckpointError
+from .config import RunConfig
+from .config_loader import ConfigError, config_to_dict
+
+WEIGHTS, CONFIG, META = "model.safetensors", "config.yaml", "export.json"  # pretrain.export's names
+
+
+def check_init_from(cfg: RunConfig, tokenizer_hash: str) -> dict[str, Any] | None:
+    """The export's ``export.json`` (None: no ``init_from``); CheckpointError when it is not a
+    complete export of this model shape for this tokenizer."""
+    if not cfg.checkpoint.init_from:
+        return None
+    from .export import model_config_from
+    from .run_checks import model_diffs
+
+    p = Path(cfg.checkpoint.init_from)
+    where = f"checkpoint.init_from {str(p)!r}"
+    if not p.is_dir():
+        raise CheckpointError(f"{where} does not exist or is not a directory: give an export (linrnn-export)")
+    if not (p / WEIGHTS).is_file():
+        hint = (" (a training checkpoint: export it first, `linrnn-export CHECKPOINT OUT`, and give OUT)"
+                if (p / "run.json").is_file() or (p / "latest").is_file() else "")
+        raise CheckpointError(f"{where} has no {WEIGHTS}: give an export{hint}")
+    try:
+        meta = json.loads((p / META).read_text())
+        model = model_config_from(yaml.safe_load((p / CONFIG).read_text()) or {})
+    except (OSError, json.JSONDecodeError, yaml.YAMLError, ConfigError) as e:
+        raise CheckpointError(f"{where} is not a complete export ({e}): rerun linrnn-export") from None
+    diffs = model_diffs(config_to_dict(model), config_to_dict(cfg.model))
+    if diffs:
+        raise CheckpointError(f"{where} holds another model shape ({'; '.join(diffs[:4])}, 'checkpoint' being "
+                              "the export): set the model config to the export's, or choose another export")
+    if meta.get("tokenizer_hash") not in (None, tokenizer_hash):
+        raise CheckpointError(f"{where} was trained with tokenizer {meta['tokenizer_hash']}, the data has "
+                              f"{tokenizer_hash}: the embeddings would read other tokens; prepare the data with "
+                              "the export's tokenizer.model")
+    return meta
+
+
+def load_init_weights(module: nn.Module, path: str | Path, name_of: Any, tied: bool) -> int:
+    """Copy the export's weights into ``module``'s parameters; returns how many were set.
+
+    ``name_of`` maps a parameter name of ``module`` to the LanguageModel's (a pipeline
+    stage holds only its layers); ``tied``: the export stores the embedding once, for both
+    the embedding and the output head."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(path) / WEIGHTS))
+    if tied and "lm_head.weight" not in weights and "embed.weight" in weights:
+        weights["lm_head.weight"] = weights["embed.weight"]
+    missing = []
+    count = 0
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            source = weights.get(name_of(name))
+            if source is None or source.shape != param.shape:
+                missing.append(name_of(name))
+                continue
+            param.copy_(source.to(param.dtype))
+            count += 1
+    if missing:
+        raise CheckpointError(f"checkpoint.init_from {str(path)!r} lacks (or has other shapes for) "
+                              f"{sorted(missing)[:5]}: it does not match its own config.yaml; re-export it")
+    return count
