@@ -151,7 +151,7 @@ def _barrier() -> None:
 
 
 def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, run_state: dict[str, Any],
-                    config_text: str, *, rank: int, keep_last: int,
+                    config_text: str, *, rank: int, keep_last: int, keep_every: int = 0,
                     before_marker: Callable[[], None] | None = None) -> Path:
     """Write one checkpoint collectively (every rank calls this); returns its directory."""
     root = Path(root)
@@ -174,7 +174,7 @@ def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, run_state: 
     if rank == 0:
         write_atomic(d / MARKER, f"step {step}\n")
         write_atomic(root / LATEST, d.name + "\n")
-        prune(root, keep_last, log=print)
+        prune(root, keep_last, log=print, keep_every=keep_every)
     _barrier()
     return d
 
@@ -209,8 +209,10 @@ def save_failure_message(root: str | os.PathLike, step: int, rank: int, e: BaseE
             "checkpoint.keep_last")
 
 
-def prune(root: Path, keep_last: int, log: Callable[[str], None] | None = None) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints; drop torn ones older than them.
+def prune(root: Path, keep_last: int, log: Callable[[str], None] | None = None, keep_every: int = 0) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints, and every complete one whose step
+    is a multiple of ``keep_every`` (a series to evaluate over training); drop torn ones
+    older than the newest complete one.
 
     A checkpoint that a reader holds (``hold``: an export, say of an eval job) stays until
     a later save finds it free."""
@@ -218,7 +220,7 @@ def prune(root: Path, keep_last: int, log: Callable[[str], None] | None = None) 
     complete = [(s, p) for s, p, ok in entries if ok]
     if not complete:
         return
-    keep = {p for _, p in complete[-keep_last:]}
+    keep = {p for _, p in complete[-keep_last:]} | {p for s, p in complete if keep_every and s % keep_every == 0}
     newest_step = complete[-1][0]
     for s, p, ok in entries:
         if p in keep or (not ok and s > newest_step):

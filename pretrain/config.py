@@ -66,6 +66,9 @@ class CheckpointConfig:
     dir: str = "checkpoints"
     every_steps: int = _rng(1000, ge=0)  # 0: only at the end and on preemption
     keep_last: int = _rng(3, ge=1)
+    # also keep, for good, every checkpoint whose step is a multiple of this (0: none), e.g.
+    # a series to evaluate over training (slurm/eval_sweep.sh); each holds the full state
+    keep_every_steps: int = _rng(0, ge=0)
     resume: bool = True  # resume from the newest complete checkpoint in ``dir``
     lock_wait_s: float = _rng(120.0, ge=0.0)  # how long to wait for another job's lock on ``dir``
     # A resume whose data differs from the checkpoint's (data.sources or their weights,

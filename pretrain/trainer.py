@@ -202,6 +202,7 @@ class Trainer:
         try:
             path = ckpt.save_checkpoint(self.eng.engine, cfg.checkpoint.dir, self.step, run_state,
                                         dump_config(cfg), rank=self.env.rank, keep_last=cfg.checkpoint.keep_last,
+                                        keep_every=cfg.checkpoint.keep_every_steps,
                                         before_marker=before_marker if crash else None)
         except (OSError, RuntimeError) as e:
             if not ckpt.is_write_failure(e):

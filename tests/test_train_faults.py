@@ -33,8 +33,9 @@ pytestmark = pytest.mark.slow
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     cfg = write_config(tmp)
-    r = train_cli(cfg)
+    r = train_cli(cfg, "checkpoint.keep_every_steps=2")  # keep_last=2 alone would have pruned step 2
     assert r.returncode == 0, r.stderr[-3000:]
+    assert [s for s, _, ok in ckpt.list_checkpoints(tmp / "ckpt") if ok] == [2, 4, 6]
     ref = losses(tmp / "ckpt")
     assert sorted(ref) == list(range(1, 7)) and all(math.isfinite(v) for v in ref.values())
     assert ref[6] < ref[1]

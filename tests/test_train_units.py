@@ -371,6 +371,10 @@ def test_only_complete_checkpoints_count_and_pruning(tmp_path):
     ckpt.prune(tmp_path, keep_last=2)
     left = [(s, ok) for s, _, ok in ckpt.list_checkpoints(tmp_path)]
     assert left == [(20, True), (30, True), (40, False)]
+    for s in (50, 60, 70):
+        _fake(tmp_path, s, True)
+    ckpt.prune(tmp_path, keep_last=2, keep_every=20)  # and a series: every 20th step, for good
+    assert [s for s, _, _ in ckpt.list_checkpoints(tmp_path)] == [20, 60, 70]  # torn 40: not a kept multiple
 
 
 def test_a_held_checkpoint_outlives_pruning_until_its_reader_is_done(tmp_path):
