@@ -124,7 +124,12 @@ def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[lis
     if "sources" in saved and mixture_key(saved["sources"]) != mixture_key(info["sources"]):
         was, now = (", ".join(i if w is None else f"{i} x{w:.3g}" for i, w in mixture_key(sources))
                     for sources in (saved["sources"], info["sources"]))
-        changes.append(f"data.sources: checkpoint [{was}], config [{now}]")
+        before, after = mixture_key(saved["sources"]), mixture_key(info["sources"])
+        hint = ""
+        if [i for i, _ in before] == [i for i, _ in after] and all(w is None for _, w in after):
+            hint = (" - sources without weights read in proportion to their sizes (since 2026-11-29); "
+                    "give each the weight it had to keep that mixture")
+        changes.append(f"data.sources: checkpoint [{was}], config [{now}]{hint}")
         other_data = True
     if saved.get("split") not in (None, cfg.data.train_split):
         changes.append(f"data.train_split: checkpoint {saved['split']!r}, config {cfg.data.train_split!r}")

@@ -279,6 +279,15 @@ def test_a_resume_on_other_data_follows_on_data_change(tmp_path):
         assert point.data == "restart" and point.other_data
     point = check_resume(load_config(None, over + ["checkpoint.on_data_change=restart"]), b)
     assert point.changes == ("data.sources: checkpoint [ds:a], config [ds:a x0.5, ds:b x0.5]",)
+    # a two-source run saved with equal weights, resumed with unweighted sources (read by size)
+    state = json.loads((d / "run.json").read_text())
+    state["data"]["sources"] = [["ds:a", 1.0], ["ds:b", 1.0]]
+    (d / "run.json").write_text(json.dumps(state))
+    unweighted = {"tokenizer_hash": "h", "sources": [{"dataset_id": "ds:a", "weight": None},
+                                                     {"dataset_id": "ds:b", "weight": None}]}
+    with pytest.raises(ckpt.CheckpointError, match="without weights read in proportion to their sizes"):
+        check_resume(load_config(None, over), unweighted)
+    assert check_resume(load_config(None, over), b).data == "exact"
     with pytest.raises(ConfigError, match="on_data_change"):
         load_config(None, over + ["checkpoint.on_data_change=skip"])
 
