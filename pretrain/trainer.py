@@ -61,6 +61,15 @@ def _peak_memory_gb(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+def _duration(seconds: float) -> str:
+    """``3d04h``, ``2h05m``, ``4m10s`` or ``12s``: the two largest units."""
+    s = int(round(seconds))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit}{(s % size) // sub_size:02d}{sub}"
+    return f"{s}s"
+
+
 def _allreduce_sum(values: list[float | torch.Tensor], dev: torch.device) -> list[float]:
     """Sums over all ranks, in one collective (and one host sync)."""
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev) for v in values])
@@ -419,13 +428,16 @@ class Trainer:
                 if self.step % cfg.logging.every_steps == 0 or self.step == cfg.max_steps:
                     elapsed = time.perf_counter() - window_t
                     tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                    rec.update(tokens_per_s=tps, peak_mem_gb=_peak_memory_gb(self.dev),
+                    # the window's pace (saves and validations included) for the steps left
+                    eta = (cfg.max_steps - self.step) * elapsed / max(window_steps, 1)
+                    rec.update(tokens_per_s=tps, peak_mem_gb=_peak_memory_gb(self.dev), eta_s=round(eta, 1),
                                mfu=(tps * self.flops.train / (self.env.world_size * self.peak)) if self.peak else None)
                     window_t, window_steps = time.perf_counter(), 0
                     mfu = f", MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
                     gn = f"{norm:.3f}" if norm is not None else "n/a"
                     self.log.print(f"[train] step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.2e}, "
-                                   f"grad norm {gn}, {tps:,.0f} tok/s{mfu}, peak mem {rec['peak_mem_gb']:.2f} GB")
+                                   f"grad norm {gn}, {tps:,.0f} tok/s{mfu}, peak mem {rec['peak_mem_gb']:.2f} GB, "
+                                   f"ETA {_duration(eta)}")
                 self.log.write("train", self.step, **rec)
                 self.maybe_validate()
                 every = cfg.checkpoint.every_steps

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ def reference(tmp_path_factory):
     r = train_cli(cfg, "checkpoint.keep_every_steps=2")  # keep_last=2 alone would have pruned step 2
     assert r.returncode == 0, r.stderr[-3000:]
     assert [s for s, _, ok in ckpt.list_checkpoints(tmp / "ckpt") if ok] == [2, 4, 6]
+    assert re.search(r"step 5/6: .* ETA \d+s\n", r.stdout) and re.search(r"step 6/6: .* ETA 0s\n", r.stdout)
     ref = losses(tmp / "ckpt")
     assert sorted(ref) == list(range(1, 7)) and all(math.isfinite(v) for v in ref.values())
     assert ref[6] < ref[1]

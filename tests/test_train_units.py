@@ -432,6 +432,13 @@ def test_a_failed_save_is_told_apart_and_explained(tmp_path):
                    f"{str(tmp_path)!r} first, or lower checkpoint.keep_last")
 
 
+def test_progress_durations_read_at_a_glance():
+    from pretrain.trainer import _duration
+
+    assert [_duration(x) for x in (0.4, 12, 250, 7500, 3 * 86400 + 4 * 3600 + 59)] == [
+        "0s", "12s", "4m10s", "2h05m", "3d04h"]
+
+
 def test_rng_state_round_trip():
     import random
 
