@@ -1,13 +1,14 @@
 """Every evaluated checkpoint of a run side by side: how the scores moved during training.
 
-    linrnn-eval-sweep RUN_DIR [--suite checkpoint]
+    linrnn-eval-sweep RUN_DIR [--suite checkpoint] [--evaluate [-- linrnn-eval options]]
 
 Reads ``<RUN_DIR>/exports/step_*/eval/<suite>/results.json`` (what ``slurm/eval_sweep.sh``'s
 array tasks write; ``eval_sweep.sh`` also runs this once they are done) and writes
 ``<RUN_DIR>/exports/sweep-<suite>.{json,md,png}`` (several suites joined by ``+``): one row per checkpoint (step, tokens seen)
 with each checkpoint eval's headline numbers (``headline``), and one panel per number
 against tokens seen. A checkpoint whose evaluation is missing or stopped early is listed
-as such, so a table never hides a gap.
+as such, so a table never hides a gap. Without SLURM, ``--evaluate`` first exports and
+evaluates here every complete checkpoint that has no complete evaluation yet.
 """
 from __future__ import annotations
 
@@ -106,6 +107,8 @@ def plot(path: Path, rows: list[dict[str, Any]], names: list[str]) -> Path | Non
         ys = [r["scores"].get(name) for r in scored]
         ax.plot(xs, [math.nan if y is None else y for y in ys], marker="o")
         ax.set_title(name, fontsize=9)
+        if "accuracy" in name:
+            ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("tokens seen" if by_tokens else "step", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
@@ -132,12 +135,55 @@ def summarise(run_dir: Path, suite: str) -> dict[str, Any]:
     return summary
 
 
+def evaluate_missing(run_dir: Path, suite: str, eval_args: list[str]) -> list[str]:
+    """Export and evaluate, one after another in this process, every complete checkpoint of
+    the run without a complete evaluation (what ``slurm/eval_sweep.sh`` does as a job array);
+    returns the checkpoints evaluated. A checkpoint whose evaluation fails is reported and
+    the others go on (the summary lists it as not evaluated)."""
+    from launch.checkpoints import complete_checkpoints
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.export import META, export_checkpoint
+
+    from .cli import main as eval_main
+
+    done = []
+    for step in complete_checkpoints(run_dir):
+        export = run_dir / "exports" / step.name
+        out = export / "eval" / suite.replace(",", "+")
+        try:
+            if json.loads((out / "results.json").read_text()).get("complete", True):
+                continue
+        except (OSError, json.JSONDecodeError):
+            pass
+        try:
+            if not (export / META).is_file():
+                print(f"linrnn-eval-sweep: exporting {step} -> {export}", file=sys.stderr)
+                export_checkpoint(step, export)
+        except CheckpointError as e:  # pruned by a running training job meanwhile, say
+            print(f"linrnn-eval-sweep: {step.name} skipped: {e}", file=sys.stderr)
+            continue
+        print(f"linrnn-eval-sweep: evaluating {step.name} (suite {suite})", file=sys.stderr)
+        if eval_main([str(export), "--suite", suite, "--out", str(out), *eval_args]) == 0:
+            done.append(step.name)
+        else:
+            print(f"linrnn-eval-sweep: the evaluation of {step.name} failed (see above)", file=sys.stderr)
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="linrnn-eval-sweep", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    eval_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="linrnn-eval-sweep", description=__doc__.split("\n\n")[0],
+                                epilog="Options after -- go to linrnn-eval (with --evaluate).")
     p.add_argument("run_dir", help="a run's checkpoint.dir (its exports/ holds the evaluated checkpoints)")
     p.add_argument("--suite", default="checkpoint", help="the checkpoint suite evaluated (default: checkpoint)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="first export and evaluate here, one by one, every complete checkpoint not yet evaluated")
     args = p.parse_args(argv)
     try:
+        if args.evaluate:
+            evaluate_missing(Path(args.run_dir), args.suite, eval_args)
         summary = summarise(Path(args.run_dir), args.suite)
     except ValueError as e:
         print(f"linrnn-eval-sweep: error: {e}", file=sys.stderr)

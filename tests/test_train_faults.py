@@ -386,6 +386,28 @@ def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference):
     assert "is not used: the run resumes from its own checkpoint" in r.stdout and "at step 1" in r.stdout
 
 
+def test_every_checkpoint_of_a_run_is_evaluated_and_summarised_without_slurm(tmp_path, reference, capsys):
+    """linrnn-eval-sweep --evaluate: each complete checkpoint exported and scored once (a
+    rerun evaluates nothing again), then one table over training."""
+    import shutil
+
+    from evals.sweep import main as sweep_main
+
+    ref_tmp, _ = reference
+    run = tmp_path / "run"
+    shutil.copytree(ref_tmp / "ckpt", run, ignore=shutil.ignore_patterns(".train.lock", "exports"))
+    args = [str(run), "--suite", "lm", "--evaluate", "--", "--heldout-batches", "1", "--no-progress"]
+    assert sweep_main(args) == 0
+    err = capsys.readouterr().err
+    assert [f"evaluating step_{s:08d}" in err for s in (2, 4, 6)] == [True] * 3
+    table = (run / "exports" / "sweep-lm.md").read_text()
+    assert table.count("| complete |") == 3 and "| step_00000002 | 1,024 |" in table, table
+    perplexities = [c["scores"]["held-out perplexity"]
+                    for c in json.loads((run / "exports" / "sweep-lm.json").read_text())["checkpoints"]]
+    assert perplexities == sorted(perplexities, reverse=True)  # training lowered it
+    assert sweep_main(args) == 0 and "evaluating" not in capsys.readouterr().err
+
+
 def test_a_failing_rank_stops_the_multi_process_job_with_its_traceback(tmp_path):
     """The distributed tests' launcher: when one rank dies, the others (which would wait for
     it in a collective) are killed at once and the failure shows the dead rank's output."""
