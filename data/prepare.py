@@ -316,7 +316,9 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
         if final is not None:
             staging = final.parent / f"{final.name}.partial"
         else:
-            staging = Path(cfg.staging_dir or tmp_root) / "staging"
+            # one directory per output: parts (or other prepares) sharing --staging-dir on a node
+            # never clear each other's; a rerun of the same output clears its own leftover
+            staging = Path(cfg.staging_dir or tmp_root) / f"staging-{hashlib.sha256(cfg.out.encode()).hexdigest()[:16]}"
         if staging.exists():  # left by an interrupted run: restart cleanly
             shutil.rmtree(staging)
         staging.mkdir(parents=True)

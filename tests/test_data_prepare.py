@@ -422,3 +422,26 @@ def test_a_preparation_in_parts_trains_as_one_dataset(tmp_path, capsys, monkeypa
         data_info(data_config(tmp_path, out, seq_len=64))
     assert main(common[:-2] + ["--out", str(tmp_path / "whole"), "--parts", "2", "--part", "0"]) == 2
     assert "holds a dataset prepared whole, not in parts" in capsys.readouterr().err
+
+
+def test_remote_parts_stage_in_their_own_directories(tmp_path, monkeypatch):
+    """Two parts of a remote output staged under one --staging-dir (two array tasks on a
+    node): each stages in its own directory, so neither clears the other's shards."""
+    source, _ = _mixed_corpus(tmp_path)
+    staged = {}
+
+    def upload(staging, out):
+        staged[out] = staging
+        shutil.copytree(staging, tmp_path / "bucket" / out.split("/")[-1])
+
+    monkeypatch.setattr(prep, "is_remote", lambda path: path.startswith("s3://"))
+    monkeypatch.setattr(prep, "_upload_tree", upload)
+    monkeypatch.setattr(prep, "read_manifest", lambda *a: (_ for _ in ()).throw(DataError("no manifest yet")))
+    for part in (0, 1):
+        prep.prepare_dataset(PrepareConfig(corpus=CorpusConfig(source=source), tokenizer=str(tokenizer_path()),
+                                           out="s3://bucket/corpus", seq_len=64, val_fraction=0.2, num_workers=1,
+                                           staging_dir=str(tmp_path / "stage"), parts=2, part=part), progress=False)
+    assert sorted(staged) == ["s3://bucket/corpus/part-00000", "s3://bucket/corpus/part-00001"]
+    assert len(set(staged.values())) == 2 and all(p.parent == tmp_path / "stage" for p in staged.values())
+    assert all(json.loads((tmp_path / "bucket" / f"part-0000{i}" / MANIFEST_NAME).read_text())["part"]["index"] == i
+               for i in (0, 1))
