@@ -134,6 +134,12 @@ def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[lis
     if saved.get("split") not in (None, cfg.data.train_split):
         changes.append(f"data.train_split: checkpoint {saved['split']!r}, config {cfg.data.train_split!r}")
         other_data = True
+    # the saved data order's own settings, which a resume would otherwise keep silently
+    order = saved.get("streaming") or {}
+    for key, now in (("shuffle_seed", cfg.data.shuffle_seed), ("num_canonical_nodes", cfg.data.num_canonical_nodes)):
+        if now is not None and order.get(key) not in (None, now):
+            changes.append(f"data.{key}: checkpoint {order[key]}, config {now}")
+            other_data = True
     if state.get("seq_len") not in (None, cfg.data.seq_len):
         changes.append(f"data.seq_len: checkpoint {state['seq_len']}, config {cfg.data.seq_len}")
         other_data = True

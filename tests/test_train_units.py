@@ -252,7 +252,8 @@ def test_a_resume_on_other_data_follows_on_data_change(tmp_path):
     (d / "run.json").write_text(json.dumps({
         "model": config_to_dict(cfg.model), "tokenizer_hash": "h", "zero_stage": 1, "precision": "bf16",
         "global_batch_size": 8, "seq_len": 128,
-        "data": {"split": "train", "sources": [["ds:a", 1.0]], "seq_len": 128}}))
+        "data": {"split": "train", "sources": [["ds:a", 1.0]], "seq_len": 128,
+                 "streaming": {"shuffle_seed": 17, "num_canonical_nodes": 2}}}))
     (d / ckpt.MARKER).write_text("ok")
     a = {"tokenizer_hash": "h", "sources": [{"dataset_id": "ds:a", "weight": 2.0}]}  # one source: weight moot
     b = {"tokenizer_hash": "h", "sources": [{"dataset_id": "ds:a", "weight": 1.0},
@@ -269,7 +270,9 @@ def test_a_resume_on_other_data_follows_on_data_change(tmp_path):
     assert point.data == "continue" and not point.other_data
     point = check_resume(load_config(None, bigger + ["checkpoint.on_data_change=restart"]), a)
     assert point.data == "restart" and not point.other_data
-    for change, info in (([], b), (["data.seq_len=256"], a)):
+    assert check_resume(load_config(None, over + ["data.num_canonical_nodes=2"]), a).data == "exact"
+    for change, info in (([], b), (["data.seq_len=256"], a), (["data.shuffle_seed=5"], a),
+                         (["data.num_canonical_nodes=4"], a)):
         with pytest.raises(ckpt.CheckpointError, match="other data.*on_data_change=restart to train on the new data"):
             check_resume(load_config(None, over + change), info)
         with pytest.raises(ckpt.CheckpointError, match="continue keeps the saved data position.*set "
