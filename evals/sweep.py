@@ -56,6 +56,8 @@ def collect(run_dir: Path, suite: str) -> list[dict[str, Any]]:
     exports = run_dir / "exports"
     rows = []
     for step_dir in sorted(exports.glob("step_*")) if exports.is_dir() else []:
+        if not step_dir.is_dir() or not step_dir.name[5:].isdigit():
+            continue
         path = step_dir / "eval" / suite.replace(",", "+") / "results.json"  # as slurm/eval.sbatch names it
         row: dict[str, Any] = {"checkpoint": step_dir.name, "step": int(step_dir.name.split("_")[-1])}
         try:

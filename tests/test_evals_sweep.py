@@ -33,6 +33,7 @@ def test_a_sweep_table_lists_every_checkpoint_and_its_gaps(tmp_path, capsys):
         d.mkdir(parents=True)
         (d / "results.json").write_text(json.dumps(_results(step, ppl, [[1.0, 1.0], [1.0, 0.0]], complete)))
     (run / "exports" / "step_00000300").mkdir()  # exported, its evaluation never ran
+    (run / "exports" / "step_00000300.old").mkdir()  # not a step directory: ignored
     assert main([str(run)]) == 0
     captured = capsys.readouterr()
     assert "2 checkpoint(s) without a complete evaluation: step_00000200, step_00000300" in captured.err
