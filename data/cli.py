@@ -77,32 +77,46 @@ def _cmd_tokenizer(a: argparse.Namespace) -> None:
 
 
 def _cmd_prepare(a: argparse.Namespace) -> None:
+    import dataclasses
+
     from .manifest import join_path, part_name
     from .prepare import prepare_dataset
 
+    indices = _part_indices(a)
     cfg = PrepareConfig(corpus=_corpus(a), tokenizer=a.tokenizer, out=a.out, seq_len=a.seq_len,
                         val_fraction=a.val_fraction, split_seed=a.split_seed, add_bos=a.add_bos,
                         num_workers=a.workers, docs_per_task=a.docs_per_task, compression=a.compression,
                         shard_size=a.shard_size, overwrite=a.overwrite, staging_dir=a.staging_dir,
-                        parts=a.parts, part=_part_index(a))
+                        parts=a.parts, part=indices[0])
     _check_options(cfg)
-    m = prepare_dataset(cfg, progress=not a.no_progress)
-    out = a.out if a.parts == 1 else join_path(a.out, part_name(cfg.part))
-    print(json.dumps({"out": out, "dataset_id": m["dataset_id"], "dtype": m["dtype"],
-                      "seq_len": m["seq_len"], "splits": m["splits"]}, indent=2))
+    for i in indices:  # --part all: complete parts are no-ops, so a rerun goes on where it stopped
+        if len(indices) > 1:
+            print(f"linrnn-prepare: part {i} of {a.parts}", file=sys.stderr)
+        m = prepare_dataset(dataclasses.replace(cfg, part=i), progress=not a.no_progress)
+        out = a.out if a.parts == 1 else join_path(a.out, part_name(i))
+        print(json.dumps({"out": out, "dataset_id": m["dataset_id"], "dtype": m["dtype"],
+                          "seq_len": m["seq_len"], "splits": m["splits"]}, indent=2))
 
 
-def _part_index(a: argparse.Namespace) -> int:
-    """--part, else the SLURM array task id when --parts splits the work."""
+def _part_indices(a: argparse.Namespace) -> list[int]:
+    """The parts this call writes: --part I, every part (--part all), else the SLURM array task
+    id when --parts splits the work."""
     import os
 
-    if a.part is not None or a.parts <= 1:
-        return a.part or 0
+    if a.parts <= 1 and a.part in (None, "0", "all"):
+        return [0]
+    if a.part == "all":
+        return list(range(a.parts))
+    if a.part is not None:
+        try:
+            return [int(a.part)]
+        except ValueError:
+            raise DataError(f"--part {a.part!r}: give a part number (0..{a.parts - 1}) or all") from None
     task = os.environ.get("SLURM_ARRAY_TASK_ID", "")
     if not task.isdigit():
-        raise DataError(f"--parts {a.parts} needs --part (0..{a.parts - 1}), or a SLURM array job "
-                        f"(sbatch --array=0-{a.parts - 1}) that sets SLURM_ARRAY_TASK_ID")
-    return int(task)
+        raise DataError(f"--parts {a.parts} needs --part (0..{a.parts - 1}, or all for every part in turn), "
+                        f"or a SLURM array job (sbatch --array=0-{a.parts - 1}) that sets SLURM_ARRAY_TASK_ID")
+    return [int(task)]
 
 
 def _cmd_inspect(a: argparse.Namespace) -> None:
@@ -180,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", type=int, default=1,
                    help="split the preparation into this many jobs (e.g. a SLURM array); each writes "
                         "<out>/part-XXXXX and training reads <out> as one dataset")
-    p.add_argument("--part", type=int, default=None,
-                   help="which part this job writes, 0..parts-1 (default: $SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--part", default=None,
+                   help="which part this job writes, 0..parts-1, or all: every part in turn, each kept once "
+                        "complete, so a rerun goes on with the first unfinished one (default: "
+                        "$SLURM_ARRAY_TASK_ID)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=_cmd_prepare)
 

@@ -276,8 +276,6 @@ def _upload_tree(staging: Path, out: str) -> None:
 
 def _part_target(cfg: PrepareConfig) -> PrepareConfig:
     """One part's own output, ``<out>/part-XXXXX`` (``PrepareConfig.parts``)."""
-    if not 0 <= cfg.part < cfg.parts:
-        raise DataError(f"--part {cfg.part} is outside 0..{cfg.parts - 1} (--parts {cfg.parts})")
     if not is_remote(cfg.out) and (Path(cfg.out) / MANIFEST_NAME).is_file():
         raise DataError(f"{cfg.out!r} holds a dataset prepared whole, not in parts: choose another --out "
                         "for the parts")
@@ -298,6 +296,8 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
         raise DataError("no output given: pass --out DIR (or a remote URL)")
     if not cfg.tokenizer:
         raise DataError("no tokenizer given: pass --tokenizer PATH (train one with `linrnn-prepare tokenizer`)")
+    if not 0 <= cfg.part < cfg.parts:
+        raise DataError(f"--part {cfg.part} is outside 0..{cfg.parts - 1} (--parts {cfg.parts})")
     tok = Tokenizer.load(cfg.tokenizer)
     resolved = resolve_corpus(cfg.corpus)  # fail on a bad --input before touching the output
     if cfg.parts > 1:

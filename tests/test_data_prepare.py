@@ -445,3 +445,35 @@ def test_remote_parts_stage_in_their_own_directories(tmp_path, monkeypatch):
     assert len(set(staged.values())) == 2 and all(p.parent == tmp_path / "stage" for p in staged.values())
     assert all(json.loads((tmp_path / "bucket" / f"part-0000{i}" / MANIFEST_NAME).read_text())["part"]["index"] == i
                for i in (0, 1))
+
+
+def test_all_parts_in_one_job_go_on_where_a_killed_job_stopped(tmp_path, monkeypatch, capsys):
+    """--part all: the parts one after another, each kept once complete; a job killed in
+    part 1 leaves part 0 whole, and the rerun skips it and writes parts 1 and 2."""
+    from data.cli import main
+
+    source, _ = _mixed_corpus(tmp_path)
+    out = tmp_path / "parts"
+    args = ["prepare", "--input", source, "--tokenizer", str(tokenizer_path()), "--out", str(out), "--seq-len",
+            "64", "--val-fraction", "0.2", "--workers", "1", "--no-progress", "--parts", "3", "--part", "all"]
+    real, calls = prep._write_splits, []
+
+    def killed_in_part_1(cfg, *rest):
+        calls.append(cfg.part)
+        if cfg.part == 1:
+            raise KeyboardInterrupt
+        return real(cfg, *rest)
+
+    monkeypatch.setattr(prep, "_write_splits", killed_in_part_1)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert (out / "part-00000" / MANIFEST_NAME).is_file() and not (out / "part-00001").exists()
+    before = (out / "part-00000" / MANIFEST_NAME).stat().st_mtime_ns
+    monkeypatch.setattr(prep, "_write_splits", real)
+    capsys.readouterr()
+    assert main(args) == 0
+    assert (out / "part-00000" / MANIFEST_NAME).stat().st_mtime_ns == before
+    assert [read_manifest(str(out / f"part-0000{i}"))["part"]["index"] for i in range(3)] == [0, 1, 2]
+    assert capsys.readouterr().err.count("linrnn-prepare: part ") == 3
+    assert main(args[:-4] + ["--part", "2"]) == 2 and "--part 2 is outside 0..0" in capsys.readouterr().err
+    assert main(args[:-1] + ["x"]) == 2 and "--part 'x': give a part number" in capsys.readouterr().err
