@@ -6,10 +6,11 @@ safetensors, so loading runs no code), the optimizer, schedule, step and data or
 fresh. Only a run with no checkpoint of its own starts this way; once it has saved, a
 restart resumes from its own checkpoints (the setting can stay in the config).
 
-The export must hold the configured model shape and come from data with the same
-tokenizer (``check_init_from``, before anything is written); every parameter is then copied
-by name into the freshly built model, or pipeline stage, before DeepSpeed wraps it
-(``load_init_weights``).
+The export must hold a tensor of the right shape for every parameter of the configured
+model, nothing else, and come from data with the same tokenizer (``check_init_from``,
+before anything is written); settings that leave shapes alone may differ (the run lists
+them). Every parameter is then copied by name into the freshly built model, or pipeline
+stage, before DeepSpeed wraps it (``load_init_weights``).
 """
 from __future__ import annotations
 
@@ -49,15 +50,35 @@ def check_init_from(cfg: RunConfig, tokenizer_hash: str) -> dict[str, Any] | Non
         model = model_config_from(yaml.safe_load((p / CONFIG).read_text()) or {})
     except (OSError, json.JSONDecodeError, yaml.YAMLError, ConfigError) as e:
         raise CheckpointError(f"{where} is not a complete export ({e}): rerun linrnn-export") from None
-    diffs = model_diffs(config_to_dict(model), config_to_dict(cfg.model))
-    if diffs:
-        raise CheckpointError(f"{where} holds another model shape ({'; '.join(diffs[:4])}, 'checkpoint' being "
-                              "the export): set the model config to the export's, or choose another export")
+    clash = _shape_clash(p / WEIGHTS, cfg)
+    if clash:
+        diffs = model_diffs(config_to_dict(model), config_to_dict(cfg.model))
+        why = f" ({'; '.join(diffs[:4])}, 'checkpoint' being the export)" if diffs else ""
+        raise CheckpointError(f"{where} holds other weights than this model has ({'; '.join(clash[:4])}){why}: "
+                              "set the model config to the export's shapes, or choose another export")
     if meta.get("tokenizer_hash") not in (None, tokenizer_hash):
         raise CheckpointError(f"{where} was trained with tokenizer {meta['tokenizer_hash']}, the data has "
                               f"{tokenizer_hash}: the embeddings would read other tokens; prepare the data with "
                               "the export's tokenizer.model")
-    return meta
+    # settings that leave the weights' shapes alone may change on purpose (a longer attention
+    # window or another RoPE base for a long-context stage, say): the run says which
+    return {**meta, "changed_settings": model_diffs(config_to_dict(model), config_to_dict(cfg.model))}
+
+
+def _shape_clash(weights: Path, cfg: RunConfig) -> list[str]:
+    """How the export's tensors (read from the safetensors header, nothing loaded) differ
+    from the configured model's parameters: missing, unexpected or of another shape."""
+    from safetensors import safe_open
+
+    from .models import build_model
+
+    with safe_open(str(weights), framework="pt") as f:
+        have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    want = {k: tuple(v.shape) for k, v in build_model(cfg.model, device="meta").named_parameters()}
+    out = [f"{k}: export {list(have[k])}, model {list(want[k])}" for k in sorted(want.keys() & have.keys())
+           if have[k] != want[k]]
+    out += [f"{k}: not in the export" for k in sorted(want.keys() - have.keys())]
+    return out + [f"{k}: not in the model" for k in sorted(have.keys() - want.keys())]
 
 
 def load_init_weights(module: nn.Module, path: str | Path, name_of: Any, tied: bool) -> int:

@@ -47,14 +47,30 @@ def check_data(cfg: RunConfig) -> dict[str, Any]:
     return info
 
 
-def model_diffs(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+# model settings that change how a result is computed, not the result or the weights: free
+# to change at a resume (e.g. fewer saved SSD states after running out of memory)
+COMPUTE_ONLY = frozenset({"model.mamba2.ssd_state_every"})
+
+
+def model_diffs(saved: dict, current: dict, prefix: str = "model", defaults: dict | None = None) -> list[str]:
+    """``"model.d_model: checkpoint 32, config 64"`` per setting that differs. A setting the
+    saved config lacks (added to the code after it was written) counts as its default, which
+    is what that code did; ``COMPUTE_ONLY`` settings never count."""
+    if defaults is None:
+        from .config_loader import config_to_dict as to_dict
+        from .model_config import ModelConfig
+
+        defaults = to_dict(ModelConfig())
     out = []
     for k in sorted(set(saved) | set(current)):
-        a, b = saved.get(k), current.get(k)
+        name = f"{prefix}.{k}"
+        a, b = saved.get(k, defaults.get(k)), current.get(k)
+        if name in COMPUTE_ONLY:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += model_diffs(a, b, f"{prefix}.{k}")
+            out += model_diffs(a, b, name, defaults.get(k) if isinstance(defaults.get(k), dict) else {})
         elif a != b:
-            out.append(f"{prefix}.{k}: checkpoint {a!r}, config {b!r}")
+            out.append(f"{name}: checkpoint {a!r}, config {b!r}")
     return out
 
 

@@ -126,6 +126,9 @@ class Trainer:
             meta = info.get("init_from") or {}
             self.log.print(f"[train] weights from {init_from} (step {meta.get('step')} of its run, "
                            f"{meta.get('tokens_seen')} tokens); optimizer, schedule and data start fresh")
+            if meta.get("changed_settings"):
+                self.log.print("[train] model settings other than the export's ('checkpoint' being the export): "
+                               + "; ".join(meta["changed_settings"]))
             if meta.get("dtype") not in (None, "fp32"):
                 self.log.print(f"[train] warning: the export holds {meta['dtype']} weights: the run starts from "
                                "their rounding (export with --dtype fp32 for the exact master weights)")

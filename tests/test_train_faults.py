@@ -360,7 +360,8 @@ def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference):
     export_checkpoint(ref_tmp / "ckpt" / "step_00000006", exp)
     cfg = write_config(tmp_path, ckpt_dir="tuned", max_steps=1, **{
         "checkpoint.init_from": str(exp), "optim.lr": 1e-10, "optim.weight_decay": 0.0, "optim.warmup_steps": 0})
-    for over, match in ((["model.d_model=64"], "holds another model shape .*d_model"),
+    for over, match in ((["model.d_model=64"], r"holds other weights than this model has \(blocks.0.*export \[.*"
+                                               r"model.d_model: checkpoint 32, config 64"),
                         ([f"checkpoint.init_from={ref_tmp / 'ckpt'}"], "export it first, `linrnn-export")):
         with pytest.raises(ckpt.CheckpointError, match=match):
             train(load_config(cfg, over))
@@ -371,9 +372,11 @@ def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference):
     with pytest.raises(ckpt.CheckpointError, match="tokenizer sha256:other.*embeddings would read other tokens"):
         train(load_config(cfg, [f"checkpoint.init_from={foreign}"]))
     assert not (tmp_path / "tuned").exists()
-    r = train_cli(cfg)
+    r = train_cli(cfg, "model.deltaproduct.allow_neg_eigval=false")  # same shapes, other function: allowed
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"weights from {exp} (step 6 of its run" in r.stdout and "resumed from" not in r.stdout
+    assert "model settings other than the export's ('checkpoint' being the export): " \
+           "model.deltaproduct.allow_neg_eigval: checkpoint True, config False" in r.stdout
     got = consolidated_state_dict(ckpt.step_dir(tmp_path / "tuned", 1))
     want = load_file(str(exp / "model.safetensors"))
     assert want.keys() <= got.keys()
@@ -381,7 +384,7 @@ def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference):
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-8, msg=lambda m, k=k: f"{k}: {m}")
     tuned = losses(tmp_path / "tuned")
     assert tuned[1] < ref[1] - 0.05  # the trained weights, not a fresh initialisation
-    r = train_cli(cfg, "max_steps=2")
+    r = train_cli(cfg, "max_steps=2", "model.deltaproduct.allow_neg_eigval=false")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is not used: the run resumes from its own checkpoint" in r.stdout and "at step 1" in r.stdout
 

@@ -318,6 +318,21 @@ def test_a_resume_that_moves_the_learning_rate_is_named(tmp_path):
     assert schedule_change(tmp_path, lower, 500) is None  # unreadable: no claim
 
 
+def test_model_diffs_ignore_compute_only_settings_and_read_missing_ones_as_defaults():
+    """A resume may change how results are computed (fewer saved SSD states after an OOM),
+    and reads a checkpoint written before a setting existed as that setting's default."""
+    from pretrain.config_loader import config_to_dict
+    from pretrain.run_checks import model_diffs
+
+    saved = config_to_dict(load_model_config("mamba2-tiny", []))
+    now = config_to_dict(load_model_config("mamba2-tiny", ["mamba2.ssd_state_every=128"]))
+    assert model_diffs(saved, now) == []
+    del saved["mamba2"]["ssd_state_every"], saved["mlp_expand"]  # written by older code
+    assert model_diffs(saved, now) == []
+    wider = config_to_dict(load_model_config("mamba2-tiny", ["mlp_expand=8"]))
+    assert model_diffs(saved, wider) == ["model.mlp_expand: checkpoint 4.0, config 8.0"]
+
+
 def test_universal_load_repair_matches_param_groups_by_name(tmp_path):
     """DeepSpeed copies the saved groups' hyperparameters (from a pipeline's first stage) by
     position; each group must end with those of its own name, or keep its own."""
