@@ -257,9 +257,9 @@ class TokenLoader:
                     cache_limit=cfg.cache_limit, download_timeout=cfg.download_timeout,
                     validate_hash="xxh64" if cfg.verify == "hash" else None)
             except ValueError as e:
-                if "Reused local directory" in str(e) and len({s.path for s in self.sources}) < len(self.sources):
-                    raise DataError("data.sources lists the same dataset twice: merge the entries "
-                                    "(weights add up)") from None
+                if "Reused local directory" in str(e) and len({s.dataset_id for s in self.sources}) < len(self.sources):
+                    raise DataError("data.sources lists the same dataset twice (or a dataset prepared in parts "
+                                    "and one of its parts): merge the entries (weights add up)") from None
                 if "Reused local directory" in str(e):
                     raise DataError(f"the shard cache {str(node_dir)!r} is in use by another live loader "
                                     "of this job: close() the old TokenLoader first, or set a distinct "

@@ -176,6 +176,8 @@ def test_unweighted_sources_are_read_whole_once_per_epoch(tmp_path):
     assert both == sorted(alone[0] + alone[1]) and len(alone[0]) != len(alone[1])
     with pytest.raises(DataError, match="give every source a weight .*or none"):
         data_info(data_config(tmp_path, a, b, weights=(1.0, None)))
+    with pytest.raises(DataError, match="lists the same dataset twice"):
+        TokenLoader(data_config(tmp_path / "twice", a, a), 1)
 
 
 def test_validation_split_is_read_in_order_without_shuffle(tmp_path):

@@ -409,6 +409,8 @@ def test_a_preparation_in_parts_trains_as_one_dataset(tmp_path, capsys, monkeypa
     assert [s["path"] for s in info["sources"]] == [str(out / f"part-{i:05d}") for i in range(3)] + [
         str(tmp_path / "whole")]
     assert sum(s["weight"] for s in info["sources"][:3]) == pytest.approx(3.0)
+    with pytest.raises(DataError, match="same dataset twice .*prepared in parts and one of its parts"):
+        TokenLoader(data_config(tmp_path / "twice", out, out / "part-00001", seq_len=64), 1)
     assert main(["inspect", str(out)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["parts"] == 3 and shown["splits"]["train"]["documents"] == sum(
