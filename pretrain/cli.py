@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied in order")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model, run one synthetic packed batch forward and backward, and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="check the data and the checkpoint directory as a start would (e.g. on a login "
+                             "node before sbatch), say whether it would start fresh or resume, and exit: 0 if "
+                             f"it would run, {EXIT_BAD_INPUT} with the reason if not")
     return parser
 
 
@@ -74,13 +78,15 @@ def _is_main() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # flags may come between overrides
-    if not args.dry_run:
+    if not (args.dry_run or args.check):
         install_early_handlers()  # a signal during start-up becomes a save-and-requeue
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.check:
+        return _check(cfg)
     if _is_main():
         print("resolved config:\n" + dump_config(cfg), flush=True)
     if args.dry_run:
@@ -113,6 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     return result.exit_code
+
+
+def _check(cfg) -> int:
+    from data.errors import DataError
+
+    from .checkpoint import CheckpointError
+    from .run_checks import preflight
+
+    try:
+        lines = preflight(cfg)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for line in lines:
+        print(f"check: {line}")
+    print("check ok: a start would run")
+    return 0
 
 
 if __name__ == "__main__":

@@ -227,3 +227,32 @@ def check_resume(cfg: RunConfig, info: dict[str, Any]) -> ResumePoint | None:
                 f"{getattr(cfg.parallel, key)}: {reason}; set parallel.{key}={saved} to resume, or use a "
                 "new checkpoint.dir")
     return _data_mode(newest, state, cfg, info)
+
+
+def preflight(cfg: RunConfig) -> list[str]:
+    """What a start of ``cfg`` would do, found by the checks it would run first (the device,
+    the data, the checkpoint directory, ``checkpoint.init_from``), without the process
+    group, the model or a lock: lines to print; raises what the start would raise."""
+    from .init_from import check_init_from
+
+    check_device(cfg)
+    info = check_data(cfg)
+    sequences = sum(s["splits"][cfg.data.train_split]["sequences"] for s in info["sources"])
+    lines = [f"data: {len(info['sources'])} dataset(s), {sequences:,} training sequences of {cfg.data.seq_len} "
+             f"tokens, tokenizer {info['tokenizer_hash'][:23]}..."]
+    point = check_resume(cfg, info)
+    init = check_init_from(cfg, info["tokenizer_hash"])
+    if point is None:
+        lines.append(f"start: fresh, no checkpoint in {cfg.checkpoint.dir!r}"
+                     + (f"; weights from {cfg.checkpoint.init_from} (step {init.get('step')} of its run)"
+                        if init is not None else ""))
+        if init and init.get("changed_settings"):
+            lines.append("model settings other than the export's: " + "; ".join(init["changed_settings"]))
+        return lines
+    state = ckpt.read_run_state(point.path)
+    data = point.data if not point.changes else f"{point.data} ({'; '.join(point.changes)})"
+    lines.append(f"resume: from {point.path} at step {state['step']} ({state['tokens_seen']:,} tokens); data: {data}")
+    jump = schedule_change(point.path, cfg, state["step"])
+    if jump:
+        lines.append(f"warning: {jump}")
+    return lines

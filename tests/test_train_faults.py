@@ -411,6 +411,27 @@ def test_every_checkpoint_of_a_run_is_evaluated_and_summarised_without_slurm(tmp
     assert sweep_main(args) == 0 and "evaluating" not in capsys.readouterr().err
 
 
+def test_check_says_what_a_start_would_do_before_the_queue(tmp_path, reference, capsys):
+    """linrnn-train --check (a login node before sbatch): fresh start, resume, or the refusal
+    a start would stop with, without training or writing anything."""
+    from pretrain.cli import main as train_main
+
+    ref_tmp, _ = reference
+    cfg = write_config(tmp_path)
+    assert train_main([str(cfg), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "check: data: 1 dataset(s), " in out and f"check: start: fresh, no checkpoint in {str(tmp_path / 'ckpt')!r}" in out
+    other = ref_tmp / "ckpt"
+    before = _snapshot(other)
+    assert train_main([str(cfg), "--check", f"checkpoint.dir={other}", "max_steps=12"]) == 0
+    out = capsys.readouterr().out
+    assert f"check: resume: from {other / 'step_00000006'} at step 6 (3,072 tokens); data: exact" in out
+    assert "check: warning: the learning rate of step 6" in out and out.rstrip().endswith("a start would run")
+    assert train_main([str(cfg), "--check", f"checkpoint.dir={other}", "parallel.global_batch_size=8"]) == 2
+    assert "parallel.global_batch_size: checkpoint 4, config 8" in capsys.readouterr().err
+    assert _snapshot(other) == before and not (tmp_path / "ckpt").exists()
+
+
 def test_a_failing_rank_stops_the_multi_process_job_with_its_traceback(tmp_path):
     """The distributed tests' launcher: when one rank dies, the others (which would wait for
     it in a collective) are killed at once and the failure shows the dead rank's output."""
