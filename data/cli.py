@@ -80,7 +80,7 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
     import dataclasses
 
     from .manifest import join_path, part_name
-    from .prepare import prepare_dataset
+    from .prepare import OutputBusy, prepare_dataset
 
     indices = _part_indices(a)
     cfg = PrepareConfig(corpus=_corpus(a), tokenizer=a.tokenizer, out=a.out, seq_len=a.seq_len,
@@ -89,13 +89,24 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
                         shard_size=a.shard_size, overwrite=a.overwrite, staging_dir=a.staging_dir,
                         parts=a.parts, part=indices[0])
     _check_options(cfg)
+    busy = []
     for i in indices:  # --part all: complete parts are no-ops, so a rerun goes on where it stopped
         if len(indices) > 1:
             print(f"linrnn-prepare: part {i} of {a.parts}", file=sys.stderr)
-        m = prepare_dataset(dataclasses.replace(cfg, part=i), progress=not a.no_progress)
+        try:
+            m = prepare_dataset(dataclasses.replace(cfg, part=i), progress=not a.no_progress)
+        except OutputBusy:
+            if len(indices) == 1:
+                raise
+            busy.append(i)  # another job (also --part all, say) writes it: share the work
+            print(f"linrnn-prepare: part {i} is being written by another job: on to the next", file=sys.stderr)
+            continue
         out = a.out if a.parts == 1 else join_path(a.out, part_name(i))
         print(json.dumps({"out": out, "dataset_id": m["dataset_id"], "dtype": m["dtype"],
                           "seq_len": m["seq_len"], "splits": m["splits"]}, indent=2))
+    if busy:
+        print(f"linrnn-prepare: parts {busy} were being written by other jobs: train once they have finished "
+              "(`linrnn-prepare inspect` names any part still missing)", file=sys.stderr)
 
 
 def _part_indices(a: argparse.Namespace) -> list[int]:

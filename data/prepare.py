@@ -71,6 +71,10 @@ class OutputMismatch(DataError):
     """``--out`` holds a complete dataset made with other settings or from other input files."""
 
 
+class OutputBusy(DataError):
+    """Another live prepare holds ``--out``'s lock (``--part all`` moves on to the next part)."""
+
+
 def validation_mask(indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Which documents (by corpus index) are held out: splitmix64(seed, index) < fraction."""
     if fraction <= 0:
@@ -127,8 +131,8 @@ def _out_lock(final: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataError(f"another prepare is writing {str(final)!r} (lock {str(lock_path)!r} "
-                            "is held): wait for it or choose another --out") from None
+            raise OutputBusy(f"another prepare is writing {str(final)!r} (lock {str(lock_path)!r} "
+                             "is held): wait for it or choose another --out") from None
         yield
 
 

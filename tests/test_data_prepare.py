@@ -477,5 +477,15 @@ def test_all_parts_in_one_job_go_on_where_a_killed_job_stopped(tmp_path, monkeyp
     assert (out / "part-00000" / MANIFEST_NAME).stat().st_mtime_ns == before
     assert [read_manifest(str(out / f"part-0000{i}"))["part"]["index"] for i in range(3)] == [0, 1, 2]
     assert capsys.readouterr().err.count("linrnn-prepare: part ") == 3
+    # two jobs with --part all share the parts: a part another job holds is skipped, not waited for
+    import fcntl
+
+    shutil.rmtree(out / "part-00001")
+    with open(out / ".part-00001.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "part 1 is being written by another job: on to the next" in err and "parts [1] were being" in err
+    assert not (out / "part-00001").exists()
     assert main(args[:-4] + ["--part", "2"]) == 2 and "--part 2 is outside 0..0" in capsys.readouterr().err
     assert main(args[:-1] + ["x"]) == 2 and "--part 'x': give a part number" in capsys.readouterr().err
