@@ -118,11 +118,13 @@ class SourceInfo:
 
 
 def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike,
-                 verify: str | None = None) -> tuple[list[SourceInfo], str]:
+                 verify: str | None = None, skip_without_split: bool = False) -> tuple[list[SourceInfo], str]:
     """Read and check every source's manifest for ``split``; returns them and the tokenizer hash.
 
     Local shards are verified at ``verify`` (default ``cfg.verify``); remote ones are checked
-    by streaming as they download when ``cfg.verify == "hash"``.
+    by streaming as they download when ``cfg.verify == "hash"``. ``skip_without_split``
+    leaves out the sources that lack ``split`` (a validation set from the sources that have
+    one), unless none has it.
     """
     verify = cfg.verify if verify is None else verify
     if not cfg.sources:
@@ -147,12 +149,17 @@ def open_sources(cfg: DataConfig, split: str, scratch: str | os.PathLike,
         for path, manifest in found:
             if expected is None:
                 expected = manifest["tokenizer"]["hash"]
+            if skip_without_split and split not in manifest["splits"]:
+                continue
             check_compatible(manifest, path, seq_len=cfg.seq_len, tokenizer_hash=expected, split=split)
             if not is_remote(path):
                 verify_split(Path(path) / split, manifest["splits"][split], verify)
             share = None if src.weight is None else src.weight * manifest["splits"]["train"]["sequences"] / sum(sizes)
             infos.append(SourceInfo(path, share, manifest))
     assert expected is not None
+    if not infos:  # skip_without_split, and no source has the split: say so for the first
+        found = read_dataset(cfg.sources[0].path, Path(scratch) / "manifest0")
+        check_compatible(found[0][1], found[0][0], seq_len=cfg.seq_len, tokenizer_hash=expected, split=split)
     return infos, expected
 
 
@@ -196,7 +203,8 @@ class TokenLoader:
 
     def __init__(self, cfg: DataConfig, batch_size: int, *, split: str | None = None,
                  rank: int | None = None, world_size: int | None = None,
-                 num_workers: int | None = None, shuffle: bool | None = None) -> None:
+                 num_workers: int | None = None, shuffle: bool | None = None,
+                 skip_sources_without_split: bool = False) -> None:
         from streaming import Stream
         from streaming.base import distributed as sdist
         from torch.utils.data import DataLoader
@@ -230,7 +238,8 @@ class TokenLoader:
         if ephemeral and job_tmp:
             _remove_at_exit(Path(job_tmp))
         self._cached = False  # whether any source is copied into the job cache
-        self.sources, self.tokenizer_hash = open_sources(cfg, self.split, node_dir / "meta" / self.split, verify)
+        self.sources, self.tokenizer_hash = open_sources(cfg, self.split, node_dir / "meta" / self.split, verify,
+                                                         skip_without_split=skip_sources_without_split)
 
         env = _single_process_env() if self.explicit else contextlib.nullcontext()
         with env:

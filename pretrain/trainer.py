@@ -331,12 +331,17 @@ class Trainer:
         """This replica's part of the fixed validation set (built once); None without a val split."""
         cfg = self.cfg
         if self.val is None:
-            if cfg.data.val_split not in self.info["sources"][0]["splits"]:
+            if not any(cfg.data.val_split in s["splits"] for s in self.info["sources"]):
                 return None
             from data.loader import TokenLoader
 
+            # from the sources that have the split (one added without a validation split, say)
             self.val = TokenLoader(cfg.data, cfg.parallel.micro_batch_size, split=cfg.data.val_split,
-                                   shuffle=False, num_workers=0)
+                                   shuffle=False, num_workers=0, skip_sources_without_split=True)
+            if len(self.val.sources) < len(self.info["sources"]):
+                self.log.print(f"[val] {len(self.info['sources']) - len(self.val.sources)} of the "
+                               f"{len(self.info['sources'])} training datasets have no {cfg.data.val_split!r} "
+                               "split: validating on the others'")
             micro = cfg.parallel.micro_batch_size
             wanted = cfg.eval.num_sequences(micro)
             indices = val_indices(self.val.num_samples, wanted)

@@ -205,3 +205,14 @@ def test_local_datasets_are_read_in_place_and_never_written(tmp_path):
         assert bool(cached) == copy
     assert orders[0] == orders[1]
     assert snapshot() == before
+
+
+def test_a_validation_set_comes_from_the_sources_that_have_the_split(tmp_path):
+    with_val, without = prepared(0, 40), prepared(40, 30, val_fraction=0.0)
+    cfg = data_config(tmp_path, with_val, without)
+    with TokenLoader(cfg, 2, split="val", skip_sources_without_split=True) as ld:
+        assert [s.path for s in ld.sources] == [str(with_val)]
+    with pytest.raises(DataError, match="has no split 'val'"):
+        TokenLoader(data_config(tmp_path / "strict", with_val, without), 2, split="val")
+    with pytest.raises(DataError, match="has no split 'val'"):  # none has it: the first one named
+        TokenLoader(data_config(tmp_path / "none", without), 2, split="val", skip_sources_without_split=True)

@@ -432,6 +432,21 @@ def test_check_says_what_a_start_would_do_before_the_queue(tmp_path, reference, 
     assert _snapshot(other) == before and not (tmp_path / "ckpt").exists()
 
 
+def test_validation_uses_the_datasets_that_have_a_validation_split(tmp_path):
+    """A dataset prepared without a validation split beside one with: the run validates on
+    the latter (it used to stop at the first validation)."""
+    from test_data_common import prepared
+    from test_train_common import data_path
+
+    cfg = write_config(tmp_path, max_steps=2, **{"data.sources": [{"path": data_path()},
+                                                                  {"path": str(prepared(40, 30, val_fraction=0.0))}],
+                                                 "eval.every_steps": 2, "eval.val_sequences": 4})
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[val] 1 of the 2 training datasets have no 'val' split: validating on the others'" in r.stdout
+    assert [v["step"] for v in read_metrics(tmp_path / "ckpt" / "logs" / "metrics.jsonl", "val")] == [0, 2]
+
+
 def test_a_failing_rank_stops_the_multi_process_job_with_its_traceback(tmp_path):
     """The distributed tests' launcher: when one rank dies, the others (which would wait for
     it in a collective) are killed at once and the failure shows the dead rank's output."""
