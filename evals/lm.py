@@ -176,7 +176,8 @@ def heldout_perplexity(model: torch.nn.Module, tok: Tokenizer, data_cfg, max_bat
     model.eval()
     device = next(model.parameters()).device
     total, count, n_bytes, stopped = 0.0, 0, 0, False
-    with TokenLoader(data_cfg, batch_size, split=data_cfg.val_split, rank=0, world_size=1) as loader:
+    with TokenLoader(data_cfg, batch_size, split=data_cfg.val_split, rank=0, world_size=1,
+                     skip_sources_without_split=True) as loader:  # the run's datasets that have one
         for i, batch in enumerate(tqdm(loader, desc="held-out shards", disable=not progress, leave=False)):
             if i >= max_batches:
                 break
