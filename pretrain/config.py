@@ -78,6 +78,10 @@ class CheckpointConfig:
     # long-context stage: the new data from its beginning). A resume with unchanged data is
     # always exact, so the setting can stay in the config through later requeues.
     on_data_change: Literal["refuse", "continue", "restart"] = "refuse"
+    # A resume whose model settings differ from the checkpoint's: "refuse" (the default), or
+    # "allow" when the weights keep their shapes (a longer attention window or another RoPE
+    # base for a long-context stage, say); a change of shapes is always refused.
+    on_model_change: Literal["refuse", "allow"] = "refuse"
     # An export (linrnn-export) whose weights a new run starts from, with a fresh optimizer,
     # schedule and data order; ignored once ``dir`` holds this run's own checkpoints.
     init_from: str | None = None

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class ResumePoint:
     data: str = "exact"
     changes: tuple[str, ...] = ()
     other_data: bool = False  # the sources, split or sequence length differ
+    model_changes: tuple[str, ...] = ()  # model settings changed on purpose (checkpoint.on_model_change)
 
 
 def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[list[str], bool]:
@@ -205,9 +207,13 @@ def check_resume(cfg: RunConfig, info: dict[str, Any]) -> ResumePoint | None:
     state = ckpt.read_run_state(newest)
     diffs = model_diffs(state.get("model", {}), config_to_dict(cfg.model))
     if diffs:
-        raise ckpt.CheckpointError(
-            f"checkpoint.dir {str(root)!r} holds a run of another model shape ({'; '.join(diffs[:4])}): "
-            "use a new checkpoint.dir for this model, or restore the model config to resume that run")
+        same_shapes = not shape_changes(state.get("model", {}), cfg)
+        if not (same_shapes and cfg.checkpoint.on_model_change == "allow"):
+            allow = (", or set checkpoint.on_model_change=allow to go on with these settings (the weights' "
+                     "shapes are the same)") if same_shapes else ""
+            raise ckpt.CheckpointError(
+                f"checkpoint.dir {str(root)!r} holds a run of another model ({'; '.join(diffs[:4])}): use a new "
+                f"checkpoint.dir for this model, or restore the model config to resume that run{allow}")
     if state.get("tokenizer_hash") != tokenizer_hash:
         raise ckpt.CheckpointError(
             f"checkpoint {str(newest)!r} was trained with tokenizer {state.get('tokenizer_hash')}, the "
@@ -226,7 +232,23 @@ def check_resume(cfg: RunConfig, info: dict[str, Any]) -> ResumePoint | None:
                 f"checkpoint {str(newest)!r} was saved with parallel.{key}={saved}, the config says "
                 f"{getattr(cfg.parallel, key)}: {reason}; set parallel.{key}={saved} to resume, or use a "
                 "new checkpoint.dir")
-    return _data_mode(newest, state, cfg, info)
+    point = _data_mode(newest, state, cfg, info)
+    return dataclasses.replace(point, model_changes=tuple(diffs))
+
+
+def shape_changes(saved_model: dict, cfg: RunConfig) -> list[str]:
+    """Parameters whose name or shape differ between the checkpoint's model and the config's
+    (built on the meta device: nothing allocated)."""
+    from .export import model_config_from
+    from .models import build_model
+
+    try:
+        before = build_model(model_config_from(saved_model), device="meta")
+    except (ConfigError, ValueError) as e:
+        return [f"the checkpoint's model config does not build ({e})"]
+    a = {k: tuple(v.shape) for k, v in before.named_parameters()}
+    b = {k: tuple(v.shape) for k, v in build_model(cfg.model, device="meta").named_parameters()}
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def preflight(cfg: RunConfig) -> list[str]:

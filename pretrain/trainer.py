@@ -172,6 +172,11 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens_seen"]
         self.last_saved = self.step
         self.restore_data(state["data"])
+        if self.resume is not None and self.resume.model_changes:
+            changes = "; ".join(self.resume.model_changes)
+            self.log.print(f"[train] warning: model settings changed at step {self.step} ({changes}): the run goes "
+                           "on with the config's (checkpoint.on_model_change=allow)")
+            self.log.write("model_change", self.step, changes=list(self.resume.model_changes))
         jump = schedule_change(path, self.cfg, self.step)
         if jump:
             self.log.print(f"[train] warning: {jump}")

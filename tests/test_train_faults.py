@@ -167,7 +167,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, reference):
     other = ref_tmp / "ckpt"
     before = _snapshot(other)
     cfg = load_config(base, [f"checkpoint.dir={other}", "model.d_model=64"])
-    with pytest.raises(ckpt.CheckpointError, match="another model shape.*d_model"):
+    with pytest.raises(ckpt.CheckpointError, match=r"another model \(model.d_model.*restore the model config to "
+                       r"resume that run$"):  # other shapes: no on_model_change to offer
         train(cfg)
     cfg = load_config(base, [f"checkpoint.dir={other}", "parallel.precision=bf16"])  # was a raw FileNotFoundError
     with pytest.raises(ckpt.CheckpointError, match="saved with parallel.precision=fp32, the config says bf16"):
@@ -250,6 +251,24 @@ def test_a_batch_size_ramp_at_a_resume_reads_on_without_repeating(tmp_path, refe
     ref = _fingerprints(ref_tmp / "ckpt")
     assert _fingerprints(root)[5] == ref[5] + ref[6]
     assert read_metrics(root / "logs" / "metrics.jsonl", "data_change")[0]["mode"] == "continue"
+
+
+def test_a_resume_goes_on_with_changed_model_settings_when_allowed(tmp_path, reference):
+    """Same shapes, another function (eigenvalues [0, 1] instead of [-1, 1]): refused by
+    default; with checkpoint.on_model_change=allow the run loads its weights and goes on,
+    and the requeue after its next checkpoint resumes exactly (no warning again)."""
+    root = _resumable_at_step_4(tmp_path, reference)
+    cfg = write_config(tmp_path, max_steps=6, **{"model.deltaproduct.allow_neg_eigval": False})
+    with pytest.raises(ckpt.CheckpointError, match="allow_neg_eigval: checkpoint True, config False.*on_model_change"):
+        train(load_config(cfg, []))
+    r = train_cli(cfg, "checkpoint.on_model_change=allow", "faults.preempt_at_step=5")
+    assert r.returncode == REQUEUE_EXIT_CODE, r.stderr[-3000:]
+    assert "at step 4" in r.stdout and "warning: model settings changed at step 4 (model.deltaproduct." \
+           "allow_neg_eigval: checkpoint True, config False)" in r.stdout
+    r = train_cli(cfg, "checkpoint.on_model_change=allow")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 5" in r.stdout and "model settings changed" not in r.stdout
+    assert read_metrics(root / "logs" / "metrics.jsonl", "model_change")[0]["step"] == 4
 
 
 def test_a_new_data_stage_starts_its_data_once_and_then_resumes_exactly(tmp_path, reference):

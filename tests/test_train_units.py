@@ -318,6 +318,30 @@ def test_a_resume_that_moves_the_learning_rate_is_named(tmp_path):
     assert schedule_change(tmp_path, lower, 500) is None  # unreadable: no claim
 
 
+def test_a_resume_may_change_model_settings_that_keep_the_shapes_when_allowed(tmp_path):
+    import json
+
+    from pretrain.config_loader import config_to_dict
+    from pretrain.run_checks import check_resume
+
+    over = ["model.preset=griffin-tiny", f"checkpoint.dir={tmp_path}"]
+    cfg = load_config(None, over)
+    d = ckpt.step_dir(tmp_path, 4)
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps({"model": config_to_dict(cfg.model), "tokenizer_hash": "h"}))
+    (d / ckpt.MARKER).write_text("ok")
+    info = {"tokenizer_hash": "h", "sources": []}
+    longer = over + ["model.attention.window=4096", "model.attention.rope_theta=500000"]
+    with pytest.raises(ckpt.CheckpointError, match=r"another model \(model.attention.rope_theta: .*; "
+                       r"model.attention.window: checkpoint \d+, config 4096\).*on_model_change=allow"):
+        check_resume(load_config(None, longer), info)
+    point = check_resume(load_config(None, longer + ["checkpoint.on_model_change=allow"]), info)
+    assert [c.split(":")[0] for c in point.model_changes] == ["model.attention.rope_theta", "model.attention.window"]
+    with pytest.raises(ckpt.CheckpointError, match="another model .*d_model.*resume that run$"):
+        check_resume(load_config(None, over + ["model.d_model=96", "checkpoint.on_model_change=allow"]), info)
+    assert check_resume(cfg, info).model_changes == ()
+
+
 def test_model_diffs_ignore_compute_only_settings_and_read_missing_ones_as_defaults():
     """A resume may change how results are computed (fewer saved SSD states after an OOM),
     and reads a checkpoint written before a setting existed as that setting's default."""
