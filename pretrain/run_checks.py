@@ -274,6 +274,9 @@ def preflight(cfg: RunConfig) -> list[str]:
     state = ckpt.read_run_state(point.path)
     data = point.data if not point.changes else f"{point.data} ({'; '.join(point.changes)})"
     lines.append(f"resume: from {point.path} at step {state['step']} ({state['tokens_seen']:,} tokens); data: {data}")
+    if point.model_changes:
+        lines.append(f"model: settings changed ({'; '.join(point.model_changes)}), allowed by "
+                     "checkpoint.on_model_change=allow")
     jump = schedule_change(point.path, cfg, state["step"])
     if jump:
         lines.append(f"warning: {jump}")

@@ -446,6 +446,10 @@ def test_check_says_what_a_start_would_do_before_the_queue(tmp_path, reference, 
     out = capsys.readouterr().out
     assert f"check: resume: from {other / 'step_00000006'} at step 6 (3,072 tokens); data: exact" in out
     assert "check: warning: the learning rate of step 6" in out and out.rstrip().endswith("a start would run")
+    assert train_main([str(cfg), "--check", f"checkpoint.dir={other}", "checkpoint.on_model_change=allow",
+                       "model.deltaproduct.allow_neg_eigval=false"]) == 0
+    assert "check: model: settings changed (model.deltaproduct.allow_neg_eigval: checkpoint True, config " \
+           "False), allowed" in capsys.readouterr().out
     assert train_main([str(cfg), "--check", f"checkpoint.dir={other}", "parallel.global_batch_size=8"]) == 2
     assert "parallel.global_batch_size: checkpoint 4, config 8" in capsys.readouterr().err
     assert _snapshot(other) == before and not (tmp_path / "ckpt").exists()
