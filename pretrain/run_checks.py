@@ -132,6 +132,12 @@ class ResumePoint:
     model_changes: tuple[str, ...] = ()  # model settings changed on purpose (checkpoint.on_model_change)
 
 
+def _short_id(dataset_id: str) -> str:
+    """``sha256:652d2f466b83`` of a dataset id: enough to tell datasets apart in a message."""
+    kind, _, digest = dataset_id.partition(":")
+    return f"{kind}:{digest[:12]}" if digest else dataset_id[:19]
+
+
 def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[list[str], bool]:
     """What differs between the checkpoint's data and this config's: (descriptions, whether
     the sources, split or sequence length differ, so that the saved position means nothing)."""
@@ -140,8 +146,11 @@ def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[lis
     changes, other_data = [], False
     saved = state.get("data") or {}
     if "sources" in saved and mixture_key(saved["sources"]) != mixture_key(info["sources"]):
-        was, now = (", ".join(i if w is None else f"{i} x{w:.3g}" for i, w in mixture_key(sources))
+        was, now = (", ".join(_short_id(i) if w is None else f"{_short_id(i)} x{w:.3g}" for i, w in mixture_key(sources))
                     for sources in (saved["sources"], info["sources"]))
+        paths = [src["path"] for src in info["sources"] if "path" in src]
+        if paths:
+            now += " at " + ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
         before, after = mixture_key(saved["sources"]), mixture_key(info["sources"])
         hint = ""
         if [i for i, _ in before] == [i for i, _ in after] and all(w is None for _, w in after):

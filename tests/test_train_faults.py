@@ -282,7 +282,8 @@ def test_a_new_data_stage_starts_its_data_once_and_then_resumes_exactly(tmp_path
     other = prepared(40, 40)
     cfg = write_config(tmp_path, **{"data.sources": [{"path": str(other)}]})
     before = _snapshot(root)
-    for policy, match in (("refuse", "data.sources: checkpoint .*on_data_change=restart"),
+    for policy, match in (("refuse", r"data.sources: checkpoint \[sha256:[0-9a-f]{12}\], config \[sha256:[0-9a-f]{12} "
+                                     rf"at {re.escape(str(other))}\].*on_data_change=restart"),
                           ("continue", "continue keeps the saved data position, which means nothing")):
         with pytest.raises(ckpt.CheckpointError, match=match):
             train(load_config(cfg, [f"checkpoint.on_data_change={policy}"]))
