@@ -364,7 +364,7 @@ def test_export_round_trip(tmp_path, reference):
         export_checkpoint(root, tmp_path / "file")
 
 
-def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference):
+def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference, capsys):
     """checkpoint.init_from: the new run's weights are the export's (one step at lr 1e-10
     later its checkpoint still equals the export to 1e-8), its optimizer, step and data
     start fresh; once it has checkpoints, it resumes from them. A foreign shape, a training
@@ -392,6 +392,11 @@ def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference):
     with pytest.raises(ckpt.CheckpointError, match="tokenizer sha256:other.*embeddings would read other tokens"):
         train(load_config(cfg, [f"checkpoint.init_from={foreign}"]))
     assert not (tmp_path / "tuned").exists()
+    from pretrain.cli import main as train_main
+
+    assert train_main([str(cfg), "--check", "model.deltaproduct.allow_neg_eigval=false"]) == 0
+    out = capsys.readouterr().out
+    assert f"; weights from {exp} (step 6 of its run)" in out and "check: model settings other than" in out
     r = train_cli(cfg, "model.deltaproduct.allow_neg_eigval=false")  # same shapes, other function: allowed
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"weights from {exp} (step 6 of its run" in r.stdout and "resumed from" not in r.stdout
