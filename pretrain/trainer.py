@@ -389,7 +389,6 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.restore()
-        e = self.eng.engine
         tokens_per_step = cfg.parallel.global_batch_size * self.seq_len
         if self.step >= cfg.max_steps:
             self.log.print(f"[train] nothing to do: the checkpoint is at step {self.step} >= max_steps")

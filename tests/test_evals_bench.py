@@ -8,7 +8,6 @@ import time
 from dataclasses import replace
 
 import pytest
-import torch
 
 from evals.bench import Job, ModelSpecError, Variant, expand_variants, run_benchmark, run_jobs, run_one, summarise
 from evals.report import benchmark_markdown, benchmark_plots

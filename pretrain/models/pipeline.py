@@ -23,7 +23,6 @@ from ..model_config import ModelConfig
 from .block import Block
 from .init import init_block, init_embedding, init_head
 from .layers import RMSNorm
-from .lm import token_loss
 from .packing import check_row_boundaries
 
 Activation = tuple[torch.Tensor, torch.Tensor]  # (hidden [B, T, d], cu_seqlens or empty)
