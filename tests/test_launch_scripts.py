@@ -174,3 +174,41 @@ def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_pat
                        text=True, cwd=ROOT)
     assert r.returncode == 2 and "step_00000005' (array task 0) is gone" in r.stderr, r.stderr
     assert not (root / "exports").exists()
+
+
+def _run_prepare(tmp_path: Path, args: list[str], restart: int = 0) -> tuple[int, str, str]:
+    """prepare_data.sbatch with stand-ins, sent SIGUSR1 (the time limit) once srun runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls, ready = tmp_path / "calls", tmp_path / "ready"
+    for f in (calls, ready):
+        f.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINRNN_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), READY=str(ready), FAKE_RC="0",
+               FAKE_WAIT="400", SLURM_JOB_ID="78", SLURM_RESTART_COUNT=str(restart), SLURM_JOB_NODELIST="vm")
+    p = subprocess.Popen(["bash", str(SLURM / "prepare_data.sbatch"), *args], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 10
+    while not ready.exists():
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.02)
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=30)
+    return p.returncode, out, calls.read_text() if calls.exists() else ""
+
+
+def test_a_preparation_in_parts_requeues_itself_at_the_time_limit(tmp_path):
+    """--part all keeps finished parts, so the time limit requeues the job; a single output
+    would start over, so it is not requeued; the cap holds."""
+    head = [line for line in (SLURM / "prepare_data.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --requeue" in head and any(line.startswith("#SBATCH --signal=B:USR1@") for line in head)
+    parts = ["prepare", "--input", "c.jsonl", "--out", "d", "--parts", "8", "--part", "all"]
+    code, out, calls = _run_prepare(tmp_path, parts)
+    assert code == 0 and "scontrol requeue 78" in calls and "goes on with the first unfinished part" in out, out
+    code, out, calls = _run_prepare(tmp_path, parts[:-4])
+    assert code == 75 and "scontrol" not in calls and "not requeuing (the output would start over)" in out, out
+    code, out, calls = _run_prepare(tmp_path, parts, restart=20)
+    assert code == 75 and "scontrol" not in calls and "requeue cap reached" in out, out
