@@ -39,8 +39,9 @@ def test_pretrain_defaults_requeue_signal_and_one_log():
     assert any(line.startswith("#SBATCH --output=") and "%j" in line for line in head)
 
 
-def _run(tmp_path: Path, rc: int, restart: int = 0, send: signal.Signals | None = None,
-         max_requeues: str | None = None, die_on_usr1: bool = False) -> tuple[int, str, str]:
+def _fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
+    """An environment whose srun and scontrol are the stand-ins, and their call log and
+    "ready" file (touched once srun runs)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -49,8 +50,15 @@ def _run(tmp_path: Path, rc: int, restart: int = 0, send: signal.Signals | None 
     calls, ready = tmp_path / "calls", tmp_path / "ready"
     for f in (calls, ready):
         f.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), READY=str(ready), FAKE_RC=str(rc), FAKE_WAIT="400" if send else "0",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINRNN_"))}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), READY=str(ready))
+    return env, calls, ready
+
+
+def _run(tmp_path: Path, rc: int, restart: int = 0, send: signal.Signals | None = None,
+         max_requeues: str | None = None, die_on_usr1: bool = False) -> tuple[int, str, str]:
+    env, calls, ready = _fake_slurm(tmp_path)
+    env.update(FAKE_RC=str(rc), FAKE_WAIT="400" if send else "0",
                SLURM_JOB_ID="77", SLURM_RESTART_COUNT=str(restart), SLURM_JOB_NODELIST="vm", SLURM_NTASKS="2",
                SLURM_JOB_NUM_NODES="1")
     if die_on_usr1:  # the rank has not installed its signal handler yet
@@ -178,17 +186,9 @@ def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_pat
 
 def _run_prepare(tmp_path: Path, args: list[str], restart: int = 0) -> tuple[int, str, str]:
     """prepare_data.sbatch with stand-ins, sent SIGUSR1 (the time limit) once srun runs."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    calls, ready = tmp_path / "calls", tmp_path / "ready"
-    for f in (calls, ready):
-        f.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINRNN_"))}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), READY=str(ready), FAKE_RC="0",
-               FAKE_WAIT="400", SLURM_JOB_ID="78", SLURM_RESTART_COUNT=str(restart), SLURM_JOB_NODELIST="vm")
+    env, calls, ready = _fake_slurm(tmp_path)
+    env.update(FAKE_RC="0", FAKE_WAIT="400", SLURM_JOB_ID="78", SLURM_RESTART_COUNT=str(restart),
+               SLURM_JOB_NODELIST="vm")
     p = subprocess.Popen(["bash", str(SLURM / "prepare_data.sbatch"), *args], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 10
