@@ -146,8 +146,9 @@ def _cmd_inspect(a: argparse.Namespace) -> None:
     if len(found) == 1:
         print(json.dumps(found[0][1], indent=2, sort_keys=True))
     else:  # a preparation in parts: each part's sizes, and the totals
-        splits = {s: {k: sum(m["splits"][s][k] for _, m in found) for k in ("documents", "sequences", "tokens")}
-                  for s in found[0][1]["splits"]}
+        names = sorted({s for _, m in found for s in m["splits"]})  # a part may lack a validation split
+        splits = {s: {k: sum(m["splits"][s][k] for _, m in found if s in m["splits"])
+                      for k in ("documents", "sequences", "tokens")} for s in names}
         print(json.dumps({"parts": len(found), "group": found[0][1]["part"]["group"], "splits": splits,
                           "part_splits": {Path(p).name: m["splits"] for p, m in found}}, indent=2, sort_keys=True))
     print(f"ok: {a.path} (verify={a.verify if not is_remote(a.path) else 'skipped for remote'})",

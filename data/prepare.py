@@ -256,9 +256,15 @@ def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: b
                         f"tokens, fewer than one sequence of seq_len={cfg.seq_len}: use more "
                         "documents or a smaller --seq-len")
     if "val" in splits and splits["val"]["sequences"] == 0:
-        raise DataError(f"the validation split of {resolved.describe()} gives no full sequence of "
-                        f"{cfg.seq_len} tokens: raise --val-fraction, lower --seq-len, or pass "
-                        "--val-fraction 0")
+        if cfg.parts == 1:
+            raise DataError(f"the validation split of {resolved.describe()} gives no full sequence of "
+                            f"{cfg.seq_len} tokens: raise --val-fraction, lower --seq-len, or pass "
+                            "--val-fraction 0")
+        # one part among several: training validates on the other parts' splits
+        log.warning(f"part {cfg.part} of {cfg.parts}: its {splits['val']['documents']} held-out document(s) give "
+                    f"no full sequence of {cfg.seq_len} tokens, so this part has no validation split")
+        del splits["val"]
+        shutil.rmtree(staging / "val")
     elapsed = time.perf_counter() - t0
     return {"splits": splits, "dtype": dtype.name, "columns": columns, "source": resolved.describe(),
             "skipped_empty_documents": stats["skipped_empty"], "chars": stats["chars"],

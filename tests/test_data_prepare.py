@@ -489,3 +489,30 @@ def test_all_parts_in_one_job_go_on_where_a_killed_job_stopped(tmp_path, monkeyp
     assert not (out / "part-00001").exists()
     assert main(args[:-4] + ["--part", "2"]) == 2 and "--part 2 is outside 0..0" in capsys.readouterr().err
     assert main(args[:-1] + ["x"]) == 2 and "--part 'x': give a part number" in capsys.readouterr().err
+
+
+def test_a_part_without_held_out_sequences_is_written_without_a_validation_split(tmp_path, caplog, capsys):
+    """Few held-out documents spread over many parts: the parts that hold none (or too few
+    tokens) have no validation split, with a warning; validation reads the others'."""
+    from data.loader import data_info
+
+    source, _ = _mixed_corpus(tmp_path)
+    out = tmp_path / "parts"
+    with caplog.at_level(logging.WARNING, logger="data.prepare"):
+        for part in range(7):
+            prep.prepare_dataset(PrepareConfig(corpus=CorpusConfig(source=source), tokenizer=str(tokenizer_path()),
+                                               out=str(out), seq_len=64, val_fraction=0.05, num_workers=1,
+                                               parts=7, part=part), progress=False)
+    with_val = [i for i in range(7) if "val" in read_manifest(str(out / f"part-0000{i}"))["splits"]]
+    assert 1 <= len(with_val) < 7, with_val
+    assert sum("has no validation split" in r.getMessage() for r in caplog.records) == 7 - len(with_val)
+    cfg = data_config(tmp_path, out, seq_len=64)
+    assert len(data_info(cfg)["sources"]) == 7
+    with TokenLoader(cfg, 1, split="val", skip_sources_without_split=True) as loader:
+        assert [s.path for s in loader.sources] == [str(out / f"part-0000{i}") for i in with_val]
+    from data.cli import main
+
+    assert main(["inspect", str(out)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["splits"]["val"]["sequences"] == sum(
+        read_manifest(str(out / f"part-0000{i}"))["splits"]["val"]["sequences"] for i in with_val)
