@@ -145,13 +145,13 @@ def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[lis
 
     changes, other_data = [], False
     saved = state.get("data") or {}
-    if "sources" in saved and mixture_key(saved["sources"]) != mixture_key(info["sources"]):
-        was, now = (", ".join(_short_id(i) if w is None else f"{_short_id(i)} x{w:.3g}" for i, w in mixture_key(sources))
-                    for sources in (saved["sources"], info["sources"]))
+    before, after = mixture_key(saved.get("sources") or []), mixture_key(info["sources"])
+    if "sources" in saved and before != after:
+        was, now = (", ".join(_short_id(i) if w is None else f"{_short_id(i)} x{w:.3g}" for i, w in key)
+                    for key in (before, after))
         paths = [src["path"] for src in info["sources"] if "path" in src]
         if paths:
             now += " at " + ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
-        before, after = mixture_key(saved["sources"]), mixture_key(info["sources"])
         hint = ""
         if [i for i, _ in before] == [i for i, _ in after] and all(w is None for _, w in after):
             hint = (" - sources without weights read in proportion to their sizes (since 2026-11-29); "
@@ -163,9 +163,9 @@ def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[lis
         other_data = True
     # the saved data order's own settings, which a resume would otherwise keep silently
     order = saved.get("streaming") or {}
-    for key, now in (("shuffle_seed", cfg.data.shuffle_seed), ("num_canonical_nodes", cfg.data.num_canonical_nodes)):
-        if now is not None and order.get(key) not in (None, now):
-            changes.append(f"data.{key}: checkpoint {order[key]}, config {now}")
+    for key, value in (("shuffle_seed", cfg.data.shuffle_seed), ("num_canonical_nodes", cfg.data.num_canonical_nodes)):
+        if value is not None and order.get(key) not in (None, value):
+            changes.append(f"data.{key}: checkpoint {order[key]}, config {value}")
             other_data = True
     if state.get("seq_len") not in (None, cfg.data.seq_len):
         changes.append(f"data.seq_len: checkpoint {state['seq_len']}, config {cfg.data.seq_len}")
