@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from pretrain import export
+
 from . import suites
 from .bench import Job, ModelSpecError, RunRecord, expand_variants, record_dict, run_jobs, summarise
 from .checkpoint import CheckpointError, load_checkpoint
@@ -156,7 +158,7 @@ GATHER_POLL_S = 2.0
 
 def run_benchmarks(args: argparse.Namespace) -> dict:
     start = time.monotonic()
-    if (Path(args.model) / "model.safetensors").is_file():  # an export: only its config.yaml is used
+    if (Path(args.model) / export.WEIGHTS).is_file():  # an export: only its config.yaml is used
         print(f"linrnn-eval: note: suite {args.suite!r} trains new models with the architecture of {args.model} "
               f"(its config.yaml), not its trained weights; the checkpoint suites ({', '.join(CHECKPOINT_SUITES)}) "
               "score the weights", file=sys.stderr)

@@ -55,11 +55,14 @@ def collect(run_dir: Path, suite: str) -> list[dict[str, Any]]:
     """One row per step directory that has an export or an evaluation, oldest first."""
     exports = run_dir / "exports"
     rows = []
+    from pretrain.checkpoint import step_of
+
     for step_dir in sorted(exports.glob("step_*")) if exports.is_dir() else []:
-        if not step_dir.is_dir() or not step_dir.name[5:].isdigit():
+        step = step_of(step_dir)
+        if not step_dir.is_dir() or step is None:
             continue
         path = step_dir / "eval" / suite.replace(",", "+") / "results.json"  # as slurm/eval.sbatch names it
-        row: dict[str, Any] = {"checkpoint": step_dir.name, "step": int(step_dir.name.split("_")[-1])}
+        row: dict[str, Any] = {"checkpoint": step_dir.name, "step": step}
         try:
             res = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

@@ -77,7 +77,8 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"{_PREFIX}{step:08d}"
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step a ``step_XXXXXXXX`` directory name stands for (None: not such a name)."""
     name = path.name
     if not name.startswith(_PREFIX):
         return None
@@ -94,7 +95,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path, bool]]:
         return []
     out = []
     for p in root.iterdir():
-        s = _step_of(p)
+        s = step_of(p)
         if s is not None and p.is_dir():
             out.append((s, p, (p / MARKER).is_file()))
     return sorted(out)

@@ -25,8 +25,8 @@ import yaml
 from .checkpoint import CheckpointError
 from .config import RunConfig
 from .config_loader import ConfigError, config_to_dict
+from .export import CONFIG, META, WEIGHTS
 
-WEIGHTS, CONFIG, META = "model.safetensors", "config.yaml", "export.json"  # pretrain.export's names
 
 
 def check_init_from(cfg: RunConfig, tokenizer_hash: str) -> dict[str, Any] | None:
@@ -70,11 +70,11 @@ def _shape_clash(weights: Path, cfg: RunConfig) -> list[str]:
     from the configured model's parameters: missing, unexpected or of another shape."""
     from safetensors import safe_open
 
-    from .models import build_model
+    from .models import parameter_shapes
 
     with safe_open(str(weights), framework="pt") as f:
         have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    want = {k: tuple(v.shape) for k, v in build_model(cfg.model, device="meta").named_parameters()}
+    want = parameter_shapes(cfg.model)
     out = [f"{k}: export {list(have[k])}, model {list(want[k])}" for k in sorted(want.keys() & have.keys())
            if have[k] != want[k]]
     out += [f"{k}: not in the export" for k in sorted(want.keys() - have.keys())]

@@ -249,30 +249,37 @@ def shape_changes(saved_model: dict, cfg: RunConfig) -> list[str]:
     """Parameters whose name or shape differ between the checkpoint's model and the config's
     (built on the meta device: nothing allocated)."""
     from .export import model_config_from
-    from .models import build_model
+    from .models import parameter_shapes
 
     try:
-        before = build_model(model_config_from(saved_model), device="meta")
+        a = parameter_shapes(model_config_from(saved_model))
     except (ConfigError, ValueError) as e:
         return [f"the checkpoint's model config does not build ({e})"]
-    a = {k: tuple(v.shape) for k, v in before.named_parameters()}
-    b = {k: tuple(v.shape) for k, v in build_model(cfg.model, device="meta").named_parameters()}
+    b = parameter_shapes(cfg.model)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-def preflight(cfg: RunConfig) -> list[str]:
-    """What a start of ``cfg`` would do, found by the checks it would run first (the device,
-    the data, the checkpoint directory, ``checkpoint.init_from``), without the process
-    group, the model or a lock: lines to print; raises what the start would raise."""
+def start_checks(cfg: RunConfig) -> tuple[dict[str, Any], ResumePoint | None]:
+    """The checks a start runs before it touches anything (the device, the data, the
+    checkpoint directory, ``checkpoint.init_from``): the data's info (with the export's
+    ``init_from`` record) and where it would resume; raises what would stop it."""
     from .init_from import check_init_from
 
     check_device(cfg)
     info = check_data(cfg)
+    point = check_resume(cfg, info)
+    info["init_from"] = check_init_from(cfg, info["tokenizer_hash"])
+    return info, point
+
+
+def preflight(cfg: RunConfig) -> list[str]:
+    """What a start of ``cfg`` would do (``start_checks``, without the process group, the
+    model or a lock): lines to print; raises what the start would raise."""
+    info, point = start_checks(cfg)
+    init = info["init_from"]
     sequences = sum(s["splits"][cfg.data.train_split]["sequences"] for s in info["sources"])
     lines = [f"data: {len(info['sources'])} dataset(s), {sequences:,} training sequences of {cfg.data.seq_len} "
              f"tokens, tokenizer {info['tokenizer_hash'][:23]}..."]
-    point = check_resume(cfg, info)
-    init = check_init_from(cfg, info["tokenizer_hash"])
     if point is None:
         lines.append(f"start: fresh, no checkpoint in {cfg.checkpoint.dir!r}"
                      + (f"; weights from {cfg.checkpoint.init_from} (step {init.get('step')} of its run)"

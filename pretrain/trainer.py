@@ -30,8 +30,7 @@ from .flops import device_peak_flops, flops_per_token
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
-from .init_from import check_init_from
-from .run_checks import ResumePoint, check_data, check_device, check_resume, schedule_change
+from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
 from .run_log import RunLog
 from .schedule import lr_at
 from .validation import (ReplicaShare, forward_losses, pipeline_losses, replica_share, token_sums,
@@ -472,10 +471,7 @@ class Trainer:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the configured job in this process; collective over all ranks."""
-    check_device(cfg)
-    info = check_data(cfg)  # refuse bad input before touching anything
-    check_resume(cfg, info)
-    info["init_from"] = check_init_from(cfg, info["tokenizer_hash"])
+    info, _ = start_checks(cfg)  # refuse bad input before touching anything
     env = init_distributed()
     if cfg.parallel.pipeline_stages > 1:
         from .pipeline import check_pipeline

@@ -18,6 +18,11 @@ def build_model(config: ModelConfig, device: torch.device | str | None = None,
         return LanguageModel(config, init_seed)
 
 
+def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape (tied weights once), from the meta device."""
+    return {k: tuple(v.shape) for k, v in build_model(config, device="meta").named_parameters()}
+
+
 def count_parameters(config: ModelConfig, *, exclude_embeddings: bool = False) -> int:
     """Unique parameters (tied weights once), counted on the meta device: nothing allocated."""
     model = build_model(config, device="meta")
@@ -31,6 +36,7 @@ def count_parameters(config: ModelConfig, *, exclude_embeddings: bool = False) -
 
 __all__ = [
     "MIXERS", "Block", "LanguageModel", "ModelConfig", "build_model", "count_parameters",
+    "parameter_shapes",
     "mixer_class", "sample_next", "check_row_boundaries", "cu_seqlens_from_lengths",
     "cu_seqlens_from_starts",
 ]
