@@ -294,6 +294,20 @@ def load_rng(path: Path, rank: int) -> dict[str, Any] | None:
     return torch.load(f, weights_only=True)
 
 
+def check_all_restored(module: Any, path: Path) -> None:
+    """A resume builds the model without drawing weights (left NaN, ``models/materialize.py``):
+    a parameter the load did not fill stops the run here, not as NaN losses later."""
+    from .models.materialize import unfilled_parameters
+
+    missed = unfilled_parameters(module)
+    if missed:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} left {len(missed)} parameter(s) unset after loading ({missed[:5]}): it "
+            "does not hold this model's weights in full, or holds NaN; resume from an earlier complete "
+            "checkpoint (move this one aside, e.g. rename it to "
+            f"{path.name}.damaged) or report it if the checkpoint is intact")
+
+
 def load_engine_state(engine: Any, path: Path, *, universal: bool = False) -> None:
     """Load the DeepSpeed state of ``path``; ``universal`` loads ``path/universal`` (made by
     ``ensure_universal``) instead, which fits any number of ranks."""

@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import RunConfig
 from .ds_config import deepspeed_config, grad_accum_steps
-from .models import LanguageModel, build_model, count_parameters
+from .models import LanguageModel, count_parameters
 from .models.init import draw_base_seed
+from .models.materialize import Placement, build_model_on
 from .optim import build_optimizer
 
 
@@ -89,21 +90,28 @@ class Engine:
         return self.num_stages > 1
 
 
-def build_engine(cfg: RunConfig, world_size: int, init_from: str | None = None) -> Engine:
+def build_engine(cfg: RunConfig, world_size: int, init_from: str | None = None, *,
+                 restoring: bool = False) -> Engine:
     """Model (seeded, so every rank starts equal; or the weights of the export ``init_from``),
-    optimizer and the DeepSpeed engine."""
+    optimizer and the DeepSpeed engine.
+
+    The weights are made straight on this rank's device in the run's dtype, part by part
+    (``models/materialize.py``); ``restoring`` (a checkpoint is loaded next) or ``init_from``
+    skip drawing them, since every weight is overwritten."""
     import deepspeed
 
+    from .distributed import device
     from .init_from import load_init_weights
 
     dtype = precision_dtype(cfg.parallel.precision)
+    place = Placement(device(), dtype, initialise=not (restoring or init_from))
     n_params = count_parameters(cfg.model)
     tied = cfg.model.tie_embeddings
     if cfg.parallel.pipeline_stages > 1:
         from .pipeline import build_pipeline_module, check_pipeline, pipeline_param_to_lm
 
         dp_world = check_pipeline(cfg, world_size)
-        module = build_pipeline_module(cfg)
+        module = build_pipeline_module(cfg, place)
         if init_from:
             load_init_weights(module, init_from, lambda n: pipeline_param_to_lm(n, cfg.model), tied)
         ds_cfg = deepspeed_config(cfg, dp_world)
@@ -112,7 +120,7 @@ def build_engine(cfg: RunConfig, world_size: int, init_from: str | None = None) 
         return Engine(engine, grad_accum_steps(cfg, dp_world), ds_cfg, dtype, n_params, dp_world,
                       engine.num_stages)
     torch.manual_seed(cfg.seed)
-    lm = build_model(cfg.model, init_seed=draw_base_seed())  # the seed a pipeline's stages would draw
+    lm = build_model_on(cfg.model, place, init_seed=draw_base_seed())  # the seed a pipeline's stages would draw
     if init_from:
         load_init_weights(lm, init_from, lambda n: n, tied)
     if cfg.parallel.activation_checkpointing:

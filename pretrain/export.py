@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from .config_loader import build_dataclass, dump_config
 from .model_config import ModelConfig
 from .models import LanguageModel, build_model
+from .models.materialize import Placement, build_model_on
 
 WEIGHTS, CONFIG, RUN_CONFIG, TOKENIZER, META = (
     "model.safetensors", "config.yaml", "run_config.yaml", "tokenizer.model", "export.json")
@@ -241,21 +242,14 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu",
 
     p = Path(path)
     mcfg = model_config_from(yaml.safe_load((p / CONFIG).read_text()))
-    model = build_model(mcfg, device="meta")
-    if any(True for _ in model.buffers()):  # buffers are not in the file: initialise for real
-        model = build_model(mcfg, device=device)
-    else:  # every tensor comes from the file: skip the (slow, for big models) random init
-        model.to_empty(device=device)
-        if mcfg.tie_embeddings:
-            model.lm_head.weight = model.embed.weight
+    # every weight comes from the file: nothing drawn, made on the device in the wanted dtype
+    model = build_model_on(mcfg, Placement(device, dtype or torch.float32, initialise=False))
     sd = load_file(str(p / WEIGHTS), device=str(device))
     result = model.load_state_dict(sd, strict=False)
     allowed = {"lm_head.weight"} if mcfg.tie_embeddings else set()
     if set(result.missing_keys) - allowed or result.unexpected_keys:
         raise ValueError(f"export {str(p)!r} does not match its config: missing {result.missing_keys}, "
                          f"unexpected {result.unexpected_keys}")
-    if dtype is not None:
-        model.to(dtype)
     return model.eval()
 
 

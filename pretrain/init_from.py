@@ -87,20 +87,20 @@ def load_init_weights(module: nn.Module, path: str | Path, name_of: Any, tied: b
     ``name_of`` maps a parameter name of ``module`` to the LanguageModel's (a pipeline
     stage holds only its layers); ``tied``: the export stores the embedding once, for both
     the embedding and the output head."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    weights = load_file(str(Path(path) / WEIGHTS))
-    if tied and "lm_head.weight" not in weights and "embed.weight" in weights:
-        weights["lm_head.weight"] = weights["embed.weight"]
     missing = []
     count = 0
-    with torch.no_grad():
+    with safe_open(str(Path(path) / WEIGHTS), framework="pt") as f, torch.no_grad():
+        stored = {k: k for k in f.keys()}  # parameter name -> tensor name in the file
+        if tied and "lm_head.weight" not in stored and "embed.weight" in stored:
+            stored["lm_head.weight"] = "embed.weight"
         for name, param in module.named_parameters():
-            source = weights.get(name_of(name))
-            if source is None or source.shape != param.shape:
-                missing.append(name_of(name))
+            key = name_of(name)
+            if key not in stored or tuple(f.get_slice(stored[key]).get_shape()) != tuple(param.shape):
+                missing.append(key)
                 continue
-            param.copy_(source.to(param.dtype))
+            param.copy_(f.get_tensor(stored[key]))  # one tensor at a time: host memory peaks at the largest
             count += 1
     if missing:
         raise CheckpointError(f"checkpoint.init_from {str(path)!r} lacks (or has other shapes for) "

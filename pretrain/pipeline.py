@@ -38,6 +38,7 @@ from .config_loader import ConfigError
 from .model_config import ModelConfig
 from .models.init import draw_base_seed
 from .models.lm import token_loss
+from .models.materialize import HOST, Placement
 from .models.pipeline import BlockLayer, EmbeddingLayer, FinalNormLayer, HeadLayer, lm_key, tied_head
 
 TIED_KEY = "embed"
@@ -48,22 +49,22 @@ def _non_reentrant(function: Any, *args: Any) -> Any:
     return checkpoint(function, *args, use_reentrant=False)
 
 
-def layer_specs(cfg: RunConfig, base_seed: int) -> list:
+def layer_specs(cfg: RunConfig, base_seed: int, place: Placement = HOST) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     m = cfg.model
     specs: list = []
     if m.tie_embeddings:
-        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingLayer, m, base_seed, tied_weight_attr="embed.weight"))
+        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingLayer, m, base_seed, place, tied_weight_attr="embed.weight"))
     else:
-        specs.append(LayerSpec(EmbeddingLayer, m, base_seed))
-    specs += [LayerSpec(BlockLayer, m, i, base_seed) for i in range(m.n_layers)]
-    specs.append(LayerSpec(FinalNormLayer, m))
+        specs.append(LayerSpec(EmbeddingLayer, m, base_seed, place))
+    specs += [LayerSpec(BlockLayer, m, i, base_seed, place) for i in range(m.n_layers)]
+    specs.append(LayerSpec(FinalNormLayer, m, place))
     if m.tie_embeddings:
-        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingLayer, m, base_seed, forward_fn=tied_head,
+        specs.append(TiedLayerSpec(TIED_KEY, EmbeddingLayer, m, base_seed, place, forward_fn=tied_head,
                                    tied_weight_attr="embed.weight"))
     else:
-        specs.append(LayerSpec(HeadLayer, m, base_seed))
+        specs.append(LayerSpec(HeadLayer, m, base_seed, place))
     return specs
 
 
@@ -99,8 +100,9 @@ def pipeline_param_to_lm(name: str, config: ModelConfig) -> str:
     return lm_key(int(index), rest, config)
 
 
-def build_pipeline_module(cfg: RunConfig) -> Any:
-    """Every rank calls this collectively (DeepSpeed builds process groups here)."""
+def build_pipeline_module(cfg: RunConfig, place: Placement = HOST) -> Any:
+    """Every rank calls this collectively (DeepSpeed builds process groups here); each builds
+    its stage's layers as ``place`` says."""
     from deepspeed.pipe import PipelineModule
 
     from deepspeed.checkpoint.constants import (PIPELINE_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_INFO,
@@ -109,7 +111,7 @@ def build_pipeline_module(cfg: RunConfig) -> Any:
     torch.manual_seed(cfg.seed)
     base_seed = draw_base_seed()  # the same on every rank
     module = PipelineModule(
-        layers=layer_specs(cfg, base_seed), num_stages=cfg.parallel.pipeline_stages, loss_fn=token_loss,
+        layers=layer_specs(cfg, base_seed, place), num_stages=cfg.parallel.pipeline_stages, loss_fn=token_loss,
         partition_method="parameters", dynamic_shape=True,
         activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
         activation_checkpoint_func=_non_reentrant, checkpointable_layers=[BlockLayer.__name__])

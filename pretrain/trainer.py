@@ -120,7 +120,7 @@ class Trainer:
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
         init_from = cfg.checkpoint.init_from if resume is None else None  # a run's own checkpoint wins
-        self.eng: Engine = build_engine(cfg, env.world_size, init_from)
+        self.eng: Engine = build_engine(cfg, env.world_size, init_from, restoring=resume is not None)
         if init_from:
             meta = info.get("init_from") or {}
             self.log.print(f"[train] weights from {init_from} (step {meta.get('step')} of its run, "
@@ -165,6 +165,7 @@ class Trainer:
                            f"ZeRO-{saved_stage} state via a universal checkpoint")
             ckpt.ensure_universal(path, self.env.rank)
         ckpt.load_engine_state(self.eng.engine, path, universal=elastic)
+        ckpt.check_all_restored(self.eng.engine.module, path)
         rng = ckpt.load_rng(path, self.env.rank)
         if rng is not None:
             ckpt.set_rng_state(rng)

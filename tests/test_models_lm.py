@@ -97,6 +97,36 @@ def test_pipeline_layers_start_equal_to_the_lm_and_compose_to_forward(family: st
         torch.testing.assert_close(x, lm(ids, cu_seqlens=cu_arg), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_made_part_by_part_has_the_weights_of_one_built_whole(family: str) -> None:
+    from pretrain.models.materialize import Placement, build_model_on, unfilled_parameters
+    from pretrain.models.pipeline import build_pipeline_layers
+
+    tied = FAMILIES.index(family) % 2 == 0
+    cfg = dataclasses.replace(small_config(family), tie_embeddings=tied)
+    whole = LanguageModel(cfg, init_seed=7)
+    for dtype in (torch.float32, torch.bfloat16):
+        parts = build_model_on(cfg, Placement("cpu", dtype), init_seed=7)
+        assert (parts.lm_head.weight is parts.embed.weight) == tied
+        want = whole.state_dict()
+        got = parts.state_dict()
+        assert list(got) == list(want)
+        for name, p in got.items():
+            assert p.dtype == dtype and torch.equal(p, want[name].to(dtype)), name
+    torch.manual_seed(3)
+    drawn = build_model_on(cfg)  # no seed: one drawn from the global RNG
+    torch.manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in zip(drawn.parameters(), build_model_on(cfg).parameters()))
+    # Not initialised: every weight NaN until a load fills it, also in the pipeline's layers.
+    empty = build_model_on(cfg, Placement("cpu", torch.bfloat16, initialise=False))
+    assert unfilled_parameters(empty) == [n for n, _ in empty.named_parameters()]
+    assert all(p.dtype == torch.bfloat16 for p in empty.parameters())
+    empty.load_state_dict(whole.state_dict())
+    assert unfilled_parameters(empty) == []
+    layers = build_pipeline_layers(cfg, 7, Placement(initialise=False))
+    assert all(torch.isnan(p).all() for layer in layers for p in layer.parameters())
+
+
 def test_init_does_not_depend_on_the_global_rng_after_the_base_seed() -> None:
     cfg = small_config(FAMILIES[0])
     a = LanguageModel(cfg, init_seed=5)

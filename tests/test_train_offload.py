@@ -55,8 +55,8 @@ def _check_offload_engaged() -> None:
 
     build = trainer.build_engine
 
-    def checked(cfg, world_size, *rest):
-        eng = build(cfg, world_size, *rest)
+    def checked(cfg, world_size, *rest, **kw):
+        eng = build(cfg, world_size, *rest, **kw)
         assert eng.engine.zero_cpu_offload() == cfg.parallel.offload_optimizer
         assert type(eng.engine.optimizer.optimizer) is torch.optim.AdamW  # no DeepSpeed C++ op
         if cfg.parallel.offload_optimizer:

@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+import torch
 import torch.nn as nn
 
 from pretrain import checkpoint as ckpt
@@ -325,6 +326,20 @@ def test_a_failed_save_is_told_apart_and_explained(tmp_path):
                    "written; the next save of step 4 replaces it); the newest complete checkpoint, "
                    "step_00000002, is intact and a rerun resumes from it. Free space (or quota) under "
                    f"{str(tmp_path)!r} first, or lower checkpoint.keep_last")
+
+
+def test_a_resume_that_leaves_weights_unset_stops_with_their_names(tmp_path):
+    from pretrain.models.materialize import Placement, materialize
+
+    module = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2)).to("meta")
+    materialize(module, Placement(initialise=False), lambda m: None)  # as a resume builds it
+    module[0].load_state_dict({"weight": torch.ones(2, 3), "bias": torch.zeros(2)})
+    path = ckpt.step_dir(tmp_path, 8)
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000008' left 2 parameter\(s\) unset after loading "
+                       r"\(\['1.weight', '1.bias'\]\).*rename it to step_00000008.damaged"):
+        ckpt.check_all_restored(module, path)
+    module[1].reset_parameters()
+    ckpt.check_all_restored(module, path)
 
 
 def test_progress_durations_read_at_a_glance():

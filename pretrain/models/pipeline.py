@@ -7,7 +7,8 @@ what the previous one returns; between stages only tensors travel, so "not packe
 empty ``cu_seqlens``. Composition equals ``LanguageModel.forward``.
 
 Every layer builds and initialises itself from ``(config, base_seed)`` alone (see
-``init.py``), so a stage that builds only its own layers gets exactly the weights
+``init.py``; where and in which dtype: a ``Placement``, ``materialize.py``), so a stage
+that builds only its own layers gets exactly the weights
 ``LanguageModel(config, init_seed=base_seed)`` has; and parameter names inside a layer are
 the LM's minus a prefix (``lm_key``), so saved layers map back onto the LM.
 """
@@ -23,6 +24,7 @@ from ..model_config import ModelConfig
 from .block import Block
 from .init import init_block, init_embedding, init_head
 from .layers import RMSNorm
+from .materialize import HOST, Placement, materialize
 from .packing import check_row_boundaries
 
 Activation = tuple[torch.Tensor, torch.Tensor]  # (hidden [B, T, d], cu_seqlens or empty)
@@ -35,11 +37,12 @@ def _packed(cu_seqlens: torch.Tensor) -> torch.Tensor | None:
 class EmbeddingLayer(nn.Module):
     """(input_ids [B, T], cu_seqlens) -> (hidden, cu_seqlens)."""
 
-    def __init__(self, config: ModelConfig, base_seed: int):
+    def __init__(self, config: ModelConfig, base_seed: int, place: Placement = HOST):
         super().__init__()
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        with torch.device("meta"):
+            self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.embed_scale = math.sqrt(config.d_model) if config.embedding_scale else 1.0
-        init_embedding(self.embed, config, base_seed)
+        materialize(self, place, lambda m: init_embedding(m.embed, config, base_seed))
 
     def forward(self, inputs: Activation) -> Activation:
         input_ids, cu_seqlens = inputs
@@ -57,9 +60,10 @@ def tied_head(layer: EmbeddingLayer, h: torch.Tensor) -> torch.Tensor:
 class BlockLayer(Block):
     """One block on ``[B, T, d]``; flattens to ``[1, B*T, d]`` itself when packed."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int, base_seed: int):
-        super().__init__(config, layer_idx, config.layer_types()[layer_idx])
-        init_block(self, config, base_seed)
+    def __init__(self, config: ModelConfig, layer_idx: int, base_seed: int, place: Placement = HOST):
+        with torch.device("meta"):
+            super().__init__(config, layer_idx, config.layer_types()[layer_idx])
+        materialize(self, place, lambda m: init_block(m, config, base_seed))
 
     def forward(self, inputs: Activation) -> Activation:  # type: ignore[override]
         h, cu_seqlens = inputs
@@ -70,10 +74,11 @@ class BlockLayer(Block):
 
 
 class FinalNormLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, place: Placement = HOST):
         super().__init__()
-        self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        init_head(self.norm, None, config, 0)
+        with torch.device("meta"):
+            self.norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        materialize(self, place, lambda m: init_head(m.norm, None, config, 0))
 
     def forward(self, inputs: Activation) -> torch.Tensor:
         return self.norm(inputs[0])
@@ -82,10 +87,11 @@ class FinalNormLayer(nn.Module):
 class HeadLayer(nn.Module):
     """Untied output projection; logits in fp32."""
 
-    def __init__(self, config: ModelConfig, base_seed: int):
+    def __init__(self, config: ModelConfig, base_seed: int, place: Placement = HOST):
         super().__init__()
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        init_head(None, self.lm_head, config, base_seed)
+        with torch.device("meta"):
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        materialize(self, place, lambda m: init_head(None, m.lm_head, config, base_seed))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h).float()
@@ -98,15 +104,15 @@ def lm_key(layer_index: int, name: str, config: ModelConfig) -> str:
     return name
 
 
-def build_pipeline_layers(config: ModelConfig, base_seed: int) -> list[nn.Module]:
+def build_pipeline_layers(config: ModelConfig, base_seed: int, place: Placement = HOST) -> list[nn.Module]:
     """Every layer, built here (tests, single process); a pipeline engine builds its own share."""
-    emb = EmbeddingLayer(config, base_seed)
-    layers: list[nn.Module] = [emb, *(BlockLayer(config, i, base_seed) for i in range(config.n_layers)),
-                               FinalNormLayer(config)]
+    emb = EmbeddingLayer(config, base_seed, place)
+    layers: list[nn.Module] = [emb, *(BlockLayer(config, i, base_seed, place) for i in range(config.n_layers)),
+                               FinalNormLayer(config, place)]
     if config.tie_embeddings:
         layers.append(_TiedHead(emb))
     else:
-        layers.append(HeadLayer(config, base_seed))
+        layers.append(HeadLayer(config, base_seed, place))
     return layers
 
 
