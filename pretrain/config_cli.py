@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config_loader import ConfigError, dump_config, list_model_presets, load_config, load_model_config
+import yaml
+
+from .config_loader import (ConfigError, config_to_dict, dump_config, list_model_presets, load_config,
+                            load_model_config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied in order")
     parser.add_argument("--presets", action="store_true",
                         help="list the model presets with their parameter counts")
+    parser.add_argument("--get", metavar="KEY",
+                        help="print one resolved value (e.g. checkpoint.dir) instead of the whole config")
     args = parser.parse_intermixed_args(argv)  # flags may come between overrides
     try:
         if args.presets:
@@ -27,11 +32,25 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.config is None:
             parser.error("a config file is required (or --presets)")
-        print(dump_config(load_config(args.config, args.overrides)), end="")
+        cfg = load_config(args.config, args.overrides)
+        print(dump_config(cfg) if args.get is None else _value(cfg, args.get), end="")
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _value(cfg: object, key: str) -> str:
+    """``key``'s value as one YAML line (a plain string prints bare, for shell scripts)."""
+    node: object = config_to_dict(cfg)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"--get {key}: no such setting (see the keys linrnn-config prints)")
+        node = node[part]
+    if isinstance(node, str):
+        return node + "\n"
+    text = yaml.safe_dump(node, default_flow_style=True, sort_keys=False)
+    return text.removesuffix("...\n")  # the end-of-document line YAML adds after a bare scalar
 
 
 if __name__ == "__main__":

@@ -119,3 +119,14 @@ def test_config_cli_prints_resolved_config_and_rejects_bad_keys(run_yaml, capsys
     assert "seed: 7" in printed and "deltaproduct:" in printed
     assert config_main([str(run_yaml), "sed=7"]) == 2
     assert "did you mean 'seed'" in capsys.readouterr().err
+
+
+def test_config_cli_gets_one_resolved_value(run_yaml, capsys):
+    assert config_main([str(run_yaml), "checkpoint.dir=/ckpt/run a", "--get", "checkpoint.dir"]) == 0
+    assert capsys.readouterr().out == "/ckpt/run a\n"  # bare, for a shell variable
+    assert config_main([str(run_yaml), "--get", "optim.lr", "optim.lr=2e-4"]) == 0
+    assert capsys.readouterr().out == "0.0002\n"
+    assert config_main([str(run_yaml), "--get", "optim.betas"]) == 0
+    assert capsys.readouterr().out == "[0.9, 0.98]\n"  # the fixture's
+    assert config_main([str(run_yaml), "--get", "checkpoint.dri"]) == 2
+    assert "--get checkpoint.dri: no such setting" in capsys.readouterr().err

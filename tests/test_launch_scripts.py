@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ trap 'exit 75' TERM
 [ -n "$FAKE_DIE_ON_USR1" ] && trap - USR1
 touch "$READY"
 for _ in $(seq "$FAKE_WAIT"); do sleep 0.05; done
+if [ -n "$FAKE_SAVE" ]; then mkdir -p "$FAKE_SAVE" && touch "$FAKE_SAVE/COMPLETE"; fi
 exit "$FAKE_RC"
 """
 FAKE_SCONTROL = '#!/bin/bash\necho "scontrol $*" >> "$CALLS"\n'
@@ -56,16 +58,17 @@ def _fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
 
 
 def _run(tmp_path: Path, rc: int, restart: int = 0, send: signal.Signals | None = None,
-         max_requeues: str | None = None, die_on_usr1: bool = False) -> tuple[int, str, str]:
+         max_requeues: str | None = None, die_on_usr1: bool = False, config: str = "run.yaml",
+         **extra: str) -> tuple[int, str, str]:
     env, calls, ready = _fake_slurm(tmp_path)
-    env.update(FAKE_RC=str(rc), FAKE_WAIT="400" if send else "0",
+    env.update(FAKE_RC=str(rc), FAKE_WAIT="400" if send else "0", LINRNN_PYTHON=sys.executable,
                SLURM_JOB_ID="77", SLURM_RESTART_COUNT=str(restart), SLURM_JOB_NODELIST="vm", SLURM_NTASKS="2",
-               SLURM_JOB_NUM_NODES="1")
+               SLURM_JOB_NUM_NODES="1", PYTHONPATH=str(ROOT), **extra)
     if die_on_usr1:  # the rank has not installed its signal handler yet
         env["FAKE_DIE_ON_USR1"] = "1"
     if max_requeues is not None:
         env["LINRNN_MAX_REQUEUES"] = max_requeues
-    p = subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), "run.yaml", "optim.lr=1e-3"], env=env,
+    p = subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), config, "optim.lr=1e-3"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if send is not None:
         deadline = time.monotonic() + 10
@@ -87,6 +90,26 @@ def test_finished_run_cleans_up_and_does_not_requeue(tmp_path):
 def test_failed_run_does_not_requeue(tmp_path):
     code, out, calls = _run(tmp_path, rc=1)
     assert code == 1 and "scontrol" not in calls, out
+
+
+def test_a_failure_after_a_new_checkpoint_requeues_one_without_progress_does_not(tmp_path):
+    root = tmp_path / "ckpt"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"name: crash\ncheckpoint:\n  dir: {root}\n")
+    (root / "step_00000010").mkdir(parents=True)
+    (root / "step_00000010" / "COMPLETE").touch()
+    # a rank crashed (SIGKILL: 137) after the run saved step 20 in this start: requeued
+    code, out, calls = _run(tmp_path, rc=137, restart=1, config=str(config), FAKE_SAVE=str(root / "step_00000020"))
+    assert code == 0 and "scontrol requeue 77" in calls, out
+    assert "failed (exit 137) after saving step_00000020 in this start (it began from step_00000010)" in out
+    # the same failure again before the next save: not requeued (it would fail the same way)
+    code, out, calls = _run(tmp_path, rc=1, restart=2, config=str(config))
+    assert code == 1 and "scontrol" not in calls and "without saving a checkpoint in this start" in out, out
+    # bad input (2) and an opt-out are never requeued, whatever was saved
+    for rc, extra in ((2, {}), (1, {"LINRNN_REQUEUE_ON_FAILURE": "0"})):
+        code, out, calls = _run(tmp_path, rc=rc, config=str(config), FAKE_SAVE=str(root / f"step_000000{30 + rc}"),
+                                **extra)
+        assert code == rc and "scontrol" not in calls, out
 
 
 def test_requeue_code_requeues_the_job(tmp_path):

@@ -5,7 +5,8 @@ The runs are the tiny CPU pretraining run of the training tests on 2 ranks (``--
 over gloo): an uninterrupted reference; one signalled mid-run as SLURM does before the
 time limit (it must checkpoint, requeue itself, resume and end with the reference's
 losses, all in one log); one cancelled with scancel (no requeue, checkpoints intact);
-and an eval job on the exported final checkpoint.
+one whose rank is killed outright after a checkpoint (it must requeue itself and end with the
+reference's losses); and an eval job on the exported final checkpoint.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _log(workdir: Path, job: str) -> str:
     return paths[0].read_text(errors="replace") if paths else "(no log)"
 
 
-def _submit_pretrain(cluster: SlurmCluster, workdir: Path, name: str) -> tuple[str, Path]:
+def _submit_pretrain(cluster: SlurmCluster, workdir: Path, name: str, **env: str) -> tuple[str, Path]:
     if reason := _engine_missing():
         pytest.skip(reason)
     from test_train_common import write_config
@@ -77,8 +78,21 @@ def _submit_pretrain(cluster: SlurmCluster, workdir: Path, name: str) -> tuple[s
     cfg = write_config(workdir, name=f"{name}.yaml", ckpt_dir=name,
                        **{"max_steps": MAX_STEPS, "checkpoint.every_steps": SAVE_EVERY, "checkpoint.keep_last": 5})
     job = cluster.sbatch(*CPU_JOB, f"--job-name={name}", f"--output={workdir}/%x-%j.log", f"--chdir={ROOT}",
-                         str(SLURM / "pretrain.sbatch"), str(cfg), env=_job_env(workdir))
+                         str(SLURM / "pretrain.sbatch"), str(cfg), env=_job_env(workdir, **env))
     return job, workdir / name
+
+
+def _rank_pids(config_name: str) -> list[int]:
+    """The training processes (``python -m pretrain <config>``) of a job, by their command line."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and args[1:3] == [b"-m", b"pretrain"] and args[3].endswith(config_name.encode()):
+            pids.append(int(proc.name))
+    return pids
 
 
 def _wait_for_step(ckpt: Path, step: int, cluster: SlurmCluster, job: str, timeout: float = 120) -> None:
@@ -160,6 +174,30 @@ def test_signal_checkpoints_requeues_resumes_and_matches(cluster, workdir, refer
     got = losses(ckpt)
     assert got[MAX_STEPS] == ref[MAX_STEPS]
     assert got == ref
+
+
+def test_a_crashed_rank_after_a_checkpoint_requeues_and_resumes_to_the_same_losses(cluster, workdir, reference):
+    """A rank killed outright (as by a GPU fault) after the run saved a checkpoint: the job
+    requeues itself and the resumed run ends with the uninterrupted run's losses."""
+    import signal
+
+    from test_train_common import losses
+
+    job, ckpt = _submit_pretrain(cluster, workdir, "crash", LINRNN_SRUN_WAIT="5")
+    _wait_for_step(ckpt, SAVE_EVERY + 1, cluster, job)
+    pids = _rank_pids("crash.yaml")
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
+    fields = cluster.wait(job, lambda f: f["JobState"] == "PENDING" and f.get("Restarts", f.get("RestartCnt")) != "0"
+                          or f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 120)
+    assert fields["JobState"] == "PENDING", _log(workdir, job)[-6000:]
+    cluster.release_requeued(job)
+    fields = cluster.wait_done(job, 180)
+    log = _log(workdir, job)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-6000:]
+    assert "in this start (it began from no checkpoint): requeuing to resume from it" in log, log[-6000:]
+    assert f"requeuing job {job}" in log and "resumed from" in log
+    assert losses(ckpt) == reference[2]
 
 
 def test_scancel_does_not_requeue_and_keeps_checkpoints(cluster, workdir):
