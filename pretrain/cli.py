@@ -67,7 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
                         help="check the data and the checkpoint directory as a start would (e.g. on a login "
                              "node before sbatch), say whether it would start fresh or resume, and exit: 0 if "
                              f"it would run, {EXIT_BAD_INPUT} with the reason if not")
+    parser.add_argument("--rewind-to", type=int, metavar="STEP",
+                        help="make the checkpoint of STEP the one this command resumes from (e.g. before a loss "
+                             "spike; the later step directories move to <checkpoint.dir>/rewound/), and exit; "
+                             "then submit the same command again. No job may be training into checkpoint.dir")
+    parser.add_argument("--skip-steps", type=int, default=0, metavar="M",
+                        help="with --rewind-to: the resume drops the next M steps' batches (the step count and "
+                             "schedule go on from STEP, the data from M steps further)")
     return parser
+
+
+def _rewind(cfg, step: int, skip_steps: int) -> int:
+    from .checkpoint import CheckpointError
+    from .rewind import rewind
+
+    try:
+        r = rewind(cfg.checkpoint.dir, step, skip_steps, cfg.logging.log_dir)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if r.moved:
+        print(f"rewind: moved {', '.join(r.moved)} to {r.moved_to} (delete them when you no longer need them)")
+    skip = (f"; it drops the next {r.skip_steps} steps' batches first (step and schedule go on from {step})"
+            if r.skip_steps else "")
+    print(f"rewind: the same training command now resumes from {r.target}{skip}")
+    return 0
 
 
 def _is_main() -> bool:
@@ -78,13 +102,19 @@ def _is_main() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # flags may come between overrides
-    if not (args.dry_run or args.check):
+    if not (args.dry_run or args.check or args.rewind_to is not None):
         install_early_handlers()  # a signal during start-up becomes a save-and-requeue
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.skip_steps and args.rewind_to is None:
+        print("error: --skip-steps goes with --rewind-to STEP (the checkpoint whose next steps' data is skipped)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.rewind_to is not None:
+        return _rewind(cfg, args.rewind_to, args.skip_steps)
     if args.check:
         return _check(cfg)
     if _is_main():

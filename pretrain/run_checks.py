@@ -24,6 +24,7 @@ from typing import Any
 from . import checkpoint as ckpt
 from .config import RunConfig
 from .config_loader import ConfigError, config_to_dict
+from .rewind import skip_request
 
 
 def check_device(cfg: RunConfig) -> None:
@@ -290,6 +291,9 @@ def preflight(cfg: RunConfig) -> list[str]:
     state = ckpt.read_run_state(point.path)
     data = point.data if not point.changes else f"{point.data} ({'; '.join(point.changes)})"
     lines.append(f"resume: from {point.path} at step {state['step']} ({state['tokens_seen']:,} tokens); data: {data}")
+    skip = skip_request(point.path)
+    if skip:
+        lines.append(f"data: the resume first drops the next {skip} steps' batches (--rewind-to --skip-steps)")
     if point.model_changes:
         lines.append(f"model: settings changed ({'; '.join(point.model_changes)}), allowed by "
                      "checkpoint.on_model_change=allow")

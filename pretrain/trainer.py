@@ -30,6 +30,7 @@ from .flops import device_peak_flops, flops_per_token
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
+from .rewind import skip_request
 from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
 from .run_log import RunLog
 from .schedule import lr_at
@@ -172,6 +173,9 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens_seen"]
         self.last_saved = self.step
         self.restore_data(state["data"])
+        skip = skip_request(path)
+        if skip:
+            self.skip_data(skip)
         if self.resume is not None and self.resume.model_changes:
             changes = "; ".join(self.resume.model_changes)
             self.log.print(f"[train] warning: model settings changed at step {self.step} ({changes}): the run goes "
@@ -183,6 +187,24 @@ class Trainer:
             self.log.write("schedule_change", self.step, message=jump)
         self.log.print(f"[train] resumed from {path} at step {self.step} ({self.tokens} tokens)")
         self.log.write("resume", self.step, path=str(path), tokens_seen=self.tokens)
+
+    def skip_data(self, steps: int) -> None:
+        """Read and drop the batches of the next ``steps`` steps (``linrnn-train --rewind-to
+        STEP --skip-steps M``); the step count stays, so the schedule goes on from it."""
+        per_step = self.eng.grad_accum // self.eng.num_stages if self.eng.pipelined else self.eng.grad_accum
+        total = steps * per_step
+        self.log.print(f"[train] skipping the data of {steps} steps after step {self.step} ({total} micro-batches "
+                       "per rank), as --skip-steps asked")
+        start = last = time.perf_counter()
+        for i in range(total):
+            self.batches.next()
+            now = time.perf_counter()
+            if now - last >= 30 and i + 1 < total:
+                rate = (i + 1) / (now - start)
+                self.log.print(f"[train] skipped {i + 1}/{total} micro-batches, ETA {_duration((total - i - 1) / rate)}")
+                last = now
+        self.log.write("data_skip", self.step, steps=steps, micro_batches=total,
+                       seconds=time.perf_counter() - start)
 
     def restore_data(self, saved: dict) -> None:
         """The data position, as ``checkpoint.on_data_change`` decided (``run_checks``)."""

@@ -204,5 +204,11 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
         return self.wait(job_id, lambda f: f.get("JobState") in done, timeout)
 
     def release_requeued(self, job_id: str) -> None:
-        """A requeued job waits ~2 minutes (its BeginTime); start it now."""
+        """A requeued job waits ~2 minutes (its BeginTime); start it (almost) now.
+
+        Not within the second its last run was killed: slurmd refuses a batch launch whose
+        credential is not newer, in whole seconds, than the job's revocation ("Job N already
+        killed, do not launch batch job", and the job FAILs); the BeginTime delay keeps real
+        requeues clear of that."""
+        time.sleep(2.0)
         self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")

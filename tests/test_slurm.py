@@ -109,6 +109,19 @@ def _wait_for_step(ckpt: Path, step: int, cluster: SlurmCluster, job: str, timeo
     raise AssertionError(f"job {job} never reached step {step}: {cluster.job(job)}")
 
 
+def _requeued_then_completed(cluster: SlurmCluster, workdir: Path, job: str) -> str:
+    """Waits for ``job`` to requeue itself, lets it start again, waits for it to complete
+    with exit 0; returns its log."""
+    fields = cluster.wait(job, lambda f: f["JobState"] == "PENDING" and f.get("Restarts", f.get("RestartCnt")) != "0"
+                          or f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 120)
+    assert fields["JobState"] == "PENDING", _log(workdir, job)[-6000:]
+    cluster.release_requeued(job)
+    fields = cluster.wait_done(job, 180)
+    log = _log(workdir, job)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", (fields, log[-6000:], cluster.daemon_logs())
+    return log
+
+
 def test_srun_tasks_get_torch_distributed_variables(cluster, workdir):
     """Real SLURM variables -> RANK/WORLD_SIZE/... through python -m launch, one line per task."""
     out = workdir / "env-%j.log"
@@ -155,13 +168,7 @@ def test_signal_checkpoints_requeues_resumes_and_matches(cluster, workdir, refer
     job, ckpt = _submit_pretrain(cluster, workdir, "preempt")
     _wait_for_step(ckpt, SAVE_EVERY + 1, cluster, job)
     cluster.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@N does
-    fields = cluster.wait(job, lambda f: f["JobState"] == "PENDING" and f.get("Restarts", f.get("RestartCnt")) != "0"
-                          or f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 120)
-    assert fields["JobState"] == "PENDING", _log(workdir, job)[-6000:]
-    cluster.release_requeued(job)
-    fields = cluster.wait_done(job, 180)
-    log = _log(workdir, job)
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-6000:]
+    log = _requeued_then_completed(cluster, workdir, job)
     # one log across the requeue, the restart count logged, a resume from the saved step
     assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log
     assert "got SIGUSR1" in log and "training exited with 75" in log and f"requeuing job {job}" in log
@@ -188,13 +195,7 @@ def test_a_crashed_rank_after_a_checkpoint_requeues_and_resumes_to_the_same_loss
     pids = _rank_pids("crash.yaml")
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
-    fields = cluster.wait(job, lambda f: f["JobState"] == "PENDING" and f.get("Restarts", f.get("RestartCnt")) != "0"
-                          or f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 120)
-    assert fields["JobState"] == "PENDING", _log(workdir, job)[-6000:]
-    cluster.release_requeued(job)
-    fields = cluster.wait_done(job, 180)
-    log = _log(workdir, job)
-    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", log[-6000:]
+    log = _requeued_then_completed(cluster, workdir, job)
     assert "in this start (it began from no checkpoint): requeuing to resume from it" in log, log[-6000:]
     assert f"requeuing job {job}" in log and "resumed from" in log
     assert losses(ckpt) == reference[2]

@@ -510,3 +510,56 @@ def test_a_job_whose_rendezvous_port_was_taken_starts_again(tmp_path):
     out = spawn_ranks(str(script), [], 2, tmp_path / "logs", timeout=120)
     assert out.startswith("port ") and "EADDRINUSE" in (tmp_path / "logs" / "rank0.log").read_text()
     assert (tmp_path / "logs" / "rank0.try2.log").read_text() == out
+
+
+def test_a_rewind_resumes_from_an_earlier_step_and_can_skip_the_data_that_followed(tmp_path, reference):
+    """``--rewind-to 2 --skip-steps 2`` on the reference's checkpoints (2, 4, 6): steps 4 and 6
+    move aside; the resumed run's steps 3 and 4 read the reference's steps 5 and 6 samples
+    at the schedule of steps 3 and 4. Preempted at step 3 and requeued, the run goes on
+    from step 3's checkpoint, whose data position already lies past the skipped batches."""
+    import shutil
+
+    from pretrain import run_lock
+
+    ref_tmp, _ = reference
+    root = tmp_path / "ckpt"
+    shutil.copytree(ref_tmp / "ckpt", root, ignore=shutil.ignore_patterns(".train.lock"))
+    cfg = write_config(tmp_path, max_steps=4)
+    for args, match in ((["--rewind-to", "3"], r"step_00000003' is not a complete checkpoint: the complete ones "
+                                                r"in .* are at steps 2, 4, 6"),
+                        (["--skip-steps", "2"], "--skip-steps goes with --rewind-to STEP")):
+        r = train_cli(cfg, *args)
+        assert r.returncode == 2 and re.search(match, r.stderr), r.stderr[-3000:]
+    fd = run_lock.acquire(root, 0)  # a job training into the directory
+    try:
+        r = train_cli(cfg, "--rewind-to", "2")
+        assert r.returncode == 2 and "another job is training into checkpoint.dir" in r.stderr, r.stderr[-3000:]
+    finally:
+        run_lock.release(fd)
+    assert ckpt.newest_complete(root).name == "step_00000006"  # nothing moved
+    r = train_cli(cfg, "--rewind-to", "2", "--skip-steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "moved step_00000004, step_00000006 to" in r.stdout
+    assert [p.name for p in (root / "rewound").iterdir()][0].endswith("-after-step_00000002")
+    assert ckpt.newest_complete(root).name == "step_00000002"
+    assert (root / ckpt.LATEST).read_text().strip() == "step_00000002"
+    r = train_cli(cfg, "--check")
+    assert r.returncode == 0 and "at step 2" in r.stdout and "drops the next 2 steps' batches" in r.stdout, r.stdout
+    r = train_cli(cfg, "faults.preempt_at_step=3")
+    assert r.returncode == REQUEUE_EXIT_CODE, r.stderr[-3000:]
+    assert "skipping the data of 2 steps after step 2 (4 micro-batches per rank)" in r.stdout
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 3" in r.stdout and "skipping" not in r.stdout
+    ref = _fingerprints(ref_tmp / "ckpt")
+    got = _fingerprints(root)
+    assert (got[3], got[4]) == (ref[5], ref[6])
+    ref_lr = {m["step"]: m["lr"] for m in read_metrics(ref_tmp / "ckpt" / "logs" / "metrics.jsonl")}
+    lr = {m["step"]: m["lr"] for m in read_metrics(root / "logs" / "metrics.jsonl")}
+    assert lr[3] == ref_lr[3]  # the schedule goes on from step 2 (max_steps 4: the same warmup)
+    assert read_metrics(root / "logs" / "metrics.jsonl", "data_skip")[0]["steps"] == 2
+    # a rewind to the same step without --skip-steps drops an earlier rewind's request
+    skip = ckpt.step_dir(root, 3) / "skip_data.json"
+    assert train_cli(cfg, "--rewind-to", "3", "--skip-steps", "1").returncode == 0 and skip.is_file()
+    r = train_cli(cfg, "--rewind-to", "3")
+    assert r.returncode == 0 and not skip.exists() and "moved" not in r.stdout, r.stderr[-3000:]
