@@ -86,8 +86,10 @@ def _rewind(cfg, step: int, skip_steps: int) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if r.moved:
-        print(f"rewind: moved {', '.join(r.moved)} to {r.moved_to} (delete them when you no longer need them)")
+    if r.moved or r.moved_exports:
+        exports = f" and their exports ({', '.join(r.moved_exports)})" if r.moved_exports else ""
+        print(f"rewind: moved {', '.join(r.moved) or 'no step directories'}{exports} to {r.moved_to} (delete them "
+              "when you no longer need them)")
     skip = (f"; it drops the next {r.skip_steps} steps' batches first (step and schedule go on from {step})"
             if r.skip_steps else "")
     print(f"rewind: the same training command now resumes from {r.target}{skip}")

@@ -4,7 +4,8 @@ came next: ``linrnn-train CONFIG [key=value ...] --rewind-to STEP [--skip-steps 
 A one-shot command for a login node while no job trains into ``checkpoint.dir`` (it takes
 the run lock, so it refuses while one does). Step directories after STEP, complete or torn,
 move to ``<checkpoint.dir>/rewound/<time>-after-step_N/`` (kept, not deleted), so the same
-training command resumes from STEP. With M > 0, ``step_N/skip_data.json`` asks the resume to
+training command resumes from STEP; so do their exports (``exports/step_*``), which evals
+would otherwise take for the new steps of the same numbers. With M > 0, ``step_N/skip_data.json`` asks the resume to
 read the next M steps' batches and drop them: the step count and learning-rate schedule go
 on from STEP and the data from M steps further (PaLM's and OLMo's spike recovery). The
 request belongs to that checkpoint: a requeue before the next save skips the same data
@@ -25,6 +26,7 @@ from .run_log import WANDB_ID_FILE
 
 SKIP_FILE = "skip_data.json"
 REWOUND = "rewound"
+EXPORTS = "exports"  # where slurm/eval.sbatch and linrnn-eval-sweep export step directories
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Rewind:
     moved: list[str]  # the step directories moved aside
     moved_to: Path | None
     skip_steps: int
+    moved_exports: list[str]  # exports/step_* of the moved steps, moved to <moved_to>/exports
 
 
 def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str | os.PathLike | None = None) -> Rewind:
@@ -54,13 +57,18 @@ def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str
             raise ckpt.CheckpointError(f"{str(target)!r} is not a complete checkpoint: the complete ones in "
                                        f"{str(root)!r} are at steps {listed}")
         later = [p for s, p, _ in found if s > step]
+        exports = root / EXPORTS
+        # exports of the moved steps: evals would take them for the new steps of the same numbers
+        stale = sorted(p for p in exports.glob("step_*") if (ckpt.step_of(p) or 0) > step) if exports.is_dir() else []
         moved_to = None
-        if later:
+        if later or stale:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             moved_to = root / REWOUND / f"{stamp}-after-{target.name}"
-            moved_to.mkdir(parents=True)
+            (moved_to / EXPORTS).mkdir(parents=True)
             for p in later:
                 os.replace(p, moved_to / p.name)
+            for p in stale:
+                os.replace(p, moved_to / EXPORTS / p.name)
             wandb_id = Path(log_dir or root / "logs") / WANDB_ID_FILE
             if wandb_id.is_file():
                 os.replace(wandb_id, moved_to / WANDB_ID_FILE)
@@ -70,7 +78,7 @@ def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str
             ckpt.write_atomic(skip, json.dumps({"steps": skip_steps, "asked": time.strftime("%Y-%m-%dT%H:%M:%S")}))
         else:
             skip.unlink(missing_ok=True)  # an earlier rewind's request is not repeated
-        return Rewind(target, [p.name for p in later], moved_to, skip_steps)
+        return Rewind(target, [p.name for p in later], moved_to, skip_steps, [p.name for p in stale])
     finally:
         release(fd)
 

@@ -537,10 +537,14 @@ def test_a_rewind_resumes_from_an_earlier_step_and_can_skip_the_data_that_follow
     finally:
         run_lock.release(fd)
     assert ckpt.newest_complete(root).name == "step_00000006"  # nothing moved
+    for s in (2, 6):  # exports made by eval jobs: the one of step 6 must not pass for the new step 6
+        (root / "exports" / f"step_{s:08d}").mkdir(parents=True)
     r = train_cli(cfg, "--rewind-to", "2", "--skip-steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "moved step_00000004, step_00000006 to" in r.stdout
-    assert [p.name for p in (root / "rewound").iterdir()][0].endswith("-after-step_00000002")
+    assert "moved step_00000004, step_00000006 and their exports (step_00000006) to" in r.stdout
+    [aside] = (root / "rewound").iterdir()
+    assert aside.name.endswith("-after-step_00000002") and (aside / "exports" / "step_00000006").is_dir()
+    assert [p.name for p in (root / "exports").iterdir()] == ["step_00000002"]
     assert ckpt.newest_complete(root).name == "step_00000002"
     assert (root / ckpt.LATEST).read_text().strip() == "step_00000002"
     r = train_cli(cfg, "--check")
