@@ -127,6 +127,19 @@ def test_a_model_made_part_by_part_has_the_weights_of_one_built_whole(family: st
     assert all(torch.isnan(p).all() for layer in layers for p in layer.parameters())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_model_made_on_the_gpu_has_the_weights_drawn_on_the_host(family: str) -> None:
+    from pretrain.models.materialize import Placement, build_model_on
+
+    cfg = small_config(family)
+    whole = LanguageModel(cfg, init_seed=7)
+    made = build_model_on(cfg, Placement("cuda", torch.bfloat16), init_seed=7)
+    for (name, want), (_, got) in zip(whole.state_dict().items(), made.state_dict().items()):
+        assert got.device.type == "cuda" and torch.equal(got.cpu(), want.to(torch.bfloat16)), name
+    assert (made.lm_head.weight is made.embed.weight) == cfg.tie_embeddings
+
+
 def test_init_does_not_depend_on_the_global_rng_after_the_base_seed() -> None:
     cfg = small_config(FAMILIES[0])
     a = LanguageModel(cfg, init_seed=5)
