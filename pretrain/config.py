@@ -133,6 +133,7 @@ class FaultConfig:
     nan_loss_steps: list[int] = field(default_factory=list)  # make these steps' loss NaN
     preempt_at_step: int | None = None  # raise the preemption flag before this step
     crash_in_save_at_step: int | None = None  # kill the process midway through this save
+    oom_at_step: int | None = None  # raise a CUDA out-of-memory error in this step
 
 
 @dataclass

@@ -134,3 +134,29 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEsti
     gb = 2**30
     return MemoryEstimate(n, world, weights / gb, grads / gb, optim / gb, act / gb, p.gpu_memory_gb,
                           host / gb)
+
+
+def out_of_memory_message(cfg: RunConfig, where: str, error: BaseException, resuming: bool) -> str:
+    """What to change when the GPU ran out of memory ``where`` (e.g. "at step 12"): the
+    plan's estimate beside the GPU's size, then the settings that lower it, those a resume
+    may change first (``resuming``: the run has checkpoints, so ``zero_stage`` is fixed)."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    est = estimate_memory(cfg)
+    gpu = ""
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+        gpu = f"; this GPU has {total:.0f} GB and peaked at {torch.cuda.max_memory_allocated() / 1e9:.1f} GB allocated"
+    fixes = [f"lower parallel.micro_batch_size (now {cfg.parallel.micro_batch_size}; gradient accumulation keeps "
+             f"parallel.global_batch_size)"]
+    if not cfg.parallel.activation_checkpointing:
+        fixes.append("set parallel.activation_checkpointing=true")
+    if not cfg.parallel.offload_optimizer and cfg.parallel.zero_stage >= 1:
+        fixes.append("set parallel.offload_optimizer=true")
+    if cfg.parallel.zero_stage < 3:
+        fixes.append("raise parallel.zero_stage" + (" (a new run only: a resume keeps the checkpoint's)"
+                                                     if resuming else ""))
+    return (f"out of GPU memory {where} ({first}): the plan estimates {est.total_gb:.1f} GB per GPU "
+            f"(weights {est.weights_gb:.1f}, gradients {est.grads_gb:.1f}, optimizer {est.optimizer_gb:.1f}, "
+            f"activations {est.activations_gb:.1f}){gpu}. To fit: " + "; or ".join(fixes)
+            + ". `linrnn-train <config> --dry-run` prints the plan of a layout; the micro-batch size, activation "
+              "checkpointing and offload may change at a resume")

@@ -27,6 +27,7 @@ from .config_loader import config_to_dict, dump_config
 from .distributed import DistEnv, device, init_distributed
 from .engine import Engine, build_engine
 from .flops import device_peak_flops, flops_per_token
+from .memory import out_of_memory_message
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
@@ -440,6 +441,9 @@ class Trainer:
                     self.log.write("preempted", self.step, reason=reason, exit_code=REQUEUE_EXIT_CODE)
                     return TrainResult("preempted", self.step, REQUEUE_EXIT_CODE, path, reason)
                 t0 = time.perf_counter()
+                if cfg.faults.oom_at_step == self.step:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fault drill: "
+                                                 "faults.oom_at_step)")
                 loss, norm, skipped, fingerprint = self.train_step()
                 step_seconds = time.perf_counter() - t0
                 lr = lr_at(self.step, cfg.optim, cfg.max_steps)
@@ -501,14 +505,21 @@ def train(cfg: RunConfig) -> TrainResult:
 
         check_pipeline(cfg, env.world_size)
     lock = run_lock.lock_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock_wait_s, env.is_main)
+    trainer = None
     try:
         # again, under the lock: a job we waited for may have saved a newer checkpoint
-        trainer = Trainer(cfg, env, info, check_resume(cfg, info))
-        try:
-            return trainer.run()
-        finally:
-            trainer.close()
+        resume = check_resume(cfg, info)
+        trainer = Trainer(cfg, env, info, resume)
+        return trainer.run()
+    except torch.OutOfMemoryError as e:
+        where = f"at step {trainer.step + 1}" if trainer is not None else "while building the model and optimizer"
+        newest = ckpt.newest_complete(cfg.checkpoint.dir)
+        kept = f" The newest complete checkpoint, {newest}, is intact." if newest else ""
+        raise TrainError(f"rank {env.rank}: " + out_of_memory_message(cfg, where, e, newest is not None) + "."
+                         + kept) from e
     finally:
+        if trainer is not None:
+            trainer.close()
         run_lock.release(lock)
 
 

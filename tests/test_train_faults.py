@@ -567,3 +567,18 @@ def test_a_rewind_resumes_from_an_earlier_step_and_can_skip_the_data_that_follow
     assert train_cli(cfg, "--rewind-to", "3", "--skip-steps", "1").returncode == 0 and skip.is_file()
     r = train_cli(cfg, "--rewind-to", "3")
     assert r.returncode == 0 and not skip.exists() and "moved" not in r.stdout, r.stderr[-3000:]
+
+
+def test_running_out_of_gpu_memory_stops_with_what_to_change(tmp_path, reference):
+    """An out-of-memory error (injected: this machine has no GPU) stops the run with exit 1,
+    the plan's estimate and the settings that lower it, and names the intact checkpoint."""
+    cfg = write_config(tmp_path)
+    r = train_cli(cfg, "faults.oom_at_step=3")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert re.search(r"error: rank 0: out of GPU memory at step 4 \(CUDA out of memory\. Tried to allocate 2\.00 GiB "
+                     r"\(fault drill: faults\.oom_at_step\)\): the plan estimates [\d.]+ GB per GPU \(weights .*\)\. "
+                     r"To fit: lower parallel\.micro_batch_size \(now 2; .*; or set parallel\.activation_checkpointing="
+                     r"true; or set parallel\.offload_optimizer=true; or raise parallel\.zero_stage \(a new run only: a "
+                     r"resume keeps the checkpoint's\)\..*The newest complete checkpoint, .*step_00000002, is intact\.",
+                     r.stderr), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
