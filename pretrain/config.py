@@ -93,6 +93,15 @@ class LoggingConfig:
     log_dir: str | None = None  # defaults to <checkpoint.dir>/logs
     wandb_project: str | None = None  # the key comes from WANDB_API_KEY, never the config
     tensorboard: bool = True  # also write TensorBoard scalars (when tensorboard is installed)
+    # [first, last]: record a torch.profiler trace of steps first..last on every rank, written
+    # to <log_dir>/profile/ (open it in Perfetto or chrome://tracing); [] records nothing
+    profile_steps: list[int] = field(default_factory=list)
+
+    def check(self) -> None:
+        s = self.profile_steps
+        if s and not (len(s) == 2 and 1 <= s[0] <= s[1]):
+            raise ValueError(f"profile_steps: {s} should be [first, last] steps with 1 <= first <= last, "
+                             "e.g. [10, 12]; or [] for no profile")
 
 
 DEFAULT_VAL_SEQUENCES = 1024

@@ -31,6 +31,7 @@ from .memory import out_of_memory_message
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
+from .profiling import StepProfiler
 from .rewind import skip_request
 from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
 from .run_log import RunLog
@@ -430,7 +431,8 @@ class Trainer:
         started_at = self.step
         window_t, window_steps = time.perf_counter(), 0
         step_seconds = 0.0
-        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop:
+        profiler = StepProfiler(cfg.logging.profile_steps, self.log_dir / "profile", self.env.rank, self.log.print)
+        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler):
             while self.step < cfg.max_steps:
                 if cfg.faults.preempt_at_step == self.step and self.step > started_at:
                     stop.request("fault drill: preempt_at_step")
@@ -444,7 +446,8 @@ class Trainer:
                 if cfg.faults.oom_at_step == self.step:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fault drill: "
                                                  "faults.oom_at_step)")
-                loss, norm, skipped, fingerprint = self.train_step()
+                with profiler.step(self.step + 1):
+                    loss, norm, skipped, fingerprint = self.train_step()
                 step_seconds = time.perf_counter() - t0
                 lr = lr_at(self.step, cfg.optim, cfg.max_steps)
                 self.step += 1

@@ -130,3 +130,10 @@ def test_config_cli_gets_one_resolved_value(run_yaml, capsys):
     assert capsys.readouterr().out == "[0.9, 0.98]\n"  # the fixture's
     assert config_main([str(run_yaml), "--get", "checkpoint.dri"]) == 2
     assert "--get checkpoint.dri: no such setting" in capsys.readouterr().err
+
+
+def test_profile_steps_are_a_first_and_last_step(run_yaml):
+    assert load_config(str(run_yaml), ["logging.profile_steps=[3, 5]"]).logging.profile_steps == [3, 5]
+    for bad in ("[5, 3]", "[0, 2]", "[4]"):
+        with pytest.raises(ConfigError, match=r"profile_steps: .* should be \[first, last\] steps"):
+            load_config(str(run_yaml), [f"logging.profile_steps={bad}"])

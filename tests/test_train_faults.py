@@ -582,3 +582,14 @@ def test_running_out_of_gpu_memory_stops_with_what_to_change(tmp_path, reference
                      r"resume keeps the checkpoint's\)\..*The newest complete checkpoint, .*step_00000002, is intact\.",
                      r.stderr), r.stderr[-3000:]
     assert "Traceback" not in r.stderr
+
+
+def test_profile_steps_write_a_trace_of_those_steps(tmp_path):
+    cfg = write_config(tmp_path, max_steps=3, **{"logging.profile_steps": [2, 3]})
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trace = tmp_path / "ckpt" / "logs" / "profile" / "rank00000-steps2-3.json"
+    assert f"profile of steps 2..3 written to {trace}" in r.stdout
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"train step 2", "train step 3"} <= names and "train step 1" not in names
+    assert any("aten::" in str(n) for n in names)  # the ops inside the steps
