@@ -147,7 +147,7 @@ def evaluate_missing(run_dir: Path, suite: str, eval_args: list[str]) -> list[st
     the others go on (the summary lists it as not evaluated)."""
     from launch.checkpoints import complete_checkpoints
     from pretrain.checkpoint import CheckpointError
-    from pretrain.export import META, export_checkpoint
+    from pretrain.export import export_checkpoint, export_is_current
 
     from .cli import main as eval_main
 
@@ -156,17 +156,17 @@ def evaluate_missing(run_dir: Path, suite: str, eval_args: list[str]) -> list[st
         export = run_dir / "exports" / step.name
         out = export / "eval" / suite.replace(",", "+")
         try:
+            if not export_is_current(step, export):  # none yet, or of an earlier save of this step
+                print(f"linrnn-eval-sweep: exporting {step} -> {export}", file=sys.stderr)
+                export_checkpoint(step, export)  # drops the evaluations of a replaced export
+        except CheckpointError as e:  # pruned by a running training job meanwhile, say
+            print(f"linrnn-eval-sweep: {step.name} skipped: {e}", file=sys.stderr)
+            continue
+        try:
             if json.loads((out / "results.json").read_text()).get("complete", True):
                 continue
         except (OSError, json.JSONDecodeError):
             pass
-        try:
-            if not (export / META).is_file():
-                print(f"linrnn-eval-sweep: exporting {step} -> {export}", file=sys.stderr)
-                export_checkpoint(step, export)
-        except CheckpointError as e:  # pruned by a running training job meanwhile, say
-            print(f"linrnn-eval-sweep: {step.name} skipped: {e}", file=sys.stderr)
-            continue
         print(f"linrnn-eval-sweep: evaluating {step.name} (suite {suite})", file=sys.stderr)
         if eval_main([str(export), "--suite", suite, "--out", str(out), *eval_args]) == 0:
             done.append(step.name)

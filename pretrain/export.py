@@ -186,11 +186,30 @@ def find_tokenizer(run_config: dict) -> Path | None:
     return None
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
-    """Write the export of ``checkpoint`` (a step dir or a checkpoint root) to ``out_dir``."""
+def export_is_current(step_path: Path, out_dir: str | Path, dtype: str | None = None) -> bool:
+    """Whether ``out_dir`` holds a complete export of this very save of ``step_path``: not of
+    an earlier save of the same step number (a run restarted, rewound, or resumed from an
+    earlier checkpoint in the same directory saves ``step_N`` again, with other weights)."""
+    try:
+        meta = json.loads((Path(out_dir) / META).read_text())
+        saved = ckpt.read_run_state(step_path).get("save_id")
+    except (OSError, ValueError, ckpt.CheckpointError):
+        return False
+    if dtype is not None and meta.get("dtype") != dtype:
+        return False
+    return meta.get("save_id") == saved  # both None: checkpoints from before save ids
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", *,
+                      reuse: bool = False) -> Path:
+    """Write the export of ``checkpoint`` (a step dir or a checkpoint root) to ``out_dir``;
+    ``reuse`` keeps an export there of the same save (``export_is_current``). Exporting
+    another save over an export removes that export's evaluations (``eval/``)."""
     from safetensors.torch import save_file
 
     step_path = resolve_checkpoint(checkpoint)
+    if reuse and export_is_current(step_path, out_dir, dtype):
+        return Path(out_dir)
     with ckpt.hold(step_path):  # a training run still saving into its root does not prune it meanwhile
         run_state = ckpt.read_run_state(step_path)
         run_config = yaml.safe_load((step_path / "config.yaml").read_text())
@@ -211,6 +230,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     # export.json marks a complete export (written last, removed first when re-exporting);
     # every file is written whole under a temporary name and renamed, so a kill at any
     # moment leaves whole files and, until the end, no marker (slurm/eval.sbatch re-exports)
+    if (out / META).is_file() and not export_is_current(step_path, out):
+        shutil.rmtree(out / "eval", ignore_errors=True)  # scores of the weights about to be replaced
     (out / META).unlink(missing_ok=True)
     _write_whole(out / WEIGHTS, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
     _write_whole(out / CONFIG, lambda tmp: tmp.write_text(dump_config(mcfg)))
@@ -220,7 +241,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
         _write_whole(out / TOKENIZER, lambda tmp: shutil.copyfile(tok, tmp))
     meta = {"step": run_state["step"], "tokens_seen": run_state["tokens_seen"],
             "tokenizer_hash": run_state.get("tokenizer_hash"), "source": str(step_path.resolve()),
-            "dtype": dtype, "tokenizer_file": TOKENIZER if tok is not None else None}
+            "dtype": dtype, "tokenizer_file": TOKENIZER if tok is not None else None,
+            "save_id": run_state.get("save_id")}
     _write_whole(out / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return out
 
@@ -260,9 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="a step_XXXXXXXX directory, or a checkpoint.dir (newest complete)")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep an export already in OUT if it is of this very save of the checkpoint")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
+        step_path = resolve_checkpoint(args.checkpoint)
+        if args.reuse and export_is_current(step_path, args.out, args.dtype):
+            print(f"kept {args.out}: it is the export of this save of {step_path}")
+            return 0
+        out = export_checkpoint(step_path, args.out, args.dtype)
     except ckpt.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str
         raise ckpt.CheckpointError(f"--skip-steps {skip_steps}: give a number of steps >= 0")
     if not root.is_dir():
         raise ckpt.CheckpointError(f"checkpoint.dir {str(root)!r} does not exist: nothing to rewind")
-    fd = acquire(root, wait_s=0.0, log=lambda _: None)
+    fd = acquire(root, wait_s=0.0, log=print)  # no file locks here: a warning says so
     try:
         found = ckpt.list_checkpoints(root)
         complete = [s for s, _, ok in found if ok]

@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,7 @@ class Trainer:
             "pipeline_stages": cfg.parallel.pipeline_stages,
             "global_batch_size": cfg.parallel.global_batch_size, "max_steps": cfg.max_steps,
             "seq_len": cfg.data.seq_len, "torch": torch.__version__,
+            "save_id": uuid.uuid4().hex,  # tells this save from other saves of the same step (exports)
         }
         crash = cfg.faults.crash_in_save_at_step == self.step
 

@@ -23,6 +23,15 @@ def seeded_single_thread(single_thread):
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The uninterrupted reference run of the single-process training tests (once per session:
+    test_train_faults.py and test_train_stages.py share it)."""
+    from test_train_common import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("ref"))
+
+
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -132,3 +132,33 @@ def train_cli(config: Path, *overrides: str, timeout: float = 240) -> subprocess
 def losses(ckpt_dir: Path) -> dict[int, float]:
     """step -> loss from the run's JSONL log; a step redone after a resume keeps its last value."""
     return {r["step"]: r["loss"] for r in read_metrics(ckpt_dir / "logs" / "metrics.jsonl")}
+
+
+def snapshot(root: Path) -> list[tuple[str, int]]:
+    """Every path under ``root`` with its modification time: equal snapshots, nothing written."""
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def fingerprints(ckpt_dir: Path) -> dict[int, int]:
+    """step -> the step's data fingerprint (the sum of its token ids, all ranks)."""
+    return {r["step"]: r["data_fingerprint"] for r in read_metrics(ckpt_dir / "logs" / "metrics.jsonl")}
+
+
+def reference_run(tmp: Path) -> tuple[Path, dict[int, float]]:
+    """The uninterrupted single-process run that the interrupted ones must reproduce: 6 steps,
+    checkpoints at 2, 4 and 6 kept; returns its directory and per-step losses."""
+    import math
+    import re
+
+    from pretrain import checkpoint as ckpt
+
+    cfg = write_config(tmp)
+    r = train_cli(cfg, "checkpoint.keep_every_steps=2")  # keep_last=2 alone would have pruned step 2
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [s for s, _, ok in ckpt.list_checkpoints(tmp / "ckpt") if ok] == [2, 4, 6]
+    assert re.search(r"step 5/6: .* ETA \d+s\n", r.stdout) and re.search(r"step 6/6: .* ETA 0s\n", r.stdout)
+    ref = losses(tmp / "ckpt")
+    assert sorted(ref) == list(range(1, 7)) and all(math.isfinite(v) for v in ref.values())
+    assert ref[6] < ref[1]
+    return tmp, ref
+
