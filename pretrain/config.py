@@ -96,6 +96,9 @@ class LoggingConfig:
     # [first, last]: record a torch.profiler trace of steps first..last on every rank, written
     # to <log_dir>/profile/ (open it in Perfetto or chrome://tracing); [] records nothing
     profile_steps: list[int] = field(default_factory=list)
+    # record CUDA allocations and write <log_dir>/memory/rank<R>-oom.pickle if the GPU runs out
+    # of memory (for pytorch.org/memory_viz); costs a little time per allocation
+    memory_snapshot: bool = False
 
     def check(self) -> None:
         s = self.profile_steps

@@ -56,3 +56,31 @@ class StepProfiler:
         if self.rank == 0:
             self.log(f"[train] profile of steps {self._recorded[0]}..{self._recorded[-1]} written to {path} "
                      "(every rank writes its own; open in ui.perfetto.dev)")
+
+
+class MemoryHistory:
+    """``logging.memory_snapshot``: record every CUDA allocation (with its stack) from the
+    start, and write a snapshot when the GPU runs out of memory, showing what held it; open
+    ``<log_dir>/memory/rank<R>-oom.pickle`` in https://pytorch.org/memory_viz."""
+
+    def __init__(self, enabled: bool, out_dir: Path, rank: int, log: Callable[[str], None]):
+        self.out_dir, self.rank = out_dir, rank
+        self.on = enabled and torch.cuda.is_available()
+        if enabled and not self.on and rank == 0:
+            log("[train] logging.memory_snapshot records CUDA allocations: nothing to record on this CPU run")
+        if self.on:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
+
+    def dump(self, name: str) -> Path | None:
+        """Write the snapshot as ``rank<R>-<name>.pickle``; None when not recording."""
+        if not self.on:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"rank{self.rank:05d}-{name}.pickle"
+        torch.cuda.memory._dump_snapshot(str(path))
+        return path
+
+    def close(self) -> None:
+        if self.on:
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.on = False

@@ -32,7 +32,7 @@ from .memory import out_of_memory_message
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
-from .profiling import StepProfiler
+from .profiling import MemoryHistory, StepProfiler
 from .rewind import skip_request
 from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
 from .run_log import RunLog
@@ -119,7 +119,7 @@ class Trainer:
         self.dev = device()
         self.info, self.resume = info, resume
         self.resume_from = resume.path if resume is not None else None
-        self.log_dir = Path(cfg.logging.log_dir or Path(cfg.checkpoint.dir) / "logs")
+        self.log_dir = log_dir(cfg)
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
@@ -501,6 +501,10 @@ class Trainer:
         self.log.close()
 
 
+def log_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.logging.log_dir or Path(cfg.checkpoint.dir) / "logs")
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the configured job in this process; collective over all ranks."""
     info, _ = start_checks(cfg)  # refuse bad input before touching anything
@@ -510,6 +514,8 @@ def train(cfg: RunConfig) -> TrainResult:
 
         check_pipeline(cfg, env.world_size)
     lock = run_lock.lock_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock_wait_s, env.is_main)
+    memory = MemoryHistory(cfg.logging.memory_snapshot, log_dir(cfg) / "memory", env.rank,
+                           lambda text: env.is_main and print(text, flush=True))
     trainer = None
     try:
         # again, under the lock: a job we waited for may have saved a newer checkpoint
@@ -520,9 +526,12 @@ def train(cfg: RunConfig) -> TrainResult:
         where = f"at step {trainer.step + 1}" if trainer is not None else "while building the model and optimizer"
         newest = ckpt.newest_complete(cfg.checkpoint.dir)
         kept = f" The newest complete checkpoint, {newest}, is intact." if newest else ""
+        snapshot = memory.dump("oom")
+        shown = f" What held the memory: {snapshot} (open it in pytorch.org/memory_viz)." if snapshot else ""
         raise TrainError(f"rank {env.rank}: " + out_of_memory_message(cfg, where, e, newest is not None) + "."
-                         + kept) from e
+                         + kept + shown) from e
     finally:
+        memory.close()
         if trainer is not None:
             trainer.close()
         run_lock.release(lock)
