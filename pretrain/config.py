@@ -99,6 +99,9 @@ class LoggingConfig:
     # record CUDA allocations and write <log_dir>/memory/rank<R>-oom.pickle if the GPU runs out
     # of memory (for pytorch.org/memory_viz); costs a little time per allocation
     memory_snapshot: bool = False
+    # a step whose loss is this many standard deviations above the recent steps' mean is
+    # reported as a loss spike (pretrain/spikes.py); 0 turns the watch off
+    spike_sigma: float = _rng(6.0, ge=0.0)
 
     def check(self) -> None:
         s = self.profile_steps

@@ -37,6 +37,7 @@ from .rewind import skip_request
 from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
 from .run_log import RunLog
 from .schedule import lr_at
+from .spikes import SpikeWatch, spike_message
 from .validation import (ReplicaShare, forward_losses, pipeline_losses, replica_share, token_sums,
                          val_indices)
 
@@ -433,6 +434,7 @@ class Trainer:
         started_at = self.step
         window_t, window_steps = time.perf_counter(), 0
         step_seconds = 0.0
+        spikes = SpikeWatch(cfg.logging.spike_sigma)
         profiler = StepProfiler(cfg.logging.profile_steps, self.log_dir / "profile", self.env.rank, self.log.print)
         with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler):
             while self.step < cfg.max_steps:
@@ -469,6 +471,11 @@ class Trainer:
                             "max_nonfinite_steps.")
                     continue
                 bad_run = 0
+                spike = spikes.observe(self.step, loss)
+                if spike is not None and self.env.is_main:
+                    self.log.print(f"[train] warning: {spike_message(spike, cfg.checkpoint.dir)}")
+                    self.log.write("loss_spike", self.step, loss=spike.loss, mean=spike.mean, sigmas=spike.sigmas,
+                                   since=spike.since, sustained=spike.sustained)
                 rec: dict[str, Any] = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens_seen": self.tokens,
                                        "data_fingerprint": fingerprint}
                 if self.step % cfg.logging.every_steps == 0 or self.step == cfg.max_steps:

@@ -487,3 +487,36 @@ def test_a_metrics_line_cut_by_a_kill_is_sealed_and_skipped(tmp_path):
     log.write("train", 2, loss=1.5)
     log.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_loss_spikes_are_reported_and_a_lasting_one_names_the_checkpoint_to_rewind_to(tmp_path):
+    import random
+
+    from pretrain.spikes import MIN_HISTORY, PATIENCE, SpikeWatch, spike_message
+
+    gen = random.Random(0)
+    watch = SpikeWatch(6.0)
+    assert watch.observe(1, 50.0) is None  # too early to judge
+    watch = SpikeWatch(6.0)
+    losses = [3.0 + 5.0 * math.exp(-s / 300) + gen.gauss(0, 0.02) for s in range(1, 3001)]
+    assert all(watch.observe(s, x) is None for s, x in enumerate(losses, 1))  # a noisy falling loss
+    level = losses[-1]
+    spike = watch.observe(3001, level + 0.5)
+    assert spike is not None and not spike.sustained and spike.since == 3001 and spike.sigmas > 6
+    assert watch.observe(3002, level) is None and watch.observe(3003, float("nan")) is None
+    found = [watch.observe(s, level + 0.5) for s in range(3004, 3004 + PATIENCE)]
+    assert all(found) and [f.sustained for f in found] == [False] * (PATIENCE - 1) + [True]
+    assert found[-1].since == 3004
+    assert all(watch.observe(s, level + 0.5) is None for s in range(4000, 4000 + MIN_HISTORY + 5))  # the new level
+    for step, complete in ((2000, True), (3000, True), (3004, False)):
+        ckpt.step_dir(tmp_path, step).mkdir()
+        if complete:
+            (ckpt.step_dir(tmp_path, step) / ckpt.MARKER).write_text("ok")
+    assert spike_message(spike, tmp_path).startswith(
+        f"loss spike at step 3001: {level + 0.5:.4f}, {spike.sigmas:.1f} standard deviations above the mean ")
+    assert spike_message(found[-1], tmp_path) == (
+        f"the loss has stayed high for {PATIENCE} steps since step 3004: if it does not come back, stop the job and "
+        "run `linrnn-train <the run's arguments> --rewind-to 3000 --skip-steps 4` (back to the newest checkpoint "
+        "before the spike, past the data that led to it; see --rewind-to), then submit the job again")
+    off = SpikeWatch(0.0)
+    assert all(off.observe(s, x) is None for s, x in enumerate(losses + [100.0], 1))
