@@ -33,17 +33,17 @@ A pipelined run (ZeRO-1) resumes the same way on another data-parallel degree wi
 stages: the converter reads every stage's partitions (the tied embedding/head once, see
 ``pipeline.build_pipeline_module``), and each stage loads its own parameters by name.
 
-Rank 0 converts into a hidden temporary directory inside the step directory and renames it
-to ``universal`` when done, so a kill mid-conversion leaves only a temp directory that the
+The conversion (``universal.py``: rank 0 runs it in a process of its own, the other ranks
+wait without a collective's timeout; or ahead of time, ``python -m pretrain.universal``)
+writes a hidden temporary directory inside the step directory and renames it to
+``universal`` when done, so a kill mid-conversion leaves only a temp directory that the
 next attempt deletes, and an existing ``universal`` is always complete. Slips of DeepSpeed's
 universal loaders (param-group hyperparameters, ZeRO-3's shared ``step``) are repaired after
 loading (``_repair_universal_load``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 import json
 import os
 import pickle
@@ -58,13 +58,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import broadcast_from_rank0
 
 MARKER = "COMPLETE"
 LATEST = "latest"
 DS_TAG = "ds"
 UNIVERSAL = "universal"
-_UNIVERSAL_TMP = ".universal-tmp-"
 HOLD = ".hold"  # a reader's shared flock keeps the checkpoint from pruning (``hold``)
 _PREFIX = "step_"
 
@@ -310,7 +308,7 @@ def check_all_restored(module: Any, path: Path) -> None:
 
 def load_engine_state(engine: Any, path: Path, *, universal: bool = False) -> None:
     """Load the DeepSpeed state of ``path``; ``universal`` loads ``path/universal`` (made by
-    ``ensure_universal``) instead, which fits any number of ranks."""
+    ``universal.ensure``) instead, which fits any number of ranks."""
     load_dir = path / UNIVERSAL if universal else path
     config = engine._config  # DeepSpeed reads ``load_universal`` only while loading
     before = config.load_universal_checkpoint
@@ -361,54 +359,3 @@ def _repair_universal_load(optimizer: Any, load_dir: Path, own: list[dict[str, A
     for state in optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-
-
-# ----------------------------------------------------------------------------- elastic (universal)
-
-
-def convert_to_universal(path: Path) -> Path:
-    """Convert ``path/ds`` (ZeRO partitions of any rank count) to ``path/universal``; once.
-
-    Written to a temp directory and renamed, so ``universal`` only ever exists complete;
-    temp directories of killed conversions are removed first. Returns ``path/universal``."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    out = path / UNIVERSAL
-    if out.is_dir():
-        return out
-    for stale in path.glob(f"{_UNIVERSAL_TMP}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_UNIVERSAL_TMP, dir=path))
-    # One worker: a process pool forked from a training process (CUDA initialised) is unsafe.
-    args = argparse.Namespace(input_folder=str(path / DS_TAG), output_folder=str(tmp / DS_TAG),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                              strict=True, inject_missing_state=True)
-    chatter = io.StringIO()  # the converter prints progress bars; keep them for an error message
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            ds_to_universal(args)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"converting the ZeRO checkpoint {str(path / DS_TAG)!r} to a universal checkpoint for an "
-            f"elastic resume failed ({type(e).__name__}: {e}); resume on the rank count it was saved "
-            f"with. Converter output:\n{chatter.getvalue()[-2000:]}") from e
-    os.rename(tmp, out)
-    return out
-
-
-def ensure_universal(path: Path, rank: int) -> None:
-    """Collective: rank 0 converts ``path`` (``convert_to_universal``), every rank waits and
-    raises the same ``CheckpointError`` if that failed."""
-    error = ""
-    if rank == 0:
-        try:
-            convert_to_universal(path)
-        except CheckpointError as e:
-            error = str(e)
-        except OSError as e:  # e.g. a read-only checkpoint directory
-            error = (f"cannot write the universal checkpoint into {str(path)!r} for an elastic resume "
-                     f"({e}): make the directory writable, or resume on the rank count it was saved with")
-    error = broadcast_from_rank0(error)
-    if error:
-        raise CheckpointError(error)

@@ -22,7 +22,7 @@ Checkpoints: DeepSpeed saves one module file per layer, and per stage and data-p
 the ZeRO-1 partition of the fp32 master weights and Adam moments, under the
 ``PipelineModule``'s parameter names (``pipeline_param_to_lm`` maps them to the LM's). A run
 resumes on another data-parallel degree with the same stages through DeepSpeed's universal
-checkpoint (``checkpoint.ensure_universal``); the module declares the tied weight as
+checkpoint (``universal.ensure``); the module declares the tied weight as
 replicated across stages, so the converter takes it from the first stage only.
 """
 from __future__ import annotations

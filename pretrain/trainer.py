@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import run_lock
+from . import run_lock, universal
 from .config import RunConfig
 from .config_loader import config_to_dict, dump_config
 from .distributed import DistEnv, device, init_distributed
@@ -168,7 +168,7 @@ class Trainer:
                 if self.eng.pipelined else ""
             self.log.print(f"[train] elastic resume: {state.get('world_size')} -> {self.env.world_size} ranks{stages}, "
                            f"ZeRO-{saved_stage} state via a universal checkpoint")
-            ckpt.ensure_universal(path, self.env.rank)
+            universal.ensure(path, self.env.rank, log=self.log.print)
         ckpt.load_engine_state(self.eng.engine, path, universal=elastic)
         ckpt.check_all_restored(self.eng.engine.module, path)
         rng = ckpt.load_rng(path, self.env.rank)

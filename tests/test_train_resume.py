@@ -122,9 +122,11 @@ def _assert_same_weights(run: Path, ref: Path, step: int) -> None:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_resume_is_exact_on_the_same_ranks_and_elastic_across_rank_counts(tmp_path):
+    import subprocess
+
     from pretrain import checkpoint as ckpt
     from pretrain.run_log import read_metrics
-    from test_train_common import losses
+    from test_train_common import ROOT, env, losses
 
     _spawn(tmp_path, "one", 1)
     shutil.copytree(ckpt.step_dir(tmp_path / "one", ELASTIC_AT), ckpt.step_dir(tmp_path / "grow", ELASTIC_AT))
@@ -143,7 +145,7 @@ def test_resume_is_exact_on_the_same_ranks_and_elastic_across_rank_counts(tmp_pa
 
     # 1 -> 2 ranks (ZeRO-2): steps 1-4 on one rank, step 5 on two
     grow, one = tmp_path / "grow", tmp_path / "one"
-    assert "elastic resume: 1 -> 2 ranks" in out
+    assert "elastic resume: 1 -> 2 ranks" in out and "to a universal checkpoint for the elastic resume" in out
     assert [r["step"] for r in read_metrics(grow / "logs" / "metrics.jsonl", "resume")] == [ELASTIC_AT]
     assert (ckpt.step_dir(grow, ELASTIC_AT) / ckpt.UNIVERSAL).is_dir()
     _assert_same_steps(one, tmp_path / f"z{GROW_STAGE}-ref", [1, 2, 3, 4, 5])
@@ -161,8 +163,13 @@ def test_resume_is_exact_on_the_same_ranks_and_elastic_across_rank_counts(tmp_pa
     stale = ckpt.step_dir(tmp_path / "e1", ELASTIC_AT) / ".universal-tmp-killed" / "ds"
     stale.mkdir(parents=True)  # a conversion killed half-way: must be ignored and removed
     (stale / "mp_rank_00_model_states.pt").write_bytes(b"torn")
+    ahead = ckpt.step_dir(tmp_path / "e3", ELASTIC_AT)  # converted ahead of time, on its own
+    r = subprocess.run([sys.executable, "-m", "pretrain.universal", str(ahead), "--workers", "2"], cwd=ROOT,
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"universal checkpoint: {ahead / ckpt.UNIVERSAL}" in r.stdout, r.stderr[-3000:]
     out = _spawn(tmp_path, "shrink", 1)
     assert out.count("resumed from") == 4 and out.count("elastic resume: 2 -> 1") == 3
+    assert out.count("to a universal checkpoint for the elastic resume") == 2  # e1 and e2; e3 was made ahead
     for stage in (0, *STAGES):
         step = ckpt.step_dir(tmp_path / f"e{stage}", ELASTIC_AT)
         assert (step / ckpt.UNIVERSAL).is_dir() == (stage > 0)  # ZeRO-0 needs no conversion
@@ -174,15 +181,21 @@ def test_resume_is_exact_on_the_same_ranks_and_elastic_across_rank_counts(tmp_pa
 
 def test_universal_conversion_failure_is_clean_and_a_finished_one_is_reused(tmp_path):
     from pretrain import checkpoint as ckpt
+    from pretrain import universal
 
     step = ckpt.step_dir(tmp_path, 4)
     (step / ckpt.DS_TAG).mkdir(parents=True)
     torch.save({"not": "a ZeRO file"}, step / ckpt.DS_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    with pytest.raises(ckpt.CheckpointError, match="step_00000004.*universal checkpoint.*resume on the rank count"):
-        ckpt.ensure_universal(step, rank=0)
+    said = []
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)step_00000004.*universal checkpoint.*resume on the rank "
+                       r"count it was saved with.*Its output ended with:\n.*error: converting"):
+        universal.ensure(step, rank=0, workers=2, log=said.append)
+    assert "converting" in said[0] and "2 worker(s)" in said[0]
     assert sorted(p.name for p in step.iterdir()) == [ckpt.DS_TAG]  # no temp directory left
+    assert universal.main([str(tmp_path / "nowhere")]) == 2
     (step / ckpt.UNIVERSAL).mkdir()  # only ever exists complete (renamed into place): reused as is
-    ckpt.ensure_universal(step, rank=0)
+    universal.ensure(step, rank=0, log=said.append)
+    assert len(said) == 1
 
 
 if __name__ == "__main__":
