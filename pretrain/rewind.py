@@ -64,6 +64,9 @@ def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str
         if later or stale:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             moved_to = root / REWOUND / f"{stamp}-after-{target.name}"
+            n = 1
+            while moved_to.exists():  # two rewinds within a second
+                moved_to, n = root / REWOUND / f"{stamp}-after-{target.name}-{n}", n + 1
             (moved_to / EXPORTS).mkdir(parents=True)
             for p in later:
                 os.replace(p, moved_to / p.name)

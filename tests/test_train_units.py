@@ -520,3 +520,21 @@ def test_loss_spikes_are_reported_and_a_lasting_one_names_the_checkpoint_to_rewi
         "before the spike, past the data that led to it; see --rewind-to), then submit the job again")
     off = SpikeWatch(0.0)
     assert all(off.observe(s, x) is None for s, x in enumerate(losses + [100.0], 1))
+
+
+def test_rewinds_in_quick_succession_keep_every_moved_branch(tmp_path):
+    from pretrain.rewind import rewind
+
+    def save(step):
+        ckpt.step_dir(tmp_path, step).mkdir()
+        (ckpt.step_dir(tmp_path, step) / ckpt.MARKER).write_text("ok")
+
+    for step in (2, 4, 6):
+        save(step)
+    first = rewind(tmp_path, 4)
+    save(6)  # the resumed run saved step 6 again
+    second = rewind(tmp_path, 4)
+    assert first.moved == second.moved == ["step_00000006"] and first.moved_to != second.moved_to
+    assert (first.moved_to / "step_00000006").is_dir() and (second.moved_to / "step_00000006").is_dir()
+    with pytest.raises(ckpt.CheckpointError, match="skip-steps -1: give a number of steps >= 0"):
+        rewind(tmp_path, 4, skip_steps=-1)
