@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import gc
 import json
+import resource
 import sys
 import time
 
@@ -130,7 +131,9 @@ def bench_preset(preset: str, args: argparse.Namespace, kernel: str = "ours") ->
     dev = device()
     if kernel != "ours" and dev.type != "cuda":
         raise SystemExit(f"--gdp-kernel {kernel}: fla's kernels need a CUDA GPU (use --gdp-kernel ours)")
-    eng = build_engine(cfg, world_size=1)
+    start = time.perf_counter()
+    eng = build_engine(cfg, world_size=1)  # weights drawn on the host part by part, made on the device
+    build_s = time.perf_counter() - start
     e = eng.engine
     gen = torch.Generator().manual_seed(0)
     batches = [tuple(t.to(dev) for t in synthetic_batch(cfg.model.vocab_size, args.micro_batch, args.seq_len, gen))
@@ -166,7 +169,8 @@ def bench_preset(preset: str, args: argparse.Namespace, kernel: str = "ours") ->
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "tokens_per_s": round(tps, 1),
             "mfu": round(tps * flops / peak, 4) if peak else None, "peak_mem_gb": mem,
             "plan_mem_gb": round(estimate_memory(cfg, world_size=1).total_gb, 2),
-            "train_flops_per_token": flops, "final_loss": last}
+            "train_flops_per_token": flops, "final_loss": last, "build_s": round(build_s, 1),
+            "host_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
 def free_device_memory() -> None:
