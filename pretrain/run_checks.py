@@ -260,6 +260,23 @@ def shape_changes(saved_model: dict, cfg: RunConfig) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def _elastic_line(path: Path, state: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Whether the resume is elastic, for a job of ``parallel.plan_world_size`` (or
+    $WORLD_SIZE) ranks; nothing when neither says (a login node knows no rank count)."""
+    import os
+
+    from .checkpoint import UNIVERSAL
+
+    planned = cfg.parallel.plan_world_size or int(os.environ.get("WORLD_SIZE", "0"))
+    saved = state.get("world_size")
+    if not planned or saved in (None, planned) or cfg.parallel.zero_stage == 0:
+        return []
+    if (path / UNIVERSAL).is_dir():
+        return [f"resume: elastic, {saved} -> {planned} ranks, from the universal checkpoint already made"]
+    return [f"resume: elastic, {saved} -> {planned} ranks: the job first converts {path.name} to a universal "
+            f"checkpoint (`python -m pretrain.universal {path}` does it now, outside the job)"]
+
+
 def start_checks(cfg: RunConfig) -> tuple[dict[str, Any], ResumePoint | None]:
     """The checks a start runs before it touches anything (the device, the data, the
     checkpoint directory, ``checkpoint.init_from``): the data's info (with the export's
@@ -291,6 +308,7 @@ def preflight(cfg: RunConfig) -> list[str]:
     state = ckpt.read_run_state(point.path)
     data = point.data if not point.changes else f"{point.data} ({'; '.join(point.changes)})"
     lines.append(f"resume: from {point.path} at step {state['step']} ({state['tokens_seen']:,} tokens); data: {data}")
+    lines += _elastic_line(point.path, state, cfg)
     skip = skip_request(point.path)
     if skip:
         lines.append(f"data: the resume first drops the next {skip} steps' batches (--rewind-to --skip-steps)")

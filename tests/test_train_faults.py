@@ -237,6 +237,10 @@ def test_check_says_what_a_start_would_do_before_the_queue(tmp_path, reference, 
     out = capsys.readouterr().out
     assert f"check: resume: from {other / 'step_00000006'} at step 6 (3,072 tokens); data: exact" in out
     assert "check: warning: the learning rate of step 6" in out and out.rstrip().endswith("a start would run")
+    assert "elastic" not in out  # no rank count planned (a login node)
+    assert train_main([str(cfg), "--check", f"checkpoint.dir={other}", "parallel.plan_world_size=2"]) == 0
+    assert (f"check: resume: elastic, 1 -> 2 ranks: the job first converts step_00000006 to a universal checkpoint "
+            f"(`python -m pretrain.universal {other / 'step_00000006'}` does it now") in capsys.readouterr().out
     assert train_main([str(cfg), "--check", f"checkpoint.dir={other}", "checkpoint.on_model_change=allow",
                        "model.deltaproduct.allow_neg_eigval=false"]) == 0
     assert "check: model: settings changed (model.deltaproduct.allow_neg_eigval: checkpoint True, config " \
