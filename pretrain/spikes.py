@@ -5,8 +5,8 @@ last ``WINDOW`` ordinary steps is a spike: the run prints a warning and logs a
 ``loss_spike`` event. When the loss stays up for ``PATIENCE`` steps in a row, one more line
 says how to go back (stop the job, ``linrnn-train ... --rewind-to`` the newest checkpoint
 before the spike, optionally skipping its data: ``rewind.py``), and from then on the new
-level counts as ordinary. The history starts empty at each start, so the first
-``MIN_HISTORY`` steps after a resume are not judged.
+level counts as ordinary. The history (the last ``WINDOW`` ordinary losses) is saved with
+each checkpoint, so a resumed run judges its first steps too.
 """
 from __future__ import annotations
 

@@ -149,6 +149,7 @@ class Trainer:
         self.peak = device_peak_flops(cfg.parallel.precision)
         self.last_saved: int | None = None
         self.save_seconds = 0.0
+        self.spikes = SpikeWatch(cfg.logging.spike_sigma)
 
     # ------------------------------------------------------------------ resume / save
 
@@ -176,6 +177,7 @@ class Trainer:
             ckpt.set_rng_state(rng)
         self.step, self.tokens = state["step"], state["tokens_seen"]
         self.last_saved = self.step
+        self.spikes.window.extend(state.get("recent_losses", []))
         self.restore_data(state["data"])
         skip = skip_request(path)
         if skip:
@@ -239,6 +241,7 @@ class Trainer:
             "global_batch_size": cfg.parallel.global_batch_size, "max_steps": cfg.max_steps,
             "seq_len": cfg.data.seq_len, "torch": torch.__version__,
             "save_id": uuid.uuid4().hex,  # tells this save from other saves of the same step (exports)
+            "recent_losses": list(self.spikes.window),  # the spike watch's history, for the resume
         }
         crash = cfg.faults.crash_in_save_at_step == self.step
 
@@ -434,7 +437,6 @@ class Trainer:
         started_at = self.step
         window_t, window_steps = time.perf_counter(), 0
         step_seconds = 0.0
-        spikes = SpikeWatch(cfg.logging.spike_sigma)
         profiler = StepProfiler(cfg.logging.profile_steps, self.log_dir / "profile", self.env.rank, self.log.print)
         with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler):
             while self.step < cfg.max_steps:
@@ -471,7 +473,7 @@ class Trainer:
                             "max_nonfinite_steps.")
                     continue
                 bad_run = 0
-                spike = spikes.observe(self.step, loss)
+                spike = self.spikes.observe(self.step, loss)
                 if spike is not None and self.env.is_main:
                     self.log.print(f"[train] warning: {spike_message(spike, cfg.checkpoint.dir)}")
                     self.log.write("loss_spike", self.step, loss=spike.loss, mean=spike.mean, sigmas=spike.sigmas,
