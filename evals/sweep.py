@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pretrain.export import EXPORTS_DIR
+
 from .report import write_json, write_text
 
 
@@ -53,7 +55,7 @@ def headline(results: dict[str, Any]) -> dict[str, float | None]:
 
 def collect(run_dir: Path, suite: str) -> list[dict[str, Any]]:
     """One row per step directory that has an export or an evaluation, oldest first."""
-    exports = run_dir / "exports"
+    exports = run_dir / EXPORTS_DIR
     rows = []
     from pretrain.checkpoint import step_of
 
@@ -132,7 +134,7 @@ def summarise(run_dir: Path, suite: str) -> dict[str, Any]:
     names: list[str] = []
     for r in rows:
         names += [n for n in r.get("scores") or {} if n not in names]
-    out = run_dir / "exports" / f"sweep-{suite.replace(',', '+')}"
+    out = run_dir / EXPORTS_DIR / f"sweep-{suite.replace(',', '+')}"
     summary = {"run": str(run_dir), "suite": suite, "metrics": names, "checkpoints": rows}
     write_json(out.with_suffix(".json"), summary)
     write_text(out.with_suffix(".md"), markdown(rows, names, f"{run_dir.name}: suite {suite} by checkpoint"))
@@ -153,7 +155,7 @@ def evaluate_missing(run_dir: Path, suite: str, eval_args: list[str]) -> list[st
 
     done = []
     for step in complete_checkpoints(run_dir):
-        export = run_dir / "exports" / step.name
+        export = run_dir / EXPORTS_DIR / step.name
         out = export / "eval" / suite.replace(",", "+")
         try:
             if not export_is_current(step, export):  # none yet, or of an earlier save of this step
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"linrnn-eval-sweep: error: {e}", file=sys.stderr)
         return 2
-    md = Path(args.run_dir) / "exports" / f"sweep-{args.suite.replace(',', '+')}.md"
+    md = Path(args.run_dir) / EXPORTS_DIR / f"sweep-{args.suite.replace(',', '+')}.md"
     print(md.read_text())
     missing = [r["checkpoint"] for r in summary["checkpoints"] if r["status"] != "complete"]
     if missing:

@@ -39,6 +39,7 @@ from .model_config import ModelConfig
 from .models import LanguageModel, build_model
 from .models.materialize import Placement, build_model_on
 
+EXPORTS_DIR = "exports"  # <checkpoint.dir>/exports/step_*: where eval.sbatch and the sweep export steps
 WEIGHTS, CONFIG, RUN_CONFIG, TOKENIZER, META = (
     "model.safetensors", "config.yaml", "run_config.yaml", "tokenizer.model", "export.json")
 

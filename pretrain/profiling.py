@@ -25,7 +25,7 @@ class StepProfiler:
     @contextlib.contextmanager
     def step(self, step: int):
         """Around the work of ``step`` (1-based: the step about to be taken)."""
-        if step == self.first or (self._prof is None and self.first < step <= self.last and not self._recorded):
+        if self._prof is None and not self._recorded and self.first <= step <= self.last:  # (a resume may start inside)
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)

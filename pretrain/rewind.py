@@ -22,11 +22,11 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .run_lock import acquire, release
+from .export import EXPORTS_DIR as EXPORTS
 from .run_log import WANDB_ID_FILE
 
 SKIP_FILE = "skip_data.json"
 REWOUND = "rewound"
-EXPORTS = "exports"  # where slurm/eval.sbatch and linrnn-eval-sweep export step directories
 
 
 @dataclass
