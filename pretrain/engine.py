@@ -89,6 +89,11 @@ class Engine:
     def pipelined(self) -> bool:
         return self.num_stages > 1
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches this rank loads per optimizer step (a pipeline's stages share theirs)."""
+        return self.grad_accum // self.num_stages
+
 
 def build_engine(cfg: RunConfig, world_size: int, init_from: str | None = None, *,
                  restoring: bool = False) -> Engine:

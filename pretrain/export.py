@@ -201,16 +201,13 @@ def export_is_current(step_path: Path, out_dir: str | Path, dtype: str | None = 
     return meta.get("save_id") == saved  # both None: checkpoints from before save ids
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32", *,
-                      reuse: bool = False) -> Path:
-    """Write the export of ``checkpoint`` (a step dir or a checkpoint root) to ``out_dir``;
-    ``reuse`` keeps an export there of the same save (``export_is_current``). Exporting
-    another save over an export removes that export's evaluations (``eval/``)."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32") -> Path:
+    """Write the export of ``checkpoint`` (a step dir or a checkpoint root) to ``out_dir``.
+    Exporting another save over an export removes that export's evaluations (``eval/``);
+    ``export_is_current`` tells whether there is anything to do."""
     from safetensors.torch import save_file
 
     step_path = resolve_checkpoint(checkpoint)
-    if reuse and export_is_current(step_path, out_dir, dtype):
-        return Path(out_dir)
     with ckpt.hold(step_path):  # a training run still saving into its root does not prune it meanwhile
         run_state = ckpt.read_run_state(step_path)
         run_config = yaml.safe_load((step_path / "config.yaml").read_text())

@@ -197,8 +197,7 @@ class Trainer:
     def skip_data(self, steps: int) -> None:
         """Read and drop the batches of the next ``steps`` steps (``linrnn-train --rewind-to
         STEP --skip-steps M``); the step count stays, so the schedule goes on from it."""
-        per_step = self.eng.grad_accum // self.eng.num_stages if self.eng.pipelined else self.eng.grad_accum
-        total = steps * per_step
+        total = steps * self.eng.micro_batches_per_step
         self.log.print(f"[train] skipping the data of {steps} steps after step {self.step} ({total} micro-batches "
                        "per rank), as --skip-steps asked")
         start = last = time.perf_counter()
@@ -345,7 +344,7 @@ class Trainer:
     def pipeline_step(self, inject_nan: bool) -> tuple[float, float | None, bool, int]:
         """``train_step`` on a pipeline: DeepSpeed runs the micro-batches (1F1B) and steps."""
         e = self.eng.engine
-        mine = [self.batches.next() for _ in range(self.eng.grad_accum // self.eng.num_stages)]
+        mine = [self.batches.next() for _ in range(self.eng.micro_batches_per_step)]
         id_sum = float(sum(b["input_ids"].sum() for b in mine))
         feed = iter(self.gather_pipeline(mine))
         skipped_before = e.skipped_steps
@@ -523,8 +522,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
         check_pipeline(cfg, env.world_size)
     lock = run_lock.lock_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock_wait_s, env.is_main)
-    memory = MemoryHistory(cfg.logging.memory_snapshot, log_dir(cfg) / "memory", env.rank,
-                           lambda text: env.is_main and print(text, flush=True))
+    memory = MemoryHistory(cfg.logging.memory_snapshot, log_dir(cfg) / "memory", env.rank, print)
     trainer = None
     try:
         # again, under the lock: a job we waited for may have saved a newer checkpoint
