@@ -1,6 +1,9 @@
 """Checkpoint evaluation suites on an exported model: ``lm`` (perplexity, bits per byte and
 the length-extrapolation curve on a text file), ``passkey``, ``kv_lookup``, ``fewshot``;
-``checkpoint`` runs them all. Writes results.json, results.md and PNG plots."""
+``checkpoint`` runs them all. Writes results.json, results.md and PNG plots.
+
+Under several ranks every rank runs every part on its share of the part's items
+(``evals.sharding``) and rank 0 writes the files."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +16,7 @@ from typing import Any
 from . import incontext, lm
 from .checkpoint import LoadedCheckpoint
 from .report import heatmap, line_plot, write_json, write_text
-from .time_limit import time_is_up
+from .sharding import Shard
 
 PartResult = tuple[list[str], bool]  # Markdown lines, stopped by the time limit
 
@@ -47,7 +50,7 @@ def expand(suite: str) -> list[str]:
 
 
 def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: CheckpointEvalOptions,
-                         out: Path, deadline: float | None = None) -> dict[str, Any]:
+                         out: Path, deadline: float | None = None, shard: Shard = Shard()) -> dict[str, Any]:
     """Run the parts in order; results.json and results.md are rewritten (atomically) after
     each one, so a call killed from outside keeps the parts it finished. ``deadline``
     (``time.monotonic()``): a running part stops its loops at it (keeping what it scored,
@@ -57,19 +60,23 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
             raise ValueError("suite 'lm' needs --text FILE and/or --heldout run|DATASET_DIR (this export "
                              "has no run config whose validation split --heldout run could score)")
         opts = dataclasses.replace(opts, heldout="run")
-        print("linrnn-eval: suite 'lm' scores the run's own validation split (--heldout run); pass --text "
-              "or --heldout DATASET_DIR to score other data", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
+        if shard.leader:
+                print("linrnn-eval: suite 'lm' scores the run's own validation split (--heldout run); pass --text "
+                  "or --heldout DATASET_DIR to score other data", file=sys.stderr)
+    if shard.leader:
+        out.mkdir(parents=True, exist_ok=True)
     context = opts.context or ck.train_context or 512
     start = time.time()
     res: dict[str, Any] = {"kind": "checkpoint_eval", "checkpoint": str(ck.path), "meta": ck.meta,
-                           "train_context": context, "complete": False, "not_started": [], "stopped_by_time_limit": [],
+                           "train_context": context, "ranks": shard.world, "complete": False, "not_started": [], "stopped_by_time_limit": [],
                            "results": {}}
     head = [f"# Checkpoint evaluation: {ck.path}", "", f"- training context: {context} tokens",
-            f"- step: {ck.meta.get('step', 'unknown')}", ""]
+            f"- step: {ck.meta.get('step', 'unknown')}", f"- ranks: {shard.world}", ""]
     sections: list[str] = []
 
     def save(complete: bool) -> None:
+        if not shard.leader:
+            return
         res["complete"], res["wall_time_s"] = complete, round(time.time() - start, 1)
         skipped = [f"Stopped by the time limit (partial results, '—' not scored): "
                    f"{', '.join(res['stopped_by_time_limit'])}.", ""] if res["stopped_by_time_limit"] else []
@@ -79,10 +86,10 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
         write_text(out / "results.md", "\n".join(head + skipped + sections) + "\n")
 
     for i, part in enumerate(parts):
-        if time_is_up(deadline):
+        if shard.time_is_up(deadline):
             res["not_started"] = parts[i:]
             break
-        md, stopped = PARTS[part](ck, opts, context, out, res["results"], deadline)
+        md, stopped = PARTS[part](ck, opts, context, out, res["results"], deadline, shard)
         sections += md
         if stopped:
             res["stopped_by_time_limit"].append(part)
@@ -92,75 +99,79 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
 
 
 def _lm_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
-             r: dict[str, Any], deadline: float | None) -> PartResult:
+             r: dict[str, Any], deadline: float | None, shard: Shard) -> PartResult:
     md: list[str] = []
     stopped = False
     if opts.heldout:
         dcfg = lm.heldout_data_config(opts.heldout, ck.run_config)
         held = lm.heldout_perplexity(ck.model, ck.tokenizer, dcfg, opts.heldout_batches, progress=opts.progress,
-                                     deadline=deadline)
+                                     deadline=deadline, shard=shard)
         stopped = held.stopped_by_time_limit
         r["heldout"] = {"data": opts.heldout, "split": dcfg.val_split, **held.to_dict()}
         md += ["## Held-out shards", "", "| data | split | tokens | perplexity | bits/byte |", "|---|---|---|---|---|",
                f"| {opts.heldout} | {dcfg.val_split} | {held.tokens} | {held.perplexity:.3f} | "
                f"{held.bits_per_byte:.4f} |", ""]
-    if opts.text and time_is_up(deadline):  # the held-out shards used the time up
+    if opts.text and shard.time_is_up(deadline):  # the held-out shards used the time up
         return md + ["## Language modelling", "", "Text file: not started (time limit).", ""], True
     if opts.text:
-        text_md, text_stopped = _text_lm(ck, opts, context, out, r, deadline)
+        text_md, text_stopped = _text_lm(ck, opts, context, out, r, deadline, shard)
         md, stopped = md + text_md, stopped or text_stopped
     return md, stopped
 
 
 def _text_lm(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
-             r: dict[str, Any], deadline: float | None) -> PartResult:
+             r: dict[str, Any], deadline: float | None, shard: Shard) -> PartResult:
     """Perplexity and bits per byte of the text file, then the length-extrapolation curve."""
     tok = ck.tokenizer
     stream, n_bytes = lm.encode_text(tok, lm.read_text(opts.text), opts.max_tokens)
-    ppl = lm.perplexity(ck.model, stream, n_bytes, context, progress=opts.progress, deadline=deadline,
+    ppl = lm.perplexity(ck.model, stream, n_bytes, context, progress=opts.progress, deadline=deadline, shard=shard,
                         prefix_bytes=lambda n: len(tok.decode(stream[1:1 + n].tolist()).encode("utf-8")))
     r["lm"] = {"text": opts.text, **ppl.to_dict()}
     md = ["## Language modelling", "", "| text | tokens | context | perplexity | bits/byte |", "|---|---|---|---|---|",
           f"| {opts.text} | {ppl.tokens} | {ppl.context} | {ppl.perplexity:.3f} | {ppl.bits_per_byte:.4f} |", ""]
-    if time_is_up(deadline):
+    if shard.time_is_up(deadline):
         return md + ["Length extrapolation: not started (time limit).", ""], True
-    ext = lm.length_extrapolation(ck.model, stream, context, opts.extrapolation_factor, deadline=deadline)
+    ext = lm.length_extrapolation(ck.model, stream, context, opts.extrapolation_factor, deadline=deadline,
+                                  shard=shard)
     r["length_extrapolation"] = ext.to_dict()
-    line_plot(out / "length_extrapolation.png", ext.bucket_starts, {"loss": ext.bucket_loss},
-              "position (tokens)", "loss (nats)", "loss by position", vline=(context, "training context"))
+    if shard.leader:
+        line_plot(out / "length_extrapolation.png", ext.bucket_starts, {"loss": ext.bucket_loss},
+                  "position (tokens)", "loss (nats)", "loss by position", vline=(context, "training context"))
     md += [f"Length extrapolation: {ext.windows} windows of {ext.length} tokens; loss by position in "
            f"`length_extrapolation.png`.", ""]
     return md, ppl.stopped_by_time_limit or ext.stopped_by_time_limit
 
 
 def _passkey_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
-                  r: dict[str, Any], deadline: float | None) -> PartResult:
+                  r: dict[str, Any], deadline: float | None, shard: Shard) -> PartResult:
     lengths = opts.passkey_lengths or sorted({max(64, context // 2), context, *(
         context * f for f in (2, 4, 8) if f <= opts.extrapolation_factor)})
     pk = incontext.passkey(ck.model, ck.tokenizer, lengths, opts.depths, opts.trials, opts.seed, opts.progress,
-                           deadline=deadline)
+                           deadline=deadline, shard=shard)
     r["passkey"] = pk.to_dict()
     md = ["## Passkey retrieval", "", "| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
           "|---|" + "---|" * len(lengths)]
     md += [f"| {d:.2f} | " + " | ".join(map(_cell, row)) + " |" for d, row in zip(pk.depths, pk.accuracy)]
-    heatmap(out / "passkey.png", pk.accuracy, [f"{d:.2f}" for d in pk.depths], [str(L) for L in lengths],
-            "context length (tokens)", "needle depth", "passkey retrieval accuracy")
+    if shard.leader:
+        heatmap(out / "passkey.png", pk.accuracy, [f"{d:.2f}" for d in pk.depths], [str(L) for L in lengths],
+                "context length (tokens)", "needle depth", "passkey retrieval accuracy")
     return md + [""], pk.stopped_by_time_limit
 
 
 def _kv_lookup_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
-                    r: dict[str, Any], deadline: float | None) -> PartResult:
+                    r: dict[str, Any], deadline: float | None, shard: Shard) -> PartResult:
     kv = incontext.kv_lookup(ck.model, ck.tokenizer, opts.kv_pairs, max(opts.trials, 10), opts.seed, opts.progress,
-                             deadline=deadline)
+                             deadline=deadline, shard=shard)
     r["kv_lookup"] = kv
-    line_plot(out / "kv_lookup.png", kv["pairs"], {"accuracy": kv["accuracy"], "chance": kv["chance"]},
-              "key-value pairs", "accuracy", "in-context key-value lookup", logx=True)
+    if shard.leader:
+        line_plot(out / "kv_lookup.png", kv["pairs"], {"accuracy": kv["accuracy"], "chance": kv["chance"]},
+                  "key-value pairs", "accuracy", "in-context key-value lookup", logx=True)
     return (["## In-context key-value lookup", "", *_accuracy_table("pairs", kv["pairs"], kv["accuracy"])],
             kv["stopped_by_time_limit"])
 
 
 def _fewshot_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
-                  r: dict[str, Any], deadline: float | None) -> PartResult:
+                  r: dict[str, Any], deadline: float | None, shard: Shard) -> PartResult:
     md: list[str] = []
     series = {}
     stopped = False
@@ -169,13 +180,14 @@ def _fewshot_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: in
             md += [f"## Few-shot {task}", "", "Not started (time limit).", ""]
             continue
         fs = incontext.fewshot(ck.model, ck.tokenizer, task, opts.fewshot_lengths, opts.shots,
-                               max(opts.trials, 10), opts.seed, opts.progress, deadline=deadline)
+                               max(opts.trials, 10), opts.seed, opts.progress, deadline=deadline, shard=shard)
         r[f"fewshot_{task}"] = fs
-        stopped = fs["stopped_by_time_limit"] or time_is_up(deadline)
+        stopped = fs["stopped_by_time_limit"] or shard.time_is_up(deadline)
         series[f"{task} (chance {fs['chance']:.2f})"] = fs["accuracy"]
         md += [f"## Few-shot {task} ({opts.shots} shots)", "",
                *_accuracy_table("length", fs["lengths"], fs["accuracy"])]
-    line_plot(out / "fewshot.png", opts.fewshot_lengths, series, "length", "accuracy", "few-shot state tracking")
+    if shard.leader:
+        line_plot(out / "fewshot.png", opts.fewshot_lengths, series, "length", "accuracy", "few-shot state tracking")
     return md, stopped
 
 

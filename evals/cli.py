@@ -11,7 +11,8 @@ config is used for the architecture benchmarks; the checkpoint suites lm, passke
 kv_lookup, fewshot and checkpoint (all four) evaluate its weights). Results: ``results.json``,
 ``results.md`` and one PNG per task in ``--out``. Runs can be split over ranks
 (``RANK``/``WORLD_SIZE``, e.g. under torchrun or srun): each rank trains its share and
-rank 0 writes the report. Checkpoint suites run on rank 0 alone (other ranks exit at once).
+rank 0 writes the report. The checkpoint suites split each part's items (prompts, windows,
+batches) over the ranks and gather the scores: the same results as one rank, sooner.
 
 ``--time-limit SECONDS`` bounds the whole call: each run gets an equal share of the time
 left, stops training early so it can still be scored, and is marked "stopped by time
@@ -43,6 +44,7 @@ from .bench import Job, ModelSpecError, RunRecord, expand_variants, record_dict,
 from .checkpoint import CheckpointError, load_checkpoint
 from .checkpoint_eval import CHECKPOINT_SUITES, CheckpointEvalOptions, expand, run_checkpoint_evals
 from .report import benchmark_markdown, benchmark_plots, write_json, write_text
+from .sharding import launched_rank, local_device, shard_from_env
 from .train import TrainConfig
 
 
@@ -132,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text", default=None, help="text file for perplexity, bits per byte, length curve")
     g.add_argument("--heldout", default=None, metavar="run|DATASET_DIR",
                    help="suite lm: also score prepared shards' validation split (run: the run's own data)")
-    g.add_argument("--heldout-batches", type=int, default=50, help="at most this many batches of held-out shards")
+    g.add_argument("--heldout-batches", type=int, default=50,
+                   help="score this many batches of 8 held-out sequences, spread evenly over the split "
+                        "(all of it when smaller)")
     g.add_argument("--context", type=int, default=None, help="training context (default: the run's data.seq_len)")
     g.add_argument("--extrapolation-factor", type=int, default=8, help="length curve up to this x context")
     g.add_argument("--max-tokens", type=int, default=200_000, help="score at most this many text tokens")
@@ -146,10 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (small models on few cores: 1 is often fastest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
-
-
-def _shard() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 GATHER_GRACE_S = 120.0  # with --time-limit: how long past the deadline rank 0 waits for the other ranks
@@ -172,9 +172,8 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
                       warmup=args.warmup, eval_every=args.eval_every, val_size=args.val_size,
                       target_acc=args.target_acc, stop_metric=args.stop_metric, device=device)
     jobs = [Job(bt, v, lr, s) for bt in tasks for v in variants for lr in args.lr for s in args.seeds]
-    rank, world = _shard()
-    if device == "cuda" and world > 1:  # one GPU per rank on a node
-        cfg.device = device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    rank, world = launched_rank()
+    cfg.device = device = local_device(device)  # one GPU per rank on a node
     report = _Report(args, Path(args.out), device, world, start, len(jobs))
     mine = [job for i, job in enumerate(jobs) if i % world == rank]
     if world == 1:
@@ -323,19 +322,16 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
     if not Path(args.model).exists() and "/" not in args.model and args.model in _presets():
         raise CheckpointError(f"suite {args.suite!r} evaluates trained weights: pass an exported checkpoint "
                               f"directory, not the preset {args.model!r}")
-    rank, world = _shard()
-    if rank != 0:  # the parts are not split over ranks: the others would only write the same files
-        print(f"linrnn-eval: checkpoint suites run on rank 0; rank {rank} of {world} has nothing to do",
-              file=sys.stderr)
-        return {}
+    shard = shard_from_env()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    ck = load_checkpoint(args.model, device=device)
+    ck = load_checkpoint(args.model, device=local_device(device))
     opts = CheckpointEvalOptions(text=args.text, heldout=args.heldout, heldout_batches=args.heldout_batches,
                                  context=args.context, extrapolation_factor=args.extrapolation_factor,
                                  max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths, depths=args.depths,
                                  trials=args.trials, kv_pairs=args.kv_pairs, fewshot_lengths=args.fewshot_lengths,
                                  shots=args.shots, seed=args.seeds[0], progress=not args.no_progress)
-    return run_checkpoint_evals(ck, expand(args.suite), opts, Path(args.out), deadline)
+    result = run_checkpoint_evals(ck, expand(args.suite), opts, Path(args.out), deadline, shard)
+    return result if shard.leader else {}  # rank 0 reports
 
 
 def _presets() -> list[str]:

@@ -13,12 +13,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from data.tokenizer import Tokenizer
 
 from .tasks import Condition, ModularArithmeticTask, ParityTask
-from .time_limit import time_is_up
+from .sharding import Shard
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # Used when the tokenizer has too few whole-word pieces (small demo vocabularies): the
@@ -74,28 +72,27 @@ def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str) -> tuple
 
 
 def passkey(model: torch.nn.Module, tok: Tokenizer, lengths: list[int], depths: list[float], trials: int = 5,
-            seed: int = 0, progress: bool = True, deadline: float | None = None) -> PasskeyResult:
+            seed: int = 0, progress: bool = True, deadline: float | None = None,
+            shard: Shard = Shard()) -> PasskeyResult:
     """Accuracy per (depth, length), shortest lengths first, so a ``deadline`` that stops
     the loop (after the first cell) leaves whole columns of the short lengths."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    acc: list[list[float | None]] = [[None] * len(lengths) for _ in depths]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     cells = [(j, i) for j in order for i in range(len(depths))]
-    bar = tqdm(total=len(cells) * trials, desc="passkey", disable=not progress, leave=False)
-    stopped = False
+    prompts = [(lengths[j], depths[i], str(int(torch.randint(10_000, 100_000, (1,), generator=gen))))
+               for j, i in cells for _ in range(trials)]
+    hits, stopped = shard.score(prompts, lambda p: score_target(model, *passkey_prompt(tok, *p))[1],
+                                deadline=deadline, always=trials, desc="passkey", progress=progress)
+    acc: list[list[float | None]] = [[None] * len(lengths) for _ in depths]
     for n, (j, i) in enumerate(cells):
-        if n > 0 and time_is_up(deadline):
-            stopped = True
-            break
-        hits = 0
-        for _ in range(trials):
-            key = str(int(torch.randint(10_000, 100_000, (1,), generator=gen)))
-            hits += score_target(model, *passkey_prompt(tok, lengths[j], depths[i], key))[1]
-            bar.update(1)
-        acc[i][j] = hits / trials
-    bar.close()
+        acc[i][j] = _mean(hits[n * trials:(n + 1) * trials], trials)
     return PasskeyResult(lengths, depths, acc, trials, stopped)
+
+
+def _mean(hits: list[bool], trials: int) -> float | None:
+    """A condition's accuracy, ``None`` unless all its trials were scored."""
+    return sum(hits) / trials if len(hits) == trials else None
 
 
 def word_pieces(tok: Tokenizer, min_len: int = 3, limit: int = 2000) -> list[str]:
@@ -111,7 +108,7 @@ def word_pieces(tok: Tokenizer, min_len: int = 3, limit: int = 2000) -> list[str
 
 
 def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], trials: int = 20, seed: int = 0,
-              progress: bool = True, deadline: float | None = None) -> dict:
+              progress: bool = True, deadline: float | None = None, shard: Shard = Shard()) -> dict:
     """``key: value`` lines of random words, then one key again; accuracy by number of pairs
     (``None`` past ``deadline``, checked after the first count). Words are the tokenizer's
     whole-word pieces (one token each) when it has enough."""
@@ -123,20 +120,18 @@ def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], tr
         raise ValueError(f"kv_lookup: at most {len(words) // 2} pairs of distinct words, "
                          f"asked for {max(pair_counts)}")
     gen = torch.Generator().manual_seed(seed)
-    acc: list[float | None] = []
-    for n in tqdm(pair_counts, desc="kv lookup", disable=not progress, leave=False):
-        if acc and time_is_up(deadline):
-            break
-        hits = 0
+    prompts = []
+    for n in pair_counts:
         for _ in range(trials):
             pick = torch.randperm(len(words), generator=gen)[: 2 * n].tolist()
             keys, values = [words[i] for i in pick[:n]], [words[i] for i in pick[n:]]
             q = int(torch.randint(n, (1,), generator=gen))
             text = "Remember these pairs.\n" + "".join(f"{k}: {v}\n" for k, v in zip(keys, values)) + f"{keys[q]}:"
-            hits += score_target(model, [tok.bos_id, *tok.encode(text)], tok.encode(" " + values[q]))[1]
-        acc.append(hits / trials)
-    stopped = len(acc) < len(pair_counts)
-    return {"pairs": pair_counts, "accuracy": acc + [None] * (len(pair_counts) - len(acc)), "trials": trials,
+            prompts.append(([tok.bos_id, *tok.encode(text)], tok.encode(" " + values[q])))
+    hits, stopped = shard.score(prompts, lambda p: score_target(model, *p)[1], deadline=deadline, always=trials,
+                                desc="kv lookup", progress=progress)
+    acc = [_mean(hits[c * trials:(c + 1) * trials], trials) for c in range(len(pair_counts))]
+    return {"pairs": pair_counts, "accuracy": acc, "trials": trials,
             "chance": [1 / n for n in pair_counts], "stopped_by_time_limit": stopped}
 
 
@@ -146,7 +141,8 @@ def _choose(model: torch.nn.Module, prompt: list[int], choices: list[list[int]])
 
 
 def fewshot(model: torch.nn.Module, tok: Tokenizer, task: str, lengths: list[int], shots: int = 8,
-            trials: int = 20, seed: int = 0, progress: bool = True, deadline: float | None = None) -> dict:
+            trials: int = 20, seed: int = 0, progress: bool = True, deadline: float | None = None,
+            shard: Shard = Shard()) -> dict:
     """Few-shot ``parity`` ("1 0 1 -> 0") or ``modular_arithmetic`` ("3+4*2 = 1", mod 5);
     accuracy by length (``None`` past ``deadline``, checked after the first length)."""
     model.eval()
@@ -164,18 +160,15 @@ def fewshot(model: torch.nn.Module, tok: Tokenizer, task: str, lengths: list[int
     else:
         raise ValueError(f"fewshot task must be 'parity' or 'modular_arithmetic', got {task!r}")
     choices = [tok.encode(f" {c}") for c in range(n_choices)]
-    acc: list[float | None] = []
-    for L in tqdm(lengths, desc=f"few-shot {task}", disable=not progress, leave=False):
-        if acc and time_is_up(deadline):
-            break
-        hits = 0
+    prompts = []
+    for L in lengths:
         for _ in range(trials):
             ids, labels = src.sample(shots + 1, Condition(L), gen)
             answers = labels[:, -1].tolist()
             lines = [f"{render(r)} {a}\n" for r, a in zip(ids[:-1].tolist(), answers[:-1])]
-            prompt = [tok.bos_id, *tok.encode("".join(lines) + render(ids[-1].tolist()))]
-            hits += _choose(model, prompt, choices) == answers[-1]
-        acc.append(hits / trials)
-    stopped = len(acc) < len(lengths)
-    return {"task": task, "lengths": lengths, "accuracy": acc + [None] * (len(lengths) - len(acc)), "shots": shots,
+            prompts.append(([tok.bos_id, *tok.encode("".join(lines) + render(ids[-1].tolist()))], answers[-1]))
+    hits, stopped = shard.score(prompts, lambda p: _choose(model, p[0], choices) == p[1], deadline=deadline,
+                                always=trials, desc=f"few-shot {task}", progress=progress)
+    acc = [_mean(hits[c * trials:(c + 1) * trials], trials) for c in range(len(lengths))]
+    return {"task": task, "lengths": lengths, "accuracy": acc, "shots": shots,
             "trials": trials, "chance": 1 / n_choices, "stopped_by_time_limit": stopped}

@@ -15,11 +15,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from data.tokenizer import Tokenizer
 
-from .time_limit import time_is_up
+from .sharding import Shard
 
 
 def read_text(path: str | Path) -> str:
@@ -70,28 +69,24 @@ class PerplexityResult:
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, stream: torch.Tensor, n_bytes: int, context: int,
                batch_size: int = 8, progress: bool = True, deadline: float | None = None,
-               prefix_bytes: Callable[[int], int] | None = None) -> PerplexityResult:
+               prefix_bytes: Callable[[int], int] | None = None, shard: Shard = Shard()) -> PerplexityResult:
     """Windows of ``context`` predictions; the last may be shorter. Past ``deadline`` (after
     the first batch) scoring stops: the result covers the predicted prefix, whose bytes
     ``prefix_bytes(n_tokens)`` counts (windows are scored in text order)."""
     model.eval()
     n_pred = stream.numel() - 1
-    total, count = 0.0, 0
     starts = list(range(0, n_pred, context))
     full = [s for s in starts if s + context <= n_pred]
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[s] for s in starts if s + context > n_pred]  # the shorter tail window
-    bar = tqdm(total=len(starts), desc="perplexity", disable=not progress, leave=False)
-    stopped = False
-    for i, batch in enumerate(batches):
-        if i > 0 and time_is_up(deadline):
-            stopped = True
-            break
+
+    def score(batch: list[int]) -> tuple[float, int]:
         rows = torch.stack([stream[s:s + min(context, n_pred - s) + 1] for s in batch])
         losses = token_losses(model, rows, batch_size)
-        total, count = total + float(losses.sum()), count + losses.numel()
-        bar.update(len(batch))
-    bar.close()
+        return float(losses.sum()), losses.numel()
+
+    scored, stopped = shard.score(batches, score, deadline=deadline, desc="perplexity", progress=progress)
+    total, count = sum(s for s, _ in scored), sum(n for _, n in scored)
     if stopped:
         if prefix_bytes is None:
             raise ValueError("perplexity: a deadline needs prefix_bytes to count the bytes of a partial score")
@@ -117,7 +112,7 @@ class ExtrapolationResult:
 @torch.no_grad()
 def length_extrapolation(model: torch.nn.Module, stream: torch.Tensor, train_context: int, factor: int = 8,
                          buckets: int = 32, max_windows: int = 16, batch_size: int = 2,
-                         deadline: float | None = None) -> ExtrapolationResult:
+                         deadline: float | None = None, shard: Shard = Shard()) -> ExtrapolationResult:
     """Mean loss by position bucket over windows of ``factor * train_context`` tokens (shorter
     when the text is shorter): a flat curve past the training context means it extrapolates.
     Past ``deadline`` (after the first batch) the curve averages the windows scored so far."""
@@ -127,11 +122,8 @@ def length_extrapolation(model: torch.nn.Module, stream: torch.Tensor, train_con
         raise ValueError(f"text too short for a length curve: {stream.numel() - 1} tokens")
     n = min(max_windows, (stream.numel() - 1) // length)
     rows = torch.stack([stream[i * length:i * length + length + 1] for i in range(n)])
-    parts = []
-    for i in range(0, n, batch_size):
-        if i > 0 and time_is_up(deadline):
-            break
-        parts.append(token_losses(model, rows[i:i + batch_size], batch_size))
+    parts, _ = shard.score([rows[i:i + batch_size] for i in range(0, n, batch_size)],
+                           lambda batch: token_losses(model, batch, batch_size), deadline=deadline, progress=False)
     losses = torch.cat(parts)
     scored = losses.shape[0]
     losses = losses.mean(0)
@@ -166,30 +158,35 @@ def heldout_data_config(target: str, run_config: dict | None, cache_root: str | 
 
 @torch.no_grad()
 def heldout_perplexity(model: torch.nn.Module, tok: Tokenizer, data_cfg, max_batches: int = 50,
-                       batch_size: int = 8, progress: bool = True,
-                       deadline: float | None = None) -> PerplexityResult:
-    """Loss on the validation split of prepared shards, packed documents kept apart
+                       batch_size: int = 8, progress: bool = True, deadline: float | None = None,
+                       shard: Shard = Shard()) -> PerplexityResult:
+    """Loss on ``max_batches * batch_size`` sequences of the validation split of prepared
+    shards, spread evenly over it (all of it when it is smaller; the sequences training's
+    validation picks, ``pretrain.validation.val_indices``), packed documents kept apart
     (``cu_seqlens``) exactly as in training; bytes are those of the decoded target tokens.
     Past ``deadline`` (after the first batch) the batches scored so far count."""
     from data.loader import TokenLoader
+    from pretrain.validation import val_indices
 
     model.eval()
     device = next(model.parameters()).device
-    total, count, n_bytes, stopped = 0.0, 0, 0, False
-    with TokenLoader(data_cfg, batch_size, split=data_cfg.val_split, rank=0, world_size=1,
+
+    def score(indices: list[int]) -> tuple[float, int, int]:
+        batch = loader.batch_at(indices)
+        labels = batch["labels"]
+        logits = model(batch["input_ids"].to(device), cu_seqlens=batch["cu_seqlens"].to(device))
+        loss = float(F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(device), ignore_index=-100,
+                                     reduction="sum"))
+        n_bytes = sum(len(tok.decode(row[row != -100].tolist()).encode("utf-8")) for row in labels)
+        return loss, int((labels != -100).sum()), n_bytes
+
+    # every rank opens the split (the loader's shared-memory set-up counts the node's ranks)
+    with TokenLoader(data_cfg, batch_size, split=data_cfg.val_split,
                      skip_sources_without_split=True) as loader:  # the run's datasets that have one
-        for i, batch in enumerate(tqdm(loader, desc="held-out shards", disable=not progress, leave=False)):
-            if i >= max_batches:
-                break
-            if i > 0 and time_is_up(deadline):
-                stopped = True
-                break
-            labels = batch["labels"]
-            logits = model(batch["input_ids"].to(device), cu_seqlens=batch["cu_seqlens"].to(device))
-            total += float(F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(device),
-                                           ignore_index=-100, reduction="sum"))
-            count += int((labels != -100).sum())
-            n_bytes += sum(len(tok.decode(row[row != -100].tolist()).encode("utf-8")) for row in labels)
+        indices = val_indices(loader.num_samples, max_batches * batch_size)
+        batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        scored, stopped = shard.score(batches, score, deadline=deadline, desc="held-out shards", progress=progress)
+    total, count, n_bytes = (sum(x[k] for x in scored) for k in range(3))
     if count == 0:
         raise ValueError(f"the {data_cfg.val_split!r} split has no tokens to score")
     nll = total / count

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +29,7 @@ WORDS = ("house river green stone light water table music garden window little y
 
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def corpus(n: int, seed: int) -> str:
@@ -55,6 +60,21 @@ def exported(tmp_path_factory) -> tuple:
     text = root / "heldout.txt"
     text.write_text(corpus(60, 1))
     return out, text, model
+
+
+@pytest.fixture(scope="module")
+def heldout_dataset(exported, tmp_path_factory) -> Path:
+    """Prepared shards (seq_len 64, a 'val' split) of documents in the export's tokenizer."""
+    from data.config import CorpusConfig, PrepareConfig
+    from data.prepare import prepare_dataset
+
+    out, _, _ = exported
+    root = tmp_path_factory.mktemp("heldout")
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": corpus(6, i)}) + "\n" for i in range(30)))
+    prepare_dataset(PrepareConfig(corpus=CorpusConfig(source=str(docs)), tokenizer=str(out / export.TOKENIZER),
+                                  out=str(root / "ds"), seq_len=64, val_fraction=0.3, num_workers=1), progress=False)
+    return root / "ds"
 
 
 def test_loading_restores_the_weights_and_context(exported) -> None:
@@ -133,16 +153,9 @@ def test_checkpoint_suite_via_cli_writes_everything(exported, tmp_path) -> None:
         assert (res_dir / png).stat().st_size > 1000
 
 
-def test_heldout_shards_are_scored_with_documents_kept_apart(exported, tmp_path, capsys) -> None:
-    from data.config import CorpusConfig, PrepareConfig
-    from data.prepare import prepare_dataset
-
+def test_heldout_shards_are_scored_with_documents_kept_apart(exported, heldout_dataset, tmp_path, capsys) -> None:
     out, _, _ = exported
-    docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": corpus(6, i)}) + "\n" for i in range(30)))
-    ds = tmp_path / "ds"
-    prepare_dataset(PrepareConfig(corpus=CorpusConfig(source=str(docs)), tokenizer=str(out / export.TOKENIZER),
-                                  out=str(ds), seq_len=64, val_fraction=0.3, num_workers=1), progress=False)
+    ds = heldout_dataset
     ck = load_checkpoint(out)
     cfg = lm.heldout_data_config(str(ds), ck.run_config)
     assert cfg.seq_len == 64 and cfg.val_split == "val"
@@ -209,13 +222,49 @@ def test_checkpoint_suites_refuse_presets_missing_paths_and_missing_text(exporte
     assert "exists and is not a directory" in capsys.readouterr().err
 
 
-def test_checkpoint_suites_run_on_rank_0_only(exported, tmp_path, capsys, monkeypatch) -> None:
-    """Under srun --ntasks=N the other ranks would only write the same files again."""
+def _numbers(value, path: str = "") -> dict[str, float]:
+    """Every number of a results tree by its path (wall times left out)."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() if key != "wall_time_s"
+                for k, v in _numbers(item, f"{path}/{key}").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{path}/{i}").items()}
+    return {path: value} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
+def test_checkpoint_suites_split_over_two_ranks_report_what_one_rank_reports(exported, heldout_dataset,
+                                                                              tmp_path) -> None:
+    """``python -m launch --nproc 2``: each rank scores its share of every part's items (held-out
+    batches, text windows, prompts), rank 0 gathers and writes the files once."""
+    out, text_file, _ = exported
+    args = [str(out), "--suite", "checkpoint", "--text", str(text_file), "--heldout", str(heldout_dataset),
+            "--heldout-batches", "3", "--extrapolation-factor", "2", "--passkey-lengths", "64,128", "--depths",
+            "0,1", "--trials", "3", "--kv-pairs", "2,4", "--fewshot-lengths", "2,4", "--shots", "2",
+            "--device", "cpu", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(tmp_path / "local"), OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "launch", "--nproc", "2", "--quiet", "--", sys.executable, "-m",
+                          "evals.cli", *args, "--out", str(tmp_path / "two"), "--threads", "1"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone reports
+    one, both = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert both["complete"] and (one["ranks"], both["ranks"]) == (1, 2)
+    assert sorted(both["results"]) == sorted(one["results"])
+    expected = _numbers(one["results"])
+    assert len(expected) > 40 and _numbers(both["results"]) == pytest.approx(expected, rel=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_ranks_started_without_a_rendezvous_are_refused(exported, tmp_path, capsys, monkeypatch) -> None:
     out, _, _ = exported
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main([str(out), "--suite", "passkey", "--out", str(tmp_path / "r1"), "--device", "cpu"]) == 0
-    assert "rank 1 of 2 has nothing to do" in capsys.readouterr().err and not (tmp_path / "r1").exists()
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert main([str(out), "--suite", "passkey", "--out", str(tmp_path / "r1"), "--device", "cpu"]) == 2
+    assert "MASTER_ADDR/MASTER_PORT are not set: start the ranks with python -m launch" in capsys.readouterr().err
 
 
 def test_checkpoint_parts_are_saved_as_they_finish_and_skipped_after_the_time_limit(exported, tmp_path,
