@@ -21,7 +21,7 @@ from .config import RunConfig
 from .ds_config import deepspeed_config, grad_accum_steps
 from .models import LanguageModel, count_parameters
 from .models.init import draw_base_seed
-from .models.materialize import Placement, build_model_on
+from .models.materialize import DrawShare, Placement, build_model_on
 from .optim import build_optimizer
 
 
@@ -101,9 +101,11 @@ def build_engine(cfg: RunConfig, world_size: int, init_from: str | None = None, 
     optimizer and the DeepSpeed engine.
 
     The weights are made straight on this rank's device in the run's dtype, part by part
-    (``models/materialize.py``); ``restoring`` (a checkpoint is loaded next) or ``init_from``
-    skip drawing them, since every weight is overwritten."""
+    (``models/materialize.py``), the ranks drawing the parts in turn (a pipeline stage builds
+    its own layers); ``restoring`` (a checkpoint is loaded next) or ``init_from`` skip
+    drawing them, since every weight is overwritten."""
     import deepspeed
+    import torch.distributed as dist
 
     from .distributed import device
     from .init_from import load_init_weights
@@ -125,7 +127,10 @@ def build_engine(cfg: RunConfig, world_size: int, init_from: str | None = None, 
         return Engine(engine, grad_accum_steps(cfg, dp_world), ds_cfg, dtype, n_params, dp_world,
                       engine.num_stages)
     torch.manual_seed(cfg.seed)
-    lm = build_model_on(cfg.model, place, init_seed=draw_base_seed())  # the seed a pipeline's stages would draw
+    # the ranks draw the parts in turn and broadcast them (deepspeed.initialize then broadcasts
+    # rank 0's copy once more: cheap next to drawing)
+    share = DrawShare(tuple(range(world_size)), dist.get_rank()) if world_size > 1 else None
+    lm = build_model_on(cfg.model, place, init_seed=draw_base_seed(), share=share)  # a pipeline stage's seed too
     if init_from:
         load_init_weights(lm, init_from, lambda n: n, tied)
     if cfg.parallel.activation_checkpointing:

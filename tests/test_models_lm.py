@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -125,6 +126,63 @@ def test_a_model_made_part_by_part_has_the_weights_of_one_built_whole(family: st
     assert unfilled_parameters(empty) == []
     layers = build_pipeline_layers(cfg, 7, Placement(initialise=False))
     assert all(torch.isnan(p).all() for layer in layers for p in layer.parameters())
+
+
+def _drawing_rank(rank: int, port: int, out: str) -> None:
+    """One of two forked ranks: build tied and untied models with the drawing shared, record
+    which parts this rank drew, save the weights."""
+    code = 1
+    try:
+        import torch.distributed as dist
+
+        from pretrain.models import materialize as mat
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        drew: list[str] = []
+        real = mat.materialize
+        mat.materialize = lambda part, place, init: (place.initialise and drew.append(type(part).__name__),
+                                                     real(part, place, init))
+        share = mat.DrawShare((0, 1), rank)
+        for family in FAMILIES[:2]:
+            for tied in (True, False):
+                cfg = dataclasses.replace(small_config(family), tie_embeddings=tied)
+                model = mat.build_model_on(cfg, mat.Placement("cpu", torch.bfloat16), init_seed=7, share=share)
+                torch.save({"drew": drew[:], "weights": model.state_dict(),
+                            "tied": model.lm_head.weight is model.embed.weight}, f"{out}/{family}-{tied}-{rank}.pt")
+                drew.clear()
+        dist.destroy_process_group()
+        code = 0
+    finally:
+        os._exit(code)
+
+
+@pytest.mark.distributed
+def test_ranks_sharing_the_drawing_get_the_weights_of_one_model_built_whole(tmp_path) -> None:
+    """Two ranks draw alternate parts (embedding, blocks, final norm, untied head) and
+    broadcast them: both end up with exactly the single-process weights."""
+    import multiprocessing as mp
+
+    from pretrain.distributed import free_port
+
+    ctx, port = mp.get_context("fork"), free_port()
+    procs = [ctx.Process(target=_drawing_rank, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        assert p.exitcode == 0
+    for family in FAMILIES[:2]:
+        for tied in (True, False):
+            cfg = dataclasses.replace(small_config(family), tie_embeddings=tied)
+            want = LanguageModel(cfg, init_seed=7).state_dict()
+            ranks = [torch.load(tmp_path / f"{family}-{tied}-{r}.pt") for r in range(2)]
+            n_parts = cfg.n_layers + (2 if tied else 3)
+            assert sorted(len(r["drew"]) for r in ranks) == [n_parts // 2, n_parts - n_parts // 2]
+            assert ranks[0]["drew"][0] == "Embedding" and ranks[1]["drew"][0] == "Block"
+            for r in ranks:
+                assert r["tied"] == tied and list(r["weights"]) == list(want)
+                for name, w in r["weights"].items():
+                    assert torch.equal(w, want[name].to(torch.bfloat16)), (family, tied, name)
 
 
 @pytest.mark.gpu

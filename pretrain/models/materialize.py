@@ -9,12 +9,16 @@ with its own seeded CPU generator (``init.py``: the values do not depend on the 
 on the layout) and moved to its device in the run's dtype before the next part is made, so
 host memory peaks at one part. When a checkpoint or an export is about to fill every
 weight, nothing is drawn at all: the parts are allocated on the device and filled with NaN,
-so that a weight the load missed cannot pass unseen (``unfilled_parameters``).
+so that a weight the load missed cannot pass unseen (``unfilled_parameters``). Ranks that
+hold the same weights can split a fresh model's drawing (``DrawShare``): each draws every
+N-th part and broadcasts it, so a start costs each rank 1/N of the drawing.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -37,6 +41,30 @@ class Placement:
 HOST = Placement()
 
 
+@dataclass(frozen=True)
+class DrawShare:
+    """Ranks that start with the same weights (``ranks``, global ranks; ``rank`` is this
+    process's) draw a fresh model's parts in turn — part i on ``ranks[i % len(ranks)]`` — and
+    broadcast them over ``group`` (None: the default process group)."""
+
+    ranks: tuple[int, ...]
+    rank: int
+    group: Any = None
+
+    def owner(self, part_index: int) -> int:
+        return self.ranks[part_index % len(self.ranks)]
+
+
+@torch.no_grad()
+def broadcast_parts(parts: list[nn.Module], share: DrawShare) -> None:
+    """Every part's parameters from the rank that drew it, as bytes (any dtype, any backend)."""
+    import torch.distributed as dist
+
+    for i, part in enumerate(parts):
+        for p in part.parameters():
+            dist.broadcast(p.data.view(-1).view(torch.uint8), src=share.owner(i), group=share.group)
+
+
 @torch.no_grad()
 def materialize(part: nn.Module, place: Placement, init: Callable[[nn.Module], None]) -> None:
     """Allocate ``part`` (built on the meta device) as ``place`` says; ``init(part)`` runs on
@@ -54,10 +82,12 @@ def materialize(part: nn.Module, place: Placement, init: Callable[[nn.Module], N
     part.to(device=place.device, dtype=place.dtype)
 
 
-def build_model_on(config: ModelConfig, place: Placement = HOST, init_seed: int | None = None) -> LanguageModel:
+def build_model_on(config: ModelConfig, place: Placement = HOST, init_seed: int | None = None,
+                   share: DrawShare | None = None) -> LanguageModel:
     """``build_model(config, init_seed=init_seed)`` made part by part on ``place.device`` in
     ``place.dtype``: the same weights (cast), without the whole fp32 model ever on the host.
-    ``init_seed`` None draws the base seed from the global RNG."""
+    ``init_seed`` None draws the base seed from the global RNG (every rank of a ``share`` must
+    pass the same seed); with ``share`` (collective) this rank draws only its parts."""
     base = draw_base_seed() if init_seed is None else init_seed  # drawn either way: same RNG use
     with torch.device("meta"):
         model = LanguageModel(config)
@@ -67,8 +97,12 @@ def build_model_on(config: ModelConfig, place: Placement = HOST, init_seed: int 
     parts.append((model.norm, lambda m: init_head(m, None, config, base)))
     if not config.tie_embeddings:
         parts.append((model.lm_head, lambda m: init_head(None, m, config, base)))
-    for part, init in parts:
-        materialize(part, place, init)
+    drawing_shared = share is not None and place.initialise
+    for i, (part, init) in enumerate(parts):
+        mine = not drawing_shared or share.owner(i) == share.rank
+        materialize(part, place if mine else dataclasses.replace(place, initialise=False), init)
+    if drawing_shared:
+        broadcast_parts([part for part, _ in parts], share)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed.weight  # made with the embedding; re-tie
     return model
