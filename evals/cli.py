@@ -44,7 +44,7 @@ from .bench import Job, ModelSpecError, RunRecord, expand_variants, record_dict,
 from .checkpoint import CheckpointError, load_checkpoint
 from .checkpoint_eval import CHECKPOINT_SUITES, CheckpointEvalOptions, expand, run_checkpoint_evals
 from .report import benchmark_markdown, benchmark_plots, write_json, write_text
-from .sharding import launched_rank, local_device, shard_from_env
+from .sharding import launched_rank, rank_device, shard_from_env
 from .train import TrainConfig
 
 
@@ -173,7 +173,7 @@ def run_benchmarks(args: argparse.Namespace) -> dict:
                       target_acc=args.target_acc, stop_metric=args.stop_metric, device=device)
     jobs = [Job(bt, v, lr, s) for bt in tasks for v in variants for lr in args.lr for s in args.seeds]
     rank, world = launched_rank()
-    cfg.device = device = local_device(device)  # one GPU per rank on a node
+    cfg.device = device = rank_device(device)  # one GPU per rank on a node
     report = _Report(args, Path(args.out), device, world, start, len(jobs))
     mine = [job for i, job in enumerate(jobs) if i % world == rank]
     if world == 1:
@@ -324,7 +324,7 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
                               f"directory, not the preset {args.model!r}")
     shard = shard_from_env()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    ck = load_checkpoint(args.model, device=local_device(device))
+    ck = load_checkpoint(args.model, device=rank_device(device))
     opts = CheckpointEvalOptions(text=args.text, heldout=args.heldout, heldout_batches=args.heldout_batches,
                                  context=args.context, extrapolation_factor=args.extrapolation_factor,
                                  max_tokens=args.max_tokens, passkey_lengths=args.passkey_lengths, depths=args.depths,

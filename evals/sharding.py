@@ -107,8 +107,15 @@ def shard_from_env() -> Shard:
     return Shard(rank, world, dist.group.WORLD)
 
 
-def local_device(requested: str) -> str:
-    """``cuda`` means this rank's GPU on its node (LOCAL_RANK) when ranks share a node."""
+def rank_device(requested: str) -> str:
+    """The device this rank works on: ``cuda`` is the rank's own GPU of its node (LOCAL_RANK)
+    when several ranks run; a CUDA device is also made current, so that everything that
+    follows the current device (Triton launches, ``torch.cuda`` queries) uses it."""
+    device = requested
     if requested == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return requested
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(device)
+    return device

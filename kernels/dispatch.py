@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -18,7 +20,29 @@ _TRITON_IMPLS: dict[str, Callable] = {}
 
 
 def register_triton(op: str, fn: Callable) -> None:
-    _TRITON_IMPLS[op] = fn
+    _TRITON_IMPLS[op] = on_input_device(fn)
+
+
+def device_guard(device: torch.device, current: Callable[[], int] = torch.cuda.current_device
+                 ) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device if it is not. Why: Triton launches on the
+    current device, so a forward on ``cuda:1`` tensors (an eval rank's GPU, ``--device
+    cuda:1``) would run on ``cuda:0`` otherwise. (Backward needs none: autograd runs each
+    device's backward with that device current.)"""
+    if device.type != "cuda" or device.index is None or device.index == current():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def on_input_device(fn: Callable) -> Callable:
+    """``fn`` run with its first tensor argument's device current (see ``device_guard``)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        with device_guard(first.device):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def triton_available(op: str) -> bool:
