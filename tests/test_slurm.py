@@ -221,21 +221,24 @@ def test_scancel_does_not_requeue_and_keeps_checkpoints(cluster, workdir):
 
 def test_eval_job_exports_and_evaluates_the_final_checkpoint(cluster, workdir, reference):
     """eval.sbatch on a step directory: it exports it (safetensors + config) beside the step
-    directories, out of pruning's way, and evaluates the export."""
+    directories, out of pruning's way, and evaluates the export; with --ntasks=2 the two
+    ranks share the checkpoint suites' items (held-out batches, passkey prompts)."""
     _, ckpt, _, _ = reference
     step = ckpt / f"step_{MAX_STEPS:08d}"
-    job = cluster.sbatch("--ntasks=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+    job = cluster.sbatch("--ntasks=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
                          f"--output={workdir}/%x-%j.log", f"--chdir={ROOT}", str(SLURM / "eval.sbatch"),
-                         str(step), "parity", "--steps", "5", "--eval-size", "16", "--batch-size", "8",
-                         "--test-lengths", "8", "--train-lengths", "2:8", env=_job_env(workdir))
+                         str(step), "lm,passkey", "--heldout-batches", "3", "--passkey-lengths", "32,64",
+                         "--depths", "0,1", "--trials", "2", env=_job_env(workdir))
     fields = cluster.wait_done(job, 180)
     log = _log(workdir, job)
     assert fields["JobState"] == "COMPLETED", log[-6000:]
     export = ckpt / "exports" / step.name
     assert json.loads((export / "export.json").read_text())["step"] == MAX_STEPS
-    results = export / "eval" / "parity" / "results.json"
+    results = export / "eval" / "lm+passkey" / "results.json"
     assert results.is_file(), log[-4000:]
-    assert json.loads(results.read_text())["runs"] and f"results: {results}" in log
+    data = json.loads(results.read_text())
+    assert data["complete"] and data["ranks"] == 2 and f"results: {results}" in log
+    assert data["results"]["heldout"]["tokens"] > 0 and None not in sum(data["results"]["passkey"]["accuracy"], [])
 
 
 def test_an_eval_sweep_scores_every_checkpoint_then_summarises(cluster, workdir, reference):
