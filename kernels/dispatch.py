@@ -35,13 +35,18 @@ def device_guard(device: torch.device, current: Callable[[], int] = torch.cuda.c
 
 
 def on_input_device(fn: Callable) -> Callable:
-    """``fn`` run with its first tensor argument's device current (see ``device_guard``)."""
+    """``fn`` run with its first tensor argument's device current (see ``device_guard``);
+    a function wrapped already is returned as it is (re-registering keeps its identity)."""
+    if getattr(fn, "on_input_device", False):
+        return fn
+
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         first = next(a for a in args if isinstance(a, torch.Tensor))
         with device_guard(first.device):
             return fn(*args, **kwargs)
 
+    run.on_input_device = True  # type: ignore[attr-defined]
     return run
 
 

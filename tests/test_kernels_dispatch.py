@@ -21,6 +21,7 @@ def test_the_guarded_kernel_gets_its_arguments_and_returns_its_result() -> None:
     x = torch.ones(3)
     fn = on_input_device(lambda scale, t, *, shift: t * scale + shift)
     assert torch.equal(fn(2.0, x, shift=1.0), torch.full((3,), 3.0))
+    assert on_input_device(fn) is fn  # registering a registered kernel again keeps it as is
 
 
 def test_backend_requests_are_checked(monkeypatch) -> None:

@@ -216,6 +216,24 @@ def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference, capsys):
     assert "is not used: the run resumes from its own checkpoint" in r.stdout and "at step 1" in r.stdout
 
 
+def test_the_eval_harness_scores_the_held_out_split_as_training_validates_it(tmp_path):
+    """linrnn-eval's held-out perplexity on an export reads the sequences training's
+    validation reads (spread evenly over the split) and scores them the same way: its loss
+    per token is the run's validation loss at that step."""
+    from evals import lm
+    from evals.checkpoint import load_checkpoint
+
+    cfg = write_config(tmp_path, max_steps=2, **{"eval.every_steps": 2, "eval.val_sequences": 6})
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    val = {rec["step"]: rec["loss"] for rec in read_metrics(tmp_path / "ckpt" / "logs" / "metrics.jsonl", "val")}
+    export_checkpoint(ckpt.step_dir(tmp_path / "ckpt", 2), tmp_path / "export")
+    ck = load_checkpoint(tmp_path / "export")
+    held = lm.heldout_perplexity(ck.model, ck.tokenizer, lm.heldout_data_config("run", ck.run_config),
+                                 max_batches=1, batch_size=6, progress=False)
+    assert held.nll_per_token == pytest.approx(val[2], rel=1e-6) and held.nll_per_token != pytest.approx(val[0])
+
+
 def test_every_checkpoint_of_a_run_is_evaluated_and_summarised_without_slurm(tmp_path, reference, capsys):
     """linrnn-eval-sweep --evaluate: each complete checkpoint exported and scored once (a
     rerun evaluates nothing again), then one table over training."""
