@@ -12,6 +12,10 @@ line to lm_eval's own CLI). Needs ``pip install lm_eval`` (optional dependency).
 Scoring uses right-padded batches: the models are causal, so padding after a sequence
 never changes its earlier outputs. Generation uses the recurrent step path (prefill, then
 one ``step`` per token on a fixed-size state).
+
+Data parallel: started as N ranks (``python -m launch --nproc N -- linrnn-lm-eval run ...``,
+or srun), each rank loads the model on its own GPU, lm_eval gives each rank every N-th
+document, and the adapter's collectives (gloo) gather the scores on rank 0, which reports.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .sharding import rank_device, shard_from_env
 
 
 @register_model("linrnn")
@@ -33,10 +38,12 @@ class LinRNNLM(LM):
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 8,
                  max_length: int | None = None, max_gen_toks: int = 256, **_: Any) -> None:
         super().__init__()
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._shard = shard_from_env()
+        self._rank, self._world_size = self._shard.rank, self._shard.world
+        dev = rank_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ck = load_checkpoint(pretrained, device=dev)
         self.model, self.tok = ck.model.eval(), ck.tokenizer
-        self._dev = torch.device(dev)
+        self._dev = self._device = torch.device(dev)  # lm_eval's ``device`` reads _device
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or ck.train_context or 2048)
         self.max_gen_toks = int(max_gen_toks)
@@ -76,6 +83,34 @@ class LinRNNLM(LM):
                 rows = logp[r, len(s) - 1 - n: len(s) - 1]
                 out[i] = (float(rows.gather(1, tgt[:, None]).sum()), bool((rows.argmax(-1) == tgt).all()))
         return out
+
+    # ------------------------------------------------------------------ ranks (lm_eval's hooks)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated in rank order (a scalar counts as one element)."""
+        if self._world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        flat = tensor.detach().reshape(-1).cpu()  # the gloo group moves host tensors
+        parts = [torch.empty_like(flat) for _ in range(self._world_size)]
+        dist.all_gather(parts, flat, group=self._shard.group)
+        return torch.cat(parts).to(tensor.device)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list | None:
+        if self._world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list | None = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst, group=self._shard.group)
+        return out
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._shard.group)
 
     # ------------------------------------------------------------------ lm_eval API
 

@@ -114,8 +114,8 @@ def rank_device(requested: str) -> str:
     device = requested
     if requested == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    if device.startswith("cuda:"):
-        import torch
+    import torch
 
+    if device.startswith("cuda:") and torch.cuda.is_available():  # else loading says what is wrong
         torch.cuda.set_device(device)
     return device

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from evals.lm_eval_adapter import LinRNNLM  # noqa: E402
 from test_evals_checkpoint import exported  # noqa: E402,F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def req(kind: str, args: tuple) -> Instance:
@@ -69,11 +74,14 @@ def test_generation_uses_the_step_path_and_stops_at_until(exported) -> None:
         assert stop not in cut and full.startswith(cut)
 
 
-def test_lm_eval_runs_local_tasks_offline(exported, tmp_path) -> None:
-    out, _, _ = exported
+LOCAL_TASKS = ["linrnn_local_choice", "linrnn_local_rolling", "linrnn_local_gen"]
+
+
+def write_local_tasks(tmp_path) -> None:
+    """Three offline tasks, one per request type, over eight documents of a local JSONL file."""
     data = tmp_path / "data.jsonl"
     rows = [{"question": f"Is {w} a word?", "choices": [" yes", " no"], "answer": i % 2, "text": f"{w} river stone."}
-            for i, w in enumerate(["house", "music", "garden", "window"])]
+            for i, w in enumerate(["house", "music", "garden", "window", "stone", "light", "water", "table"])]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
     (tmp_path / "choice.yaml").write_text(
@@ -88,13 +96,34 @@ def test_lm_eval_runs_local_tasks_offline(exported, tmp_path) -> None:
         "doc_to_text: '{{question}}'\ndoc_to_target: '{{choices[answer]}}'\n"
         "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n"
         "metric_list:\n  - metric: exact_match\n")
+
+
+def test_lm_eval_runs_local_tasks_offline_on_one_rank_and_on_two(exported, tmp_path) -> None:
+    """In process, then as two ranks (``python -m launch --nproc 2`` around the lm_eval CLI):
+    each rank scores half the documents and rank 0 reports the same scores."""
+    out, _, _ = exported
+    write_local_tasks(tmp_path)
     lm = LinRNNLM(pretrained=str(out), device="cpu", batch_size=4)
-    res = simple_evaluate(model=lm, tasks=["linrnn_local_choice", "linrnn_local_rolling", "linrnn_local_gen"],
-                          task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False), bootstrap_iters=0, log_samples=False)
+    res = simple_evaluate(model=lm, tasks=LOCAL_TASKS, task_manager=TaskManager(
+        include_path=str(tmp_path), include_defaults=False), bootstrap_iters=0, log_samples=False)
     r = res["results"]
     assert 0.0 <= r["linrnn_local_choice"]["acc,none"] <= 1.0
     assert r["linrnn_local_rolling"]["bits_per_byte,none"] > 0
     assert 0.0 <= r["linrnn_local_gen"]["exact_match,none"] <= 1.0
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(tmp_path / "local"), OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "launch", "--nproc", "2", "--quiet", "--", sys.executable, "-m",
+                          "evals.lm_eval_adapter", "run", "--model", "linrnn", "--model_args", f"pretrained={out}",
+                          "--tasks", ",".join(LOCAL_TASKS), "--include_path", str(tmp_path), "--device", "cpu",
+                          "--batch_size", "4", "--output_path", str(tmp_path / "two")],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (written,) = (tmp_path / "two").rglob("results_*.json")  # rank 0 alone writes
+    both = json.loads(written.read_text())["results"]
+    for task, metric in (("linrnn_local_choice", "acc,none"), ("linrnn_local_rolling", "bits_per_byte,none"),
+                         ("linrnn_local_rolling", "word_perplexity,none"), ("linrnn_local_gen", "exact_match,none")):
+        assert both[task][metric] == pytest.approx(r[task][metric], rel=1e-5), (task, metric)
 
 
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, monkeypatch, capsys) -> None:
