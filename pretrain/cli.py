@@ -16,6 +16,7 @@ import sys
 
 from .config_loader import ConfigError, dump_config, load_config
 from .preemption import REQUEUE_EXIT_CODE, install_early_handlers
+from .watchdog import HANG_EXIT_CODE
 
 EXIT_BAD_INPUT = 2
 DRY_RUN_MAX_PARAMS = 1_000_000_000  # above this the plan is printed without running the model
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "command resumes from the newest complete checkpoint.",
         epilog=f"Example: linrnn-train configs/runs/demo.yaml optim.lr=1e-3 parallel.zero_stage=2. "
                f"Exit codes: 0 done, {REQUEUE_EXIT_CODE} preempted (checkpoint saved, requeue), "
-               f"1 training failed, {EXIT_BAD_INPUT} bad input.",
+               f"1 training failed, {EXIT_BAD_INPUT} bad input, {HANG_EXIT_CODE} a rank hung (no progress for "
+               "hang_timeout_s; its stacks are in the log).",
     )
     parser.add_argument("config", help="run config YAML (see configs/runs/)")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, applied in order")

@@ -149,6 +149,7 @@ class FaultConfig:
     preempt_at_step: int | None = None  # raise the preemption flag before this step
     crash_in_save_at_step: int | None = None  # kill the process midway through this save
     oom_at_step: int | None = None  # raise a CUDA out-of-memory error in this step
+    hang_at_step: int | None = None  # stop making progress once this many steps are done
 
 
 @dataclass
@@ -157,6 +158,9 @@ class RunConfig:
     seed: int = 1234
     max_steps: int = _rng(1000, ge=1)
     wall_clock_budget_s: float | None = None  # stop and save before a job's time limit
+    # a rank with no progress (step, validation, save) for this long prints its stacks and
+    # exits with 3, so a hung job fails (and requeues) instead of idling to its time limit
+    hang_timeout_s: float | None = _rng(1800.0, gt=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)

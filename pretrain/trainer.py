@@ -32,6 +32,7 @@ from .memory import out_of_memory_message
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
+from .watchdog import Watchdog, stall_forever
 from .profiling import MemoryHistory, StepProfiler
 from .rewind import skip_request
 from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
@@ -121,6 +122,7 @@ class Trainer:
         self.info, self.resume = info, resume
         self.resume_from = resume.path if resume is not None else None
         self.log_dir = log_dir(cfg)
+        self.dog = Watchdog(None, env.rank)  # watches from the first step on (``run``)
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
@@ -230,6 +232,7 @@ class Trainer:
 
     def save(self) -> Path:
         cfg = self.cfg
+        self.dog.beat(f"saving the checkpoint of step {self.step}")
         start = time.perf_counter()
         run_state = {
             "step": self.step, "tokens_seen": self.tokens, "data": self.batches.state_dict(),
@@ -408,6 +411,7 @@ class Trainer:
     def maybe_validate(self) -> None:
         every = self.cfg.eval.every_steps
         if every and (self.step % every == 0 or self.step == self.cfg.max_steps):
+            self.dog.beat(f"validating at step {self.step}")
             val = self.validate()
             if val is not None:
                 self.log.print(f"[val] step {self.step}: loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f})")
@@ -437,8 +441,14 @@ class Trainer:
         window_t, window_steps = time.perf_counter(), 0
         step_seconds = 0.0
         profiler = StepProfiler(cfg.logging.profile_steps, self.log_dir / "profile", self.env.rank, self.log.print)
-        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler):
+        watchdog = Watchdog(cfg.hang_timeout_s, self.env.rank)
+        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler), watchdog:
+            self.dog = watchdog
             while self.step < cfg.max_steps:
+                first = " (the first of this start: kernels compile)" if self.step == started_at else ""
+                self.dog.beat(f"running step {self.step + 1}{first}")
+                if cfg.faults.hang_at_step == self.step:
+                    stall_forever()
                 if cfg.faults.preempt_at_step == self.step and self.step > started_at:
                     stop.request("fault drill: preempt_at_step")
                 reason = stop.agree(step_seconds, self.save_seconds)

@@ -153,7 +153,8 @@ def test_checkpoint_suite_via_cli_writes_everything(exported, tmp_path) -> None:
         assert (res_dir / png).stat().st_size > 1000
 
 
-def test_heldout_shards_are_scored_with_documents_kept_apart(exported, heldout_dataset, tmp_path, capsys) -> None:
+def test_heldout_shards_are_scored_with_documents_kept_apart(exported, heldout_dataset, tmp_path,
+                                                             capsys) -> None:
     out, _, _ = exported
     ds = heldout_dataset
     ck = load_checkpoint(out)

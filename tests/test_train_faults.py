@@ -47,6 +47,26 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, re
     assert (ckpt.step_dir(root, 4) / ckpt.MARKER).is_file()  # the torn save was replaced
 
 
+def test_a_hung_rank_is_ended_with_its_stacks_and_the_rerun_resumes(tmp_path, reference):
+    """faults.hang_at_step stalls the rank once step 3 is done, as a hung collective would: the
+    watchdog ends it after hang_timeout_s with exit code 3, says what the rank was doing and
+    prints every thread's stack; the checkpoint of step 2 stands and the rerun matches."""
+    from pretrain.watchdog import HANG_EXIT_CODE
+
+    _, ref = reference
+    cfg = write_config(tmp_path)
+    r = train_cli(cfg, "faults.hang_at_step=3", "hang_timeout_s=5")
+    assert r.returncode == HANG_EXIT_CODE, r.stderr[-3000:]
+    assert re.search(r"\[watchdog\] rank 0: no progress for \d+ s \(hang_timeout_s=5\) while running step 4\.",
+                     r.stdout)
+    assert "stall_forever" in r.stderr and "linrnn-watchdog" not in r.stdout  # the stacks, on stderr
+    root = tmp_path / "ckpt"
+    assert ckpt.newest_complete(root).name == "step_00000002"
+    r = train_cli(cfg)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step_00000002" in r.stdout and losses(root) == ref
+
+
 def test_sigterm_saves_exits_with_requeue_code_and_rerun_matches(tmp_path, reference):
     _, ref = reference
     cfg = write_config(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -538,3 +539,27 @@ def test_rewinds_in_quick_succession_keep_every_moved_branch(tmp_path):
     assert (first.moved_to / "step_00000006").is_dir() and (second.moved_to / "step_00000006").is_dir()
     with pytest.raises(ckpt.CheckpointError, match="skip-steps -1: give a number of steps >= 0"):
         rewind(tmp_path, 4, skip_steps=-1)
+
+
+def test_the_watchdog_ends_a_rank_only_when_its_beats_stop() -> None:
+    """Beats keep it quiet; without one for hang_timeout_s it says what the rank was doing and
+    exits with HANG_EXIT_CODE; none (timeout None) watches nothing."""
+    import time
+
+    from pretrain.watchdog import HANG_EXIT_CODE, Watchdog
+
+    said, codes = [], []
+    with Watchdog(0.4, rank=3, log=said.append, exit=codes.append, poll_s=0.02) as dog:
+        for i in range(10):  # 1 s of steady progress
+            dog.beat(f"running step {i + 1}")
+            time.sleep(0.1)
+        assert codes == []
+        deadline = time.monotonic() + 5
+        while not codes and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert codes == [HANG_EXIT_CODE]
+    assert re.match(r"\[watchdog\] rank 3: no progress for \d+ s \(hang_timeout_s=0\.4\) while running step 10\.",
+                    said[0])
+    with Watchdog(None, rank=0, exit=codes.append) as idle:
+        idle.beat("step 1")
+    assert idle._thread is None and codes == [HANG_EXIT_CODE]
