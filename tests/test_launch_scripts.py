@@ -102,6 +102,9 @@ def test_a_failure_after_a_new_checkpoint_requeues_one_without_progress_does_not
     code, out, calls = _run(tmp_path, rc=137, restart=1, config=str(config), FAKE_SAVE=str(root / "step_00000020"))
     assert code == 0 and "scontrol requeue 77" in calls, out
     assert "failed (exit 137) after saving step_00000020 in this start (it began from step_00000010)" in out
+    # a rank the watchdog ended (3: hung) after the run saved step 22: requeued the same way
+    code, out, calls = _run(tmp_path, rc=3, restart=1, config=str(config), FAKE_SAVE=str(root / "step_00000022"))
+    assert code == 0 and "scontrol requeue 77" in calls and "failed (exit 3) after saving step_00000022" in out, out
     # the same failure again before the next save: not requeued (it would fail the same way)
     code, out, calls = _run(tmp_path, rc=1, restart=2, config=str(config))
     assert code == 1 and "scontrol" not in calls and "without saving a checkpoint in this start" in out, out
