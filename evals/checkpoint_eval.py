@@ -61,15 +61,15 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
                              "has no run config whose validation split --heldout run could score)")
         opts = dataclasses.replace(opts, heldout="run")
         if shard.leader:
-                print("linrnn-eval: suite 'lm' scores the run's own validation split (--heldout run); pass --text "
+            print("linrnn-eval: suite 'lm' scores the run's own validation split (--heldout run); pass --text "
                   "or --heldout DATASET_DIR to score other data", file=sys.stderr)
     if shard.leader:
         out.mkdir(parents=True, exist_ok=True)
     context = opts.context or ck.train_context or 512
     start = time.time()
     res: dict[str, Any] = {"kind": "checkpoint_eval", "checkpoint": str(ck.path), "meta": ck.meta,
-                           "train_context": context, "ranks": shard.world, "complete": False, "not_started": [], "stopped_by_time_limit": [],
-                           "results": {}}
+                           "train_context": context, "ranks": shard.world, "complete": False, "not_started": [],
+                           "stopped_by_time_limit": [], "results": {}}
     head = [f"# Checkpoint evaluation: {ck.path}", "", f"- training context: {context} tokens",
             f"- step: {ck.meta.get('step', 'unknown')}", f"- ranks: {shard.world}", ""]
     sections: list[str] = []
@@ -124,8 +124,9 @@ def _text_lm(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, ou
     """Perplexity and bits per byte of the text file, then the length-extrapolation curve."""
     tok = ck.tokenizer
     stream, n_bytes = lm.encode_text(tok, lm.read_text(opts.text), opts.max_tokens)
-    ppl = lm.perplexity(ck.model, stream, n_bytes, context, progress=opts.progress, deadline=deadline, shard=shard,
-                        prefix_bytes=lambda n: len(tok.decode(stream[1:1 + n].tolist()).encode("utf-8")))
+    ppl = lm.perplexity(ck.model, stream, n_bytes, context, progress=opts.progress, deadline=deadline,
+                        prefix_bytes=lambda n: len(tok.decode(stream[1:1 + n].tolist()).encode("utf-8")),
+                        shard=shard)
     r["lm"] = {"text": opts.text, **ppl.to_dict()}
     md = ["## Language modelling", "", "| text | tokens | context | perplexity | bits/byte |", "|---|---|---|---|---|",
           f"| {opts.text} | {ppl.tokens} | {ppl.context} | {ppl.perplexity:.3f} | {ppl.bits_per_byte:.4f} |", ""]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
 from data.tokenizer import Tokenizer
 
 from .tasks import Condition, ModularArithmeticTask, ParityTask
