@@ -102,6 +102,9 @@ class LoggingConfig:
     # a step whose loss is this many standard deviations above the recent steps' mean is
     # reported as a loss spike (pretrain/spikes.py); 0 turns the watch off
     spike_sigma: float = _rng(6.0, ge=0.0)
+    # at each logging step, name a rank whose data loading or forward passes took this many
+    # times the median rank's (pretrain/stragglers.py; ZeRO 0-2 without pipeline); null: off
+    straggler_ratio: float | None = _rng(1.25, gt=1.0)
 
     def check(self) -> None:
         s = self.profile_steps
@@ -150,6 +153,7 @@ class FaultConfig:
     crash_in_save_at_step: int | None = None  # kill the process midway through this save
     oom_at_step: int | None = None  # raise a CUDA out-of-memory error in this step
     hang_at_step: int | None = None  # stop making progress once this many steps are done
+    slow_rank: int | None = None  # this rank's forward passes take 0.2 s longer (a throttled GPU)
 
 
 @dataclass

@@ -32,17 +32,19 @@ from .memory import out_of_memory_message
 from .models.lm import token_loss
 from .optim import set_lr
 from .preemption import REQUEUE_EXIT_CODE, StopFlag
-from .watchdog import Watchdog, stall_forever
 from .profiling import MemoryHistory, StepProfiler
 from .rewind import skip_request
 from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
 from .run_log import RunLog
 from .schedule import lr_at
 from .spikes import SpikeWatch, spike_message
+from .stragglers import RankPace, find_stragglers, gather_paces
 from .validation import (ReplicaShare, forward_losses, pipeline_losses, replica_share, token_sums,
                          val_indices)
+from .watchdog import Watchdog, stall_forever
 
 EXIT_OK, EXIT_FAILED = 0, 1
+SLOW_RANK_S = 0.2  # faults.slow_rank: the extra time of each of that rank's forward passes
 
 
 class TrainError(RuntimeError):
@@ -123,6 +125,7 @@ class Trainer:
         self.resume_from = resume.path if resume is not None else None
         self.log_dir = log_dir(cfg)
         self.dog = Watchdog(None, env.rank)  # watches from the first step on (``run``)
+        self.pace = RankPace(self.dev, enabled=False)  # timing from the first step on (``run``)
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
@@ -288,12 +291,16 @@ class Trainer:
         bad = torch.zeros((), dtype=torch.float64, device=self.dev)
         id_sum = 0.0
         for _ in range(self.eng.grad_accum):
-            b = self.batches.next()
+            with self.pace.data():
+                b = self.batches.next()
             ids = b["input_ids"].to(self.dev, non_blocking=True)
             id_sum += float(b["input_ids"].sum())
             labels = b["labels"].to(self.dev, non_blocking=True)
             cu = b["cu_seqlens"].to(self.dev, non_blocking=True)
-            loss = e(ids, labels, cu)
+            with self.pace.forward():
+                loss = e(ids, labels, cu)
+                if self.cfg.faults.slow_rank == self.env.rank:
+                    time.sleep(SLOW_RANK_S)
             if inject_nan:
                 loss = loss * float("nan")
             value = loss.detach().double()
@@ -417,6 +424,17 @@ class Trainer:
                 self.log.print(f"[val] step {self.step}: loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f})")
                 self.log.write("val", self.step, loss=val)
 
+    def report_stragglers(self, first_step: int) -> None:
+        """Name the ranks whose own work (data, forward) was slow since ``first_step``
+        (``pretrain/stragglers.py``); collective, at the same logging step on every rank."""
+        paces = gather_paces(self.pace)
+        if not self.env.is_main:
+            return
+        for s in find_stragglers(paces, self.cfg.logging.straggler_ratio):
+            self.log.print(f"[train] warning: {s.message(first_step, self.step)}")
+            self.log.write("straggler", self.step, rank=s.rank, host=s.host, work=s.what,
+                           seconds_per_step=s.seconds_per_step, median_per_step=s.median_per_step)
+
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> TrainResult:
@@ -438,6 +456,9 @@ class Trainer:
                        f"grad accum {self.eng.grad_accum}, {self.flops.train / 1e6:.1f} MFLOP/token (fwd+bwd)")
         bad_run = 0
         started_at = self.step
+        self.pace = RankPace(self.dev, enabled=cfg.logging.straggler_ratio is not None and self.env.world_size > 1
+                             and not self.eng.pipelined and cfg.parallel.zero_stage < 3)
+        pace_from = self.step + 1
         window_t, window_steps = time.perf_counter(), 0
         step_seconds = 0.0
         profiler = StepProfiler(cfg.logging.profile_steps, self.log_dir / "profile", self.env.rank, self.log.print)
@@ -463,6 +484,10 @@ class Trainer:
                                                  "faults.oom_at_step)")
                 with profiler.step(self.step + 1):
                     loss, norm, skipped, fingerprint = self.train_step()
+                self.pace.step_done()
+                if self.step == started_at:  # the first step of a start compiles kernels: not compared
+                    self.pace.take()
+                    pace_from = self.step + 2
                 step_seconds = time.perf_counter() - t0
                 lr = lr_at(self.step, cfg.optim, cfg.max_steps)
                 self.step += 1
@@ -497,6 +522,9 @@ class Trainer:
                     rec.update(tokens_per_s=tps, peak_mem_gb=_peak_memory_gb(self.dev), eta_s=round(eta, 1),
                                mfu=(tps * self.flops.train / (self.env.world_size * self.peak)) if self.peak else None)
                     window_t, window_steps = time.perf_counter(), 0
+                    if self.pace.enabled:
+                        self.report_stragglers(pace_from)
+                        pace_from = self.step + 1
                     mfu = f", MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
                     gn = f"{norm:.3f}" if norm is not None else "n/a"
                     self.log.print(f"[train] step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.2e}, "
