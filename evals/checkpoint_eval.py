@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import incontext, lm
 from .checkpoint import LoadedCheckpoint
 from .report import heatmap, line_plot, write_json, write_text
@@ -67,11 +69,15 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
         out.mkdir(parents=True, exist_ok=True)
     context = opts.context or ck.train_context or 512
     start = time.time()
+    weight = next(ck.model.parameters())
+    where = {"device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
+             "torch": torch.__version__}
     res: dict[str, Any] = {"kind": "checkpoint_eval", "checkpoint": str(ck.path), "meta": ck.meta,
-                           "train_context": context, "ranks": shard.world, "complete": False, "not_started": [],
-                           "stopped_by_time_limit": [], "results": {}}
+                           "train_context": context, "ranks": shard.world, **where, "complete": False,
+                           "not_started": [], "stopped_by_time_limit": [], "results": {}}
     head = [f"# Checkpoint evaluation: {ck.path}", "", f"- training context: {context} tokens",
-            f"- step: {ck.meta.get('step', 'unknown')}", f"- ranks: {shard.world}", ""]
+            f"- step: {ck.meta.get('step', 'unknown')}",
+            f"- ranks: {shard.world} on {where['device']} ({where['dtype']}), torch {where['torch']}", ""]
     sections: list[str] = []
 
     def save(complete: bool) -> None:

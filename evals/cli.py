@@ -288,7 +288,7 @@ class _Report:
         header: dict[str, Any] = {
             "model": a.model, "suite": a.suite, "overrides": " ".join(a.override) or "none", "seeds": a.seeds,
             "learning rates": a.lr, "max steps": a.steps, "batch size": a.batch_size, "device": self.device,
-            "ranks": self.world, "time limit (s)": a.time_limit or "none",
+            "torch": torch.__version__, "ranks": self.world, "time limit (s)": a.time_limit or "none",
             "runs finished": f"{len(records)} of {self.n_runs}" + ("" if complete else " (in progress)"),
         }
         stopped = sum(bool(r["train"].get("stopped_by_time_limit")) for r in records)

@@ -252,6 +252,7 @@ def test_checkpoint_suites_split_over_two_ranks_report_what_one_rank_reports(exp
     assert two.stdout.count("wrote ") == 1  # rank 0 alone reports
     one, both = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert both["complete"] and (one["ranks"], both["ranks"]) == (1, 2)
+    assert (both["device"], both["dtype"], both["torch"]) == ("cpu", "float32", torch.__version__)
     assert sorted(both["results"]) == sorted(one["results"])
     expected = _numbers(one["results"])
     assert len(expected) > 40 and _numbers(both["results"]) == pytest.approx(expected, rel=1e-5)
