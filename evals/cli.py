@@ -5,6 +5,7 @@
     linrnn-eval mamba2-tiny --suite mqar -o d_model=64 -o n_layers=2 --lr 1e-3,3e-3 --out out/
 
     linrnn-eval runs/export --suite checkpoint --text heldout.txt --out out/
+    linrnn-eval runs/export --suite lm_eval:lambada_openai,hellaswag --out out/
 
 The model is a preset name, a model YAML, or an exported checkpoint directory (whose
 config is used for the architecture benchmarks; the checkpoint suites lm, passkey,
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="linrnn-eval", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"architecture suites: {', '.join(suites.SUITES)}; "
-                                       f"checkpoint suites: {', '.join(CHECKPOINT_SUITES)}")
+                                       f"checkpoint suites: {', '.join(CHECKPOINT_SUITES)}, and "
+                                       "lm_eval:TASK,TASK (lm-evaluation-harness tasks)")
     p.add_argument("model", help="model preset name, model YAML, or exported checkpoint directory")
     p.add_argument("--suite", required=True, help="suite name(s), comma-separated")
     p.add_argument("--out", required=True, help="output directory for results.json, results.md, plots")
@@ -146,12 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-pairs", type=_ints, default=[4, 8, 16, 32], help="pairs for key-value lookup")
     g.add_argument("--fewshot-lengths", type=_ints, default=[2, 4, 8, 16], help="lengths for few-shot prompts")
     g.add_argument("--shots", type=int, default=8)
+    g = p.add_argument_group("suite lm_eval:TASK,TASK (lm-evaluation-harness tasks on the export's weights)")
+    g.add_argument("--lm-eval-batch-size", type=int, default=8, help="sequences per forward pass")
+    g.add_argument("--lm-eval-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    g.add_argument("--lm-eval-limit", type=float, default=None,
+                   help="documents per task (a fraction if < 1), for a quick look; results then are partial")
+    g.add_argument("--lm-eval-include", default=None, metavar="DIR", help="a folder of extra task YAMLs")
+    g.add_argument("--lm-eval-bootstrap", type=int, default=100000,
+                   help="bootstrap iterations for the standard errors of some metrics (0: none, faster)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (small models on few cores: 1 is often fastest)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
+LM_EVAL_PREFIX = "lm_eval:"  # the suite that runs lm-evaluation-harness tasks: lm_eval:TASK,TASK
 GATHER_GRACE_S = 120.0  # with --time-limit: how long past the deadline rank 0 waits for the other ranks
 GATHER_POLL_S = 2.0
 
@@ -334,6 +345,24 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
     return result if shard.leader else {}  # rank 0 reports
 
 
+def run_lm_eval(args: argparse.Namespace) -> dict:
+    """Suite ``lm_eval:TASK,TASK``: lm-evaluation-harness on the export (``evals.lm_eval_adapter.score``)."""
+    tasks = [t.strip() for t in args.suite[len(LM_EVAL_PREFIX):].split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("suite lm_eval: name the tasks, e.g. --suite lm_eval:lambada_openai,hellaswag")
+    if not Path(args.model).exists() and "/" not in args.model and args.model in _presets():
+        raise CheckpointError(f"suite {args.suite!r} evaluates trained weights: pass an exported checkpoint "
+                              f"directory, not the preset {args.model!r}")
+    try:
+        from .lm_eval_adapter import score
+    except ImportError as e:
+        raise ValueError(f"suite lm_eval needs lm-evaluation-harness: pip install 'lm_eval==0.4.13' ({e})") from None
+    result = score(args.model, tasks, Path(args.out), device=None if args.device == "auto" else args.device,
+                   batch_size=args.lm_eval_batch_size, num_fewshot=args.lm_eval_fewshot, limit=args.lm_eval_limit,
+                   include_path=args.lm_eval_include, bootstrap_iters=args.lm_eval_bootstrap)
+    return result or {}
+
+
 def _presets() -> list[str]:
     from pretrain.config_loader import list_model_presets
 
@@ -356,10 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        names = [s.strip() for s in args.suite.split(",") if s.strip()]
+        lm_eval = args.suite.startswith(LM_EVAL_PREFIX)  # its tasks are comma-separated too
+        names = [] if lm_eval else [s.strip() for s in args.suite.split(",") if s.strip()]
         unknown = [n for n in names if n not in suites.SUITES and n not in CHECKPOINT_SUITES]
-        if unknown or not names:
-            all_suites = [*suites.SUITES, *CHECKPOINT_SUITES]
+        if not lm_eval and (unknown or not names):
+            all_suites = [*suites.SUITES, *CHECKPOINT_SUITES, f"{LM_EVAL_PREFIX}TASK,..."]
             close = difflib.get_close_matches(unknown[0] if unknown else "", all_suites, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown suite {(unknown or [args.suite])[0]!r}{hint}; suites: {', '.join(all_suites)}")
@@ -370,7 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt_suites and len(ckpt_suites) != len(names):
             raise ValueError("run checkpoint suites and architecture benchmarks in separate calls "
                              "(they write the same result files)")
-        result = run_checkpoint(args) if ckpt_suites else run_benchmarks(args)
+        if lm_eval:
+            result = run_lm_eval(args)
+        else:
+            result = run_checkpoint(args) if ckpt_suites else run_benchmarks(args)
     except (ModelSpecError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"linrnn-eval: error: {e}", file=sys.stderr)
         return 2

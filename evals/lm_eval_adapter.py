@@ -16,10 +16,16 @@ one ``step`` per token on a fixed-size state).
 Data parallel: started as N ranks (``python -m launch --nproc N -- linrnn-lm-eval run ...``,
 or srun), each rank loads the model on its own GPU, lm_eval gives each rank every N-th
 document, and the adapter's collectives (gloo) gather the scores on rank 0, which reports.
+
+``score`` is the checkpoint-suite form (``linrnn-eval EXPORT --suite lm_eval:TASK,TASK``, and
+so ``slurm/eval.sbatch`` and the eval sweep): ``results.json`` (each task's metrics) and a
+Markdown table in the output directory, beside the other suites' results.
 """
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .report import write_json, write_text
 from .sharding import rank_device, shard_from_env
 
 
@@ -47,6 +54,7 @@ class LinRNNLM(LM):
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or ck.train_context or 2048)
         self.max_gen_toks = int(max_gen_toks)
+        self.meta = ck.meta  # export.json: the step and tokens seen
 
     # ------------------------------------------------------------------ tokens
 
@@ -163,6 +171,44 @@ class LinRNNLM(LM):
             if u and u in text:
                 text = text[: text.index(u)]
         return text
+
+
+def score(export: str, tasks: list[str], out: Path, *, device: str | None = None, batch_size: int = 8,
+          num_fewshot: int | None = None, limit: float | None = None, include_path: str | None = None,
+          bootstrap_iters: int = 100000) -> dict[str, Any] | None:
+    """lm_eval ``tasks`` on an export, written to ``out/results.json`` and ``results.md`` by rank
+    0 (which returns them; other ranks return None). An unknown task is a ValueError."""
+    from lm_eval import __version__ as lm_eval_version
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    start = time.time()
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"lm_eval has no task {unknown[0]!r} (`lm-eval ls tasks` lists them; --lm-eval-include "
+                         "adds a folder of task YAMLs)")
+    lm = LinRNNLM(pretrained=export, device=device, batch_size=batch_size)
+    res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                          bootstrap_iters=bootstrap_iters, log_samples=False)
+    if res is None:  # not rank 0: lm_eval gathered this rank's scores there
+        return None
+    scores = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+              for task, metrics in res["results"].items()}
+    meta = lm.meta
+    result = {"kind": "lm_eval", "checkpoint": export, "meta": meta, "complete": True, "tasks": tasks,
+              "ranks": lm.world_size, "device": str(lm.device), "lm_eval": lm_eval_version,
+              "num_fewshot": num_fewshot, "limit": limit, "n_shot": res.get("n-shot"),
+              "wall_time_s": round(time.time() - start, 1), "results": scores}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", result)
+    rows = [f"| {task} | {name.split(',')[0]} | {value:.4f} |" for task, metrics in scores.items()
+            for name, value in metrics.items() if "_stderr" not in name]
+    write_text(out / "results.md", "\n".join([f"# lm-evaluation-harness: {export}", "",
+                                                f"- step: {meta.get('step', 'unknown')}; lm_eval {lm_eval_version}; "
+                                                f"{lm.world_size} rank(s) on {lm.device}", "",
+                                                "| task | metric | value |", "|---|---|---|", *rows, ""]))
+    return result
 
 
 def main() -> int:

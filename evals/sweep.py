@@ -53,6 +53,22 @@ def headline(results: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+# lm-evaluation-harness: the metric a task is summarised by, the first it reports of these
+LM_EVAL_HEADLINE = ("acc_norm", "acc", "exact_match", "word_perplexity", "perplexity", "bits_per_byte")
+
+
+def lm_eval_headline(results: dict[str, dict[str, float]]) -> dict[str, float | None]:
+    """One number per lm-evaluation-harness task (``evals.lm_eval_adapter.score`` results)."""
+    out: dict[str, float | None] = {}
+    for task, metrics in sorted(results.items()):
+        named = {k.split(",")[0]: v for k, v in metrics.items() if "_stderr" not in k}
+        for name in LM_EVAL_HEADLINE:
+            if name in named:
+                out[f"{task} {name}"] = named[name]
+                break
+    return out
+
+
 def collect(run_dir: Path, suite: str) -> list[dict[str, Any]]:
     """One row per step directory that has an export or an evaluation, oldest first."""
     exports = run_dir / EXPORTS_DIR
@@ -73,7 +89,8 @@ def collect(run_dir: Path, suite: str) -> list[dict[str, Any]]:
         meta = res.get("meta") or {}
         status = "complete" if res.get("complete", True) else "incomplete (time limit)"
         rows.append({**row, "step": meta.get("step", row["step"]), "tokens_seen": meta.get("tokens_seen"),
-                     "status": status, "scores": headline(res.get("results") or {})})
+                     "status": status, "scores": (lm_eval_headline if res.get("kind") == "lm_eval" else headline)(
+                         res.get("results") or {})})
     return rows
 
 

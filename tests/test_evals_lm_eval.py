@@ -99,8 +99,8 @@ def write_local_tasks(tmp_path) -> None:
 
 
 def test_lm_eval_runs_local_tasks_offline_on_one_rank_and_on_two(exported, tmp_path) -> None:
-    """In process, then as two ranks (``python -m launch --nproc 2`` around the lm_eval CLI):
-    each rank scores half the documents and rank 0 reports the same scores."""
+    """In process, then as the checkpoint suite on two ranks (``python -m launch --nproc 2``):
+    each rank scores half the documents and rank 0 writes the same scores once."""
     out, _, _ = exported
     write_local_tasks(tmp_path)
     lm = LinRNNLM(pretrained=str(out), device="cpu", batch_size=4)
@@ -111,19 +111,35 @@ def test_lm_eval_runs_local_tasks_offline_on_one_rank_and_on_two(exported, tmp_p
     assert r["linrnn_local_rolling"]["bits_per_byte,none"] > 0
     assert 0.0 <= r["linrnn_local_gen"]["exact_match,none"] <= 1.0
 
+    # the checkpoint suite lm_eval:TASKS (what slurm/eval.sbatch and the sweep run), on two ranks
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(tmp_path / "local"), OMP_NUM_THREADS="1")
+    suite = "lm_eval:" + ",".join(LOCAL_TASKS)
     two = subprocess.run([sys.executable, "-m", "launch", "--nproc", "2", "--quiet", "--", sys.executable, "-m",
-                          "evals.lm_eval_adapter", "run", "--model", "linrnn", "--model_args", f"pretrained={out}",
-                          "--tasks", ",".join(LOCAL_TASKS), "--include_path", str(tmp_path), "--device", "cpu",
-                          "--batch_size", "4", "--output_path", str(tmp_path / "two")],
+                          "evals.cli", str(out), "--suite", suite, "--out", str(tmp_path / "two"), "--device", "cpu",
+                          "--lm-eval-batch-size", "4", "--lm-eval-include", str(tmp_path), "--lm-eval-bootstrap", "0"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    (written,) = (tmp_path / "two").rglob("results_*.json")  # rank 0 alone writes
-    both = json.loads(written.read_text())["results"]
+    assert two.stdout.count("wrote ") == 1  # rank 0 reports
+    data = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert data["kind"] == "lm_eval" and data["complete"] and data["ranks"] == 2 and data["tasks"] == LOCAL_TASKS
     for task, metric in (("linrnn_local_choice", "acc,none"), ("linrnn_local_rolling", "bits_per_byte,none"),
                          ("linrnn_local_rolling", "word_perplexity,none"), ("linrnn_local_gen", "exact_match,none")):
-        assert both[task][metric] == pytest.approx(r[task][metric], rel=1e-5), (task, metric)
+        assert data["results"][task][metric] == pytest.approx(r[task][metric], rel=1e-5), (task, metric)
+    assert "| linrnn_local_choice | acc |" in (tmp_path / "two" / "results.md").read_text()
+
+
+def test_the_lm_eval_suite_refuses_unknown_tasks_and_presets(exported, tmp_path, capsys) -> None:
+    from evals.cli import main as eval_main
+
+    out, _, _ = exported
+    assert eval_main([str(out), "--suite", "lm_eval:no_such_task", "--out", str(tmp_path / "a"),
+                      "--lm-eval-include", str(tmp_path)]) == 2
+    assert "lm_eval has no task 'no_such_task'" in capsys.readouterr().err
+    assert eval_main(["mamba2-tiny", "--suite", "lm_eval:lambada_openai", "--out", str(tmp_path / "b")]) == 2
+    assert "not the preset 'mamba2-tiny'" in capsys.readouterr().err
+    assert eval_main([str(out), "--suite", "lm_eval:", "--out", str(tmp_path / "c")]) == 2
+    assert "name the tasks" in capsys.readouterr().err
 
 
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, monkeypatch, capsys) -> None:

@@ -56,3 +56,21 @@ def test_several_suites_are_read_where_eval_sbatch_writes_them(tmp_path, suite):
     (d / "results.json").write_text(json.dumps(_results(5, 99.0, [[1.0, 1.0], [1.0, 1.0]])))
     assert main([str(tmp_path), "--suite", suite]) == 0
     assert (tmp_path / "exports" / "sweep-lm+passkey.md").read_text().count("| step_00000005 | 5,000 | complete") == 1
+
+
+def test_lm_eval_results_are_summarised_by_one_metric_per_task(tmp_path):
+    """Suite lm_eval:TASKS (evals.lm_eval_adapter.score): acc_norm before acc, perplexities for
+    tasks without accuracy; standard errors are left out."""
+    suite = "lm_eval:hellaswag,lambada_openai,wikitext"
+    for step, acc in ((10, 0.25), (20, 0.31)):
+        d = tmp_path / "exports" / f"step_{step:08d}" / "eval" / suite.replace(",", "+")
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({
+            "kind": "lm_eval", "meta": {"step": step, "tokens_seen": step * 1000}, "complete": True,
+            "results": {"hellaswag": {"acc,none": acc, "acc_norm,none": acc + 0.02, "acc_norm_stderr,none": 0.01},
+                        "lambada_openai": {"perplexity,none": 40.0 - step, "acc,none": acc * 2},
+                        "wikitext": {"word_perplexity,none": 90.0, "bits_per_byte,none": 1.2}}}))
+    assert main([str(tmp_path), "--suite", suite]) == 0
+    summary = json.loads((tmp_path / "exports" / "sweep-lm_eval:hellaswag+lambada_openai+wikitext.json").read_text())
+    assert summary["metrics"] == ["hellaswag acc_norm", "lambada_openai acc", "wikitext word_perplexity"]
+    assert [c["scores"]["hellaswag acc_norm"] for c in summary["checkpoints"]] == pytest.approx([0.27, 0.33])
