@@ -164,6 +164,13 @@ def test_eval_script_on_an_export_passes_suite_and_options(tmp_path):
     first = calls.read_text().splitlines()[0]
     assert first.endswith(f"-m evals.cli {export} --suite parity --out {export}/eval/parity --no-progress "
                           "--seeds 0,1"), first
+    # lm-evaluation-harness tasks: one suite, its comma-separated tasks in one results folder
+    calls.unlink()
+    r = subprocess.run(["bash", str(SLURM / "eval.sbatch"), str(export), "lm_eval:piqa,arc_easy"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    first = calls.read_text().splitlines()[0]
+    assert first.endswith(f"--suite lm_eval:piqa,arc_easy --out {export}/eval/lm_eval:piqa+arc_easy --no-progress")
 
 
 def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_path):
