@@ -193,7 +193,7 @@ def score(export: str, tasks: list[str], out: Path, *, device: str | None = None
                           bootstrap_iters=bootstrap_iters, log_samples=False)
     if res is None:  # not rank 0: lm_eval gathered this rank's scores there
         return None
-    scores = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+    scores = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}  # not the alias
               for task, metrics in res["results"].items()}
     meta = lm.meta
     result = {"kind": "lm_eval", "checkpoint": export, "meta": meta, "complete": True, "tasks": tasks,
