@@ -72,6 +72,10 @@ class Shard:
             leading.append(merged[len(leading)])
         return leading, stopped
 
+    def leader_says(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank: a decision only rank 0 can take (it alone writes)."""
+        return self._all(value)[0]
+
     def time_is_up(self, deadline: float | None) -> bool:
         """Whether any rank's clock is past the deadline (all ranks get the same answer)."""
         return any(self._all(time_is_up(deadline)))

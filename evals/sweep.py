@@ -8,7 +8,9 @@ array tasks write; ``eval_sweep.sh`` also runs this once they are done) and writ
 with each checkpoint eval's headline numbers (``headline``), and one panel per number
 against tokens seen. A checkpoint whose evaluation is missing or stopped early is listed
 as such, so a table never hides a gap. Without SLURM, ``--evaluate`` first exports and
-evaluates here every complete checkpoint that has no complete evaluation yet.
+evaluates here every complete checkpoint that has no complete evaluation yet, on all the
+GPUs of a box under ``python -m launch --nproc N`` (rank 0 exports, every rank scores its
+share of each evaluation, rank 0 writes).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Any
 from pretrain.export import EXPORTS_DIR
 
 from .report import write_json, write_text
+from .sharding import Shard, shard_from_env
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -159,39 +162,48 @@ def summarise(run_dir: Path, suite: str) -> dict[str, Any]:
     return summary
 
 
-def evaluate_missing(run_dir: Path, suite: str, eval_args: list[str]) -> list[str]:
+def evaluate_missing(run_dir: Path, suite: str, eval_args: list[str], shard: Shard = Shard()) -> list[str]:
     """Export and evaluate, one after another in this process, every complete checkpoint of
     the run without a complete evaluation (what ``slurm/eval_sweep.sh`` does as a job array);
     returns the checkpoints evaluated. A checkpoint whose evaluation fails is reported and
-    the others go on (the summary lists it as not evaluated)."""
+    the others go on (the summary lists it as not evaluated). Under several ranks, rank 0
+    exports and decides, and every rank takes its share of each evaluation."""
     from launch.checkpoints import complete_checkpoints
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.export import export_checkpoint, export_is_current
 
     from .cli import main as eval_main
 
     done = []
-    for step in complete_checkpoints(run_dir):
+    steps = shard.leader_says([str(s) for s in complete_checkpoints(run_dir)] if shard.leader else None)
+    for step in map(Path, steps):
         export = run_dir / EXPORTS_DIR / step.name
         out = export / "eval" / suite.replace(",", "+")
-        try:
-            if not export_is_current(step, export):  # none yet, or of an earlier save of this step
-                print(f"linrnn-eval-sweep: exporting {step} -> {export}", file=sys.stderr)
-                export_checkpoint(step, export)  # drops the evaluations of a replaced export
-        except CheckpointError as e:  # pruned by a running training job meanwhile, say
-            print(f"linrnn-eval-sweep: {step.name} skipped: {e}", file=sys.stderr)
+        if not shard.leader_says(_needs_evaluation(step, export, out) if shard.leader else None):
             continue
-        try:
-            if json.loads((out / "results.json").read_text()).get("complete", True):
-                continue
-        except (OSError, json.JSONDecodeError):
-            pass
-        print(f"linrnn-eval-sweep: evaluating {step.name} (suite {suite})", file=sys.stderr)
+        if shard.leader:
+            print(f"linrnn-eval-sweep: evaluating {step.name} (suite {suite})", file=sys.stderr)
         if eval_main([str(export), "--suite", suite, "--out", str(out), *eval_args]) == 0:
             done.append(step.name)
         else:
             print(f"linrnn-eval-sweep: the evaluation of {step.name} failed (see above)", file=sys.stderr)
     return done
+
+
+def _needs_evaluation(step: Path, export: Path, out: Path) -> bool:
+    """Export ``step`` unless its export is current; whether it still lacks a complete evaluation."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.export import export_checkpoint, export_is_current
+
+    try:
+        if not export_is_current(step, export):  # none yet, or of an earlier save of this step
+            print(f"linrnn-eval-sweep: exporting {step} -> {export}", file=sys.stderr)
+            export_checkpoint(step, export)  # drops the evaluations of a replaced export
+    except CheckpointError as e:  # pruned by a running training job meanwhile, say
+        print(f"linrnn-eval-sweep: {step.name} skipped: {e}", file=sys.stderr)
+        return False
+    try:
+        return not json.loads((out / "results.json").read_text()).get("complete", True)
+    except (OSError, json.JSONDecodeError):
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,8 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="first export and evaluate here, one by one, every complete checkpoint not yet evaluated")
     args = p.parse_args(argv)
     try:
+        shard = shard_from_env() if args.evaluate else Shard()
         if args.evaluate:
-            evaluate_missing(Path(args.run_dir), args.suite, eval_args)
+            evaluate_missing(Path(args.run_dir), args.suite, eval_args, shard)
+        if not shard.leader:  # rank 0 writes the summary
+            return 0
         summary = summarise(Path(args.run_dir), args.suite)
     except ValueError as e:
         print(f"linrnn-eval-sweep: error: {e}", file=sys.stderr)
