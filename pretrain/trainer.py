@@ -424,12 +424,13 @@ class Trainer:
                 self.log.print(f"[val] step {self.step}: loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f})")
                 self.log.write("val", self.step, loss=val)
 
-    def report_stragglers(self, first_step: int) -> None:
-        """Name the ranks whose own work (data, forward) was slow since ``first_step``
-        (``pretrain/stragglers.py``); collective, at the same logging step on every rank."""
+    def report_stragglers(self) -> None:
+        """Name the ranks whose own work (data, forward) was slow in the steps since the last
+        report (``pretrain/stragglers.py``); collective, at the same logging step on every rank."""
         paces = gather_paces(self.pace)
         if not self.env.is_main:
             return
+        first_step = self.step - paces[0][3] + 1  # the window's steps, the same on every rank
         for s in find_stragglers(paces, self.cfg.logging.straggler_ratio):
             self.log.print(f"[train] warning: {s.message(first_step, self.step)}")
             self.log.write("straggler", self.step, rank=s.rank, host=s.host, work=s.what,
@@ -458,7 +459,6 @@ class Trainer:
         started_at = self.step
         self.pace = RankPace(self.dev, enabled=cfg.logging.straggler_ratio is not None and self.env.world_size > 1
                              and not self.eng.pipelined and cfg.parallel.zero_stage < 3)
-        pace_from = self.step + 1
         window_t, window_steps = time.perf_counter(), 0
         step_seconds = 0.0
         profiler = StepProfiler(cfg.logging.profile_steps, self.log_dir / "profile", self.env.rank, self.log.print)
@@ -487,7 +487,6 @@ class Trainer:
                 self.pace.step_done()
                 if self.step == started_at:  # the first step of a start compiles kernels: not compared
                     self.pace.take()
-                    pace_from = self.step + 2
                 step_seconds = time.perf_counter() - t0
                 lr = lr_at(self.step, cfg.optim, cfg.max_steps)
                 self.step += 1
@@ -523,8 +522,7 @@ class Trainer:
                                mfu=(tps * self.flops.train / (self.env.world_size * self.peak)) if self.peak else None)
                     window_t, window_steps = time.perf_counter(), 0
                     if self.pace.enabled:
-                        self.report_stragglers(pace_from)
-                        pace_from = self.step + 1
+                        self.report_stragglers()
                     mfu = f", MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
                     gn = f"{norm:.3f}" if norm is not None else "n/a"
                     self.log.print(f"[train] step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.2e}, "

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,13 +20,13 @@ from evals.cli import main
 from pretrain import export
 from pretrain.config_loader import dump_config, load_model_config
 from pretrain.models import build_model
+from launching import run_launched
 
 WORDS = ("house river green stone light water table music garden window little yellow forest silver "
          "market winter summer bridge castle dragon island rocket planet orange purple mountain").split()
 
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def corpus(n: int, seed: int) -> str:
@@ -243,11 +240,7 @@ def test_checkpoint_suites_split_over_two_ranks_report_what_one_rank_reports(exp
             "0,1", "--trials", "3", "--kv-pairs", "2,4", "--fewshot-lengths", "2,4", "--shots", "2",
             "--device", "cpu", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(tmp_path / "local"), OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "launch", "--nproc", "2", "--quiet", "--", sys.executable, "-m",
-                          "evals.cli", *args, "--out", str(tmp_path / "two"), "--threads", "1"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    two = run_launched(tmp_path, 2, "evals.cli", *args, "--out", str(tmp_path / "two"), "--threads", "1")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote ") == 1  # rank 0 alone reports
     one, both = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +16,10 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from evals.lm_eval_adapter import LinRNNLM  # noqa: E402
+from launching import run_launched  # noqa: E402
 from test_evals_checkpoint import exported  # noqa: E402,F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def req(kind: str, args: tuple) -> Instance:
@@ -112,13 +108,10 @@ def test_lm_eval_runs_local_tasks_offline_on_one_rank_and_on_two(exported, tmp_p
     assert 0.0 <= r["linrnn_local_gen"]["exact_match,none"] <= 1.0
 
     # the checkpoint suite lm_eval:TASKS (what slurm/eval.sbatch and the sweep run), on two ranks
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(tmp_path / "local"), OMP_NUM_THREADS="1")
     suite = "lm_eval:" + ",".join(LOCAL_TASKS)
-    two = subprocess.run([sys.executable, "-m", "launch", "--nproc", "2", "--quiet", "--", sys.executable, "-m",
-                          "evals.cli", str(out), "--suite", suite, "--out", str(tmp_path / "two"), "--device", "cpu",
-                          "--lm-eval-batch-size", "4", "--lm-eval-include", str(tmp_path), "--lm-eval-bootstrap", "0"],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    two = run_launched(tmp_path, 2, "evals.cli", str(out), "--suite", suite, "--out", str(tmp_path / "two"),
+                       "--device", "cpu", "--lm-eval-batch-size", "4", "--lm-eval-include", str(tmp_path),
+                       "--lm-eval-bootstrap", "0")
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote ") == 1  # rank 0 reports
     data = json.loads((tmp_path / "two" / "results.json").read_text())

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +17,8 @@ from pretrain.models import build_model
 from pretrain.preemption import REQUEUE_EXIT_CODE
 from pretrain.run_log import read_metrics
 from pretrain.trainer import train
-from test_train_common import ROOT, fingerprints, losses, snapshot, train_cli, write_config
+from launching import run_launched
+from test_train_common import fingerprints, losses, snapshot, train_cli, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -260,11 +258,7 @@ def test_every_checkpoint_of_a_run_is_evaluated_and_summarised_without_slurm(tmp
     # the same on two ranks (one box, python -m launch): rank 0 exports, both score, rank 0 writes
     two = tmp_path / "two"
     shutil.copytree(ref_tmp / "ckpt", two, ignore=shutil.ignore_patterns(".train.lock", "exports"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(tmp_path / "local"), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "launch", "--nproc", "2", "--quiet", "--", sys.executable, "-m",
-                        "evals.sweep", str(two), *args[1:]], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=600)
+    r = run_launched(tmp_path, 2, "evals.sweep", str(two), *args[1:])
     assert r.returncode == 0 and r.stdout.count("wrote ") == 4, r.stderr[-3000:]  # 3 evaluations + the table
     assert [r.stderr.count(f"evaluating step_{s:08d}") for s in (2, 4, 6)] == [1] * 3
     rows = json.loads((two / "exports" / "sweep-lm.json").read_text())["checkpoints"]
