@@ -330,9 +330,7 @@ class _Report:
 
 def run_checkpoint(args: argparse.Namespace) -> dict:
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
-    if not Path(args.model).exists() and "/" not in args.model and args.model in _presets():
-        raise CheckpointError(f"suite {args.suite!r} evaluates trained weights: pass an exported checkpoint "
-                              f"directory, not the preset {args.model!r}")
+    _refuse_preset(args)
     shard = shard_from_env()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ck = load_checkpoint(args.model, device=rank_device(device))
@@ -350,9 +348,7 @@ def run_lm_eval(args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.suite[len(LM_EVAL_PREFIX):].split(",") if t.strip()]
     if not tasks:
         raise ValueError("suite lm_eval: name the tasks, e.g. --suite lm_eval:lambada_openai,hellaswag")
-    if not Path(args.model).exists() and "/" not in args.model and args.model in _presets():
-        raise CheckpointError(f"suite {args.suite!r} evaluates trained weights: pass an exported checkpoint "
-                              f"directory, not the preset {args.model!r}")
+    _refuse_preset(args)
     try:
         from .lm_eval_adapter import score
     except ImportError as e:
@@ -361,6 +357,13 @@ def run_lm_eval(args: argparse.Namespace) -> dict:
                    batch_size=args.lm_eval_batch_size, num_fewshot=args.lm_eval_fewshot, limit=args.lm_eval_limit,
                    include_path=args.lm_eval_include, bootstrap_iters=args.lm_eval_bootstrap)
     return result or {}
+
+
+def _refuse_preset(args: argparse.Namespace) -> None:
+    """The checkpoint suites score trained weights: a preset name has none."""
+    if not Path(args.model).exists() and "/" not in args.model and args.model in _presets():
+        raise CheckpointError(f"suite {args.suite!r} evaluates trained weights: pass an exported checkpoint "
+                              f"directory, not the preset {args.model!r}")
 
 
 def _presets() -> list[str]:

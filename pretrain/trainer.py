@@ -124,13 +124,15 @@ class Trainer:
         self.info, self.resume = info, resume
         self.resume_from = resume.path if resume is not None else None
         self.log_dir = log_dir(cfg)
-        self.dog = Watchdog(None, env.rank)  # watches from the first step on (``run``)
-        self.pace = RankPace(self.dev, enabled=False)  # timing from the first step on (``run``)
+        self.dog = Watchdog(cfg.hang_timeout_s, env.rank)  # watches inside ``run``'s loop only
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
         init_from = cfg.checkpoint.init_from if resume is None else None  # a run's own checkpoint wins
         self.eng: Engine = build_engine(cfg, env.world_size, init_from, restoring=resume is not None)
+        # each rank's own work, compared across ranks (collective-free only with ZeRO 0-2, no pipeline)
+        self.pace = RankPace(self.dev, enabled=cfg.logging.straggler_ratio is not None and env.world_size > 1
+                             and not self.eng.pipelined and cfg.parallel.zero_stage < 3)
         if init_from:
             meta = info.get("init_from") or {}
             self.log.print(f"[train] weights from {init_from} (step {meta.get('step')} of its run, "
@@ -457,14 +459,10 @@ class Trainer:
                        f"grad accum {self.eng.grad_accum}, {self.flops.train / 1e6:.1f} MFLOP/token (fwd+bwd)")
         bad_run = 0
         started_at = self.step
-        self.pace = RankPace(self.dev, enabled=cfg.logging.straggler_ratio is not None and self.env.world_size > 1
-                             and not self.eng.pipelined and cfg.parallel.zero_stage < 3)
         window_t, window_steps = time.perf_counter(), 0
         step_seconds = 0.0
         profiler = StepProfiler(cfg.logging.profile_steps, self.log_dir / "profile", self.env.rank, self.log.print)
-        watchdog = Watchdog(cfg.hang_timeout_s, self.env.rank)
-        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler), watchdog:
-            self.dog = watchdog
+        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler), self.dog:
             while self.step < cfg.max_steps:
                 first = " (the first of this start: kernels compile)" if self.step == started_at else ""
                 self.dog.beat(f"running step {self.step + 1}{first}")

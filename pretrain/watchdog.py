@@ -38,6 +38,7 @@ class Watchdog:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Watchdog:
+        self.last = time.monotonic()  # the watch starts now, however long ago it was made
         if self.timeout is not None:
             self._arm_backstop()
             self._thread = threading.Thread(target=self._watch, name="linrnn-watchdog", daemon=True)
