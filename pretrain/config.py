@@ -153,6 +153,7 @@ class FaultConfig:
     crash_in_save_at_step: int | None = None  # kill the process midway through this save
     oom_at_step: int | None = None  # raise a CUDA out-of-memory error in this step
     hang_at_step: int | None = None  # stop making progress once this many steps are done
+    hang_in_restore: bool = False  # stop making progress while restoring a checkpoint (a dead file system)
     slow_rank: int | None = None  # this rank's forward passes take 0.2 s longer (a throttled GPU)
 
 

@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import run_lock, universal
 from .config import RunConfig
 from .config_loader import config_to_dict, dump_config
-from .distributed import DistEnv, device, init_distributed
+from .distributed import DistEnv, device, env_from_launcher, init_distributed
 from .engine import Engine, build_engine
 from .flops import device_peak_flops, flops_per_token
 from .memory import out_of_memory_message
@@ -118,13 +118,13 @@ class Batches:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, info: dict[str, Any], resume: ResumePoint | None):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: RunConfig, env: DistEnv, info: dict[str, Any], resume: ResumePoint | None,
+                 dog: Watchdog):
+        self.cfg, self.env, self.dog = cfg, env, dog
         self.dev = device()
         self.info, self.resume = info, resume
         self.resume_from = resume.path if resume is not None else None
         self.log_dir = log_dir(cfg)
-        self.dog = Watchdog(cfg.hang_timeout_s, env.rank)  # watches inside ``run``'s loop only
         self.log = RunLog(self.log_dir, enabled=env.is_main, tensorboard=cfg.logging.tensorboard,
                           wandb_project=cfg.logging.wandb_project, run_name=cfg.name,
                           config=config_to_dict(cfg))
@@ -164,6 +164,9 @@ class Trainer:
         path = self.resume_from
         if path is None:
             return
+        self.dog.beat(f"restoring the checkpoint {path}")
+        if self.cfg.faults.hang_in_restore:
+            stall_forever()
         state = ckpt.read_run_state(path)  # zero_stage and pipeline_stages match (run_checks)
         saved_stage = self.cfg.parallel.zero_stage
         same_world = state.get("world_size") == self.env.world_size
@@ -176,7 +179,9 @@ class Trainer:
                 if self.eng.pipelined else ""
             self.log.print(f"[train] elastic resume: {state.get('world_size')} -> {self.env.world_size} ranks{stages}, "
                            f"ZeRO-{saved_stage} state via a universal checkpoint")
-            universal.ensure(path, self.env.rank, log=self.log.print)
+            with self.dog.paused("making the universal checkpoint"):  # its time grows with the model
+                universal.ensure(path, self.env.rank, log=self.log.print)
+            self.dog.beat(f"restoring the checkpoint {path}")
         ckpt.load_engine_state(self.eng.engine, path, universal=elastic)
         ckpt.check_all_restored(self.eng.engine.module, path)
         rng = ckpt.load_rng(path, self.env.rank)
@@ -212,6 +217,7 @@ class Trainer:
             self.batches.next()
             now = time.perf_counter()
             if now - last >= 30 and i + 1 < total:
+                self.dog.beat(f"skipping data ({i + 1}/{total} micro-batches)")
                 rate = (i + 1) / (now - start)
                 self.log.print(f"[train] skipped {i + 1}/{total} micro-batches, ETA {_duration((total - i - 1) / rate)}")
                 last = now
@@ -462,7 +468,7 @@ class Trainer:
         window_t, window_steps = time.perf_counter(), 0
         step_seconds = 0.0
         profiler = StepProfiler(cfg.logging.profile_steps, self.log_dir / "profile", self.env.rank, self.log.print)
-        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler), self.dog:
+        with StopFlag(cfg.wall_clock_budget_s, self.dev) as stop, contextlib.closing(profiler):
             while self.step < cfg.max_steps:
                 first = " (the first of this start: kernels compile)" if self.step == started_at else ""
                 self.dog.beat(f"running step {self.step + 1}{first}")
@@ -550,18 +556,27 @@ def log_dir(cfg: RunConfig) -> Path:
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the configured job in this process; collective over all ranks."""
     info, _ = start_checks(cfg)  # refuse bad input before touching anything
-    env = init_distributed()
+    # watched from the start: a rendezvous or a file system read can hang as well as a step
+    with Watchdog(cfg.hang_timeout_s, env_from_launcher()[0]) as dog:
+        dog.beat("joining the process group")
+        env = init_distributed()
+        return _train_in_group(cfg, info, env, dog)
+
+
+def _train_in_group(cfg: RunConfig, info: dict[str, Any], env: DistEnv, dog: Watchdog) -> TrainResult:
     if cfg.parallel.pipeline_stages > 1:
         from .pipeline import check_pipeline
 
         check_pipeline(cfg, env.world_size)
-    lock = run_lock.lock_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock_wait_s, env.is_main)
+    with dog.paused("waiting for the run lock"):  # as long as checkpoint.lock_wait_s says
+        lock = run_lock.lock_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock_wait_s, env.is_main)
     memory = MemoryHistory(cfg.logging.memory_snapshot, log_dir(cfg) / "memory", env.rank, print)
     trainer = None
     try:
         # again, under the lock: a job we waited for may have saved a newer checkpoint
         resume = check_resume(cfg, info)
-        trainer = Trainer(cfg, env, info, resume)
+        dog.beat("building the model, optimizer and DeepSpeed engine")
+        trainer = Trainer(cfg, env, info, resume, dog)
         return trainer.run()
     except torch.OutOfMemoryError as e:
         where = f"at step {trainer.step + 1}" if trainer is not None else "while building the model and optimizer"

@@ -4,22 +4,26 @@ until the job's time limit.
 Why: a rank stuck in a hung collective, a stalled remote read or a dead file system raises
 no error; the other ranks wait with it (DeepSpeed's collectives give up after 30 minutes at
 best, some waits never do), and a 64-GPU job can spend its whole allocation doing nothing.
-The trainer calls ``beat(what)`` as it goes (each step, validation, save). A daemon thread
+The trainer calls ``beat(what)`` as it goes (joining the process group, building the model,
+restoring a checkpoint, each step, validation, save). A daemon thread
 watches the time since the last beat; past ``hang_timeout_s`` it prints what the rank was
 doing, every thread's stack (``faulthandler``) and exits with ``HANG_EXIT_CODE``: the job
 fails, and ``slurm/pretrain.sbatch`` requeues it if this start saved a checkpoint, to
 resume from the newest complete one. ``faulthandler.dump_traceback_later`` is armed
 ``BACKSTOP_S`` later as well: it needs no GIL, so even a rank stuck in C code that holds
-the GIL ends (with exit code 1).
+the GIL ends (with exit code 1). Waits whose length is set elsewhere (the run lock's
+``lock_wait_s``, an elastic resume's checkpoint conversion, which grows with the model) run
+under ``paused``.
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 HANG_EXIT_CODE = 3
 BACKSTOP_S = 120.0
@@ -34,6 +38,7 @@ class Watchdog:
         self.timeout, self.rank, self.log, self.exit = timeout_s, rank, log, exit
         self.poll = poll_s if poll_s is not None else min(30.0, (timeout_s or 0) / 10)
         self.what, self.last = "starting", time.monotonic()
+        self._paused = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -54,8 +59,21 @@ class Watchdog:
     def beat(self, what: str) -> None:
         """Progress: the rank is now doing ``what`` (said in the message if it never ends)."""
         self.what, self.last = what, time.monotonic()
-        if self._thread is not None and not self._stopped.is_set():
+        if self._thread is not None and not self._stopped.is_set() and not self._paused:
             self._arm_backstop()
+
+    @contextlib.contextmanager
+    def paused(self, what: str) -> Iterator[None]:
+        """Not watched while ``what`` runs; the watch restarts (a beat) when it ends."""
+        self._paused = True
+        if self._thread is not None:
+            faulthandler.cancel_dump_traceback_later()
+        try:
+            yield
+        finally:
+            self.last = time.monotonic()  # before the watch resumes: the pause is not idle time
+            self._paused = False
+            self.beat(f"{what} (done)")
 
     def _arm_backstop(self) -> None:
         faulthandler.dump_traceback_later(self.timeout + BACKSTOP_S, exit=True, file=_stderr())
@@ -63,7 +81,7 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stopped.wait(self.poll):
             idle = time.monotonic() - self.last
-            if idle < self.timeout:
+            if self._paused or idle < self.timeout:
                 continue
             self.log(f"[watchdog] rank {self.rank}: no progress for {idle:.0f} s (hang_timeout_s={self.timeout:g}) "
                      f"while {self.what}. Every thread's stack follows; exiting with {HANG_EXIT_CODE}. The "
@@ -82,6 +100,7 @@ def _stderr():
 
 
 def stall_forever() -> None:
-    """The fault drill's stand-in for a hung collective (``faults.hang_at_step``)."""
+    """The fault drill's stand-in for a hung collective or file system read
+    (``faults.hang_at_step``, ``faults.hang_in_restore``)."""
     while True:
         time.sleep(1.0)

@@ -50,7 +50,8 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, re
 def test_a_hung_rank_is_ended_with_its_stacks_and_the_rerun_resumes(tmp_path, reference):
     """faults.hang_at_step stalls the rank once step 3 is done, as a hung collective would: the
     watchdog ends it after hang_timeout_s with exit code 3, says what the rank was doing and
-    prints every thread's stack; the checkpoint of step 2 stands and the rerun matches."""
+    prints every thread's stack; the checkpoint of step 2 stands, a restart whose restore hangs
+    ends the same way, and the rerun matches."""
     from pretrain.watchdog import HANG_EXIT_CODE
 
     _, ref = reference
@@ -61,6 +62,12 @@ def test_a_hung_rank_is_ended_with_its_stacks_and_the_rerun_resumes(tmp_path, re
                      r.stdout)
     assert "stall_forever" in r.stderr and "linrnn-watchdog" not in r.stdout  # the stacks, on stderr
     root = tmp_path / "ckpt"
+    assert ckpt.newest_complete(root).name == "step_00000002"
+    # start-up is watched too: a restore that never returns (a dead file system) ends the same way
+    r = train_cli(cfg, "faults.hang_in_restore=true", "hang_timeout_s=5")
+    assert r.returncode == HANG_EXIT_CODE, r.stderr[-3000:]
+    assert re.search(r"\[watchdog\] rank 0: no progress for \d+ s \(hang_timeout_s=5\) while restoring the "
+                     r"checkpoint \S+step_00000002\.", r.stdout)
     assert ckpt.newest_complete(root).name == "step_00000002"
     r = train_cli(cfg)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -543,12 +543,15 @@ def test_rewinds_in_quick_succession_keep_every_moved_branch(tmp_path):
 
 
 def test_the_watchdog_ends_a_rank_only_when_its_beats_stop() -> None:
-    """Beats keep it quiet; without one for hang_timeout_s it says what the rank was doing and
-    exits with HANG_EXIT_CODE; none (timeout None) watches nothing."""
+    """Beats keep it quiet, and a pause stops the watch; without a beat for hang_timeout_s it
+    says what the rank was doing and exits with HANG_EXIT_CODE; none (timeout None) watches
+    nothing."""
     from pretrain.watchdog import HANG_EXIT_CODE, Watchdog
 
     said, codes = [], []
     with Watchdog(0.4, rank=3, log=said.append, exit=codes.append, poll_s=0.02) as dog:
+        with dog.paused("waiting for the run lock"):  # a wait with its own limit: not watched
+            time.sleep(0.8)
         for i in range(10):  # 1 s of steady progress
             dog.beat(f"running step {i + 1}")
             time.sleep(0.1)
