@@ -5,6 +5,11 @@ Local files are read one by one in streaming mode (no Arrow cache is written), w
 hub's offline flags set, so a local source never touches the network and every error can
 name the file it came from.
 
+Files are read once each, in the order given: a file named twice (``dir,dir/*.jsonl``) is
+read at its first mention. A directory is expanded to the corpus files below it, except
+hidden ones (``.name``, or under a ``.name`` directory such as ``.ipynb_checkpoints``): name
+such a file explicitly to read it.
+
 Also here: ``input_fingerprint`` (each file's path, size and mtime; what a prepared
 dataset records so a rerun notices changed inputs) and ``sample_documents`` (a seeded
 sample spread over the whole corpus, for tokenizer training).
@@ -14,7 +19,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import glob
+import io
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +38,7 @@ _EXT_FORMATS = {
     ".csv": "csv", ".txt": "text", ".text": "text", ".md": "text",
 }
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,7 +68,11 @@ def _file_format(path: Path, forced: str) -> str | None:
 
 
 def resolve_corpus(cfg: CorpusConfig) -> ResolvedCorpus:
-    """Expand ``cfg.source`` into readable files (or a hub name); DataError when it cannot."""
+    """Expand ``cfg.source`` into readable files (or a hub name); DataError when it cannot.
+
+    Each file counts once (by real path, at its first mention), so overlapping inputs never
+    duplicate documents (nor leak copies of training documents into validation).
+    """
     source = cfg.source.strip()
     if not source:
         raise DataError("no corpus given: pass --input PATH (file, directory or glob) or hub:NAME")
@@ -71,36 +83,61 @@ def resolve_corpus(cfg: CorpusConfig) -> ResolvedCorpus:
         return ResolvedCorpus("hub", [], hub_name=name)
     files: list[tuple[Path, str]] = []
     for part in (p.strip() for p in source.split(",")):
-        if not part:
-            continue
-        expanded = os.path.expanduser(part)
-        if glob.has_magic(expanded):
-            matches = sorted(glob.glob(expanded, recursive=True))
-            if not matches:
-                raise DataError(f"no files match {part!r}: check the pattern and the directory")
-            candidates = [Path(m) for m in matches if os.path.isfile(m)]
-        elif os.path.isdir(expanded):
-            candidates = sorted(p for p in Path(expanded).rglob("*") if p.is_file())
-            candidates = [p for p in candidates if _file_format(p, cfg.format)]
-            if not candidates:
-                raise DataError(
-                    f"directory {part!r} holds no jsonl/json/parquet/csv/txt files: "
-                    "point --input at the files or pass --format")
-        elif os.path.exists(expanded):
-            candidates = [Path(expanded)]
-        else:
-            raise DataError(f"corpus path {part!r} does not exist: check the path "
-                            f"(hub datasets are written {HUB_PREFIX}NAME)")
-        for path in candidates:
-            fmt = _file_format(path, cfg.format)
-            if fmt is None:
-                raise DataError(f"cannot tell the format of {str(path)!r} from its name: pass --format")
-            if not os.access(path, os.R_OK):
-                raise DataError(f"corpus file {str(path)!r} is not readable: fix its permissions")
-            files.append((path, fmt))
+        if part:
+            files += [(path, _checked_format(path, cfg)) for path in _expand(part, cfg)]
     if not files:
         raise DataError(f"corpus {source!r} names no files")
-    return ResolvedCorpus("local", files)
+    return ResolvedCorpus("local", _unique(files))
+
+
+def _expand(part: str, cfg: CorpusConfig) -> list[Path]:
+    """The files one comma-separated piece of ``--input`` names."""
+    expanded = os.path.expanduser(part)
+    if glob.has_magic(expanded):
+        matches = sorted(glob.glob(expanded, recursive=True))
+        if not matches:
+            raise DataError(f"no files match {part!r}: check the pattern and the directory")
+        return [Path(m) for m in matches if os.path.isfile(m)]
+    if os.path.isdir(expanded):
+        root = Path(expanded)
+        # hidden files and directories (.ipynb_checkpoints, .git, editor backups) are not corpus
+        candidates = sorted(p for p in root.rglob("*") if p.is_file()
+                            and not any(c.startswith(".") for c in p.relative_to(root).parts))
+        candidates = [p for p in candidates if _file_format(p, cfg.format)]
+        if not candidates:
+            raise DataError(
+                f"directory {part!r} holds no jsonl/json/parquet/csv/txt files (hidden ones are skipped): "
+                "point --input at the files or pass --format")
+        return candidates
+    if os.path.exists(expanded):
+        return [Path(expanded)]
+    raise DataError(f"corpus path {part!r} does not exist: check the path "
+                    f"(hub datasets are written {HUB_PREFIX}NAME)")
+
+
+def _checked_format(path: Path, cfg: CorpusConfig) -> str:
+    fmt = _file_format(path, cfg.format)
+    if fmt is None:
+        raise DataError(f"cannot tell the format of {str(path)!r} from its name: pass --format")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"corpus file {str(path)!r} is not readable: fix its permissions")
+    return fmt
+
+
+def _unique(files: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """``files`` without repeats of a file (by real path: links and other spellings count), in
+    first-mention order; a warning says how many were dropped."""
+    seen: set[str] = set()
+    kept = []
+    for path, fmt in files:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            kept.append((path, fmt))
+    if len(kept) < len(files):
+        log.warning(f"the corpus names {len(files) - len(kept)} file(s) more than once (overlapping --input "
+                    "entries): each file is read once, at its first mention")
+    return kept
 
 
 @contextlib.contextmanager
@@ -481,7 +518,7 @@ class _BlockReader:
             else:
                 for line in _lines_starting_in(path, lo, hi):
                     if kind == "text-line":
-                        yield line.decode("utf-8")
+                        yield from _text_lines(line)
                     elif line.strip():
                         yield _text_of(_json_object(line), self.cfg.text_field, where)
         except DataError:
@@ -526,6 +563,13 @@ def _json_object(line: bytes) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"a line holds a JSON {type(row).__name__}, not an object")
     return row
+
+
+def _text_lines(line: bytes) -> list[str]:
+    """One raw line of a text file as the whole-corpus read (``datasets``' text builder) gives
+    it: universal newlines ("\\r\\n" and a lone "\\r" become "\\n", the latter ending a line).
+    Parts must tokenize exactly the documents of the whole corpus."""
+    return io.StringIO(line.decode("utf-8"), newline=None).readlines()
 
 
 def _lines_starting_in(path: Path, lo: int, hi: int) -> Iterator[bytes]:

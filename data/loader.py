@@ -13,11 +13,15 @@ continues the same global sample order, with no sample repeated or skipped, also
 another number of ranks as long as the global batch stays the same: streaming fixes the
 order by ``num_canonical_nodes`` (stored in the state), not by the physical layout. A
 global step covers the same set of samples whatever the layout; the order of samples
-inside one global batch may differ.
+inside one global batch may differ. The state also records the settings that fix the
+order (``order_settings``): a strict resume refuses other ones, whose order the saved
+position would not fit (``order_changes``; the trainer reports them as a data change).
 
 Local uncompressed datasets are read in place; remote or compressed ones are copied shard
 by shard into a per-job, per-node cache (``cache_root/<job>/node<k>``; a job keyed by the
-process id has its cache and temp directory removed when the process exits).
+process id has its cache and temp directory removed when the process exits). A remote
+split's downloaded index.json must be the one its manifest records (unless
+``verify="none"``): else the dataset was rewritten under the reader, or damaged.
 
 Ranks come from the torch.distributed environment (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) or
 from explicit ``rank``/``world_size`` arguments. Explicit ranks simulate a job in one
@@ -42,7 +46,7 @@ from typing import Any
 
 from .config import DataConfig
 from .errors import DataError
-from .manifest import check_compatible, is_remote, read_dataset, verify_split
+from .manifest import INDEX_NAME, check_compatible, check_index, is_remote, read_dataset, verify_split
 from .packing import collate_packed, example_from_sample
 
 STATE_VERSION = 1
@@ -186,6 +190,26 @@ def data_info(cfg: DataConfig, split: str | None = None) -> dict[str, Any]:
                          "splits": s.manifest["splits"]} for s in infos]}
 
 
+def order_settings(cfg: DataConfig, split: str | None = None, shuffle: bool | None = None) -> dict[str, Any]:
+    """The settings besides the sources that fix a split's sample order (saved in the loader
+    state; streaming's own state holds the shuffle seed and canonical node count)."""
+    is_train = (split or cfg.train_split) == cfg.train_split
+    return {"shuffle": (cfg.shuffle and is_train) if shuffle is None else shuffle,
+            "shuffle_algo": cfg.shuffle_algo, "shuffle_block_size": cfg.shuffle_block_size,
+            "epoch_size": cfg.epoch_size if is_train else None}
+
+
+def order_changes(state: dict[str, Any], order: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, saved, now) for each ``order_settings`` entry a saved loader state differs in.
+
+    Shuffle settings count only when both orders shuffle; a state saved before the order was
+    recorded differs in nothing (it is resumed as before)."""
+    saved = state.get("order") or {}
+    shuffled = bool(saved.get("shuffle")) and bool(order.get("shuffle"))
+    return [(k, saved[k], v) for k, v in order.items()
+            if k in saved and saved[k] != v and (shuffled or not k.startswith("shuffle_"))]
+
+
 def _make_dataset_class():
     from streaming import StreamingDataset
 
@@ -228,7 +252,8 @@ class TokenLoader:
         leader = self.explicit or sdist.get_local_rank() == 0
         verify = cfg.verify if leader or cfg.verify != "hash" else "size"
         is_train = self.split == cfg.train_split
-        self.shuffle = (cfg.shuffle and is_train) if shuffle is None else shuffle
+        self.order = order_settings(cfg, self.split, shuffle)
+        self.shuffle = self.order["shuffle"]
 
         job = cfg.job_id or job_id_from_env()
         self.job_dir = Path(cfg.cache_root or default_cache_root()) / job
@@ -282,6 +307,8 @@ class TokenLoader:
             self.dataset._parallel_rank_world = world.copy()
             self.dataset.length = math.ceil(self.dataset.epoch_size / self.world_size)
 
+        if verify != "none":
+            self._check_remote_indexes(streams)
         if self._cached and ephemeral:
             _remove_at_exit(self.job_dir)
 
@@ -296,6 +323,13 @@ class TokenLoader:
         """Read a local, uncompressed dataset where it is (no copy, nothing written there)."""
         return (not is_remote(src.path) and not src.manifest.get("compression")
                 and not self.cfg.copy_local and self.cfg.cache_limit is None)
+
+    def _check_remote_indexes(self, streams: list) -> None:
+        """Each remote split's downloaded index.json against its manifest (``check_index``)."""
+        for src, stream in zip(self.sources, streams):
+            if is_remote(src.path):
+                check_index(Path(stream.local) / self.split / INDEX_NAME, src.manifest["splits"][self.split],
+                            f"{src.path.rstrip('/')}/{self.split}")
 
     def _clean_stale_shm(self, leader: bool) -> None:
         """Once per process: one rank per node unlinks dead jobs' segments, the others wait."""
@@ -375,6 +409,7 @@ class TokenLoader:
             "seq_len": self.cfg.seq_len,
             "sources": [[s.dataset_id, s.weight] for s in self.sources],
             "global_batch_size": self.global_batch_size,
+            "order": dict(self.order),
             "streaming": self.dataset.state_dict(consumed, from_beginning=False),
         }
 
@@ -386,7 +421,9 @@ class TokenLoader:
         (``batch_size x world_size``): each global batch of the saving job is then served as
         one or more whole batches here, the same samples in the same order of steps (tested
         across rank counts and batch sizes). ``strict`` refuses a state saved for other
-        datasets or mixture weights; pass False to accept it knowingly.
+        datasets or mixture weights, or for another order (``order_changes``, and the shuffle
+        seed, which streaming would otherwise take from the state); pass False to accept it
+        knowingly.
         """
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data loader state has version {state.get('version')}, expected "
@@ -396,6 +433,7 @@ class TokenLoader:
                 raise DataError("the checkpoint's data state belongs to other datasets or mixture "
                                 "weights than data.sources: restore the original sources, or resume "
                                 "with strict=False to restart the data order knowingly")
+            self._check_same_order(state)
         position = int(state["streaming"].get("sample_in_epoch", 0))
         if position % self.global_batch_size:
             raise DataError(
@@ -404,6 +442,19 @@ class TokenLoader:
                 f"{self.global_batch_size} ({self.world_size} ranks x {self.batch_size}): choose a batch "
                 f"size and rank count whose product divides {state['global_batch_size']}")
         self.dataset.load_state_dict(state["streaming"])
+
+    def _check_same_order(self, state: dict[str, Any]) -> None:
+        """Refuse a state whose sample order other settings made (its position would repeat and skip)."""
+        changes = order_changes(state, self.order)
+        seed = (state.get("streaming") or {}).get("shuffle_seed")
+        if self.shuffle and state.get("order", {}).get("shuffle", True) and seed not in (None, self.cfg.shuffle_seed):
+            changes.append(("shuffle_seed", seed, self.cfg.shuffle_seed))
+        if changes:
+            listed = ", ".join(f"data.{k}: checkpoint {was!r}, now {now!r}" for k, was, now in changes)
+            raise DataError(f"the checkpoint's data position belongs to another sample order ({listed}), so "
+                            "resuming there would repeat and skip samples: restore these settings to resume "
+                            "exactly, or start the new order from its beginning (checkpoint.on_data_change="
+                            "restart; strict=False here)")
 
     # ------------------------------------------------------------------ teardown
 

@@ -11,6 +11,11 @@ The manifest records the tokenizer hash, vocab size and special ids, the token d
 seq_len, per-split document/token/sequence counts and the sha256 of each split's
 index.json, so a run can refuse shards written for another tokenizer or seq_len, and a
 swapped or truncated shard set is caught before training starts.
+
+While a remote dataset is (re)uploaded its manifest is *withdrawn*: replaced by a marker
+(``WITHDRAWN_FORMAT``) that readers refuse as "being written", since object stores give no
+atomic rename and streaming's uploaders cannot delete. A reader that took the old manifest
+just before still meets a new index.json, which ``check_index`` refuses.
 """
 from __future__ import annotations
 
@@ -28,6 +33,22 @@ MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 FORMAT = "linrnn-packed-mds"
 FORMAT_VERSION = 1
+WITHDRAWN_FORMAT = FORMAT + "-withdrawn"
+# the store's answers that mean "no such object" (S3 and S3-compatible stores, GCS via boto)
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+class IncompleteDataset(DataError):
+    """No complete dataset: its manifest is missing (an interrupted prepare) or withdrawn (being rewritten)."""
+
+
+class RemoteReadError(DataError):
+    """A remote file could not be read for a reason other than its absence (credentials, network)."""
+
+
+def withdrawn_manifest() -> dict[str, Any]:
+    """The marker that stands in for a remote manifest while its dataset is rewritten."""
+    return {"format": WITHDRAWN_FORMAT, "note": "being written by linrnn-prepare; the manifest is uploaded last"}
 
 
 def is_remote(path: str) -> bool:
@@ -60,8 +81,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _not_found(error: BaseException | None) -> bool:
+    """Whether a download failed because the object does not exist (not for want of access):
+    streaming raises FileNotFoundError for most stores, botocore's ClientError for S3."""
+    while error is not None:
+        if isinstance(error, FileNotFoundError):
+            return True
+        code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))
+        if code in _NOT_FOUND_CODES:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def fetch_file(root: str, relpath: str, cache_dir: str | os.PathLike, timeout: float = 60.0) -> Path:
-    """A file of a prepared dataset as a local path (remote files are downloaded to cache)."""
+    """A file of a prepared dataset as a local path (remote files are downloaded to cache); the
+    path does not exist when the file does not. RemoteReadError when the store cannot be read."""
     if not is_remote(root):
         return Path(urllib.parse.urlparse(root).path if root.startswith("file:") else root) / relpath
     from streaming.base.storage import CloudDownloader
@@ -74,30 +109,40 @@ def fetch_file(root: str, relpath: str, cache_dir: str | os.PathLike, timeout: f
     try:
         CloudDownloader.direct_download(remote, str(local), timeout)
     except Exception as e:
-        raise DataError(f"cannot download {remote} ({type(e).__name__}: {str(e)[:200]}): check the "
-                        "path, credentials, and that `linrnn-prepare prepare` finished") from None
+        if _not_found(e):
+            return local
+        raise RemoteReadError(f"cannot read {remote} ({type(e).__name__}: {str(e)[:200]}): check the credentials "
+                              "and network access and retry (on S3 a missing object also reads as 403 without "
+                              "s3:ListBucket permission)") from None
     return local
 
 
 def read_manifest(root: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Load and sanity-check ``<root>/manifest.json``; DataError naming the file otherwise."""
+    """Load and sanity-check ``<root>/manifest.json``; DataError naming the file otherwise
+    (IncompleteDataset when it is missing or withdrawn, RemoteReadError when unreachable)."""
     if not is_remote(root) and not os.path.isdir(root):
         raise DataError(f"prepared dataset {root!r} does not exist: check data.sources[].path or "
                         "run `linrnn-prepare prepare --out ...` first")
     cache = cache_dir or tempfile.mkdtemp(prefix="linrnn-manifest-")
     path = fetch_file(root, MANIFEST_NAME, cache)
+    where = join_path(root, MANIFEST_NAME) if is_remote(root) else str(path)
     if not path.is_file():
-        raise DataError(f"{str(path)!r} is missing: {root!r} is not a complete prepared dataset "
-                        "(an interrupted prepare leaves no manifest); rerun `linrnn-prepare prepare`")
+        raise IncompleteDataset(f"{where!r} is missing: {root!r} is not a complete prepared dataset "
+                                "(an interrupted prepare leaves no manifest); rerun `linrnn-prepare prepare`")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{str(path)!r} is unreadable or corrupt ({e}): rerun `linrnn-prepare prepare`") from None
+        raise DataError(f"{where!r} is unreadable or corrupt ({e}): re-prepare the dataset "
+                        "(`linrnn-prepare prepare --overwrite`)") from None
+    if isinstance(manifest, dict) and manifest.get("format") == WITHDRAWN_FORMAT:
+        raise IncompleteDataset(f"{root!r} is being (re)written by `linrnn-prepare prepare` (its manifest is "
+                                "withdrawn until every shard is uploaded), or that prepare was interrupted: wait "
+                                "for it to finish, or rerun it")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{str(path)!r} is not a {FORMAT} manifest: point data.sources at a "
+        raise DataError(f"{where!r} is not a {FORMAT} manifest: point data.sources at a "
                         "`linrnn-prepare prepare` output")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{str(path)!r} has format version {manifest.get('format_version')}, this "
+        raise DataError(f"{where!r} has format version {manifest.get('format_version')}, this "
                         f"code reads {FORMAT_VERSION}: re-prepare the dataset")
     return manifest
 
@@ -196,6 +241,15 @@ def verify_split(split_dir: str | os.PathLike, split_info: dict[str, Any], level
                             "or rerun `linrnn-prepare prepare --overwrite`")
         if level == "hash":
             _check_hashes(path, info)
+
+
+def check_index(index_path: str | os.PathLike, split_info: dict[str, Any], remote_split: str) -> None:
+    """Refuse a remote split's downloaded index.json unless it is the one its manifest records:
+    a dataset rewritten (or damaged) after its manifest was read would mix two shard sets."""
+    if sha256_file(index_path) != split_info["index_sha256"]:
+        raise DataError(f"{join_path(remote_split, INDEX_NAME)!r} does not match the manifest read with it: the "
+                        "dataset is being (re)written right now, or was damaged: wait for its prepare to finish "
+                        "and retry, or rerun `linrnn-prepare prepare --overwrite`")
 
 
 def _check_hashes(path: Path, info: dict[str, Any]) -> None:

@@ -11,8 +11,12 @@ next run deletes before starting again. A rerun with the same settings on a comp
 dataset made from the same files (each file's path, size and mtime, recorded in the
 manifest) does nothing; other settings or changed files stop it with a message naming
 them, unless ``--overwrite`` (which replaces prepared datasets only: a non-empty directory
-without a manifest is never replaced). Remote outputs (s3://, gs://, ...) are staged locally and uploaded
-with the manifest last, so a reader never sees a manifest without all its shards.
+without a manifest is never replaced). Remote outputs (s3://, gs://, ...) are staged locally and uploaded:
+first the remote manifest is withdrawn (``data.manifest.withdrawn_manifest``), then the shards go
+up, the manifest last, so a reader never sees a manifest over shards it does not describe; the
+loader also checks each remote index.json against the manifest. On a remote output only a
+missing or withdrawn manifest means "no dataset (or an interrupted upload): write it"; one
+that cannot be read (credentials, network) stops prepare.
 
 In parts (``--parts N --part I``, e.g. a SLURM array of N jobs): each job reads its share of
 the corpus (``data.corpus.iter_documents``) and writes a complete dataset, as above, to
@@ -44,19 +48,22 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import PrepareConfig
-from .corpus import count_documents, input_change, input_fingerprint, iter_documents, resolve_corpus
+from .corpus import HUB_PREFIX, count_documents, input_change, input_fingerprint, iter_documents, resolve_corpus
 from .errors import DataError
 from .manifest import (
     FORMAT,
     FORMAT_VERSION,
     INDEX_NAME,
     MANIFEST_NAME,
+    IncompleteDataset,
+    RemoteReadError,
     dataset_id,
     is_remote,
     join_path,
     part_name,
     read_manifest,
     sha256_file,
+    withdrawn_manifest,
     write_json_atomic,
 )
 from .packing import Packer, token_dtype
@@ -86,6 +93,11 @@ def validation_mask(indices: np.ndarray, fraction: float, seed: int) -> np.ndarr
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
+# Settings recorded from a later version on, with the value every dataset made before then
+# has: there they count as unrecorded, so such a dataset (or part) stays reusable.
+_LEGACY_DEFAULTS: dict[str, Any] = {"shard_size": 64 << 20}
+
+
 def _settings(cfg: PrepareConfig, tok: Tokenizer, source: str) -> dict[str, Any]:
     """The options that decide the output; with equal input files (``corpus.input_fingerprint``)
     a rerun is a no-op. ``source`` is informative: the files' identity decides."""
@@ -94,8 +106,35 @@ def _settings(cfg: PrepareConfig, tok: Tokenizer, source: str) -> dict[str, Any]
             "hub_config": c.hub_config, "hub_split": c.split, "max_documents": c.max_documents,
             "text_sample_by": c.text_sample_by, "val_fraction": cfg.val_fraction,
             "split_seed": cfg.split_seed, "add_bos": cfg.add_bos, "tokenizer_hash": tok.hash,
-            "seq_len": cfg.seq_len, "compression": cfg.compression,
-            **({"parts": cfg.parts, "part": cfg.part} if cfg.parts > 1 else {})}
+            "seq_len": cfg.seq_len, "compression": cfg.compression, "shard_size": shard_bytes(cfg.shard_size),
+            **({"parts": cfg.parts, "part": cfg.part} if cfg.parts > 1 else {}), **_part_cut(cfg, source)}
+
+
+def _part_cut(cfg: PrepareConfig, source: str) -> dict[str, str]:
+    """How a hub corpus is cut into parts, where it is not the default (streamed: by data file);
+    parts cut otherwise hold other documents, so their settings (and group id) must differ."""
+    if cfg.parts > 1 and source.startswith(HUB_PREFIX) and not cfg.corpus.streaming:
+        return {"part_cut": "contiguous rows (--no-streaming)"}
+    return {}
+
+
+def shard_bytes(size: str | int) -> int:
+    """``--shard-size`` in bytes (``64mb``, ``1gb``, ``1000000``); DataError when it is not a size."""
+    from streaming.base.util import bytes_to_int
+
+    try:
+        value = bytes_to_int(size)
+    except (ValueError, TypeError):
+        value = -1
+    if not 0 < value < 1 << 32:
+        raise DataError(f"--shard-size {size!r} is not a shard size: give bytes or a size such as 64mb, "
+                        "above 0 and below 4gb")
+    return value
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as reruns and parts compare them: without keys at their legacy default."""
+    return {k: v for k, v in settings.items() if not (k in _LEGACY_DEFAULTS and _LEGACY_DEFAULTS[k] == v)}
 
 
 def _tasks(docs: Iterator[str], per_task: int, add_bos: bool, stats: dict) -> Iterator[tuple]:
@@ -138,7 +177,8 @@ def _out_lock(final: Path) -> Iterator[None]:
 
 def _existing_outcome(cfg: PrepareConfig, settings: dict, inputs: dict, cache: str) -> dict | None:
     """A complete dataset at ``out`` made from these settings and files -> its manifest (nothing
-    to do); None -> (re)write it. OutputMismatch when it was made otherwise and may not be replaced."""
+    to do); None -> (re)write it. OutputMismatch when it was made otherwise and may not be replaced;
+    RemoteReadError when a remote manifest cannot be read (it may well exist)."""
     out = cfg.out
     if not is_remote(out):
         p = Path(out)
@@ -152,9 +192,13 @@ def _existing_outcome(cfg: PrepareConfig, settings: dict, inputs: dict, cache: s
                             "with --overwrite): choose another --out, or empty or remove it yourself")
     try:
         manifest = read_manifest(out, cache)
+    except IncompleteDataset:
+        return None  # remote: none yet, or an interrupted upload; redo it
+    except RemoteReadError:
+        raise  # unreachable is not absent: writing on could replace a complete dataset
     except DataError:
-        if is_remote(out) or cfg.overwrite:
-            return None  # remote without manifest: an interrupted upload; redo it
+        if cfg.overwrite:
+            return None
         raise
     if cfg.overwrite:
         return None
@@ -171,14 +215,16 @@ def _check_reusable(out: str, manifest: dict, settings: dict, inputs: dict) -> N
     """Raise OutputMismatch unless ``manifest`` was written for these settings and input files.
 
     A manifest from before input fingerprints were recorded cannot tell: it is reused, with a
-    warning, as older versions did (refusing it would force a full re-prepare to upgrade).
+    warning, as older versions did (refusing it would force a full re-prepare to upgrade). A
+    setting recorded only later (``_LEGACY_DEFAULTS``) counts, where missing, at the value it had.
     """
     recorded = manifest.get("inputs")
-    old = manifest.get("settings") or {}
+    old, settings = _comparable(manifest.get("settings") or {}), _comparable(settings)
     ignore = {"source"} if recorded is not None else set()  # the files' identity decides instead
     changed = sorted(k for k in settings.keys() | old.keys() if k not in ignore and old.get(k) != settings.get(k))
     if changed:
-        diffs = ", ".join(f"{k}: {_short(old.get(k))} -> {_short(settings.get(k))}" for k in changed)
+        diffs = ", ".join(f"{k}: {_short(old.get(k, _LEGACY_DEFAULTS.get(k)))} -> "
+                          f"{_short(settings.get(k, _LEGACY_DEFAULTS.get(k)))}" for k in changed)
         raise OutputMismatch(f"{out!r} already holds a prepared dataset with other settings ({diffs}): "
                              "pass --overwrite to replace it or choose another --out")
     if recorded is None:
@@ -201,7 +247,7 @@ def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: b
     workers = cfg.num_workers or (os.cpu_count() or 1)
     pool = tokenizer_pool(tok, workers)
     writers = {s: MDSWriter(out=str(staging / s), columns=columns, compression=cfg.compression,
-                            hashes=["xxh64"], size_limit=cfg.shard_size) for s in split_names}
+                            hashes=["xxh64"], size_limit=shard_bytes(cfg.shard_size)) for s in split_names}
     packers = {s: Packer(cfg.seq_len, dtype) for s in split_names}
     stats = collections.Counter(skipped_empty=0)
     total = count_documents(cfg.corpus, resolved) if cfg.parts == 1 else None
@@ -272,16 +318,29 @@ def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: b
 
 
 def _upload_tree(staging: Path, out: str) -> None:
-    """Copy a staged dataset to a remote (or another local dir), manifest last."""
+    """Copy a staged dataset to a remote (or another local dir): withdraw the manifest there
+    first, so no reader takes an old manifest over new shards; upload the manifest last."""
     from streaming.base.storage import CloudUploader
 
     uploader = CloudUploader.get(out=(str(staging), out), keep_local=True, exist_ok=True)
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
     files.remove(MANIFEST_NAME)
+    _withdraw_manifest(out)
     for rel in files + [MANIFEST_NAME]:
         if not is_remote(out):
             (Path(out) / rel).parent.mkdir(parents=True, exist_ok=True)
         uploader.upload_file(rel)
+
+
+def _withdraw_manifest(out: str) -> None:
+    """Put the "being written" marker in place of ``out``'s manifest (readers refuse it)."""
+    from streaming.base.storage import CloudUploader
+
+    with tempfile.TemporaryDirectory(prefix="linrnn-withdraw-") as tmp:
+        write_json_atomic(Path(tmp) / MANIFEST_NAME, withdrawn_manifest())
+        if not is_remote(out):
+            Path(out).mkdir(parents=True, exist_ok=True)
+        CloudUploader.get(out=(tmp, out), keep_local=True, exist_ok=True).upload_file(MANIFEST_NAME)
 
 
 def _part_target(cfg: PrepareConfig) -> PrepareConfig:
@@ -295,7 +354,7 @@ def _part_target(cfg: PrepareConfig) -> PrepareConfig:
 def _part_record(settings: dict, inputs: dict, part: int, parts: int) -> dict[str, Any]:
     """What ties the parts of one preparation together: the same settings (but the part
     number), input files and part count give the same group id."""
-    shared = {k: v for k, v in settings.items() if k != "part"}
+    shared = {k: v for k, v in _comparable(settings).items() if k != "part"}
     blob = json.dumps({"settings": shared, "inputs": inputs}, sort_keys=True).encode()
     return {"index": part, "count": parts, "group": hashlib.sha256(blob).hexdigest()[:32]}
 
@@ -309,6 +368,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
     if not 0 <= cfg.part < cfg.parts:
         raise DataError(f"--part {cfg.part} is outside 0..{cfg.parts - 1} (--parts {cfg.parts})")
     tok = Tokenizer.load(cfg.tokenizer)
+    tok.check_specials(add_bos=cfg.add_bos)
     resolved = resolve_corpus(cfg.corpus)  # fail on a bad --input before touching the output
     if cfg.parts > 1:
         cfg = _part_target(cfg)

@@ -91,6 +91,17 @@ class Tokenizer:
     def unk_id(self) -> int:
         return int(self.sp.unk_id())
 
+    def check_specials(self, add_bos: bool) -> None:
+        """Refuse, before any work, a model that lacks the EOS ending every document (or the BOS
+        that ``add_bos`` puts in front): sentencepiece would fail inside a pool worker."""
+        where = self.path or "the tokenizer"
+        if self.eos_id < 0:
+            raise DataError(f"tokenizer {where!r} has no EOS id, which prepare appends to every document: train "
+                            "the tokenizer with an eos id (`linrnn-prepare tokenizer` uses eos=2)")
+        if add_bos and self.bos_id < 0:
+            raise DataError(f"tokenizer {where!r} has no BOS id for --add-bos: drop --add-bos, or train the "
+                            "tokenizer with a bos id (`linrnn-prepare tokenizer` uses bos=1)")
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 

@@ -142,7 +142,7 @@ def _short_id(dataset_id: str) -> str:
 def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[list[str], bool]:
     """What differs between the checkpoint's data and this config's: (descriptions, whether
     the sources, split or sequence length differ, so that the saved position means nothing)."""
-    from data.loader import mixture_key
+    from data.loader import mixture_key, order_changes, order_settings
 
     changes, other_data = [], False
     saved = state.get("data") or {}
@@ -168,6 +168,9 @@ def data_changes(state: dict, cfg: RunConfig, info: dict[str, Any]) -> tuple[lis
         if value is not None and order.get(key) not in (None, value):
             changes.append(f"data.{key}: checkpoint {order[key]}, config {value}")
             other_data = True
+    for key, was, now in order_changes(saved, order_settings(cfg.data)):  # shuffle, epoch_size, ...
+        changes.append(f"data.{key}: checkpoint {was!r}, config {now!r}")
+        other_data = True
     if state.get("seq_len") not in (None, cfg.data.seq_len):
         changes.append(f"data.seq_len: checkpoint {state['seq_len']}, config {cfg.data.seq_len}")
         other_data = True
@@ -207,7 +210,7 @@ def check_resume(cfg: RunConfig, info: dict[str, Any]) -> ResumePoint | None:
     root = Path(cfg.checkpoint.dir)
     if root.exists() and not root.is_dir():
         raise ckpt.CheckpointError(f"checkpoint.dir {str(root)!r} exists and is not a directory")
-    newest = ckpt.newest_complete(root)
+    newest = agreed_newest(root)
     if newest is None:
         return None
     if not cfg.checkpoint.resume:
@@ -244,6 +247,28 @@ def check_resume(cfg: RunConfig, info: dict[str, Any]) -> ResumePoint | None:
                 "new checkpoint.dir")
     point = _data_mode(newest, state, cfg, info)
     return dataclasses.replace(point, model_changes=tuple(diffs))
+
+
+def agreed_newest(root: Path) -> Path | None:
+    """Collective once the process group is up: the newest complete checkpoint as rank 0 sees
+    it, on every rank. A node with a stale directory cache (NFS), or a checkpoint.dir that is
+    not shared at all, would otherwise resume from another step and load mixed state."""
+    import torch.distributed as dist
+
+    from .distributed import broadcast_from_rank0
+
+    newest = ckpt.newest_complete(root)
+    mine = str(newest) if newest is not None else ""
+    chosen = broadcast_from_rank0(mine)
+    if chosen == mine:
+        return newest
+    if chosen and (Path(chosen) / ckpt.MARKER).is_file():  # seen late (a directory cache): same files
+        return Path(chosen)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    raise ckpt.CheckpointError(
+        f"rank 0 resumes from {chosen or 'nothing (a fresh start)'}, but rank {rank} sees "
+        f"{mine or 'no complete checkpoint'} in checkpoint.dir {str(root)!r}: the nodes see different "
+        "contents there; put checkpoint.dir on a file system that every node shares (not node-local disk)")
 
 
 def shape_changes(saved_model: dict, cfg: RunConfig) -> list[str]:

@@ -5,7 +5,7 @@ import fcntl
 import shutil
 
 import pytest
-from test_data_common import SEQ_LEN, VOCAB, corpus_slice, data_config, prepared, tokenizer_path
+from test_data_common import SEQ_LEN, VOCAB, corpus_slice, data_config, prepared, read_texts, tokenizer_path
 
 from data import DataError
 from data.cli import main
@@ -77,6 +77,29 @@ def test_concurrent_prepare_to_the_same_output(tmp_path):
         fcntl.flock(fh, fcntl.LOCK_EX)
         with pytest.raises(DataError, match="another prepare is writing"):
             _prep(tmp_path, corpus_slice(0, 40))
+
+
+@pytest.mark.parametrize("missing,add_bos", [("eos", False), ("bos", True)])
+def test_tokenizer_without_the_special_ids_prepare_needs(tmp_path, capsys, missing, add_bos):
+    """A tokenizer without EOS (or without BOS with --add-bos) stops prepare at once with one
+    message naming the file, not with a traceback from a pool worker."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(read_texts(corpus_slice(0, 40))), model_writer=model, vocab_size=120, pad_id=0,
+        unk_id=1, bos_id=2 if missing == "eos" else -1, eos_id=3 if missing == "bos" else -1, minloglevel=3)
+    path = tmp_path / "special.model"
+    path.write_bytes(model.getvalue())
+    args = ["prepare", "--input", str(corpus_slice(0, 40)), "--tokenizer", str(path), "--out",
+            str(tmp_path / "out"), "--workers", "1", "--no-progress"] + (["--add-bos"] if add_bos else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"special.model' has no {missing.upper()} id" in err
+    assert ("drop --add-bos" in err) == add_bos and "train the tokenizer with" in err
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- shards / loader

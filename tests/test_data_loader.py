@@ -216,3 +216,39 @@ def test_a_validation_set_comes_from_the_sources_that_have_the_split(tmp_path):
         TokenLoader(data_config(tmp_path / "strict", with_val, without), 2, split="val")
     with pytest.raises(DataError, match="has no split 'val'"):  # none has it: the first one named
         TokenLoader(data_config(tmp_path / "none", without), 2, split="val", skip_sources_without_split=True)
+
+
+def test_resume_refuses_a_state_saved_for_another_sample_order(tmp_path):
+    """A saved position means nothing in another order: other shuffle settings or epoch size
+    are refused by a strict resume and reported to the trainer as other data (so
+    checkpoint.on_data_change=restart applies); a state saved before the order was recorded
+    still loads, and shuffle settings do not matter to an unshuffled order."""
+    from pretrain.config import RunConfig
+    from pretrain.run_checks import data_changes
+
+    base = dict(num_canonical_nodes=1)
+    with TokenLoader(data_config(tmp_path / "saved", prepared(), **base), BATCH) as ld:
+        _keys(ld, max_batches=5)
+        state = ld.state_dict()
+    assert state["order"] == {"shuffle": True, "shuffle_algo": "py1e", "shuffle_block_size": None, "epoch_size": None}
+    for i, (key, value) in enumerate([("shuffle_algo", "py1s"), ("shuffle_block_size", 64), ("epoch_size", 100),
+                                      ("shuffle_seed", 5), ("shuffle", False)]):
+        cfg = data_config(tmp_path / str(i), prepared(), **base, **{key: value})
+        with TokenLoader(cfg, BATCH) as ld:
+            with pytest.raises(DataError, match=rf"another sample order \(data\.{key}: checkpoint .*, now "
+                                                rf"{value!r}\).*on_data_change=restart"):
+                ld.load_state_dict(state)
+            ld.load_state_dict(state, strict=False)  # knowingly accepted
+        run = RunConfig(data=cfg)
+        run.parallel.global_batch_size = BATCH
+        changes, other = data_changes({"data": state, "seq_len": cfg.seq_len, "global_batch_size": BATCH}, run,
+                                      {"sources": [{"dataset_id": i, "weight": w} for i, w in state["sources"]]})
+        assert other and any(c.startswith(f"data.{key}: checkpoint ") for c in changes), changes
+    old = {k: v for k, v in state.items() if k != "order"}  # saved before the order was recorded
+    with TokenLoader(data_config(tmp_path / "old", prepared(), **base, shuffle_algo="py1s"), BATCH) as ld:
+        ld.load_state_dict(old)
+    with TokenLoader(data_config(tmp_path / "plain", prepared(), **base, shuffle=False), BATCH) as ld:
+        unshuffled = ld.state_dict()
+    with TokenLoader(data_config(tmp_path / "plain2", prepared(), **base, shuffle=False, shuffle_algo="py1s",
+                                 shuffle_seed=5), BATCH) as ld:
+        ld.load_state_dict(unshuffled)

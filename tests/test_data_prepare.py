@@ -151,9 +151,79 @@ def test_upload_tree_writes_manifest_last(tmp_path, monkeypatch):
     dst = tmp_path / "copy"
     dst.mkdir()
     prep._upload_tree(src, str(dst))
-    assert order[-1] == MANIFEST_NAME and len(order) == len([p for p in src.rglob("*") if p.is_file()])
+    # the manifest there is withdrawn first, and the real one uploaded last
+    assert order[0] == order[-1] == MANIFEST_NAME and len(order) == len([p for p in src.rglob("*") if p.is_file()]) + 1
     assert json.loads((dst / MANIFEST_NAME).read_text())["dataset_id"] == read_manifest(str(src))["dataset_id"]
     assert sorted(p.name for p in (dst / "train").iterdir()) == sorted(p.name for p in (src / "train").iterdir())
+
+
+def test_remote_rewrite_is_never_read_as_the_old_dataset(tmp_path, monkeypatch):
+    """--overwrite of a remote dataset (a local directory standing in for the bucket): the old
+    manifest is withdrawn before any new shard goes up, so a rewrite killed half-way reads as
+    "being written", never as the old dataset over new shards; a reader that took the old
+    manifest just before meets the new index.json, which the loader refuses."""
+    from streaming.base.storage.upload import LocalUploader
+
+    import data.loader as loader_mod
+    from data.manifest import IncompleteDataset
+
+    old, new, bucket = prepared(), prepared(40, 30), tmp_path / "bucket"
+    prep._upload_tree(old, str(bucket))
+    monkeypatch.setattr(loader_mod, "is_remote", lambda path: True)  # read as a remote: downloaded, then checked
+    cfg = data_config(tmp_path / "ok", bucket, shuffle=False)
+    with TokenLoader(cfg, 4) as ld:
+        assert ld._cached and next(iter(ld))["input_ids"].shape == (4, SEQ_LEN)
+    original, calls = LocalUploader.upload_file, []
+
+    def killed_after_one_shard(self, name):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, name)
+
+    monkeypatch.setattr(LocalUploader, "upload_file", killed_after_one_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prep._upload_tree(new, str(bucket))
+    monkeypatch.setattr(LocalUploader, "upload_file", original)
+    with pytest.raises(IncompleteDataset, match="is being \\(re\\)written .*wait for it to finish, or rerun it"):
+        TokenLoader(data_config(tmp_path / "mid", bucket), 4)
+    shutil.copyfile(old / MANIFEST_NAME, bucket / MANIFEST_NAME)  # the manifest a reader took before
+    shutil.copyfile(new / "train" / "index.json", bucket / "train" / "index.json")
+    with pytest.raises(DataError, match="train/index.json' does not match the manifest read with it: the dataset "
+                                        "is being \\(re\\)written right now, or was damaged"):
+        TokenLoader(data_config(tmp_path / "torn", bucket), 4)
+
+
+def test_remote_manifest_that_cannot_be_read_is_not_taken_for_no_dataset(tmp_path, monkeypatch):
+    """Only a missing manifest means "nothing there yet (or an interrupted upload): write it";
+    expired credentials or a timeout stop prepare with the URL and the error, even with
+    --overwrite, rather than upload over a dataset that may be complete."""
+    from streaming.base.storage import CloudDownloader
+
+    class ClientError(Exception):  # botocore's shape: the store's code in .response
+        def __init__(self, code):
+            super().__init__(f"An error occurred ({code})")
+            self.response = {"Error": {"Code": code}}
+
+    answer = {}
+
+    def download(cls, remote, local, timeout=60.0):
+        raise answer["error"]
+
+    uploads = []
+    monkeypatch.setattr(CloudDownloader, "direct_download", classmethod(download))
+    monkeypatch.setattr(prep, "_upload_tree", lambda staging, out: uploads.append(out))
+    for overwrite in (False, True):
+        for error in (ClientError("ExpiredToken"), TimeoutError("read timed out")):
+            answer["error"] = error
+            with pytest.raises(DataError, match=r"cannot read s3://bucket/ds/manifest\.json \((ClientError|TimeoutE"
+                                                r"rror): .*(ExpiredToken|timed out).*check the credentials"):
+                prep.prepare_dataset(_cfg("s3://bucket/ds", num_workers=1, overwrite=overwrite), progress=False)
+    assert uploads == []
+    for error in (ClientError("404"), ClientError("NoSuchKey"), FileNotFoundError("gone")):
+        answer["error"] = error
+        prep.prepare_dataset(_cfg("s3://bucket/ds", num_workers=1), progress=False)
+    assert uploads == ["s3://bucket/ds"] * 3
 
 
 def test_corpus_formats_give_the_same_documents(tmp_path):
@@ -178,6 +248,34 @@ def test_corpus_formats_give_the_same_documents(tmp_path):
     both = CorpusConfig(source=f"{tmp_path / 'b.jsonl'},{tmp_path / 'a.parquet'}", text_field="body",
                         max_documents=9)
     assert list(iter_documents(both)) == texts + texts[:3]
+
+
+def test_overlapping_inputs_read_each_file_once_and_directories_skip_hidden_files(tmp_path, caplog):
+    """A file named twice (a directory and a glob into it, a link, the same path again) is read
+    once, at its first mention, with a warning; else its documents would be duplicated and land
+    in both splits. A directory's hidden files (.ipynb_checkpoints copies) are not corpus,
+    unless named explicitly."""
+    from data.corpus import iter_documents, resolve_corpus
+
+    texts = read_texts(corpus_slice(0, 40))[:4]
+    d = tmp_path / "corpus"
+    (d / ".ipynb_checkpoints").mkdir(parents=True)
+    for name, doc in (("a.jsonl", texts[:2]), ("b.jsonl", texts[2:]), (".ipynb_checkpoints/a-checkpoint.jsonl",
+                                                                     texts[:2]), (".hidden.jsonl", texts[:1])):
+        (d / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in doc))
+    (tmp_path / "link.jsonl").symlink_to(d / "a.jsonl")
+    cfg = CorpusConfig(source=f"{d},{d}/*.jsonl,{tmp_path / 'link.jsonl'},{d}/b.jsonl")
+    with caplog.at_level(logging.WARNING, logger="data.corpus"):
+        files = [p for p, _ in resolve_corpus(cfg).files]
+    assert files == [d / "a.jsonl", d / "b.jsonl"]
+    assert "names 4 file(s) more than once" in caplog.text
+    assert list(iter_documents(cfg)) == texts
+    named = CorpusConfig(source=f"{d}/.ipynb_checkpoints/a-checkpoint.jsonl,{d}/b.jsonl")
+    assert list(iter_documents(named)) == texts[:2] + texts[2:]
+    (d / "a.jsonl").unlink()
+    (d / "b.jsonl").unlink()
+    with pytest.raises(DataError, match="holds no jsonl.*hidden ones are skipped"):
+        resolve_corpus(CorpusConfig(source=str(d)))
 
 
 def test_cli_tokenizer_prepare_inspect(tmp_path, capsys):
@@ -368,6 +466,81 @@ def test_hub_parts_are_the_dataset_files_shared_out(tmp_path, monkeypatch):
         list(iter_documents(CorpusConfig(source="hub:someone/corpus"), part=0, parts=5))
 
 
+def test_hub_parts_cut_by_files_and_by_rows_are_not_one_preparation(tmp_path, monkeypatch):
+    """Streamed, a hub corpus is cut into parts by data file; downloaded (--no-streaming), by
+    contiguous rows: other documents per part. A part rerun the other way must not join
+    the others (documents would be lost and duplicated), so the cut is in its settings."""
+    import datasets
+
+    from data.loader import data_info
+
+    texts, tok = read_texts(corpus_slice(0, 40))[:16], str(tokenizer_path())  # built before the patch
+    files, first = [], 0
+    for i, count in enumerate((1, 1, 1, 13)):  # unequal files: the two cuts differ
+        files.append(str(tmp_path / f"{i}.jsonl"))
+        chunk, first = texts[first:first + count], first + count
+        (tmp_path / f"{i}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in chunk))
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split, streaming: real(
+        "json", data_files=files, split="train", streaming=streaming))
+    out = tmp_path / "parts"
+
+    def part(i, streaming, **kw):
+        return prep.prepare_dataset(PrepareConfig(
+            corpus=CorpusConfig(source="hub:someone/corpus", streaming=streaming), tokenizer=tok,
+            out=str(out), seq_len=64, val_fraction=0.0, num_workers=1, parts=2, part=i, **kw), progress=False)
+
+    streamed = part(0, True)
+    assert "part_cut" not in streamed["settings"]  # the default cut: parts prepared before stay whole
+    rows = part(1, False)
+    assert rows["settings"]["part_cut"] == "contiguous rows (--no-streaming)"
+    assert rows["part"]["group"] != streamed["part"]["group"]
+    with pytest.raises(DataError, match="part-00001' belongs to another preparation"):
+        data_info(data_config(tmp_path, out, seq_len=64))
+    with pytest.raises(prep.OutputMismatch, match=r"other settings \(part_cut: 'contiguous rows .*' -> None\)"):
+        part(1, True)
+    assert part(1, True, overwrite=True)["part"]["group"] == streamed["part"]["group"]
+    assert len(data_info(data_config(tmp_path / "again", out, seq_len=64))["sources"]) == 2
+
+
+def test_crlf_text_lines_are_the_same_documents_in_parts_as_whole(tmp_path):
+    """Text read whole (``datasets``) gets universal newlines; read in parts it is cut from raw
+    bytes: both must give the same documents, or parts tokenize differently."""
+    from data.corpus import iter_documents
+
+    lines = [f"line {i} of a windows file" for i in range(30)]
+    raw = "\r\n".join(lines[:20]) + "\r\n" + "\r".join(lines[20:25]) + "\r\nlast\u2028one\n"
+    (tmp_path / "crlf.txt").write_bytes(raw.encode())
+    cfg = CorpusConfig(source=str(tmp_path / "crlf.txt"), text_sample_by="line")
+    whole = list(iter_documents(cfg))
+    assert whole == [line + "\n" for line in lines[:25]] + ["last\u2028one\n"]
+    for parts in (1, 2, 3):
+        got = [doc for i in range(parts) for doc in iter_documents(cfg, part=i, parts=parts)]
+        assert got == whole, parts
+
+
+def test_shard_size_is_a_setting_and_older_datasets_keep_their_default(tmp_path):
+    """A rerun with another --shard-size is refused like any other setting; a dataset prepared
+    before shard_size was recorded was made with the 64mb default, and is reused at it (also as
+    a part: the group id is the same with or without the key)."""
+    out = tmp_path / "ds"
+    shutil.copytree(prepared(), out)
+    m = read_manifest(str(out))
+    assert m["settings"]["shard_size"] == 64 << 20
+    with pytest.raises(prep.OutputMismatch, match=r"other settings \(shard_size: 67108864 -> 32768\)"):
+        prep.prepare_dataset(_cfg(out, shard_size="32kb"), progress=False)
+    del m["settings"]["shard_size"]  # as written before shard_size was recorded
+    write_json_atomic(out / MANIFEST_NAME, m)
+    assert prep.prepare_dataset(_cfg(out, shard_size="64MB"), progress=False) == m
+    with pytest.raises(prep.OutputMismatch, match=r"other settings \(shard_size: 67108864 -> 32768\)"):
+        prep.prepare_dataset(_cfg(out, shard_size="32kb"), progress=False)
+    assert prep._part_record(m["settings"], m["inputs"], 0, 2) == prep._part_record(
+        {**m["settings"], "shard_size": 64 << 20}, m["inputs"], 0, 2)
+    with pytest.raises(DataError, match="--shard-size 'big' is not a shard size: give bytes or a size such as 64mb"):
+        prep.prepare_dataset(_cfg(tmp_path / "bad", shard_size="big"), progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_preparation_in_parts_trains_as_one_dataset(tmp_path, capsys, monkeypatch):
     """Three jobs (one finds its part in SLURM_ARRAY_TASK_ID) write <out>/part-0000I; the loader
     reads <out> as every part; a rerun part does nothing; a missing or foreign part, or parts
@@ -429,6 +602,8 @@ def test_a_preparation_in_parts_trains_as_one_dataset(tmp_path, capsys, monkeypa
 def test_remote_parts_stage_in_their_own_directories(tmp_path, monkeypatch):
     """Two parts of a remote output staged under one --staging-dir (two array tasks on a
     node): each stages in its own directory, so neither clears the other's shards."""
+    from data.manifest import IncompleteDataset
+
     source, _ = _mixed_corpus(tmp_path)
     staged = {}
 
@@ -438,7 +613,7 @@ def test_remote_parts_stage_in_their_own_directories(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prep, "is_remote", lambda path: path.startswith("s3://"))
     monkeypatch.setattr(prep, "_upload_tree", upload)
-    monkeypatch.setattr(prep, "read_manifest", lambda *a: (_ for _ in ()).throw(DataError("no manifest yet")))
+    monkeypatch.setattr(prep, "read_manifest", lambda *a: (_ for _ in ()).throw(IncompleteDataset("no manifest yet")))
     for part in (0, 1):
         prep.prepare_dataset(PrepareConfig(corpus=CorpusConfig(source=source), tokenizer=str(tokenizer_path()),
                                            out="s3://bucket/corpus", seq_len=64, val_fraction=0.2, num_workers=1,
