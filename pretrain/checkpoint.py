@@ -77,13 +77,10 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
 
 def step_of(path: Path) -> int | None:
     """The step a ``step_XXXXXXXX`` directory name stands for (None: not such a name)."""
-    name = path.name
-    if not name.startswith(_PREFIX):
-        return None
-    try:
-        return int(name[len(_PREFIX):])
-    except ValueError:
-        return None
+    digits = path.name[len(_PREFIX):]
+    if not path.name.startswith(_PREFIX) or not (digits.isascii() and digits.isdigit()):
+        return None  # int() would also take "1_000", "+100" or " 100"
+    return int(digits)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path, bool]]:
@@ -138,7 +135,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving rank could see; a resume that sees fewer (an elastic
+        # resume on smaller nodes, a debug run) sets those it has
+        for i, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, i)
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -229,8 +229,14 @@ def prune(root: Path, keep_last: int, log: Callable[[str], None] | None = None, 
 
 
 def _remove_unless_held(step: Path) -> bool:
-    """Remove ``step`` unless a reader holds its hold file; whether it was removed."""
+    """Remove ``step`` unless a reader holds its hold file; whether it was removed. A
+    symbolic link (a step linked in from another run) loses the link only: its target, and
+    that run's marker, stay."""
     import fcntl
+
+    if step.is_symlink():
+        step.unlink()
+        return True
 
     fd = None
     try:
@@ -289,7 +295,12 @@ def load_rng(path: Path, rank: int) -> dict[str, Any] | None:
     f = path / "rng" / f"rank{rank:05d}.pt"
     if not f.is_file():
         return None
-    return torch.load(f, weights_only=True)
+    try:
+        return torch.load(f, weights_only=True)
+    except Exception as e:  # truncated or damaged: torch raises RuntimeError, pickle errors, ...
+        raise CheckpointError(f"checkpoint {str(path)!r} is marked complete but {str(f)!r} cannot be read "
+                              f"({type(e).__name__}: {e}): delete that directory to fall back to the "
+                              "previous checkpoint") from None
 
 
 def check_all_restored(module: Any, path: Path) -> None:

@@ -21,13 +21,15 @@ Console script: ``linrnn-export = pretrain.export:main``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -205,8 +207,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     """Write the export of ``checkpoint`` (a step dir or a checkpoint root) to ``out_dir``.
     Exporting another save over an export removes that export's evaluations (``eval/``);
     ``export_is_current`` tells whether there is anything to do."""
-    from safetensors.torch import save_file
-
     step_path = resolve_checkpoint(checkpoint)
     with ckpt.hold(step_path):  # a training run still saving into its root does not prune it meanwhile
         run_state = ckpt.read_run_state(step_path)
@@ -225,6 +225,37 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     if out.exists() and not out.is_dir():
         raise ckpt.CheckpointError(f"export target {str(out)!r} exists and is not a directory: choose a directory")
     out.mkdir(parents=True, exist_ok=True)
+    with _writing(out) as waited:
+        if waited and export_is_current(step_path, out, dtype):  # the export we waited for made this one
+            return out
+        _write_export(out, step_path, run_state, run_config, mcfg, sd, dtype)
+    return out
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[bool]:
+    """One export at a time into ``out`` (two sweeps exporting the same step, say): an
+    exclusive ``flock`` on ``out/.export.lock``; yields whether another export held it first.
+    Unlocked where the file system has no flock."""
+    fd = os.open(out / ".export.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    waited = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield waited
+    finally:
+        os.close(fd)
+
+
+def _write_export(out: Path, step_path: Path, run_state: dict, run_config: dict, mcfg: ModelConfig,
+                  sd: dict[str, torch.Tensor], dtype: str) -> None:
+    from safetensors.torch import save_file
+
     # export.json marks a complete export (written last, removed first when re-exporting);
     # every file is written whole under a temporary name and renamed, so a kill at any
     # moment leaves whole files and, until the end, no marker (slurm/eval.sbatch re-exports)
@@ -242,12 +273,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
             "dtype": dtype, "tokenizer_file": TOKENIZER if tok is not None else None,
             "save_id": run_state.get("save_id")}
     _write_whole(out / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
-    return out
 
 
 def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
     """``write`` a temporary sibling of ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # its own, also without the lock
     try:
         write(tmp)
         os.replace(tmp, path)

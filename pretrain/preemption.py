@@ -8,6 +8,7 @@ so every rank stops after the same step, saves collectively and exits with
 """
 from __future__ import annotations
 
+import os
 import signal
 import time
 from types import FrameType
@@ -17,9 +18,23 @@ import torch.distributed as dist
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 REQUEUE_EXIT_CODE = 75
+BUDGET_REASON = "wall-clock budget"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _early_request: str | None = None
+_IMPORTED_AT = time.monotonic()
+
+
+def process_started_at() -> float:
+    """When this process started, on the ``time.monotonic`` clock: a job's time limit also
+    counts the imports, the engine build and the checkpoint load before the first step.
+    Linux reads it from /proc; elsewhere this module's import time stands in."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED_AT
+    return time.monotonic() - max(age, 0.0)
 
 
 def _record_early(signum: int, frame: FrameType | None) -> None:
@@ -41,10 +56,11 @@ def install_early_handlers() -> None:
 class StopFlag:
     """Signal handlers plus the per-step agreement; use as a context manager."""
 
-    def __init__(self, wall_clock_budget_s: float | None = None, device: torch.device | None = None):
+    def __init__(self, wall_clock_budget_s: float | None = None, device: torch.device | None = None,
+                 started_at: float | None = None):
         self.requested: str | None = None
         self.budget = wall_clock_budget_s
-        self.start = time.monotonic()
+        self.start = process_started_at() if started_at is None else started_at  # the budget's clock
         self.device = device or torch.device("cpu")
         self._old: dict[int, object] = {}
 
@@ -86,5 +102,5 @@ class StopFlag:
         if value >= 2.0:
             return self.requested or "signal on another rank"
         if value >= 1.0:
-            return "wall-clock budget"
+            return BUDGET_REASON
         return None

@@ -31,7 +31,7 @@ from .flops import device_peak_flops, flops_per_token
 from .memory import out_of_memory_message
 from .models.lm import token_loss
 from .optim import set_lr
-from .preemption import REQUEUE_EXIT_CODE, StopFlag
+from .preemption import BUDGET_REASON, REQUEUE_EXIT_CODE, StopFlag
 from .profiling import MemoryHistory, StepProfiler
 from .rewind import skip_request
 from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
@@ -165,6 +165,7 @@ class Trainer:
         if path is None:
             return
         self.dog.beat(f"restoring the checkpoint {path}")
+        started = time.perf_counter()
         if self.cfg.faults.hang_in_restore:
             stall_forever()
         state = ckpt.read_run_state(path)  # zero_stage and pipeline_stages match (run_checks)
@@ -189,6 +190,9 @@ class Trainer:
             ckpt.set_rng_state(rng)
         self.step, self.tokens = state["step"], state["tokens_seen"]
         self.last_saved = self.step
+        # what a save takes, for the wall-clock budget until this start saves: the last run's
+        # save, or this load (of the same files) if longer
+        self.save_seconds = max(float(state.get("last_save_s", 0.0)), time.perf_counter() - started)
         self.spikes.window.extend(state.get("recent_losses", []))
         self.restore_data(state["data"])
         skip = skip_request(path)
@@ -255,6 +259,7 @@ class Trainer:
             "seq_len": cfg.data.seq_len, "torch": torch.__version__,
             "save_id": uuid.uuid4().hex,  # tells this save from other saves of the same step (exports)
             "recent_losses": list(self.spikes.window),  # the spike watch's history, for the resume
+            "last_save_s": round(self.save_seconds, 3),  # the save before this one (or an estimate)
         }
         crash = cfg.faults.crash_in_save_at_step == self.step
 
@@ -446,6 +451,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def watch_spikes(self, loss: float) -> None:
+        spike = self.spikes.observe(self.step, loss)
+        if spike is not None and self.env.is_main:
+            self.log.print(f"[train] warning: {spike_message(spike, self.cfg.checkpoint.dir)}")
+            self.log.write("loss_spike", self.step, loss=spike.loss, mean=spike.mean, sigmas=spike.sigmas,
+                           since=spike.since, sustained=spike.sustained)
+
+    def report_progress(self, rec: dict[str, Any], steps: int, elapsed: float) -> dict[str, Any]:
+        """The progress line over the last ``steps`` steps (``elapsed`` seconds, saves and
+        validations included, so the ETA holds for the steps left); returns its figures."""
+        cfg = self.cfg
+        tps = steps * cfg.parallel.global_batch_size * self.seq_len / max(elapsed, 1e-9)
+        eta = (cfg.max_steps - self.step) * elapsed / max(steps, 1)
+        mfu = tps * self.flops.train / (self.env.world_size * self.peak) if self.peak else None
+        figures = {"tokens_per_s": tps, "peak_mem_gb": _peak_memory_gb(self.dev), "eta_s": round(eta, 1), "mfu": mfu}
+        if self.pace.enabled:
+            self.report_stragglers()
+        shown_mfu = f", MFU {mfu:.1%}" if mfu is not None else ""
+        norm = rec["grad_norm"]
+        gn = f"{norm:.3f}" if norm is not None else "n/a"
+        self.log.print(f"[train] step {self.step}/{cfg.max_steps}: loss {rec['loss']:.4f}, lr {rec['lr']:.2e}, "
+                       f"grad norm {gn}, {tps:,.0f} tok/s{shown_mfu}, peak mem {figures['peak_mem_gb']:.2f} GB, "
+                       f"ETA {_duration(eta)}")
+        return figures
+
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.restore()
@@ -477,6 +507,11 @@ class Trainer:
                 if cfg.faults.preempt_at_step == self.step and self.step > started_at:
                     stop.request("fault drill: preempt_at_step")
                 reason = stop.agree(step_seconds, self.save_seconds)
+                if reason == BUDGET_REASON and self.step == started_at:  # a requeue would only repeat this
+                    raise TrainError(
+                        f"wall_clock_budget_s={cfg.wall_clock_budget_s:g} is used up before the first step of this "
+                        f"start ({time.monotonic() - stop.start:.0f} s since the process started, the save estimate "
+                        f"{self.save_seconds:.0f} s): raise wall_clock_budget_s (it counts from the process's start)")
                 if reason:
                     self.log.print(f"[train] stopping at step {self.step}: {reason}; saving for requeue")
                     path = self.save() if self.last_saved != self.step else ckpt.step_dir(cfg.checkpoint.dir, self.step)
@@ -508,31 +543,16 @@ class Trainer:
                             f"{self.step}); stopping without saving. The last good checkpoint is "
                             f"{str(last) if last else 'none'}. Lower optim.lr, check the data, or raise "
                             "max_nonfinite_steps.")
-                    continue
-                bad_run = 0
-                spike = self.spikes.observe(self.step, loss)
-                if spike is not None and self.env.is_main:
-                    self.log.print(f"[train] warning: {spike_message(spike, cfg.checkpoint.dir)}")
-                    self.log.write("loss_spike", self.step, loss=spike.loss, mean=spike.mean, sigmas=spike.sigmas,
-                                   since=spike.since, sustained=spike.sustained)
-                rec: dict[str, Any] = {"loss": loss, "lr": lr, "grad_norm": norm, "tokens_seen": self.tokens,
-                                       "data_fingerprint": fingerprint}
-                if self.step % cfg.logging.every_steps == 0 or self.step == cfg.max_steps:
-                    elapsed = time.perf_counter() - window_t
-                    tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                    # the window's pace (saves and validations included) for the steps left
-                    eta = (cfg.max_steps - self.step) * elapsed / max(window_steps, 1)
-                    rec.update(tokens_per_s=tps, peak_mem_gb=_peak_memory_gb(self.dev), eta_s=round(eta, 1),
-                               mfu=(tps * self.flops.train / (self.env.world_size * self.peak)) if self.peak else None)
-                    window_t, window_steps = time.perf_counter(), 0
-                    if self.pace.enabled:
-                        self.report_stragglers()
-                    mfu = f", MFU {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
-                    gn = f"{norm:.3f}" if norm is not None else "n/a"
-                    self.log.print(f"[train] step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.2e}, "
-                                   f"grad norm {gn}, {tps:,.0f} tok/s{mfu}, peak mem {rec['peak_mem_gb']:.2f} GB, "
-                                   f"ETA {_duration(eta)}")
-                self.log.write("train", self.step, **rec)
+                else:
+                    bad_run = 0
+                    self.watch_spikes(loss)
+                    rec: dict[str, Any] = {"loss": loss, "lr": lr, "grad_norm": norm,
+                                           "tokens_seen": self.tokens, "data_fingerprint": fingerprint}
+                    if self.step % cfg.logging.every_steps == 0 or self.step == cfg.max_steps:
+                        rec.update(self.report_progress(rec, window_steps, time.perf_counter() - window_t))
+                        window_t, window_steps = time.perf_counter(), 0
+                    self.log.write("train", self.step, **rec)
+                # a skipped step too: validation and checkpoints keep their schedule
                 self.maybe_validate()
                 every = cfg.checkpoint.every_steps
                 if every and self.step % every == 0 and self.step < cfg.max_steps:

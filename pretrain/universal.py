@@ -13,18 +13,22 @@ The same command converts a checkpoint ahead of time, e.g. on a CPU node before 
 resume is queued: ``python -m pretrain.universal <checkpoint.dir>/step_XXXXXXXX --workers 16``.
 The result, ``step_XXXXXXXX/universal/``, is written to a temporary directory and renamed,
 so it only ever exists complete; a killed conversion's temporary directory is removed by
-the next one.
+the next one. Two conversions of one checkpoint (the job's own and one started by hand)
+take turns on ``step_XXXXXXXX/.universal.lock``: the second finds the first's result.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoint import DS_TAG, UNIVERSAL, CheckpointError
@@ -41,12 +45,37 @@ def default_workers() -> int:
 def convert(path: Path, workers: int = 1) -> Path:
     """Convert ``path/ds`` (ZeRO partitions of any rank count) to ``path/universal``, unless
     it exists; returns it. Run it in a process without CUDA when ``workers`` > 1."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
     out = path / UNIVERSAL
     if out.is_dir():
         return out
-    for stale in path.glob(f"{TMP_PREFIX}*"):
+    with _converting(path):
+        if out.is_dir():  # made by the conversion we waited for
+            return out
+        return _convert_unlocked(path, out, workers)
+
+
+@contextlib.contextmanager
+def _converting(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path/.universal.lock`` (waited for, saying so); unlocked
+    where the file system has no flock."""
+    fd = os.open(path / ".universal.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[universal] another process is converting {path}: waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
+def _convert_unlocked(path: Path, out: Path, workers: int) -> Path:
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    for stale in path.glob(f"{TMP_PREFIX}*"):  # a killed conversion's (none runs: we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path))
     args = argparse.Namespace(input_folder=str(path / DS_TAG), output_folder=str(tmp / DS_TAG),
@@ -57,7 +86,12 @@ def convert(path: Path, workers: int = 1) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not out.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # made meanwhile by a conversion that could not lock
     return out
 
 

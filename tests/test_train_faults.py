@@ -74,6 +74,17 @@ def test_a_hung_rank_is_ended_with_its_stacks_and_the_rerun_resumes(tmp_path, re
     assert "step_00000002" in r.stdout and losses(root) == ref
 
 
+def test_a_wall_clock_budget_used_up_by_start_up_fails_instead_of_requeueing(tmp_path):
+    """The budget counts from the process's start; one already spent at the first step would
+    requeue forever without a step, so the run stops with the cause (exit 1), saving nothing."""
+    cfg = write_config(tmp_path)
+    r = train_cli(cfg, "wall_clock_budget_s=1")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert re.search(r"wall_clock_budget_s=1 is used up before the first step of this start \(\d+ s since the "
+                     r"process started, .*\): raise wall_clock_budget_s", r.stderr)
+    assert ckpt.newest_complete(tmp_path / "ckpt") is None
+
+
 def test_sigterm_saves_exits_with_requeue_code_and_rerun_matches(tmp_path, reference):
     _, ref = reference
     cfg = write_config(tmp_path)
@@ -147,17 +158,22 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, stage):
     assert r.returncode == 1, r.stderr[-3000:]
     assert "3 consecutive steps had a non-finite loss" in r.stderr
     root = tmp_path / "ckpt"
-    assert "step_00000004" in r.stderr  # names the last good checkpoint
-    assert ckpt.newest_complete(root).name == "step_00000004"
+    # a skipped step keeps the save schedule (every 2 steps): step 6 was skipped and saved
+    assert "step_00000006" in r.stderr  # names the last good checkpoint
+    assert ckpt.newest_complete(root).name == "step_00000006"
     log = root / "logs" / "metrics.jsonl"
     assert [s["step"] for s in read_metrics(log, "skip")] == [3, 5, 6, 7]
     train_steps = {s["step"]: s for s in read_metrics(log)}
     assert sorted(train_steps) == [1, 2, 4]
     assert all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in train_steps.values())
-    # the skipped step applied nothing: step 4 (after a skip) is as finite as the rest, and
-    # the checkpoint's weights are finite
-    sd = torch.load(ckpt.step_dir(root, 4) / "ds" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
-    assert all(torch.isfinite(v).all() for v in sd.values())
+    # the skipped steps applied nothing: step 4 (after a skip) is as finite as the rest, and
+    # step 6's weights (after two skips) are step 4's
+    def weights(step: int) -> dict:
+        return torch.load(ckpt.step_dir(root, step) / "ds" / "mp_rank_00_model_states.pt",
+                          weights_only=True)["module"]
+    w4, w6 = weights(4), weights(6)
+    assert all(torch.isfinite(v).all() for v in w4.values())
+    assert w4.keys() == w6.keys() and all(torch.equal(w4[k], w6[k]) for k in w4)
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, reference):

@@ -191,10 +191,25 @@ def test_universal_conversion_failure_is_clean_and_a_finished_one_is_reused(tmp_
                        r"count it was saved with.*Its output ended with:\n.*error: converting"):
         universal.ensure(step, rank=0, workers=2, log=said.append)
     assert "converting" in said[0] and "2 worker(s)" in said[0]
-    assert sorted(p.name for p in step.iterdir()) == [ckpt.DS_TAG]  # no temp directory left
+    assert sorted(p.name for p in step.iterdir()) == [".universal.lock", ckpt.DS_TAG]  # no temp directory left
     assert universal.main([str(tmp_path / "nowhere")]) == 2
-    (step / ckpt.UNIVERSAL).mkdir()  # only ever exists complete (renamed into place): reused as is
-    universal.ensure(step, rank=0, log=said.append)
+    # a second conversion (one started by hand, say) waits for the first and takes its result
+    import fcntl
+    import os
+    import threading
+
+    fd = os.open(step / ".universal.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the first conversion, running
+    results: list = []
+    second = threading.Thread(target=lambda: results.append(universal.convert(step)))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive()
+    (step / ckpt.UNIVERSAL).mkdir()  # the first one's result (renamed into place whole)
+    os.close(fd)
+    second.join(timeout=60)
+    assert results == [step / ckpt.UNIVERSAL]  # not converted again (this ZeRO file would fail)
+    universal.ensure(step, rank=0, log=said.append)  # reused as is
     assert len(said) == 1
 
 

@@ -37,6 +37,30 @@ def test_resume_refuses_another_pipeline_stage_count(tmp_path):
         check_resume(cfg, info)
 
 
+def test_every_rank_resumes_from_the_checkpoint_rank_0_found(tmp_path, monkeypatch):
+    """A rank that sees another newest checkpoint than rank 0 (a stale NFS cache, a node-local
+    checkpoint.dir) takes rank 0's when it can see it, and otherwise stops with the cause."""
+    import pretrain.distributed as distributed
+    from pretrain.run_checks import agreed_newest
+
+    for step in (2, 4):
+        ckpt.step_dir(tmp_path, step).mkdir()
+        (ckpt.step_dir(tmp_path, step) / ckpt.MARKER).write_text("ok")
+    assert agreed_newest(tmp_path) == ckpt.step_dir(tmp_path, 4)  # no process group: its own
+    rank0 = {"saw": ""}
+    monkeypatch.setattr(distributed, "broadcast_from_rank0", lambda value: rank0["saw"] or value)
+    rank0["saw"] = str(ckpt.step_dir(tmp_path, 2))  # rank 0's listing is older: its choice wins
+    assert agreed_newest(tmp_path) == ckpt.step_dir(tmp_path, 2)
+    rank0["saw"] = str(tmp_path / "step_00000006")  # newer than this rank can see
+    with pytest.raises(ckpt.CheckpointError, match=r"rank 0 resumes from .*step_00000006, but rank 0 sees "
+                       r".*step_00000004 in checkpoint.dir .*: the nodes see different contents there; put "
+                       r"checkpoint.dir on a file system that every node shares"):
+        agreed_newest(tmp_path)
+    monkeypatch.setattr(distributed, "broadcast_from_rank0", lambda value: "")  # rank 0 sees none
+    with pytest.raises(ckpt.CheckpointError, match=r"rank 0 resumes from nothing \(a fresh start\)"):
+        agreed_newest(tmp_path)
+
+
 def test_a_resume_on_other_data_follows_on_data_change(tmp_path):
     """Unchanged data resumes exactly whatever the setting (so it can stay on through
     requeues); a new global batch may continue, other sources or lengths may restart."""

@@ -12,7 +12,7 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain.config_loader import load_config
-from pretrain.export import export_checkpoint, load_exported, main as export_main
+from pretrain.export import export_checkpoint, export_is_current, load_exported, main as export_main
 from pretrain.models import build_model
 from pretrain.preemption import REQUEUE_EXIT_CODE
 from pretrain.run_log import read_metrics
@@ -122,6 +122,29 @@ def test_export_round_trip(tmp_path, reference):
         assert torch.equal(model(ids), direct(ids))
     again = export_checkpoint(root / "step_00000006", tmp_path / "again")
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # two exports into one directory (two sweeps of the same run): the second waits for the
+    # first (then finds this very save exported and keeps it)
+    import fcntl
+    import os
+    import threading
+
+    fd = os.open(again / ".export.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the first export, still writing
+    errors: list[BaseException] = []
+
+    def second_export() -> None:
+        try:
+            export_checkpoint(root / "step_00000006", again)
+        except BaseException as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(e)
+
+    second = threading.Thread(target=second_export)
+    second.start()
+    second.join(timeout=3.0)
+    assert second.is_alive()  # waits (an export of this tiny model takes well under a second)
+    os.close(fd)
+    second.join(timeout=60)
+    assert not second.is_alive() and errors == [] and export_is_current(root / "step_00000006", again)
     # re-exporting into an export killed while writing its weights: the marker goes first,
     # the old files stay whole, no temporary file is left; the rerun completes it
     import pretrain.export as export_module
@@ -136,7 +159,7 @@ def test_export_round_trip(tmp_path, reference):
         with pytest.raises(KeyboardInterrupt):
             export_checkpoint(root, out)
     assert not (out / "export.json").exists() and load_exported(out) is not None
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     export_checkpoint(root, out)
     assert (out / "export.json").is_file() and (out / "eval").is_dir()
     (tmp_path / "file").write_text("")

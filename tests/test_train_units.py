@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,6 +285,38 @@ def test_only_complete_checkpoints_count_and_pruning(tmp_path):
         _fake(tmp_path, s, True)
     ckpt.prune(tmp_path, keep_last=2, keep_every=20)  # and a series: every 20th step, for good
     assert [s for s, _, _ in ckpt.list_checkpoints(tmp_path)] == [20, 60, 70]  # torn 40: not a kept multiple
+    # odd names are not checkpoints (int() would read "step_1_000" as step 1000)
+    for odd in ("step_1_000", "step_+100", "step_ 100", "step_-5", "step_"):
+        (tmp_path / odd).mkdir()
+        assert ckpt.step_of(tmp_path / odd) is None
+    assert [s for s, _, _ in ckpt.list_checkpoints(tmp_path)] == [20, 60, 70]
+
+
+def test_a_damaged_rng_file_stops_the_resume_with_its_name(tmp_path):
+    step = _fake(tmp_path, 10, True)
+    (step / "rng").mkdir()
+    torch.save(ckpt.rng_state(), step / "rng" / "rank00000.pt")
+    assert ckpt.load_rng(step, 0)["torch"].equal(torch.get_rng_state()) and ckpt.load_rng(step, 1) is None
+    f = step / "rng" / "rank00000.pt"
+    f.write_bytes(f.read_bytes()[:100])  # truncated
+    with pytest.raises(ckpt.CheckpointError, match=r"step_00000010' is marked complete but .*rank00000.pt' cannot "
+                       r"be read .*delete that directory to fall back to the previous checkpoint"):
+        ckpt.load_rng(step, 0)
+
+
+def test_pruning_a_step_linked_in_from_another_run_removes_the_link_only(tmp_path):
+    """A decay branch links the stable run's step 10 into its own directory; once pruned
+    there, the stable run's checkpoint stays whole and complete."""
+    stable, branch = tmp_path / "stable", tmp_path / "branch"
+    source = _fake(stable, 10, True)
+    branch.mkdir()
+    ckpt.step_dir(branch, 10).symlink_to(source, target_is_directory=True)
+    for s in (20, 30):
+        _fake(branch, s, True)
+    ckpt.prune(branch, keep_last=2)
+    assert [s for s, _, _ in ckpt.list_checkpoints(branch)] == [20, 30]
+    assert not ckpt.step_dir(branch, 10).is_symlink()
+    assert ckpt.newest_complete(stable) == source and (source / "run.json").is_file()
 
 
 def test_a_held_checkpoint_outlives_pruning_until_its_reader_is_done(tmp_path):
@@ -380,10 +415,17 @@ def test_stop_flag_signals_and_wall_clock_budget():
         os.kill(os.getpid(), signal.SIGUSR1)  # the handler only records it
         assert stop.agree(1.0, 1.0) == "SIGUSR1"
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
-    with StopFlag(wall_clock_budget_s=100.0) as stop:
+    with StopFlag(wall_clock_budget_s=100.0, started_at=time.monotonic()) as stop:
         assert stop.agree(seconds_per_step=10.0, seconds_per_save=5.0) is None
         stop.start -= 85.0  # 85 s gone: one more step + save (16.5 s with margin) would overrun
         assert stop.agree(seconds_per_step=10.0, seconds_per_save=5.0) == "wall-clock budget"
+    # by default the budget counts from the process's start (imports and start-up included)
+    from pretrain.preemption import process_started_at
+    ps = subprocess.run([sys.executable, "-c", "import time; time.sleep(1.5); from pretrain.preemption import "
+                         "process_started_at as s; print(time.monotonic() - s())"],
+                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    assert 1.4 < float(ps.stdout) < 30.0
+    assert abs(StopFlag().start - process_started_at()) < 0.05 and process_started_at() < time.monotonic()
 
 
 def test_signal_during_start_up_is_kept_for_the_first_stop_flag():
