@@ -185,7 +185,7 @@ def data_info(cfg: DataConfig, split: str | None = None) -> dict[str, Any]:
         infos, tok_hash = open_sources(cfg, split or cfg.train_split, scratch)
     first = infos[0].manifest
     return {"tokenizer": first["tokenizer"], "tokenizer_hash": tok_hash, "seq_len": first["seq_len"],
-            "dtype": first["dtype"],
+            "dtype": first["dtype"], "add_bos": any(bool(s.manifest.get("add_bos")) for s in infos),
             "sources": [{"path": s.path, "weight": s.weight, "dataset_id": s.dataset_id,
                          "splits": s.manifest["splits"]} for s in infos]}
 

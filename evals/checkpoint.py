@@ -29,6 +29,12 @@ class LoadedCheckpoint:
     train_context: int | None  # the run's data.seq_len, when the export carries its run config
     run_config: dict[str, Any] | None = None
 
+    @property
+    def bos(self) -> bool:
+        """Whether the training documents began with BOS (``evals.prompts``); exports made
+        before it was recorded say nothing, and ``linrnn-prepare``'s default is no BOS."""
+        return bool(self.meta.get("add_bos"))
+
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     need_tokenizer: bool = True) -> LoadedCheckpoint:

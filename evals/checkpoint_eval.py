@@ -77,6 +77,7 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
                            "not_started": [], "stopped_by_time_limit": [], "results": {}}
     head = [f"# Checkpoint evaluation: {ck.path}", "", f"- training context: {context} tokens",
             f"- step: {ck.meta.get('step', 'unknown')}",
+            f"- documents start {'with BOS' if ck.bos else 'without BOS'}, as the training data's did",
             f"- ranks: {shard.world} on {where['device']} ({where['dtype']}), torch {where['torch']}", ""]
     sections: list[str] = []
 
@@ -129,7 +130,7 @@ def _text_lm(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, ou
              r: dict[str, Any], deadline: float | None, shard: Shard) -> PartResult:
     """Perplexity and bits per byte of the text file, then the length-extrapolation curve."""
     tok = ck.tokenizer
-    stream, n_bytes = lm.encode_text(tok, lm.read_text(opts.text), opts.max_tokens)
+    stream, n_bytes = lm.encode_text(tok, lm.read_text(opts.text), opts.max_tokens, bos=ck.bos)
     ppl = lm.perplexity(ck.model, stream, n_bytes, context, progress=opts.progress, deadline=deadline,
                         prefix_bytes=lambda n: len(tok.decode(stream[1:1 + n].tolist()).encode("utf-8")),
                         shard=shard)
@@ -154,7 +155,7 @@ def _passkey_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: in
     lengths = opts.passkey_lengths or sorted({max(64, context // 2), context, *(
         context * f for f in (2, 4, 8) if f <= opts.extrapolation_factor)})
     pk = incontext.passkey(ck.model, ck.tokenizer, lengths, opts.depths, opts.trials, opts.seed, opts.progress,
-                           deadline=deadline, shard=shard)
+                           deadline=deadline, shard=shard, bos=ck.bos)
     r["passkey"] = pk.to_dict()
     md = ["## Passkey retrieval", "", "| depth \\ length | " + " | ".join(map(str, lengths)) + " |",
           "|---|" + "---|" * len(lengths)]
@@ -168,7 +169,7 @@ def _passkey_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: in
 def _kv_lookup_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
                     r: dict[str, Any], deadline: float | None, shard: Shard) -> PartResult:
     kv = incontext.kv_lookup(ck.model, ck.tokenizer, opts.kv_pairs, max(opts.trials, 10), opts.seed, opts.progress,
-                             deadline=deadline, shard=shard)
+                             deadline=deadline, shard=shard, bos=ck.bos)
     r["kv_lookup"] = kv
     if shard.leader:
         line_plot(out / "kv_lookup.png", kv["pairs"], {"accuracy": kv["accuracy"], "chance": kv["chance"]},
@@ -187,7 +188,8 @@ def _fewshot_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: in
             md += [f"## Few-shot {task}", "", "Not started (time limit).", ""]
             continue
         fs = incontext.fewshot(ck.model, ck.tokenizer, task, opts.fewshot_lengths, opts.shots,
-                               max(opts.trials, 10), opts.seed, opts.progress, deadline=deadline, shard=shard)
+                               max(opts.trials, 10), opts.seed, opts.progress, deadline=deadline, shard=shard,
+                               bos=ck.bos)
         r[f"fewshot_{task}"] = fs
         stopped = fs["stopped_by_time_limit"] or shard.time_is_up(deadline)
         series[f"{task} (chance {fs['chance']:.2f})"] = fs["accuracy"]

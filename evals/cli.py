@@ -68,7 +68,10 @@ def _range(text: str) -> tuple[int, int]:
 def _pairs(text: str) -> list[tuple[int, int]]:
     out = []
     for item in text.split(","):
-        t, _, p = item.lower().partition("x")
+        t, x, p = item.strip().lower().partition("x")
+        if not (x and t.isdigit() and p.isdigit() and int(t) > 0 and int(p) > 0):
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not SEQ_LENxPAIRS (positive whole numbers), "
+                                             "e.g. 64x4,128x8")
         out.append((int(t), int(p)))
     return out
 

@@ -5,7 +5,8 @@ arithmetic.
 Retrieval is scored by greedy exactness under teacher forcing (every target token is the
 argmax given the prompt and the target's previous tokens), which is what greedy decoding
 would produce, at the cost of one forward pass. Few-shot tasks are multiple choice: the
-answer with the highest log-likelihood wins.
+answer with the highest log-likelihood wins. Prompts and answers are tokenized together and
+start as the training documents did (``evals.prompts``).
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 
 from data.tokenizer import Tokenizer
 
-from .tasks import Condition, ModularArithmeticTask, ParityTask
+from .prompts import PromptCoder
 from .sharding import Shard
+from .tasks import Condition, ModularArithmeticTask, ParityTask
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 # Used when the tokenizer has too few whole-word pieces (small demo vocabularies): the
@@ -54,27 +56,34 @@ class PasskeyResult:
         return asdict(self)
 
 
-def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int]]:
-    """A prompt of at most ``length`` tokens (filled sentence by sentence) with the key at
-    relative ``depth`` of the filler."""
-    head = tok.encode(PASSKEY_INTRO)
-    needle = tok.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
-    question = tok.encode("What is the pass key? The pass key is")
-    sentences = [tok.encode(x.strip() + ". ") for x in FILLER.split(". ") if x.strip()]
-    budget = length - 1 - len(head) - len(needle) - len(question)
-    filler: list[list[int]] = []
-    while budget >= len(sentences[len(filler) % len(sentences)]):
-        filler.append(sentences[len(filler) % len(sentences)])
-        budget -= len(filler[-1])
-    before = round(depth * len(filler))
-    flat = lambda parts: [t for part in parts for t in part]  # noqa: E731
-    prompt = [tok.bos_id, *head, *flat(filler[:before]), *needle, *flat(filler[before:]), *question]
-    return prompt, tok.encode(" " + key)
+def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str,
+                   bos: bool = False) -> tuple[list[int], list[int]]:
+    """(prompt, answer) tokens: a prompt of at most ``length`` tokens, filled sentence by
+    sentence, with the key at relative ``depth`` of the filler; the answer is " KEY"."""
+    coder = PromptCoder(tok, bos)
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    question = "What is the pass key? The pass key is"
+    sentences = [x.strip() + ". " for x in FILLER.split(". ") if x.strip()]
+
+    def prompt(count: int) -> tuple[list[int], list[int]]:
+        filler = [sentences[i % len(sentences)] for i in range(count)]
+        before = round(depth * count)
+        text = PASSKEY_INTRO + "".join(filler[:before]) + needle + "".join(filler[before:]) + question
+        return coder.split(text, " " + key)
+
+    sizes = [len(tok.encode(x)) for x in sentences]  # alone; joined they may differ by a piece
+    count, budget = 0, length - len(prompt(0)[0])
+    while budget >= sizes[count % len(sizes)]:
+        budget -= sizes[count % len(sizes)]
+        count += 1
+    while count > 0 and len(prompt(count)[0]) > length:
+        count -= 1
+    return prompt(count)
 
 
 def passkey(model: torch.nn.Module, tok: Tokenizer, lengths: list[int], depths: list[float], trials: int = 5,
             seed: int = 0, progress: bool = True, deadline: float | None = None,
-            shard: Shard = Shard()) -> PasskeyResult:
+            shard: Shard = Shard(), bos: bool = False) -> PasskeyResult:
     """Accuracy per (depth, length), shortest lengths first, so a ``deadline`` that stops
     the loop (after the first cell) leaves whole columns of the short lengths."""
     model.eval()
@@ -83,7 +92,7 @@ def passkey(model: torch.nn.Module, tok: Tokenizer, lengths: list[int], depths: 
     cells = [(j, i) for j in order for i in range(len(depths))]
     prompts = [(lengths[j], depths[i], str(int(torch.randint(10_000, 100_000, (1,), generator=gen))))
                for j, i in cells for _ in range(trials)]
-    hits, stopped = shard.score(prompts, lambda p: score_target(model, *passkey_prompt(tok, *p))[1],
+    hits, stopped = shard.score(prompts, lambda p: score_target(model, *passkey_prompt(tok, *p, bos=bos))[1],
                                 deadline=deadline, always=trials, desc="passkey", progress=progress)
     acc: list[list[float | None]] = [[None] * len(lengths) for _ in depths]
     for n, (j, i) in enumerate(cells):
@@ -109,7 +118,8 @@ def word_pieces(tok: Tokenizer, min_len: int = 3, limit: int = 2000) -> list[str
 
 
 def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], trials: int = 20, seed: int = 0,
-              progress: bool = True, deadline: float | None = None, shard: Shard = Shard()) -> dict:
+              progress: bool = True, deadline: float | None = None, shard: Shard = Shard(),
+              bos: bool = False) -> dict:
     """``key: value`` lines of random words, then one key again; accuracy by number of pairs
     (``None`` past ``deadline``, checked after the first count). Words are the tokenizer's
     whole-word pieces (one token each) when it has enough."""
@@ -128,7 +138,7 @@ def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], tr
             keys, values = [words[i] for i in pick[:n]], [words[i] for i in pick[n:]]
             q = int(torch.randint(n, (1,), generator=gen))
             text = "Remember these pairs.\n" + "".join(f"{k}: {v}\n" for k, v in zip(keys, values)) + f"{keys[q]}:"
-            prompts.append(([tok.bos_id, *tok.encode(text)], tok.encode(" " + values[q])))
+            prompts.append(PromptCoder(tok, bos).split(text, " " + values[q]))
     hits, stopped = shard.score(prompts, lambda p: score_target(model, *p)[1], deadline=deadline, always=trials,
                                 desc="kv lookup", progress=progress)
     acc = [_mean(hits[c * trials:(c + 1) * trials], trials) for c in range(len(pair_counts))]
@@ -136,14 +146,15 @@ def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], tr
             "chance": [1 / n for n in pair_counts], "stopped_by_time_limit": stopped}
 
 
-def _choose(model: torch.nn.Module, prompt: list[int], choices: list[list[int]]) -> int:
-    scores = [score_target(model, prompt, c)[0] for c in choices]
-    return max(range(len(choices)), key=scores.__getitem__)
+def _choose(model: torch.nn.Module, options: list[tuple[list[int], list[int]]]) -> int:
+    """The (prompt, answer) option with the highest answer log-likelihood."""
+    scores = [score_target(model, prompt, answer)[0] for prompt, answer in options]
+    return max(range(len(options)), key=scores.__getitem__)
 
 
 def fewshot(model: torch.nn.Module, tok: Tokenizer, task: str, lengths: list[int], shots: int = 8,
             trials: int = 20, seed: int = 0, progress: bool = True, deadline: float | None = None,
-            shard: Shard = Shard()) -> dict:
+            shard: Shard = Shard(), bos: bool = False) -> dict:
     """Few-shot ``parity`` ("1 0 1 -> 0") or ``modular_arithmetic`` ("3+4*2 = 1", mod 5);
     accuracy by length (``None`` past ``deadline``, checked after the first length)."""
     model.eval()
@@ -160,16 +171,21 @@ def fewshot(model: torch.nn.Module, tok: Tokenizer, task: str, lengths: list[int
             return src.render(ids[:-1]) + " ="
     else:
         raise ValueError(f"fewshot task must be 'parity' or 'modular_arithmetic', got {task!r}")
-    choices = [tok.encode(f" {c}") for c in range(n_choices)]
+    coder = PromptCoder(tok, bos)
     prompts = []
     for L in lengths:
         for _ in range(trials):
             ids, labels = src.sample(shots + 1, Condition(L), gen)
             answers = labels[:, -1].tolist()
             lines = [f"{render(r)} {a}\n" for r, a in zip(ids[:-1].tolist(), answers[:-1])]
-            prompts.append(([tok.bos_id, *tok.encode("".join(lines) + render(ids[-1].tolist()))], answers[-1]))
-    hits, stopped = shard.score(prompts, lambda p: _choose(model, p[0], choices) == p[1], deadline=deadline,
-                                always=trials, desc=f"few-shot {task}", progress=progress)
+            prompts.append(("".join(lines) + render(ids[-1].tolist()), answers[-1]))
+
+    def right(item: tuple[str, int]) -> bool:
+        text, answer = item
+        return _choose(model, [coder.split(text, f" {c}") for c in range(n_choices)]) == answer
+
+    hits, stopped = shard.score(prompts, right, deadline=deadline, always=trials, desc=f"few-shot {task}",
+                                progress=progress)
     acc = [_mean(hits[c * trials:(c + 1) * trials], trials) for c in range(len(lengths))]
     return {"task": task, "lengths": lengths, "accuracy": acc, "shots": shots,
             "trials": trials, "chance": 1 / n_choices, "stopped_by_time_limit": stopped}

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from data.tokenizer import Tokenizer
 
+from .prompts import PromptCoder
 from .sharding import Shard
 
 
@@ -31,13 +32,19 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def encode_text(tok: Tokenizer, text: str, max_tokens: int | None = None) -> tuple[torch.Tensor, int]:
-    """BOS + tokens (cut to ``max_tokens``) and the UTF-8 bytes of the text they cover."""
+def encode_text(tok: Tokenizer, text: str, max_tokens: int | None = None,
+                bos: bool = False) -> tuple[torch.Tensor, int]:
+    """The text as one document (``evals.prompts``: BOS first if training had it; tokens cut
+    to ``max_tokens``) and the UTF-8 bytes of what is scored: every token after the first of
+    the stream, so without BOS the first token's bytes do not count."""
     ids = tok.encode(text)
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
         text = tok.decode(ids)
-    return torch.tensor([tok.bos_id, *ids], dtype=torch.long), len(text.encode("utf-8"))
+    n_bytes = len(text.encode("utf-8"))
+    if not bos:
+        n_bytes -= len(tok.decode(ids[:1]).encode("utf-8"))
+    return torch.tensor(PromptCoder(tok, bos).start + ids, dtype=torch.long), n_bytes
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .prompts import PromptCoder
 from .report import write_json, write_text
 from .sharding import rank_device, shard_from_env
 
@@ -50,6 +51,7 @@ class LinRNNLM(LM):
         dev = rank_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ck = load_checkpoint(pretrained, device=dev)
         self.model, self.tok = ck.model.eval(), ck.tokenizer
+        self.coder = PromptCoder(ck.tokenizer, ck.bos)  # documents start as in training
         self._dev = self._device = torch.device(dev)  # lm_eval's ``device`` reads _device
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or ck.train_context or 2048)
@@ -57,18 +59,6 @@ class LinRNNLM(LM):
         self.meta = ck.meta  # export.json: the step and tokens seen
 
     # ------------------------------------------------------------------ tokens
-
-    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """Context and continuation tokens, tokenized together so merges across the seam match
-        how the text would be tokenized as a whole (trailing context spaces move right)."""
-        n = len(context) - len(context.rstrip())
-        if n:
-            context, continuation = context[:-n], context[-n:] + continuation
-        whole = self.tok.encode(context + continuation)
-        ctx = self.tok.encode(context) if context else []
-        if whole[: len(ctx)] != ctx:
-            return [self.tok.bos_id, *ctx], self.tok.encode(continuation)
-        return [self.tok.bos_id, *ctx], whole[len(ctx):]
 
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]], desc: str = "loglikelihood") -> list[tuple[float, bool]]:
@@ -79,12 +69,13 @@ class LinRNNLM(LM):
             idx = order[b:b + self.batch_size]
             seqs = [(pairs[i][0] + pairs[i][1])[-(self.max_length + 1):] for i in idx]
             width = max(len(s) for s in seqs) - 1
-            inp = torch.full((len(idx), width), self.tok.pad_id, dtype=torch.long)
+            # right padding: causal, so its value never reaches a scored position (pad_id may be -1)
+            inp = torch.full((len(idx), width), max(self.tok.pad_id, 0), dtype=torch.long)
             for r, s in enumerate(seqs):
                 inp[r, : len(s) - 1] = torch.tensor(s[:-1])
             logp = F.log_softmax(self.model(inp.to(self._dev)).float(), dim=-1).cpu()
             for r, (i, s) in enumerate(zip(idx, seqs)):
-                n = len(pairs[i][1])
+                n = min(len(pairs[i][1]), len(s) - 1)  # a continuation longer than the window: its tail
                 if n == 0:
                     continue
                 tgt = torch.tensor(s[-n:])
@@ -123,13 +114,15 @@ class LinRNNLM(LM):
     # ------------------------------------------------------------------ lm_eval API
 
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        return self._score([self._split(*req.args) for req in requests])
+        return self._score([self.coder.split(*req.args) for req in requests])
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         results = []
         for req in requests:
             (text,) = req.args
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                # the first token needs something to be predicted from: BOS, also where training
+                # had none (its documents' first tokens were never predicted)
                 token_list=self.tok.encode(text), prefix_token=self.tok.bos_id,
                 max_seq_len=self.max_length, context_len=1)]
             results.append(sum(lp for lp, _ in self._score(windows, "rolling")))
@@ -150,7 +143,7 @@ class LinRNNLM(LM):
 
     def generate(self, context: str, until: list[str], max_new: int, temperature: float = 0.0) -> str:
         """Decode with the recurrent cache until a stop string, EOS, or ``max_new`` tokens."""
-        ids = [self.tok.bos_id, *self.tok.encode(context)][-self.max_length:]
+        ids = self.coder.document(context)[-self.max_length:]
         cache = self.model.init_cache(1, device=self._dev)
         logits = self.model.prefill(torch.tensor([ids], device=self._dev), cache)[:, -1]
         new: list[int] = []

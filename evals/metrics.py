@@ -94,10 +94,11 @@ def evaluate_task(model: torch.nn.Module, task: Task, conditions: list[Condition
 
 
 def longest_solved(points: list[LengthScore], threshold: float = 0.99) -> int:
-    """The longest length L such that every tested length <= L has seq accuracy >= threshold (0: none)."""
+    """The longest length L such that every tested condition of length <= L (all its pair
+    counts, for MQAR) has seq accuracy >= threshold (0: none)."""
     best = 0
-    for p in sorted(points, key=lambda p: (p.length, p.pairs)):
-        if p.seq_acc < threshold:
+    for length in sorted({p.length for p in points}):
+        if any(p.seq_acc < threshold for p in points if p.length == length):
             break
-        best = p.length
+        best = length
     return best

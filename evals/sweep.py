@@ -90,11 +90,22 @@ def collect(run_dir: Path, suite: str) -> list[dict[str, Any]]:
             rows.append({**row, "status": "not evaluated"})
             continue
         meta = res.get("meta") or {}
-        status = "complete" if res.get("complete", True) else "incomplete (time limit)"
+        status = evaluation_status(res)
         rows.append({**row, "step": meta.get("step", row["step"]), "tokens_seen": meta.get("tokens_seen"),
                      "status": status, "scores": (lm_eval_headline if res.get("kind") == "lm_eval" else headline)(
                          res.get("results") or {})})
     return rows
+
+
+def evaluation_status(res: dict[str, Any]) -> str:
+    """"complete"; "partial (time limit)" when the evaluation finished but its time limit
+    stopped a part or left parts unstarted (rerunning it with the same limit stops again);
+    "interrupted" when it never finished (killed, e.g. by its job's time limit)."""
+    if not res.get("complete", True):
+        return "interrupted"
+    if res.get("stopped_by_time_limit") or res.get("not_started"):
+        return "partial (time limit)"
+    return "complete"
 
 
 def _cell(v: Any) -> str:

@@ -271,7 +271,8 @@ def _write_export(out: Path, step_path: Path, run_state: dict, run_config: dict,
     meta = {"step": run_state["step"], "tokens_seen": run_state["tokens_seen"],
             "tokenizer_hash": run_state.get("tokenizer_hash"), "source": str(step_path.resolve()),
             "dtype": dtype, "tokenizer_file": TOKENIZER if tok is not None else None,
-            "save_id": run_state.get("save_id")}
+            "save_id": run_state.get("save_id"),
+            "add_bos": run_state.get("add_bos")}  # how the evals start a document (None: before it was recorded)
     _write_whole(out / META, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
 

@@ -252,6 +252,7 @@ class Trainer:
         run_state = {
             "step": self.step, "tokens_seen": self.tokens, "data": self.batches.state_dict(),
             "tokenizer_hash": self.info["tokenizer_hash"], "model": config_to_dict(cfg.model),
+            "add_bos": self.info.get("add_bos"),  # documents began with BOS: the evals start prompts so
             "world_size": self.env.world_size, "zero_stage": cfg.parallel.zero_stage,
             "precision": cfg.parallel.precision,
             "pipeline_stages": cfg.parallel.pipeline_stages,

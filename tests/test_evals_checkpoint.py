@@ -86,8 +86,13 @@ def test_perplexity_and_bits_per_byte_match_a_direct_loss(exported) -> None:
     out, text_file, model = exported
     ck = load_checkpoint(out)
     text = lm.read_text(text_file)
-    stream, n_bytes = lm.encode_text(ck.tokenizer, text)
+    stream, n_bytes = lm.encode_text(ck.tokenizer, text, bos=True)
     assert n_bytes == len(text.encode()) and ck.tokenizer.decode(stream[1:].tolist()) == text
+    assert int(stream[0]) == ck.tokenizer.bos_id
+    # training without BOS (the default): the first token is context only, its bytes unscored
+    plain, plain_bytes = lm.encode_text(ck.tokenizer, text)
+    assert plain.tolist() == stream[1:].tolist() and not ck.bos
+    assert plain_bytes == n_bytes - len(ck.tokenizer.decode(plain[:1].tolist()).encode())
     whole = lm.perplexity(ck.model, stream, n_bytes, context=stream.numel(), progress=False)
     with torch.no_grad():
         direct = float(model.loss(stream[None, :-1], stream[None, 1:]))
@@ -108,10 +113,14 @@ def test_passkey_prompts_place_the_needle_and_score_greedy_exactness(exported) -
     tok = ck.tokenizer
     early, target = incontext.passkey_prompt(tok, 200, 0.0, "12345")
     late, _ = incontext.passkey_prompt(tok, 200, 1.0, "12345")
-    needle = tok.encode("The pass key is 12345.")
-    find = lambda seq: next(i for i in range(len(seq)) if seq[i:i + len(needle)] == needle)  # noqa: E731
-    assert find(early) < find(late) and 150 <= len(early) <= 200 and len(early) == len(late)
+    find = lambda seq: tok.decode(seq).index("The pass key is 12345.")  # noqa: E731
+    assert find(early) < find(late) and 150 <= len(early) <= 200 and abs(len(early) - len(late)) <= 2
     assert tok.decode(target).strip() == "12345"
+    # prompt and answer are the text's own tokenization: what a model that predicts the text
+    # perfectly would produce (the answer encoded alone would start with an extra word piece)
+    assert early + target == tok.encode(tok.decode(early + target))
+    with_bos, _ = incontext.passkey_prompt(tok, 200, 0.0, "12345", bos=True)
+    assert with_bos[0] == tok.bos_id and len(with_bos) <= 200
 
     class Echo(torch.nn.Module):
         """Predicts each next token of a fixed sequence: greedy-exact on it, wrong elsewhere."""
@@ -129,6 +138,24 @@ def test_passkey_prompts_place_the_needle_and_score_greedy_exactness(exported) -
 
     assert incontext.score_target(Echo(early + target), early, target)[1]
     assert not incontext.score_target(Echo(early + tok.encode(" 54321")), early, target)[1]
+
+
+def test_prompt_and_answer_are_tokenized_whole_and_start_as_training_did(exported) -> None:
+    from evals.prompts import PromptCoder
+
+    tok = load_checkpoint(exported[0]).tokenizer
+    plain, bos = PromptCoder(tok, False), PromptCoder(tok, True)
+    for context, answer in [("The sky is", " blue."), ("house river ", "green"), ("The pass key is", " 12345"),
+                            ("A b", "c d")]:
+        prompt, target = plain.split(context, answer)
+        assert prompt + target == tok.encode(context + answer) and target  # the whole text's own tokens
+        assert tok.decode(target).strip() == answer.strip() or tok.decode(prompt + target) == context + answer
+        assert bos.split(context, answer) == ([tok.bos_id, *prompt], target)
+    assert plain.split("", "water") == ([tok.bos_id], tok.encode("water"))  # something to predict from
+    assert plain.document("") == [tok.bos_id] and plain.document("sky") == tok.encode("sky")
+    assert bos.document("sky") == [tok.bos_id, *tok.encode("sky")]
+    # a separately tokenized answer would not be the text's tokens (the flaw this avoids)
+    assert tok.encode("The pass key is") + tok.encode(" 12345") != tok.encode("The pass key is 12345")
 
 
 def test_checkpoint_suite_via_cli_writes_everything(exported, tmp_path) -> None:

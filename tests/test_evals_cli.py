@@ -188,3 +188,11 @@ def test_an_empty_or_zero_length_range_is_refused_by_the_parser(value, capsys) -
     with pytest.raises(SystemExit) as e:
         main(["gated_deltanet-tiny", "--suite", "parity", "--out", "unused", "--train-lengths", value])
     assert e.value.code == 2 and f"{value!r} is not a length range LO:HI" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["64", "64x", "x4", "64x0", "64*4"])
+def test_a_malformed_mqar_grid_is_refused_with_its_form(value, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["gated_deltanet-tiny", "--suite", "mqar", "--out", "unused", "--mqar-test", f"128x8,{value}"])
+    assert e.value.code == 2
+    assert f"{value!r} is not SEQ_LENxPAIRS (positive whole numbers), e.g. 64x4,128x8" in capsys.readouterr().err

@@ -32,13 +32,26 @@ def test_loglikelihood_matches_a_direct_forward_pass(exported) -> None:
     pairs = [("The sky is", " blue."), ("house river", " green stone 12"), ("", "water"), ("A b ", "c")]
     got = lm.loglikelihood([req("loglikelihood", p) for p in pairs])
     for (ctx, cont), (lp, greedy) in zip(pairs, got):
-        c, t = lm._split(ctx, cont)
+        c, t = lm.coder.split(ctx, cont)
         ids = torch.tensor([c + t])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids[:, :-1]), -1)[0, len(c) - 1:]
         assert lp == pytest.approx(float(logp.gather(1, ids[0, len(c):, None]).sum()), rel=1e-4, abs=1e-4)
         assert greedy == bool((logp.argmax(-1) == ids[0, len(c):]).all())
-        assert lm.tok.decode(c[1:] + t) == ctx + cont and len(t) >= 1  # nothing lost at the seam
+        assert lm.tok.decode(c + t) == ctx + cont and len(t) >= 1  # nothing lost at the seam (BOS decodes to "")
+
+
+def test_a_continuation_longer_than_the_window_scores_its_tail(exported) -> None:
+    out, _, model = exported
+    lm = LinRNNLM(pretrained=str(out), device="cpu", max_length=4)
+    ctx, cont = "The sky", " is blue and the grass is green"
+    c, t = lm.coder.split(ctx, cont)
+    assert len(t) > 5
+    ((lp, _),) = lm.loglikelihood([req("loglikelihood", (ctx, cont))])
+    ids = torch.tensor([(c + t)[-5:]])  # the window: the continuation's last 4 tokens, predicted from 4
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[:, :-1]), -1)[0]
+    assert lp == pytest.approx(float(logp.gather(1, ids[0, 1:, None]).sum()), rel=1e-4, abs=1e-4)
 
 
 def test_rolling_loglikelihood_counts_every_token_once(exported) -> None:
@@ -59,7 +72,7 @@ def test_generation_uses_the_step_path_and_stops_at_until(exported) -> None:
     out, _, model = exported
     lm = LinRNNLM(pretrained=str(out), device="cpu")
     ctx = "The grass is green. The sky"
-    ids = torch.tensor([[lm.tok.bos_id, *lm.tok.encode(ctx)]])
+    ids = torch.tensor([lm.coder.document(ctx)])
     greedy = model.generate(ids, max_new_tokens=12, temperature=0.0)[0, ids.shape[1]:].tolist()
     text = lm.tok.decode(greedy[: greedy.index(lm.tok.eos_id)] if lm.tok.eos_id in greedy else greedy)
     (full,) = lm.generate_until([req("generate_until", (ctx, {"until": [], "max_gen_toks": 12}))])

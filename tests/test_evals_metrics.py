@@ -42,6 +42,9 @@ def test_longest_solved_stops_at_the_first_failure() -> None:
     assert longest_solved(pts, 0.99) == 20
     assert longest_solved(pts, 0.8) == 80
     assert longest_solved([LengthScore(10, 0, 0.5, 0.5)], 0.99) == 0
+    # MQAR: a length counts only when all its pair counts pass (512x64 passes, 512x128 fails)
+    mqar = [LengthScore(256, 16, 1.0, 1.0), LengthScore(512, 64, 1.0, 1.0), LengthScore(512, 128, 0.9, 0.5)]
+    assert longest_solved(mqar, 0.99) == 256
 
 
 def test_prefix_scored_evaluation_finds_where_sequences_break() -> None:

@@ -8,8 +8,10 @@ import pytest
 from evals.sweep import headline, main
 
 
-def _results(step: int, ppl: float, passkey: list[list[float | None]], complete: bool = True) -> dict:
+def _results(step: int, ppl: float, passkey: list[list[float | None]], complete: bool = True,
+             stopped: tuple[str, ...] = ()) -> dict:
     return {"kind": "checkpoint_eval", "meta": {"step": step, "tokens_seen": step * 1000}, "complete": complete,
+            "stopped_by_time_limit": list(stopped),
             "results": {
                 "heldout": {"data": "run", "perplexity": ppl, "bits_per_byte": ppl / 100},
                 "passkey": {"lengths": [64, 128], "depths": [0.0, 1.0], "accuracy": passkey},
@@ -28,22 +30,25 @@ def test_headline_numbers_of_one_evaluation():
 
 def test_a_sweep_table_lists_every_checkpoint_and_its_gaps(tmp_path, capsys):
     run = tmp_path / "run"
-    for step, ppl, complete in ((100, 300.0, True), (200, 150.0, False)):
+    for step, ppl, complete, stopped in ((100, 300.0, True, ()), (200, 150.0, False, ()),
+                                         (250, 140.0, True, ("passkey",))):
         d = run / "exports" / f"step_{step:08d}" / "eval" / "checkpoint"
         d.mkdir(parents=True)
-        (d / "results.json").write_text(json.dumps(_results(step, ppl, [[1.0, 1.0], [1.0, 0.0]], complete)))
+        (d / "results.json").write_text(json.dumps(_results(step, ppl, [[1.0, 1.0], [1.0, 0.0]], complete, stopped)))
     (run / "exports" / "step_00000300").mkdir()  # exported, its evaluation never ran
     (run / "exports" / "step_00000300.old").mkdir()  # not a step directory: ignored
     assert main([str(run)]) == 0
     captured = capsys.readouterr()
-    assert "2 checkpoint(s) without a complete evaluation: step_00000200, step_00000300" in captured.err
+    assert ("3 checkpoint(s) without a complete evaluation: step_00000200, step_00000250, step_00000300"
+            in captured.err)
     md = (run / "exports" / "sweep-checkpoint.md").read_text().splitlines()
     assert md[2].startswith("| checkpoint | tokens seen | status | held-out perplexity |")
     assert md[4].startswith("| step_00000100 | 100,000 | complete | 300 |")
-    assert md[5].startswith("| step_00000200 | 200,000 | incomplete (time limit) | 150 |")
-    assert md[6].startswith("| step_00000300 | — | not evaluated | — |")
+    assert md[5].startswith("| step_00000200 | 200,000 | interrupted | 150 |")  # killed: scored again
+    assert md[6].startswith("| step_00000250 | 250,000 | partial (time limit) | 140 |")
+    assert md[7].startswith("| step_00000300 | — | not evaluated | — |")
     summary = json.loads((run / "exports" / "sweep-checkpoint.json").read_text())
-    assert [c["step"] for c in summary["checkpoints"]] == [100, 200, 300]
+    assert [c["step"] for c in summary["checkpoints"]] == [100, 200, 250, 300]
     assert (run / "exports" / "sweep-checkpoint.png").stat().st_size > 0
     assert main([str(tmp_path / "nothing")]) == 2
     assert "has no exports/step_* directories" in capsys.readouterr().err

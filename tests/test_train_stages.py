@@ -111,6 +111,7 @@ def test_export_round_trip(tmp_path, reference):
     assert export_main([str(root), str(out)]) == 0
     meta = json.loads((out / "export.json").read_text())
     assert meta["step"] == 6 and (out / "tokenizer.model").is_file()
+    assert meta["add_bos"] is False  # the data's documents had no BOS: the evals start prompts without one
     model = load_exported(out)
     cfg = load_config(root / "step_00000006" / "config.yaml")
     engine_state = torch.load(root / "step_00000006" / "ds" / "mp_rank_00_model_states.pt",
