@@ -112,14 +112,17 @@ def shard_from_env() -> Shard:
 
 
 def rank_device(requested: str) -> str:
-    """The device this rank works on: ``cuda`` is the rank's own GPU of its node (LOCAL_RANK)
-    when several ranks run; a CUDA device is also made current, so that everything that
-    follows the current device (Triton launches, ``torch.cuda`` queries) uses it."""
-    device = requested
-    if requested == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    """The device this rank works on: ``cuda`` is the rank's own GPU when several ranks run
+    (``pretrain.distributed.cuda_index``: GPU LOCAL_RANK of its node, or the one GPU it sees
+    under ``--gpus-per-task=1``); a CUDA device is also made current, so that everything
+    that follows the current device (Triton launches, ``torch.cuda`` queries) uses it."""
     import torch
 
+    device = requested
+    if requested == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        from pretrain.distributed import rank_cuda_index
+
+        device = f"cuda:{rank_cuda_index()}"
     if device.startswith("cuda:") and torch.cuda.is_available():  # else loading says what is wrong
         torch.cuda.set_device(device)
     return device

@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         for e in envs:
             e["NODE_RANK"] = tenv["NODE_RANK"]
         return _run(cmd, envs, args)
+    private = slurm_env.job_dir(env)  # before TMPDIR below points into it
     env.update(slurm_env.job_dirs_env(env))
     envs = local.rank_envs(env, args.nproc)
     try:
         return _run(cmd, envs, args)
     finally:
         if not os.environ.get("SLURM_JOB_ID"):  # a private per-launch directory: nobody reuses it
-            slurm_env.clean_job_dir(env)
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def _run(cmd: list[str], envs: list[dict[str, str]], args: argparse.Namespace) -> int:

@@ -45,6 +45,17 @@ def _hosts(env: Mapping[str, str]) -> list[str]:
     return expand_nodelist(nodelist)
 
 
+def ranks_per_node(per_node: list[int], spec: str | None = None) -> int:
+    """The one rank count every node runs: the data loader and torch's LOCAL_WORLD_SIZE
+    assume the same on every node (nodes = world size / ranks per node)."""
+    if len(set(per_node)) > 1:
+        raise RuntimeError(f"this step runs an uneven number of ranks per node (tasks per node {spec}: "
+                           f"{','.join(map(str, per_node))}), but training needs the same number on every node: "
+                           "use --ntasks-per-node (e.g. sbatch --nodes=2 --ntasks-per-node=8) so every node runs "
+                           "the same number of ranks")
+    return per_node[0]
+
+
 def torch_env_from_slurm(env: Mapping[str, str] | None = None, nproc_per_task: int = 1) -> dict[str, str]:
     """The torch.distributed variables of this srun task.
 
@@ -71,7 +82,7 @@ def torch_env_from_slurm(env: Mapping[str, str] | None = None, nproc_per_task: i
     else:
         rank, world = procid, ntasks
         local = int(env.get("SLURM_LOCALID", "0"))
-        local_world = per_node[nodeid] if nodeid < len(per_node) else per_node[0]
+        local_world = ranks_per_node(per_node, per_node_spec)
     port = env.get("LINRNN_MASTER_PORT") or str(master_port(job_id))
     return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
             "LOCAL_WORLD_SIZE": str(local_world), "NODE_RANK": str(nodeid),

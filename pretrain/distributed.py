@@ -1,8 +1,8 @@
 """Process-group set-up for one process, ``torchrun`` and ``srun`` alike.
 
 Rank and world size come from the torch.distributed variables (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR/PORT), else from SLURM's (SLURM_PROCID, SLURM_NTASKS,
-SLURM_LOCALID), else a single process. On a machine without CUDA DeepSpeed runs on its
+LOCAL_RANK, MASTER_ADDR/PORT), else, inside an srun step, from SLURM's (read by
+``launch.slurm_env``), else a single process. On a machine without CUDA DeepSpeed runs on its
 CPU accelerator over gloo; its shared-memory collective op is switched off because it is
 a C++ extension that would be compiled on first use (minutes) and is not needed.
 """
@@ -11,7 +11,17 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+
+from launch.slurm_env import in_srun_step, torch_env_from_slurm
+
+from .config_loader import ConfigError
+
+
+class LaunchError(ConfigError):
+    """A job layout this process cannot run in (ranks per node, GPUs per rank): bad input,
+    so the CLI stops with its message and exit 2 rather than a traceback."""
 
 
 @dataclass
@@ -40,23 +50,22 @@ def _cuda_available() -> bool:
 
 
 def env_from_launcher() -> tuple[int, int, int, int]:
-    """(rank, world_size, local_rank, local_world_size), filling the torch variables in."""
+    """(rank, world_size, local_rank, local_world_size), filling the torch variables in.
+
+    Under a plain ``srun`` (no ``python -m launch``) SLURM's variables are read the way
+    launch/ reads them, so both agree on the local world size and the port; outside an
+    srun step (the batch script itself) a process is a single rank whatever SLURM_NTASKS
+    says, as no other rank will ever join it.
+    """
     e = os.environ
     if "RANK" in e and "WORLD_SIZE" in e:
         rank, world = int(e["RANK"]), int(e["WORLD_SIZE"])
         local = int(e.get("LOCAL_RANK", rank))
         local_world = int(e.get("LOCAL_WORLD_SIZE", world))
-    elif "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
-        rank, world = int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"])
-        local = int(e.get("SLURM_LOCALID", 0))
-        local_world = int(e.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]) if world > 1 else 1
-        if world > 1 and "MASTER_ADDR" not in e:
-            if int(e.get("SLURM_NNODES", "1")) > 1:
-                raise RuntimeError("multi-node srun without MASTER_ADDR: export MASTER_ADDR (the first "
-                                   "host of `scontrol show hostnames $SLURM_JOB_NODELIST`) or use launch/")
-            e["MASTER_ADDR"] = "127.0.0.1"
-        e.setdefault("MASTER_PORT", str(10000 + int(e.get("SLURM_JOB_ID", "0")) % 50000))
+    elif in_srun_step(e):
+        rank, world, local, local_world = _from_srun_step(e)
     else:
+        _warn_if_batch_step(e)
         rank, world, local, local_world = 0, 1, 0, 1
     e.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(local_world))
     e.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -65,6 +74,49 @@ def env_from_launcher() -> tuple[int, int, int, int]:
             raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun or srun")
         e["MASTER_PORT"] = str(free_port())
     return rank, world, local, local_world
+
+
+def _from_srun_step(e: MutableMapping[str, str]) -> tuple[int, int, int, int]:
+    """A task of a plain srun step: launch/'s rules; a MASTER_ADDR/PORT the user set wins."""
+    try:
+        t = torch_env_from_slurm(e)
+    except (RuntimeError, ValueError) as err:
+        raise LaunchError(str(err)) from None
+    e.setdefault("MASTER_ADDR", t["MASTER_ADDR"])
+    e.setdefault("MASTER_PORT", t["MASTER_PORT"])
+    return int(t["RANK"]), int(t["WORLD_SIZE"]), int(t["LOCAL_RANK"]), int(t["LOCAL_WORLD_SIZE"])
+
+
+def _warn_if_batch_step(e: Mapping[str, str]) -> None:
+    """The batch script of a multi-task job runs one process: say how to start them all."""
+    if int(e.get("SLURM_NTASKS", "1") or "1") > 1:
+        print(f"[distributed] SLURM_NTASKS={e['SLURM_NTASKS']} but this process runs outside an srun step (in the "
+              "job's batch script): it runs as a single rank; start one rank per task with "
+              "`srun python -m launch -- COMMAND` (as slurm/pretrain.sbatch does)", file=sys.stderr, flush=True)
+
+
+def cuda_index(local_rank: int, visible: int, visible_devices: str | None = None) -> int:
+    """The GPU (among those this rank sees) that a rank with ``local_rank`` uses.
+
+    One visible GPU is the rank's own (``--gpus-per-task=1`` binds one per rank); with
+    several, the rank takes GPU LOCAL_RANK (every rank sees all GPUs of its node).
+    """
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise LaunchError(
+        f"local rank {local_rank} sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES={visible_devices or '(unset)'}), so it "
+        f"has no GPU {local_rank} of its own: run at most one rank per GPU and let every rank see either all GPUs "
+        "of its node (--ntasks-per-node equal to --gpus-per-node) or exactly one (--gpus-per-task=1)")
+
+
+def rank_cuda_index() -> int:
+    """This process's GPU index by ``cuda_index`` (LOCAL_RANK, default 0)."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    return cuda_index(int(os.environ.get("LOCAL_RANK", "0")), visible, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def prepare_accelerator() -> None:
@@ -95,7 +147,7 @@ def init_distributed() -> DistEnv:
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     if cuda:
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(rank_cuda_index())
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistEnv(rank, world, local, local_world, backend)
@@ -117,5 +169,5 @@ def device() -> "torch.device":  # noqa: F821
     import torch
 
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", rank_cuda_index())
     return torch.device("cpu")

@@ -22,14 +22,14 @@ if [ -z "$NAMES" ]; then
 fi
 N=$(tr ',' '\n' <<< "$NAMES" | wc -l)
 export LINRNN_EVAL_STEPS=$NAMES  # sbatch passes the submitting environment to the job
-SBATCH_ARGS=()
+SBATCH_ARGS=()  # may stay empty: expanded with the [@]+ guard, as bash < 4.4 calls it unbound under set -u
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do SBATCH_ARGS+=("$1"); shift; done
 if [ $# -gt 0 ]; then shift; fi  # what follows -- goes to linrnn-eval
-JOB=$(sbatch --parsable --array="0-$((N - 1))" "${SBATCH_ARGS[@]}" "$(dirname "$0")/eval.sbatch" "$RUN" "$SUITE" "$@")
+JOB=$(sbatch --parsable --array="0-$((N - 1))" ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"} "$(dirname "$0")/eval.sbatch" "$RUN" "$SUITE" "$@")
 JOB=${JOB%%;*}
 echo "Submitted batch job $JOB: $N array task(s), one per checkpoint ($NAMES)"
 # once every task has ended (whatever its outcome), the scores of all checkpoints side by side
-SUMMARY=$(sbatch --parsable --dependency="afterany:$JOB" "${SBATCH_ARGS[@]}" --job-name=linrnn-eval-sweep \
+SUMMARY=$(sbatch --parsable --dependency="afterany:$JOB" ${SBATCH_ARGS[@]+"${SBATCH_ARGS[@]}"} --job-name=linrnn-eval-sweep \
           --nodes=1 --ntasks=1 --gpus-per-node=0 --cpus-per-task=1 --time=00:30:00 --output=%x-%j.log \
           --wrap "$(printf '%q ' "$PY" -m evals.sweep "$RUN" --suite "$SUITE")")
 echo "Submitted batch job ${SUMMARY%%;*}: the summary, $RUN/exports/sweep-${SUITE//,/+}.md (.json, .png), after job $JOB"

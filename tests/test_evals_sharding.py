@@ -4,6 +4,8 @@ rank is played by a stand-in gather (the real two-process run is in
 test_evals_checkpoint.py)."""
 from __future__ import annotations
 
+import pytest
+
 from evals.sharding import Shard
 
 PAST = -1.0  # a deadline already over (time.monotonic() is never negative)
@@ -52,3 +54,20 @@ def test_ranks_agree_the_time_is_up_when_any_rank_says_so() -> None:
     assert WithPartner(1, [False]).time_is_up(PAST)
     assert not WithPartner(0, [False]).time_is_up(None)
     assert Shard().time_is_up(PAST) and not Shard().time_is_up(None)
+
+
+@pytest.mark.parametrize("visible, expected", [(8, "cuda:1"), (1, "cuda:0")])
+def test_an_eval_rank_takes_its_own_gpu(monkeypatch, visible, expected):
+    """Rank 1 of 2 takes GPU 1 of the node's 8, or the one GPU it sees with --gpus-per-task=1."""
+    import torch
+
+    from evals.sharding import rank_device
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_device("cuda") == expected and made_current == [expected]
+    assert rank_device("cpu") == "cpu"

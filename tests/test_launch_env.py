@@ -41,17 +41,25 @@ def _step(procid: int, localid: int, nodeid: int, **extra) -> dict[str, str]:
     env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(procid), "SLURM_NTASKS": "6",
            "SLURM_LOCALID": str(localid), "SLURM_NODEID": str(nodeid),
            "SLURM_JOB_NODELIST": "gpu[07-08],cpu1", "SLURM_STEP_NODELIST": "gpu[07-08]",
-           "SLURM_STEP_TASKS_PER_NODE": "4,2"}
+           "SLURM_STEP_TASKS_PER_NODE": "3(x2)"}
     env.update(extra)
     return env
 
 
 def test_torch_env_from_slurm_second_node():
-    e = torch_env_from_slurm(_step(procid=5, localid=1, nodeid=1))
-    assert e == {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "1",
+    e = torch_env_from_slurm(_step(procid=5, localid=2, nodeid=1))
+    assert e == {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3", "NODE_RANK": "1",
                  "MASTER_ADDR": "gpu07", "MASTER_PORT": str(master_port(4242))}
     first = torch_env_from_slurm(_step(procid=0, localid=0, nodeid=0))
-    assert first["LOCAL_WORLD_SIZE"] == "4" and first["MASTER_PORT"] == e["MASTER_PORT"]
+    assert first["LOCAL_WORLD_SIZE"] == "3" and first["MASTER_PORT"] == e["MASTER_PORT"]
+
+
+@pytest.mark.parametrize("spec", ["4,2", "8(x2),4"])
+def test_uneven_ranks_per_node_are_refused(spec):
+    """The data loader counts nodes as world size / ranks per node: an uneven layout
+    would split the data wrongly, so it stops at launch, naming the fix."""
+    with pytest.raises(RuntimeError, match="uneven number of ranks per node.*use --ntasks-per-node"):
+        torch_env_from_slurm(_step(0, 0, 0, SLURM_STEP_TASKS_PER_NODE=spec))
 
 
 def test_torch_env_uses_job_nodelist_without_step_list_and_port_override():
@@ -100,3 +108,88 @@ def test_job_dirs(tmp_path):
                          "TRITON_CACHE_DIR": "/nvme/tr"}, create=False)
     assert mine == {"TMPDIR": str(tmp_path / "t" / "linrnn-job99" / "tmp"), "LINRNN_DATA_CACHE": "/nvme/c",
                     "TRITON_CACHE_DIR": "/nvme/tr"}
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """os.environ without any torch.distributed or SLURM variable; what env_from_launcher
+    writes there is undone after the test (set first, so that undo removes it)."""
+    torch_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "LINRNN_MASTER_PORT")
+    for key in [k for k in os.environ if k.startswith("SLURM_")] + list(torch_keys):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_plain_srun_reads_slurm_the_way_launch_does(clean_env):
+    """srun without python -m launch and without --ntasks-per-node: 8 ranks on one host are
+    one node of 8 (not 8 nodes), and the port is launch/'s."""
+    from pretrain.distributed import env_from_launcher
+
+    for key, value in _step(5, 5, 0, SLURM_JOB_ID="54242", SLURM_NTASKS="8", SLURM_STEP_TASKS_PER_NODE="8",
+                            SLURM_STEP_NODELIST="gpu07", SLURM_NNODES="1").items():
+        clean_env.setenv(key, value)
+    assert env_from_launcher() == (5, 8, 5, 8)
+    assert os.environ["MASTER_ADDR"] == "gpu07" and os.environ["MASTER_PORT"] == str(master_port(54242)) == "24242"
+
+
+def test_plain_srun_refuses_uneven_nodes_as_bad_input(clean_env):
+    from pretrain.config_loader import ConfigError
+    from pretrain.distributed import env_from_launcher
+
+    for key, value in _step(0, 0, 0, SLURM_STEP_TASKS_PER_NODE="4,2").items():
+        clean_env.setenv(key, value)
+    with pytest.raises(ConfigError, match="use --ntasks-per-node"):
+        env_from_launcher()
+
+
+@pytest.mark.parametrize("step_id", [None, "batch"])
+def test_the_batch_script_itself_is_a_single_process(clean_env, capsys, step_id):
+    """sbatch --ntasks=8 --wrap "linrnn-train ...": the batch step has SLURM_PROCID and
+    SLURM_NTASKS=8, but no other rank will ever start; it must not wait for 7 of them."""
+    from pretrain.distributed import env_from_launcher
+
+    env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu07",
+           "SLURM_TASKS_PER_NODE": "8"}
+    if step_id:
+        env["SLURM_STEP_ID"] = step_id
+    for key, value in env.items():
+        clean_env.setenv(key, value)
+    assert env_from_launcher() == (0, 1, 0, 1)
+    assert "SLURM_NTASKS=8 but this process runs outside an srun step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("local_rank,visible,index", [
+    (0, 8, 0), (5, 8, 5),   # every rank sees its node's GPUs: GPU LOCAL_RANK
+    (0, 1, 0), (5, 1, 0),   # --gpus-per-task=1: the one GPU it sees
+])
+def test_cuda_index(local_rank, visible, index):
+    from pretrain.distributed import cuda_index
+
+    assert cuda_index(local_rank, visible) == index
+
+
+def test_cuda_index_refuses_a_rank_without_a_gpu_of_its_own():
+    from pretrain.config_loader import ConfigError
+    from pretrain.distributed import cuda_index
+
+    with pytest.raises(ConfigError, match=r"local rank 5 sees 4 GPU\(s\) \(CUDA_VISIBLE_DEVICES=0,1,2,3\).*"
+                                          r"--gpus-per-task=1"):
+        cuda_index(5, 4, "0,1,2,3")
+
+
+def test_device_follows_the_same_rule(clean_env):
+    """device() names the GPU init_distributed makes current: with --gpus-per-task=1 rank 3
+    sees one GPU, its cuda:0."""
+    import torch
+
+    from pretrain.distributed import device
+
+    clean_env.setattr(torch.cuda, "is_available", lambda: True)
+    clean_env.setattr(torch.cuda, "device_count", lambda: 1)
+    clean_env.setenv("LOCAL_RANK", "3")
+    assert device() == torch.device("cuda", 0)
+    clean_env.setattr(torch.cuda, "device_count", lambda: 8)
+    assert device() == torch.device("cuda", 3)
+

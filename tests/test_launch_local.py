@@ -167,3 +167,19 @@ def test_a_sweep_pins_its_checkpoints_so_pruning_cannot_shift_them(tmp_path, cap
     assert "step_00000002' (array task 0) is gone: the training run removed it" in capsys.readouterr().err
     with pytest.raises(ValueError, match="pinned 3 checkpoints"):
         pick(root, 3, pinned)
+
+
+def test_a_local_launch_removes_its_directory_under_tmpdir(tmp_path):
+    """Without LINRNN_LOCAL_ROOT the private directory lives under $TMPDIR, which the ranks
+    get rewritten to a folder inside it: what is removed is the launch's own directory."""
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    tmpdir = tmp_path / "t"
+    tmpdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINRNN_"))}
+    env.update(PYTHONPATH=str(ROOT), TMPDIR=str(tmpdir), TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    r = subprocess.run([sys.executable, "-m", "launch", "--nproc", "2", "--", sys.executable, str(script),
+                        str(tmp_path), "ok"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "rank0.json").read_text())["TMPDIR"].startswith(str(tmpdir / "linrnn-local"))
+    assert list(tmpdir.iterdir()) == []

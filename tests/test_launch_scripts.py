@@ -14,15 +14,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
+# a stand-in srun: "trains" FAKE_WAIT x 50 ms; a signal stops it with FAKE_STOP_RC (75); it
+# saves FAKE_SAVE (a complete checkpoint) at the end or when stopped
 FAKE_SRUN = r"""#!/bin/bash
 echo "srun $*" >> "$CALLS"
 case "$*" in *--clean*) exit 0;; esac
-trap 'echo got-$((++n)) >> "$CALLS"; exit 75' USR1
-trap 'exit 75' TERM
+save() { if [ -n "$FAKE_SAVE" ]; then mkdir -p "$FAKE_SAVE" && touch "$FAKE_SAVE/COMPLETE"; fi; }
+trap 'echo got-$((++n)) >> "$CALLS"; save; exit "${FAKE_STOP_RC:-75}"' USR1
+trap 'save; exit "${FAKE_STOP_RC:-75}"' TERM
 [ -n "$FAKE_DIE_ON_USR1" ] && trap - USR1
 touch "$READY"
 for _ in $(seq "$FAKE_WAIT"); do sleep 0.05; done
-if [ -n "$FAKE_SAVE" ]; then mkdir -p "$FAKE_SAVE" && touch "$FAKE_SAVE/COMPLETE"; fi
+save
 exit "$FAKE_RC"
 """
 FAKE_SCONTROL = '#!/bin/bash\necho "scontrol $*" >> "$CALLS"\n'
@@ -121,15 +124,46 @@ def test_requeue_code_requeues_the_job(tmp_path):
     assert "--clean" not in calls  # the resumed job keeps its node-local cache
 
 
+def _run_config(tmp_path: Path, saved: int | None = 10) -> tuple[Path, str]:
+    """A run config whose checkpoint.dir holds a complete step ``saved``: (dir, config path)."""
+    root = tmp_path / "ckpt"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"name: crash\ncheckpoint:\n  dir: {root}\n")
+    if saved is not None:
+        (root / f"step_{saved:08d}").mkdir(parents=True, exist_ok=True)
+        (root / f"step_{saved:08d}" / "COMPLETE").touch()
+    return root, str(config)
+
+
 def test_usr1_is_forwarded_once_and_leads_to_requeue(tmp_path):
-    code, out, calls = _run(tmp_path, rc=0, send=signal.SIGUSR1)
+    root, config = _run_config(tmp_path)
+    code, out, calls = _run(tmp_path, rc=0, send=signal.SIGUSR1, config=config, FAKE_SAVE=str(root / "step_00000020"))
     assert "got SIGUSR1" in out and calls.count("got-") == 1, (out, calls)
-    assert code == 0 and "scontrol requeue 77" in calls, out
+    assert code == 0 and "scontrol requeue 77" in calls and "stopped to be requeued (exit 75, after SIGUSR1)" in out
 
 
-def test_usr1_during_startup_still_requeues(tmp_path):
-    code, out, calls = _run(tmp_path, rc=0, send=signal.SIGUSR1, die_on_usr1=True)
+def test_usr1_before_a_new_checkpoint_is_not_requeued(tmp_path):
+    """The time-limit warning before this start saved anything (stopped at once, or a rank
+    still starting up killed by it, 138): every requeue would stop the same way."""
+    root, config = _run_config(tmp_path)
+    for die in (False, True):
+        code, out, calls = _run(tmp_path, rc=0, send=signal.SIGUSR1, die_on_usr1=die, config=config)
+        assert code == (138 if die else 75) and "scontrol" not in calls, out
+        assert "the time limit is shorter than start-up plus the signal's lead time" in out and "Raise --time" in out
+        assert "--clean" in calls  # over for good
+
+
+def test_a_failure_after_usr1_is_requeued_when_this_start_saved(tmp_path):
+    """The preemption save hung (watchdog: 3) or failed (1) after SIGUSR1: the failure rule
+    (requeue only after a new checkpoint) holds as without a signal, and says why."""
+    root, config = _run_config(tmp_path)
+    code, out, calls = _run(tmp_path, rc=0, send=signal.SIGUSR1, config=config, FAKE_STOP_RC="3",
+                            FAKE_SAVE=str(root / "step_00000020"))
     assert code == 0 and "scontrol requeue 77" in calls, out
+    assert "failed (exit 3, after SIGUSR1) after saving step_00000020 in this start (it began from step_00000010)" in out
+    code, out, calls = _run(tmp_path, rc=0, send=signal.SIGUSR1, config=config, FAKE_STOP_RC="1")
+    assert code == 1 and "scontrol" not in calls, out
+    assert "failed (exit 1, after SIGUSR1) without saving a checkpoint in this start: not requeuing" in out
 
 
 def test_sigterm_stops_without_requeue(tmp_path):
@@ -217,11 +251,11 @@ def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_pat
     assert not (root / "exports").exists()
 
 
-def _run_prepare(tmp_path: Path, args: list[str], restart: int = 0) -> tuple[int, str, str]:
+def _run_prepare(tmp_path: Path, args: list[str], restart: int = 0, **extra: str) -> tuple[int, str, str]:
     """prepare_data.sbatch with stand-ins, sent SIGUSR1 (the time limit) once srun runs."""
     env, calls, ready = _fake_slurm(tmp_path)
     env.update(FAKE_RC="0", FAKE_WAIT="400", SLURM_JOB_ID="78", SLURM_RESTART_COUNT=str(restart),
-               SLURM_JOB_NODELIST="vm")
+               SLURM_JOB_NODELIST="vm", **extra)
     p = subprocess.Popen(["bash", str(SLURM / "prepare_data.sbatch"), *args], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 10
@@ -245,3 +279,43 @@ def test_a_preparation_in_parts_requeues_itself_at_the_time_limit(tmp_path):
     assert code == 75 and "scontrol" not in calls and "not requeuing (the output would start over)" in out, out
     code, out, calls = _run_prepare(tmp_path, parts, restart=20)
     assert code == 75 and "scontrol" not in calls and "requeue cap reached" in out, out
+
+
+def test_a_preparation_that_finished_before_the_signal_is_not_requeued(tmp_path):
+    """--part all stopped by the time limit, but linrnn-prepare had finished (0) or refused
+    its input (2): nothing is left that a requeue could do."""
+    parts = ["prepare", "--input", "c.jsonl", "--out", "d", "--parts", "8", "--part", "all"]
+    for rc, says in (("0", "finished before it stopped"), ("2", "bad input (exit 2): not requeuing")):
+        code, out, calls = _run_prepare(tmp_path, parts, FAKE_STOP_RC=rc)
+        assert code == int(rc) and "scontrol" not in calls and says in out, out
+
+
+@pytest.mark.parametrize("script", ["pretrain.sbatch", "eval.sbatch", "prepare_data.sbatch"])
+def test_scripts_outside_a_slurm_job_stop_before_any_work(tmp_path, script):
+    """`bash slurm/X.sbatch` outside any allocation: one message, exit 2, nothing started."""
+    env, calls, _ = _fake_slurm(tmp_path)
+    env.update(LINRNN_PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    r = subprocess.run(["bash", str(SLURM / script), "x"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not inside a SLURM job (SLURM_JOB_ID is unset)" in r.stderr, r.stdout + r.stderr
+    assert "unbound variable" not in r.stderr and not calls.exists()
+
+
+def test_pretrain_inside_salloc_without_ntasks(tmp_path):
+    """`bash slurm/pretrain.sbatch` in an salloc without -n: SLURM_NTASKS and the node count
+    are unset, which the script must survive (srun picks the task count)."""
+    env, calls, _ = _fake_slurm(tmp_path)
+    env.update(FAKE_RC="0", FAKE_WAIT="0", LINRNN_PYTHON=sys.executable, PYTHONPATH=str(ROOT), SLURM_JOB_ID="80")
+    r = subprocess.run(["bash", str(SLURM / "pretrain.sbatch"), "run.yaml"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "unbound variable" not in r.stderr, r.stdout + r.stderr
+    assert "srun --ntasks=1 --ntasks-per-node=1" in calls.read_text()
+
+
+def test_arrays_expand_safely_when_empty():
+    """bash < 4.4 (RHEL 7 login nodes) calls an empty "${A[@]}" unbound under set -u: every
+    array expansion in the scripts uses ${A[@]+"${A[@]}"}."""
+    import re
+
+    for path in sorted(SLURM.glob("*.s*")):
+        text = re.sub(r'\$\{(\w+)\[@\]\+"\$\{\1\[@\]\}"\}', "", path.read_text())
+        assert not re.findall(r'"\$\{\w+\[@\]\}"', text), f"{path.name}: unguarded array expansion"
