@@ -5,6 +5,7 @@ Loading, overrides and validation live in ``pretrain.config_loader``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +31,12 @@ class OptimizerConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = _rng(512, ge=0)
     decay_fraction: float = _rng(0.1, gt=0.0, le=1.0)  # wsd: share of steps spent decaying
+
+    def check(self) -> None:
+        if not math.isfinite(self.lr):
+            raise ValueError(f"lr: must be a finite number > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: both must lie in [0, 1), got {list(self.betas)} (e.g. [0.9, 0.95])")
 
 
 @dataclass

@@ -57,6 +57,10 @@ class MemoryEstimate:
     def fits(self) -> bool:
         return self.total_gb <= self.budget_gb
 
+    def describe_parts(self) -> str:
+        return (f"{self.total_gb:.1f} GB per GPU (weights {self.weights_gb:.1f}, gradients {self.grads_gb:.1f}, "
+                f"optimizer {self.optimizer_gb:.1f}, activations {self.activations_gb:.1f})")
+
     def describe(self) -> str:
         optimizer = (f"optimizer offloaded ({self.host_optimizer_gb:.1f} GB host memory per rank)"
                      if self.host_optimizer_gb else f"optimizer {self.optimizer_gb:.1f} GB")
@@ -107,41 +111,64 @@ def optimizer_bytes_per_param(cfg: RunConfig, grad_accum: int) -> tuple[int, int
 
 
 def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEstimate:
+    """The estimate for the fullest GPU: with a pipeline, the heaviest stage as DeepSpeed
+    splits the layers (by parameters, a tied head counting as a second embedding), stage
+    ``s`` holding ``pp - s`` micro-batches in flight (1F1B)."""
     p = cfg.parallel
     world = world_size or p.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
     pp = p.pipeline_stages
     dp = max(world // pp, 1)
     model = build_model(cfg.model, device="meta")
-    n = sum(t.numel() for t in model.parameters())
     half = p.precision in ("bf16", "fp16")
     elem = 2 if half else 4  # bytes of a weight, a gradient and an activation
-    weights = n * elem / pp / (dp if p.zero_stage >= 3 else 1)
-    grads = n * elem / pp / (dp if p.zero_stage >= 2 else 1)
     gas = grad_accum_steps(cfg, dp)  # the engine's own count; a batch that does not divide is refused
     o_gpu, o_host = optimizer_bytes_per_param(cfg, gas)
-    shard = pp * (dp if p.zero_stage >= 1 else 1)
-    optim, host = n * o_gpu / shard, n * o_host / shard
     tokens = p.micro_batch_size * cfg.data.seq_len
     per_block = block_activation_bytes(model, elem, cfg.data.seq_len)
-    layers = max(cfg.model.n_layers // pp, 1)
-    if p.activation_checkpointing:
-        act = tokens * (layers * cfg.model.d_model * elem + max(per_block))
-    else:
-        act = tokens * layers * sum(per_block) / len(per_block)
-    # pipeline: the first stage holds up to pp micro-batches in flight (1F1B)
-    act *= pp if pp > 1 else 1
-    act += tokens * (2 * cfg.model.d_model * elem + 8 * cfg.model.vocab_size)
-    gb = 2**30
-    return MemoryEstimate(n, world, weights / gb, grads / gb, optim / gb, act / gb, p.gpu_memory_gb,
-                          host / gb)
+    d, gb = cfg.model.d_model, 2**30
+    estimates = []
+    for s, (params, blocks, first, last) in enumerate(_stages(cfg, model)):
+        if p.activation_checkpointing:
+            act = tokens * (blocks * d * elem + max(per_block)) if blocks else 0.0
+        else:
+            act = tokens * blocks * sum(per_block) / len(per_block)
+        act *= pp - s  # micro-batches in flight on this stage (one without a pipeline)
+        act += tokens * d * elem * first + tokens * (d * elem + 8 * cfg.model.vocab_size) * last
+        weights = params * elem / (dp if p.zero_stage >= 3 else 1)
+        grads = params * elem / (dp if p.zero_stage >= 2 else 1)
+        shard = dp if p.zero_stage >= 1 else 1
+        estimates.append(MemoryEstimate(sum(t.numel() for t in model.parameters()), world, weights / gb,
+                                        grads / gb, params * o_gpu / shard / gb, act / gb, p.gpu_memory_gb,
+                                        params * o_host / shard / gb))
+    return max(estimates, key=lambda e: e.total_gb)
 
 
-def out_of_memory_message(cfg: RunConfig, where: str, error: BaseException, resuming: bool) -> str:
+def _stages(cfg: RunConfig, model: nn.Module) -> list[tuple[int, int, bool, bool]]:
+    """(parameters, blocks, holds the embedding, holds the head) of each pipeline stage."""
+    pp, n_layers = cfg.parallel.pipeline_stages, cfg.model.n_layers
+    if pp == 1:
+        return [(sum(t.numel() for t in model.parameters()), n_layers, True, True)]
+    from deepspeed.runtime.utils import partition_balanced
+
+    from .models.pipeline import layer_param_counts
+
+    counts = layer_param_counts(cfg.model)  # embedding, blocks, final norm, head
+    bounds = partition_balanced(weights=counts, num_parts=pp)
+    return [(sum(counts[a:b]), sum(1 <= i <= n_layers for i in range(a, b)), a == 0, b == len(counts))
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def out_of_memory_message(cfg: RunConfig, where: str, error: BaseException, resuming: bool,
+                          world_size: int | None = None) -> str:
     """What to change when the GPU ran out of memory ``where`` (e.g. "at step 12"): the
     plan's estimate beside the GPU's size, then the settings that lower it, those a resume
-    may change first (``resuming``: the run has checkpoints, so ``zero_stage`` is fixed)."""
+    may change first (``resuming``: the run has checkpoints, so ``zero_stage`` is fixed).
+    ``world_size``: the job's ranks (not ``parallel.plan_world_size``, which may differ)."""
     first = (str(error).strip().splitlines() or [""])[0][:200]
-    est = estimate_memory(cfg)
+    try:
+        plan = estimate_memory(cfg, world_size).describe_parts()
+    except Exception as e:  # noqa: BLE001 - the diagnosis must not replace the out-of-memory report
+        plan = f"no estimate ({type(e).__name__}: {e})"
     gpu = ""
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
@@ -155,8 +182,6 @@ def out_of_memory_message(cfg: RunConfig, where: str, error: BaseException, resu
     if cfg.parallel.zero_stage < 3:
         fixes.append("raise parallel.zero_stage" + (" (a new run only: a resume keeps the checkpoint's)"
                                                      if resuming else ""))
-    return (f"out of GPU memory {where} ({first}): the plan estimates {est.total_gb:.1f} GB per GPU "
-            f"(weights {est.weights_gb:.1f}, gradients {est.grads_gb:.1f}, optimizer {est.optimizer_gb:.1f}, "
-            f"activations {est.activations_gb:.1f}){gpu}. To fit: " + "; or ".join(fixes)
+    return (f"out of GPU memory {where} ({first}): the plan estimates {plan}{gpu}. To fit: " + "; or ".join(fixes)
             + ". `linrnn-train <config> --dry-run` prints the plan of a layout; the micro-batch size, activation "
               "checkpointing and offload may change at a resume")

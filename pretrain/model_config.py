@@ -99,6 +99,8 @@ class ModelConfig:
             )
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ValueError(f"mlp_hidden: must be >= 1 or null, got {self.mlp_hidden}")
+        if self.mlp_type != "none" and self.mlp_hidden is None and not self.mlp_expand > 0:
+            raise ValueError(f"mlp_expand: must be > 0 (or set mlp_hidden), got {self.mlp_expand}")
         if self.norm_eps <= 0 or self.initializer_range <= 0:
             raise ValueError("norm_eps / initializer_range: must be > 0")
         used = set(self.layer_types())
@@ -111,6 +113,10 @@ class ModelConfig:
             if not 0 <= dp.conv_size <= 4:
                 raise ValueError(f"deltaproduct.conv_size: must be in 0..4, got {dp.conv_size}")
         if "mamba2" in used:
+            if m2.expand < 1 or m2.d_state < 1:
+                raise ValueError(f"mamba2.expand/d_state: must be >= 1, got {m2.expand}/{m2.d_state}")
+            if not 0 <= m2.dt_limit[0] <= m2.dt_limit[1]:
+                raise ValueError(f"mamba2.dt_limit: need 0 <= low <= high, got {list(m2.dt_limit)}")
             inner = m2.expand * self.d_model
             if m2.head_dim < 1 or inner % m2.head_dim:
                 raise ValueError(
@@ -142,3 +148,5 @@ class ModelConfig:
                 raise ValueError(f"attention.head_dim: must be even for RoPE, got {hd}")
             if at.window < 1:
                 raise ValueError(f"attention.window: must be >= 1, got {at.window}")
+            if not at.rope_theta > 0:
+                raise ValueError(f"attention.rope_theta: must be > 0, got {at.rope_theta}")

@@ -605,7 +605,8 @@ def _train_in_group(cfg: RunConfig, info: dict[str, Any], env: DistEnv, dog: Wat
         kept = f" The newest complete checkpoint, {newest}, is intact." if newest else ""
         snapshot = memory.dump("oom")
         shown = f" What held the memory: {snapshot} (open it in pytorch.org/memory_viz)." if snapshot else ""
-        raise TrainError(f"rank {env.rank}: " + out_of_memory_message(cfg, where, e, newest is not None) + "."
+        raise TrainError(f"rank {env.rank}: " + out_of_memory_message(cfg, where, e, newest is not None,
+                                                                     env.world_size) + "."
                          + kept + shown) from e
     finally:
         memory.close()

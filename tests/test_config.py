@@ -78,12 +78,32 @@ def test_save_and_reload_exactly(run_yaml, tmp_path):
         ("model.preset=gated_deltaproduct-tinyy", "did you mean 'gated_deltaproduct-tiny'"),
         ("optim=3", "'optim': expected a section"),
         ("optim.lr", "must look like key.path=value"),
+        ("optim.betas=[0.9,1.5]", "optim.betas: both must lie in [0, 1), got [0.9, 1.5]"),
+        ("optim.lr=.inf", "optim.lr: must be a finite number > 0"),
+        ("model.mlp_expand=-1", "model.mlp_expand: must be > 0"),
+        ("max_steps=2.5e1x", "'max_steps': expected an integer, got '2.5e1x'"),
     ],
 )
 def test_bad_config_names_the_key(run_yaml, override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(run_yaml, [override])
     assert fragment in str(err.value)
+
+
+def test_none_and_scientific_integers_read_as_meant(run_yaml):
+    """key=None means no value (YAML reads it as the text "None"); 5e7 (YAML: text) is an integer."""
+    cfg = load_config(run_yaml, ["checkpoint.init_from=None", "logging.log_dir=None", "max_steps=2e3",
+                                 "parallel.reduce_bucket_size=5e7", "parallel.plan_world_size=None"])
+    assert cfg.checkpoint.init_from is None and cfg.logging.log_dir is None
+    assert cfg.max_steps == 2000 and cfg.parallel.reduce_bucket_size == 50_000_000
+    assert cfg.parallel.plan_world_size is None
+    for bad, fragment in [("model.mamba2.expand=0", "mamba2.expand/d_state: must be >= 1"),
+                          ("model.mamba2.d_state=0", "mamba2.expand/d_state: must be >= 1"),
+                          ("model.mamba2.dt_limit=[0.1, 0.01]", "mamba2.dt_limit: need 0 <= low <= high")]:
+        with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+            load_config(run_yaml, ["model.preset=mamba2-tiny", bad])
+    with pytest.raises(ConfigError, match="model.attention.rope_theta: must be > 0"):
+        load_config(run_yaml, ["model.preset=griffin-tiny", "model.attention.rope_theta=-5"])
 
 
 def test_ssd_state_interval_must_be_a_multiple_of_64(run_yaml):

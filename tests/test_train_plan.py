@@ -64,8 +64,24 @@ def test_plan_refuses_a_global_batch_the_ranks_cannot_split():
 def test_pipeline_and_checkpointing_shrink_what_a_gpu_holds():
     flat, _ = _estimate("parallel.zero_stage=1", "parallel.global_batch_size=8")
     piped, cfg = _estimate("parallel.zero_stage=1", "parallel.pipeline_stages=2", "parallel.global_batch_size=8")
-    assert piped.weights_gb == pytest.approx(flat.weights_gb / 2)
-    assert piped.optimizer_gb == pytest.approx(flat.optimizer_gb)  # half the model, half the data ranks
+    # the heaviest stage as DeepSpeed splits the layers: by parameters, the tied head counting
+    # as a second embedding (so a stage holds more than half of the model's parameters)
+    from deepspeed.runtime.utils import partition_balanced
+
+    from pretrain.models.pipeline import build_pipeline_layers, layer_param_counts
+
+    layers = build_pipeline_layers(cfg.model, 0)
+    built = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    built[-1] = built[-1] or built[0]  # the tied head holds the embedding's weight
+    assert layer_param_counts(cfg.model) == built  # counted on the meta device, as built
+    bounds = partition_balanced(weights=built, num_parts=2)
+    heaviest = max(sum(built[a:b]) for a, b in zip(bounds, bounds[1:]))
+    assert heaviest > piped.parameters / 2
+    elem = 2 if cfg.parallel.precision in ("bf16", "fp16") else 4
+    assert piped.weights_gb == pytest.approx(heaviest * elem / GB)
+    assert piped.optimizer_gb == pytest.approx(heaviest * 12 / 2 / GB)  # ZeRO-1 over 2 data ranks
+    from deepspeed.pipe import PipelineModule
+    assert callable(PipelineModule._count_layer_params)  # what pretrain.pipeline replaces (no weights drawn)
     ckpt, _ = _estimate("parallel.activation_checkpointing=true", "parallel.global_batch_size=8")
     plain, _ = _estimate("parallel.activation_checkpointing=false", "parallel.global_batch_size=8")
     assert ckpt.activations_gb < plain.activations_gb
@@ -98,3 +114,16 @@ def test_dry_run_warns_when_the_layout_does_not_fit(capsys):
     # offload is reported as host memory (the flag may also come between the overrides)
     assert main([recipe, "--dry-run", "parallel.offload_optimizer=true"]) == 0
     assert "optimizer offloaded" in capsys.readouterr().out
+
+
+def test_the_out_of_memory_report_uses_the_job_s_ranks_and_never_fails_itself():
+    from pretrain.memory import out_of_memory_message
+
+    cfg = load_config("configs/runs/demo.yaml", [*TINY, "parallel.global_batch_size=8", "parallel.plan_world_size=4"])
+    oom = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    two = out_of_memory_message(cfg, "at step 3", oom, False, world_size=2)
+    assert f"the plan estimates {estimate_memory(cfg, 2).total_gb:.1f} GB per GPU" in two
+    # 8 sequences do not split over 3 ranks x 2: the estimate cannot be made, the report still is
+    odd = out_of_memory_message(cfg, "at step 3", oom, False, world_size=3)
+    assert "out of GPU memory at step 3 (CUDA out of memory." in odd and "no estimate (ConfigError" in odd
+    assert "lower parallel.micro_batch_size" in odd

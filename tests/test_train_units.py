@@ -55,6 +55,27 @@ def test_no_weight_decay_on_norms_biases_and_marked_gates():
     assert len(decay) + len(no_decay) == len({id(p) for p in model.parameters()})  # tied weight once
 
 
+
+@pytest.mark.parametrize("preset", ["gated_deltaproduct-tiny", "mamba2-tiny", "griffin-tiny"])
+def test_the_training_builds_keep_the_gates_out_of_weight_decay(preset):
+    """Training builds on the meta device and moves part by part (``build_model_on``, the
+    pipeline layers): new Parameter objects, which must keep the models' no-decay marks."""
+    from pretrain.models.materialize import HOST, Placement, build_model_on
+    from pretrain.models.pipeline import build_pipeline_layers
+    from pretrain.optim import no_decay_names
+
+    cfg = load_model_config(preset, ["vocab_size=64"])
+    marked = no_decay_names(build_model(cfg, init_seed=0))
+    gates = {n for n in marked if n.rsplit(".", 1)[-1] in ("A_log", "dt_bias", "D", "a_param")}
+    assert gates
+    for place in (HOST, Placement(torch.device("cpu"), torch.float32, initialise=False)):
+        assert no_decay_names(build_model_on(cfg, place, init_seed=0)) == marked
+    layers = build_pipeline_layers(cfg, 0)
+    in_layers = [f"{i}.{n}" for i, layer in enumerate(layers) for n in no_decay_names(layer)
+                 if n.rsplit(".", 1)[-1] in ("A_log", "dt_bias", "D", "a_param")]
+    assert len(in_layers) == len(gates)
+
+
 @pytest.mark.parametrize("preset", ["gated_deltaproduct-tiny", "mamba2-tiny", "hawk-tiny", "griffin-tiny"])
 def test_mixer_flops_cover_every_weight_of_the_mixer(preset):
     """The projection/conv part of each family's count equals 2 x (weights) per token."""

@@ -15,8 +15,9 @@ N-th part and broadcasts it, so a start costs each rank 1/N of the drawing.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,14 +73,29 @@ def materialize(part: nn.Module, place: Placement, init: Callable[[nn.Module], N
     if not place.initialise:
         if any(True for _ in part.buffers()):  # not in checkpoints: they would stay unset
             raise ValueError(f"{type(part).__name__} has buffers: it must be initialised (Placement.initialise)")
-        part.to(dtype=place.dtype).to_empty(device=place.device)  # the dtype cast is free on meta
+        with _keeping_marks(part):
+            part.to(dtype=place.dtype).to_empty(device=place.device)  # the dtype cast is free on meta
         for p in part.parameters():
             if p.is_floating_point():
                 p.fill_(float("nan"))
         return
-    part.to_empty(device="cpu")
+    with _keeping_marks(part):
+        part.to_empty(device="cpu")
     init(part)
-    part.to(device=place.device, dtype=place.dtype)
+    with _keeping_marks(part):
+        part.to(device=place.device, dtype=place.dtype)
+
+
+@contextlib.contextmanager
+def _keeping_marks(part: nn.Module) -> Iterator[None]:
+    """Moving off the meta device makes new ``Parameter`` objects, which lose the attributes
+    the models set on theirs (``_no_weight_decay`` on the recurrent gates, which the optimizer
+    reads): copy them over."""
+    marks = {name: dict(vars(p)) for name, p in part.named_parameters() if vars(p)}
+    yield
+    for name, p in part.named_parameters():
+        for key, value in marks.get(name, {}).items():
+            setattr(p, key, value)
 
 
 def build_model_on(config: ModelConfig, place: Placement = HOST, init_seed: int | None = None,

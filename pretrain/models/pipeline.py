@@ -104,6 +104,21 @@ def lm_key(layer_index: int, name: str, config: ModelConfig) -> str:
     return name
 
 
+def layer_param_counts(config: ModelConfig) -> list[int]:
+    """Each pipeline layer's parameters as DeepSpeed's partitioner counts them (a tied head as
+    a second embedding), taken on the meta device: nothing allocated, nothing drawn."""
+    from .lm import LanguageModel
+
+    with torch.device("meta"):
+        model = LanguageModel(config)
+
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    head = count(model.embed) if config.tie_embeddings else count(model.lm_head)
+    return [count(model.embed), *(count(block) for block in model.blocks), count(model.norm), head]
+
+
 def build_pipeline_layers(config: ModelConfig, base_seed: int, place: Placement = HOST) -> list[nn.Module]:
     """Every layer, built here (tests, single process); a pipeline engine builds its own share."""
     emb = EmbeddingLayer(config, base_seed, place)
