@@ -19,9 +19,14 @@ the same (rounded) inputs, the torch chunked path run in fp32 with TF32 off (our
 would first compile its fp32 FMA kernels, minutes at K = 128). The issue's bf16 limits are
 5e-3 (o), 1e-2 (dq, dk, dv), 2e-2 (dbeta, dg).
 
-TFLOP/s counts the chunked algorithm's matmuls, per sub-step row with chunks of C = 64
-rows: KK^T, W and U (2C(2K+V)), the state pass (4KV), the output (2KV + 2C(K+V));
-forward+backward is counted as 3x forward. Needs only torch and triton to import;
+TFLOP/s counts the chunked algorithm's matmuls, with chunks of C = 64 sub-step rows (n_h per
+token): per row KK^T, W and U (2C(2K+V)) and the state pass (4KV); per token, once, the
+output (2KV + 2C(K+V)); forward+backward is counted as 3x forward.
+
+Order (a session may be cut short): the points as given (``--target``: n_h = 2, the 1.3B
+recipe's, before n_h = 1), and at each point ours, then fla, then the variants, then the
+torch path; ``--results`` gets each point's rows as soon as they are measured. Every row
+also says how long its first call took (compiling the kernels: what sizes a GPU session). Needs only torch and triton to import;
 ``--results FILE`` appends a Markdown table with the GPU name.
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from typing import Callable
 from unittest import mock
 
@@ -77,13 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
     a = p.parse_args(argv)
     if a.target:
-        a.tokens, a.seqlen, a.heads, a.headdim, a.nh = [16384], 4096, [16], [128], [1, 2]
+        a.tokens, a.seqlen, a.heads, a.headdim, a.nh = [16384], 4096, [16], [128], [2, 1]
     return a
 
 
 def flops_fwd(B: int, T: int, H: int, K: int, V: int, n_h: int) -> float:
-    rows = B * H * T * n_h
-    return float(rows * (2 * CHUNK * (2 * K + V) + 4 * K * V + 2 * K * V + 2 * CHUNK * (K + V)))
+    tokens = B * H * T
+    per_row = 2 * CHUNK * (2 * K + V) + 4 * K * V  # n_h sub-step rows per token
+    per_token = 2 * K * V + 2 * CHUNK * (K + V)  # the output: one query per token
+    return float(tokens * (n_h * per_row + per_token))
 
 
 def bench(fn: Callable[[], object]) -> float:
@@ -123,10 +131,6 @@ def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool,
     K = q.shape[-1]
     out: dict[str, Callable[[], torch.Tensor]] = {
         "ours": lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="triton")[0]}
-    for name in variants:
-        out[f"ours_{name}"] = out["ours"]  # the same call, timed under launch_variant(...)
-    if use_torch:
-        out["torch"] = lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="torch")[0]
     if use_fla:
         from bench.fla_adapters import load_fla_kernel
 
@@ -140,6 +144,10 @@ def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool,
                 print(f"  {name} unavailable: {type(exc).__name__}: {str(exc)[:100]}")
                 continue
             out[name] = lambda fn=fn: fn(q, k, v, beta, g, scale=scale)[0]
+    for name in variants:  # after the comparison: a variant that faults cannot cost it
+        out[f"ours_{name}"] = out["ours"]  # the same call, timed under launch_variant(...)
+    if use_torch:
+        out["torch"] = lambda: kernels.gated_delta_product(q, k, v, beta, g, backend="torch")[0]
     return out
 
 
@@ -219,9 +227,13 @@ def measure(name: str, fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tenso
         o = fwd()
         o.backward(torch.ones_like(o))
     try:
+        first = time.perf_counter()
+        step()  # the first call compiles (or autotunes): timed on its own
+        torch.cuda.synchronize()
+        first = time.perf_counter() - first
         with torch.no_grad():
             t_f = bench(fwd)
-        row = dict(impl=name, fwd=t_f, fwdbwd=bench(step), mem=peak_mib(step))
+        row = dict(impl=name, fwd=t_f, fwdbwd=bench(step), mem=peak_mib(step), first_s=first)
     except Exception as exc:  # a comparator that fails is reported, not fatal
         print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:120]})")
         return None
@@ -274,6 +286,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                                  tflops_fwdbwd=3 * fl / r["fwdbwd"] / 1e9)
                         res[name] = r
                     ours = res.get("ours")
+                    point: list[Row] = []
                     for name, r in res.items():
                         ratio = ""
                         if ours is not None and name != "ours":
@@ -282,31 +295,34 @@ def main(argv: list[str] | None = None) -> list[Row]:
                             ratio = f"  {name}/ours: fwd {r['ratio_fwd']:.2f}x fwd+bwd {r['ratio_fwdbwd']:.2f}x"
                         print(f"  {name:8s} fwd {r['fwd']:8.3f} ms ({r['tflops_fwd']:6.1f} TFLOP/s)  "
                               f"fwd+bwd {r['fwdbwd']:8.3f} ms ({r['tflops_fwdbwd']:6.1f} TFLOP/s)  "
-                              f"peak {r['mem']:8.1f} MiB{ratio}")
+                              f"peak {r['mem']:8.1f} MiB  first call {r['first_s']:.1f} s{ratio}", flush=True)
                         if "err" in r:
-                            print(f"  {'':8s} rel RMSE vs fp32: {format_errors(r['err'])}")
-                        rows.append(r)
+                            print(f"  {'':8s} rel RMSE vs fp32: {format_errors(r['err'])}", flush=True)
+                        point.append(r)
+                    if a.results:
+                        write_results(a.results, point, gpu, a.dtype, header=not rows)
+                    rows += point
                     del x, check
                     torch.cuda.empty_cache()
-    if a.results:
-        write_results(a.results, rows, gpu, a.dtype)
     return rows
 
 
-def write_results(path: str, rows: list[Row], gpu: str, dtype: str) -> None:
+def write_results(path: str, rows: list[Row], gpu: str, dtype: str, header: bool = True) -> None:
+    """Append ``rows`` (one grid point's, as they come) to the Markdown table, its header first."""
     names = " | ".join(f"rmse {err_label(n)}" for n in ERR_LIMITS)
     lines = [f"\n## gated_delta_product on {gpu} ({dtype})\n",
              "Relative RMSE against the fp32 torch chunked path (limits: o 5e-3, dq dk dv 1e-2, "
-             "dbeta dg 2e-2; `!` marks a value over its limit).\n",
-             "| B | T | H | K=V | n_h | impl | fwd ms | fwd+bwd ms | TFLOP/s fwd+bwd | peak MiB | "
+             "dbeta dg 2e-2; `!` marks a value over its limit); first s: the first call (compiling).\n",
+             "| B | T | H | K=V | n_h | impl | fwd ms | fwd+bwd ms | TFLOP/s fwd+bwd | peak MiB | first s | "
              f"comparator/ours fwd+bwd | {names} |",
-             "|---" * (11 + len(ERR_LIMITS)) + "|"]
+             "|---" * (12 + len(ERR_LIMITS)) + "|"] if header else []
     for r in rows:
         ratio = f"{r['ratio_fwdbwd']:.2f}" if "ratio_fwdbwd" in r else ""
         err = r.get("err", {})
         errs = " | ".join(format_error(n, err[n]) if n in err else "" for n in ERR_LIMITS)
         lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['n_h']} | {r['impl']} | "
-                     f"{r['fwd']:.3f} | {r['fwdbwd']:.3f} | {r['tflops_fwdbwd']:.1f} | {r['mem']:.0f} | {ratio} | "
+                     f"{r['fwd']:.3f} | {r['fwdbwd']:.3f} | {r['tflops_fwdbwd']:.1f} | {r['mem']:.0f} | "
+                     f"{r.get('first_s', float('nan')):.1f} | {ratio} | "
                      f"{errs} |")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")

@@ -5,22 +5,27 @@
 # $OUT/summary.txt and the next stage runs. Run from anywhere; it works in the repo root.
 #
 #   bash bench/gpu_session.sh            # all default stages, at most ~9 minutes
-#   GPU_SESSION_STAGES=pytest,gdp bash bench/gpu_session.sh
+#   GPU_SESSION_STAGES=wheels,pytest,gdp bash bench/gpu_session.sh
 #
-# Stages (default order): env wheels pytest gdp scan conv ssd train; gdp_grid is opt-in.
+# Stages (default order, the headline figures first, since a lease can end early; every
+# stage compiles its own kernels): env wheels gdp pytest train ssd scan conv gdp_more;
+# gdp_grid is opt-in.
 #   env       GPU, driver, Python, torch, triton and optional packages -> env.txt
 #   wheels    pip install --no-index --no-deps every *.whl in $WHEELS_DIR (fla-core,
 #             deepspeed and its missing dependencies) into a private folder on PYTHONPATH
-#   pytest    python -m pytest -m gpu on the test modules that hold GPU tests
-#   gdp       bench_gated_delta_product --target --torch --variants ksplit,w8,half (B=4
-#             T=4096 H=16 K=V=128, n_h 1 and 2, bf16; vs the torch chunked path, fla when
-#             importable, and three variants of ours: K-split gradient, 8 warps, half-precision
-#             intermediates; each with its relative RMSE against an fp32 reference)
-#   scan, conv, ssd   bench_scan_conv_ssd, one op each (conv also times rms_norm,
-#             gated_activation, l2_normalize and rg_lru_gates), at B*T = 32768 tokens, T = 4096
+#             (a later call on the same machine finds that folder without this stage)
+#   gdp       bench_gated_delta_product --target (B=4 T=4096 H=16 K=V=128, n_h 2 then 1, bf16;
+#             ours vs fla when importable, each with its relative RMSE against an fp32
+#             reference and its first-call (compile) time)
+#   pytest    python -m pytest -m gpu on the test modules that hold GPU tests, the kernel
+#             modules first
 #   train     bench_train (1.3B presets, seq 4096, 10 steps each), only when deepspeed
 #             imports; the GatedDeltaProduct preset runs twice, with our kernel and with
 #             fla's chunk_gated_delta_product (ours/fla tokens/s), when fla imports
+#   ssd, scan, conv   bench_scan_conv_ssd, one op each (conv also times rms_norm,
+#             gated_activation, l2_normalize and rg_lru_gates), at B*T = 32768 tokens, T = 4096
+#   gdp_more  the target point again with three variants of ours (K-split gradient, 8 warps,
+#             half-precision intermediates) and the torch chunked path
 #   gdp_grid  a wider GDP grid without the torch path, for time left over
 #
 # Environment:
@@ -31,7 +36,7 @@
 #   CAP_<STAGE>          one stage's cap in seconds, e.g. CAP_PYTEST=240
 #   WHEELS_DIR           folder of wheels (default wheels; absent or empty: nothing to do)
 #   PYTEST_ARGS          replaces the module list given to pytest (-m gpu stays)
-#   GDP_ARGS SCAN_ARGS CONV_ARGS SSD_ARGS TRAIN_ARGS GDP_GRID_ARGS
+#   GDP_ARGS SCAN_ARGS CONV_ARGS SSD_ARGS TRAIN_ARGS GDP_MORE_ARGS GDP_GRID_ARGS
 #                        replace a benchmark's default arguments (word-split)
 #   PYTHON               interpreter (default python3)
 #
@@ -41,8 +46,8 @@
 # Exit status: 0 when every stage that ran passed, 1 otherwise, 2 for bad arguments.
 set -u -o pipefail
 
-ALL_STAGES="env wheels pytest gdp scan conv ssd train gdp_grid"
-DEFAULT_STAGES="env,wheels,pytest,gdp,scan,conv,ssd,train"
+ALL_STAGES="env wheels gdp pytest train ssd scan conv gdp_more gdp_grid"
+DEFAULT_STAGES="env,wheels,gdp,pytest,train,ssd,scan,conv,gdp_more"
 
 source "$(dirname "$0")/gpu_common.sh" || exit 2
 gpu_script_start "$0" GPU_SESSION_STAGES "$@"
@@ -56,6 +61,8 @@ SUMMARY=$OUT/summary.txt
 RESULTS=$OUT/results.md
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# wheels installed by an earlier call on this machine (a rerun of some stages only)
+[[ -d $SITE ]] && export PYTHONPATH="$SITE:$PYTHONPATH"
 
 check_stages GPU_SESSION_STAGES "$STAGES" "$ALL_STAGES"
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "GPU_SESSION_BUDGET_S must be whole seconds, got '$BUDGET'" >&2; exit 2; }
@@ -100,7 +107,7 @@ run_stage() {
     shift 3
     if ! wanted "$name"; then return 0; fi
     if ((cap < 20)); then
-        record "$name" "skipped" 0 "only ${cap}s of GPU_SESSION_BUDGET_S=${BUDGET} left"
+        record "$name" "skipped" 0 "a cap of ${cap}s (CAP_${name^^}, or what GPU_SESSION_BUDGET_S=${BUDGET} left) is under 20s"
         return 0
     fi
     echo "== $name (cap ${cap}s): $*" | tee -a "$log"
@@ -163,7 +170,7 @@ stage_wheels() {
         return 0
     fi
     echo "wheels: installing ${#wheels[@]} from $WHEELS_DIR into $SITE" >>"$f"
-    export PYTHONPATH="$SITE:$PYTHONPATH"
+    [[ ":$PYTHONPATH:" == *":$SITE:"* ]] || export PYTHONPATH="$SITE:$PYTHONPATH"
     if timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "${wheels[@]}" >>"$f" 2>&1; then
         return 0
@@ -178,8 +185,13 @@ stage_wheels() {
 }
 
 # the test modules that hold GPU tests: collecting only these keeps an import error in an
-# unrelated module (a package the GPU machine lacks) from stopping the run
-gpu_test_modules() { grep -l "pytest.mark.gpu" tests/test_*.py; }
+# unrelated module (a package the GPU machine lacks) from stopping the run. The kernels'
+# tolerance tests first (GatedDeltaProduct, then SSD), the model and training tests after.
+gpu_test_modules() {
+    local first=(tests/test_triton_gated_delta_product.py tests/test_triton_ssd.py tests/test_triton_*.py
+                 tests/test_kernels_*.py tests/test_*.py)
+    grep -l "pytest.mark.gpu" "${first[@]}" 2>/dev/null | awk '!seen[$0]++'
+}
 
 main() {
     local t0 st
@@ -202,29 +214,32 @@ main() {
     else
         mapfile -t pytest_args < <(gpu_test_modules)
     fi
-    run_stage pytest 180 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
-        --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
-        "${pytest_args[@]}"
-
     local gdp=$OUT/bench_gdp.log scan=$OUT/bench_scan_conv_ssd.log
     # shellcheck disable=SC2086  # the *_ARGS variables are word-split on purpose
     {
-        run_stage gdp 180 "$gdp" "$PY" -m bench.bench_gated_delta_product \
-            ${GDP_ARGS:---target --torch --variants ksplit,w8,half} --results "$RESULTS"
-        run_stage scan 60 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096} --results "$RESULTS"
-        run_stage conv 60 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize,rg_lru_gates --tokens 32768 --seqlen 4096} --results "$RESULTS"
-        run_stage ssd 120 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096} --results "$RESULTS"
-        if wanted train && ! timeout 120 "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+        run_stage gdp 120 "$gdp" "$PY" -m bench.bench_gated_delta_product \
+            ${GDP_ARGS:---target} --results "$RESULTS"
+        run_stage pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
+            --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
+            "${pytest_args[@]}"
+        local probe
+        probe=$(cap_for train 60)
+        if wanted train && ! timeout "$((probe > 5 ? probe : 5))" "$PY" -c "import deepspeed" >/dev/null 2>&1; then
             record train "skipped" 0 "deepspeed does not import: carry its wheels (bench/RESULTS.md)"
         else
             # four runs: GDP with ours then fla (the comparison first, in case the cap hits), Mamba2, Griffin
-            run_stage train 240 "$OUT/bench_train.log" "$PY" -m bench.bench_train \
+            run_stage train 180 "$OUT/bench_train.log" "$PY" -m bench.bench_train \
                 ${TRAIN_ARGS:---presets gated_deltaproduct-1.3b mamba2-1.3b griffin-1.3b --seq-len 4096 --micro-batch 1 --steps 10 --warmup 3} \
                 --results "$RESULTS"
         fi
+        run_stage ssd 75 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096} --results "$RESULTS"
+        run_stage scan 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096} --results "$RESULTS"
+        run_stage conv 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize,rg_lru_gates --tokens 32768 --seqlen 4096} --results "$RESULTS"
+        run_stage gdp_more 120 "$gdp" "$PY" -m bench.bench_gated_delta_product \
+            ${GDP_MORE_ARGS:---target --no-fla --torch --variants ksplit,w8,half} --results "$RESULTS"
         run_stage gdp_grid 600 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_GRID_ARGS:---tokens 32768 --heads 16 --headdim 64,128,256 --nh 1,2,3} --results "$RESULTS"
     }
