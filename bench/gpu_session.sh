@@ -8,7 +8,7 @@
 #   GPU_SESSION_STAGES=wheels,pytest,gdp bash bench/gpu_session.sh
 #
 # Stages (default order, the headline figures first, since a lease can end early; every
-# stage compiles its own kernels): env wheels gdp pytest train ssd scan conv gdp_more;
+# stage compiles its own kernels): wheels env gdp pytest train ssd scan conv gdp_more;
 # gdp_grid is opt-in.
 #   env       GPU, driver, Python, torch, triton and optional packages -> env.txt
 #   wheels    pip install --no-index --no-deps every *.whl in $WHEELS_DIR (fla-core,

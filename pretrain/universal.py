@@ -4,8 +4,8 @@ by a process of its own.
 Why a process of its own: DeepSpeed's converter is fastest with a pool of worker processes,
 which must not be forked from a training process (CUDA is initialised there); and for a
 large model it runs long (extracting every rank's optimizer partition), longer than a
-collective may wait (DeepSpeed's process-group timeout is 30 minutes) before it kills the
-job, which would then fail the same way at every restart. So rank 0 runs
+collective may wait (DeepSpeed's process-group timeout: 10 minutes unless DEEPSPEED_TIMEOUT
+says otherwise) before it kills the job, which would then fail the same way at every restart. So rank 0 runs
 ``python -m pretrain.universal STEP_DIR`` and the other ranks wait on the process group's
 key-value store, which has no such timeout, printing how long they have waited.
 
