@@ -97,6 +97,20 @@ def test_public_op_dispatches_and_checks_its_arguments(tk):
         kernels.rg_lru_gates(x, gx[:, :2], ga, lam, reset)
     empty = tk.rg_lru_gates(x[:, :0], gx[:, :0], ga[:, :0], lam, reset[:, :0], C, CAP)
     assert empty[0].shape == (1, 0, 8)
+    # a strided a_param (every other entry of a longer one) is read by its values, and its
+    # gradient lands on the right entries
+    wide = torch.stack([lam, lam + 1], -1).reshape(-1).requires_grad_()
+    strided = wide[::2]
+    assert not strided.is_contiguous()
+    got = tk.rg_lru_gates(x, gx, ga, strided, reset, C, CAP)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    (got[0].sum() + got[1].sum()).backward()
+    lam_leaf = lam.clone().requires_grad_()
+    ref = reference(x, gx, ga, lam_leaf, reset, C, CAP)
+    (ref[0].sum() + ref[1].sum()).backward()
+    torch.testing.assert_close(wide.grad[::2], lam_leaf.grad)
+    torch.testing.assert_close(wide.grad[1::2], torch.zeros(8))
 
 
 @pytest.mark.gpu

@@ -66,6 +66,11 @@ def test_public_op_dispatches_and_checks_its_arguments(tk, monkeypatch):
     monkeypatch.setattr(tk, "MAX_TILE", 4)
     torch.testing.assert_close(tk.rms_norm(x, w, 1e-6, None, 8, False), reference(x, w, 1e-6, None, 8, False))
     assert tk.rms_norm(x[:0], w, 1e-6, None, 8, False).shape == (0, 8)
+    # a strided weight (a column of a stacked parameter) is read by its values
+    stacked = torch.stack([torch.rand(8) + 0.5, torch.rand(8)], -1)
+    assert not stacked[:, 0].is_contiguous()
+    torch.testing.assert_close(tk.rms_norm(x, stacked[:, 0], 1e-6, gate, 4, True),
+                               reference(x, stacked[:, 0].contiguous(), 1e-6, gate, 4, True))
 
 
 @pytest.mark.gpu

@@ -140,8 +140,8 @@ def chunk_layout(cs: list[int], n_h: int, dev: torch.device) -> tuple[int, torch
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get full-precision dots (as the fp32 reference); half inputs use tf32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """fp32 and fp64 inputs get full-precision dots (as the references); half inputs use tf32."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def inverse_precision(dtype: torch.dtype) -> str:

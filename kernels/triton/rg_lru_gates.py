@@ -157,7 +157,8 @@ def rg_lru_gates(x: torch.Tensor, gx_logits: torch.Tensor, ga_logits: torch.Tens
     """``kernels.rg_lru_gates``'s Triton path (arguments checked there)."""
     if x.numel() == 0:
         return _ref.rg_lru_gates(x, gx_logits, ga_logits, a_param, reset, c, max_sqrt_gradient)
-    return _RGLRUGatesTriton.apply(x, gx_logits, ga_logits, a_param, reset, c, max_sqrt_gradient)
+    return _RGLRUGatesTriton.apply(x, gx_logits, ga_logits, a_param.contiguous(), reset, c,  # read with stride 1
+                                   max_sqrt_gradient)
 
 
 register_triton("rg_lru_gates", rg_lru_gates)

@@ -141,9 +141,9 @@ class _RMSNormTriton(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, gate: torch.Tensor | None, group: int,
              gate_first: bool) -> torch.Tensor:
     """``kernels.rms_norm``'s Triton path (arguments checked there)."""
-    if group > MAX_TILE or x.numel() == 0:
+    if group > MAX_TILE or x.numel() == 0 or x.numel() >= 2**31:  # the kernel's offsets are int32
         return _ref.rms_norm(x, weight, eps, gate, group, gate_first)
-    return _RMSNormTriton.apply(x, gate, weight, eps, group, gate_first)
+    return _RMSNormTriton.apply(x, gate, weight.contiguous(), eps, group, gate_first)  # read with stride 1
 
 
 register_triton("rms_norm", rms_norm)

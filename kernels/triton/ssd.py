@@ -120,7 +120,7 @@ def _program_setup(cu_ptr, coff_ptr, A_ptr, P, N, R,
                    BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     """This program's sequence sq (tokens s..e, first state slot coff), head hd, group g, the
     head's A, and the chunk and state tile indices (shared by the forward and the backward)."""
-    sq = tl.program_id(0)
+    sq = tl.program_id(0).to(tl.int64)  # int64: state offsets (sq*H + hd)*P*N pass 2^31 past 2048 documents
     hd = tl.program_id(1)
     s = tl.load(cu_ptr + sq).to(tl.int64)
     e = tl.load(cu_ptr + sq + 1).to(tl.int64)
