@@ -61,7 +61,10 @@ def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str
         # exports of the moved steps: evals would take them for the new steps of the same numbers
         stale = sorted(p for p in exports.glob("step_*") if (ckpt.step_of(p) or 0) > step) if exports.is_dir() else []
         moved_to = None
-        if later or stale:
+        # the W&B run has logged past the target: the new trajectory goes to a new W&B run
+        # (W&B drops steps below its counter), also when no later step directory remains
+        wandb_id = Path(log_dir or root / "logs") / WANDB_ID_FILE
+        if later or stale or wandb_id.is_file():
             stamp = time.strftime("%Y%m%d-%H%M%S")
             moved_to = root / REWOUND / f"{stamp}-after-{target.name}"
             n = 1
@@ -72,7 +75,6 @@ def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str
                 os.replace(p, moved_to / p.name)
             for p in stale:
                 os.replace(p, moved_to / EXPORTS / p.name)
-            wandb_id = Path(log_dir or root / "logs") / WANDB_ID_FILE
             if wandb_id.is_file():
                 os.replace(wandb_id, moved_to / WANDB_ID_FILE)
         ckpt.write_atomic(root / ckpt.LATEST, target.name + "\n")

@@ -311,7 +311,8 @@ def start_checks(cfg: RunConfig) -> tuple[dict[str, Any], ResumePoint | None]:
     check_device(cfg)
     info = check_data(cfg)
     point = check_resume(cfg, info)
-    info["init_from"] = check_init_from(cfg, info["tokenizer_hash"])
+    # a run resuming from its own checkpoint does not read init_from (the export may be gone)
+    info["init_from"] = check_init_from(cfg, info["tokenizer_hash"]) if point is None else None
     return info, point
 
 

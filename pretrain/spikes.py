@@ -66,7 +66,9 @@ def spike_message(spike: Spike, checkpoint_dir: str | Path) -> str:
     if not spike.sustained:
         return (f"loss spike at step {spike.step}: {spike.loss:.4f}, {spike.sigmas:.1f} standard deviations above "
                 f"the mean {spike.mean:.4f} of the steps before it")
-    before = [s for s, _, ok in ckpt.list_checkpoints(checkpoint_dir) if ok and s < spike.since]
+    # the loss of step s comes from the weights of checkpoint s - 1: the newest checkpoint whose
+    # weights produced no spike loss is before since - 1
+    before = [s for s, _, ok in ckpt.list_checkpoints(checkpoint_dir) if ok and s < spike.since - 1]
     if not before:
         back = "no checkpoint precedes it: keep watching, or restart the run with a lower optim.lr"
     else:

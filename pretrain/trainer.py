@@ -351,7 +351,7 @@ class Trainer:
             g = e.get_global_grad_norm()
             norm = None if g is None else float(g)
         n = self.eng.grad_accum * self.env.world_size
-        loss = loss_sum / max(n - bad, 1) if not skipped else float("nan")
+        loss = loss_sum / max(n - bad, 1) if not bad else float("nan")  # finite when only a gradient was not
         return loss, norm, skipped, int(id_sum)
 
     def gather_pipeline(self, mine: list[dict]) -> list[tuple]:
@@ -381,7 +381,7 @@ class Trainer:
         (id_sum,) = _allreduce_sum([id_sum], self.dev)
         skipped = not math.isfinite(loss) or e.skipped_steps > skipped_before
         g = e.get_global_grad_norm()
-        return (float("nan") if skipped else loss), (None if g is None else float(g)), skipped, int(id_sum)
+        return loss, (None if g is None else float(g)), skipped, int(id_sum)
 
     # ------------------------------------------------------------------ validation
 
@@ -532,7 +532,12 @@ class Trainer:
                 self.step += 1
                 self.tokens += tokens_per_step
                 window_steps += 1
-                if skipped:
+                skip = skip_kind(skipped, loss, cfg.parallel.precision)
+                if skip == "overflow":  # fp16: DeepSpeed skipped the step and lowered the loss scale
+                    self.log.print(f"[train] step {self.step}: fp16 loss scale overflow, step skipped (DeepSpeed "
+                                   "lowers the scale; not counted towards max_nonfinite_steps)")
+                    self.log.write("overflow", self.step, loss=loss)
+                elif skip == "non_finite":
                     bad_run += 1
                     self.log.print(f"[train] step {self.step}: non-finite loss or gradient, step skipped "
                                    f"({bad_run} in a row)")
@@ -568,6 +573,16 @@ class Trainer:
             if loader is not None:
                 loader.close()
         self.log.close()
+
+
+def skip_kind(skipped: bool, loss: float, precision: str) -> str | None:
+    """Why a step was skipped: None (it was not); "overflow": fp16's dynamic loss scale
+    overflowed with a finite loss, which DeepSpeed handles by lowering the scale (routine
+    while the scale settles); "non_finite": a loss or gradient that is not finite, which
+    counts towards ``max_nonfinite_steps``."""
+    if not skipped:
+        return None
+    return "overflow" if precision == "fp16" and math.isfinite(loss) else "non_finite"
 
 
 def log_dir(cfg: RunConfig) -> Path:

@@ -236,6 +236,7 @@ def test_a_new_run_starts_from_an_exports_weights(tmp_path, reference, capsys):
         torch.testing.assert_close(got[k], v, rtol=0, atol=1e-8, msg=lambda m, k=k: f"{k}: {m}")
     tuned = losses(tmp_path / "tuned")
     assert tuned[1] < ref[1] - 0.05  # the trained weights, not a fresh initialisation
+    shutil.rmtree(exp)  # the export purged from scratch storage: the resume does not need it
     r = train_cli(cfg, "max_steps=2", "model.deltaproduct.allow_neg_eigval=false")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is not used: the run resumes from its own checkpoint" in r.stdout and "at step 1" in r.stdout

@@ -573,7 +573,8 @@ def test_loss_spikes_are_reported_and_a_lasting_one_names_the_checkpoint_to_rewi
     assert all(found) and [f.sustained for f in found] == [False] * (PATIENCE - 1) + [True]
     assert found[-1].since == 3004
     assert all(watch.observe(s, level + 0.5) is None for s in range(4000, 4000 + MIN_HISTORY + 5))  # the new level
-    for step, complete in ((2000, True), (3000, True), (3004, False)):
+    # 3003's weights gave the loss of step 3004: not a checkpoint before the spike
+    for step, complete in ((2000, True), (3000, True), (3003, True), (3004, False)):
         ckpt.step_dir(tmp_path, step).mkdir()
         if complete:
             (ckpt.step_dir(tmp_path, step) / ckpt.MARKER).write_text("ok")
@@ -585,6 +586,31 @@ def test_loss_spikes_are_reported_and_a_lasting_one_names_the_checkpoint_to_rewi
         "before the spike, past the data that led to it; see --rewind-to), then submit the job again")
     off = SpikeWatch(0.0)
     assert all(off.observe(s, x) is None for s, x in enumerate(losses + [100.0], 1))
+
+
+def test_fp16_loss_scale_overflows_are_not_counted_as_non_finite_steps():
+    from pretrain.trainer import skip_kind
+
+    assert skip_kind(False, 2.5, "fp16") is None
+    assert skip_kind(True, 2.5, "fp16") == "overflow"  # DeepSpeed lowers the scale: routine
+    assert skip_kind(True, float("nan"), "fp16") == "non_finite"
+    assert skip_kind(True, 2.5, "bf16") == "non_finite"  # a non-finite gradient (check_grad_overflow)
+    assert skip_kind(True, float("inf"), "fp32") == "non_finite"
+
+
+def test_a_rewind_to_the_newest_checkpoint_starts_a_new_wandb_run(tmp_path):
+    """No later step directory to move (the run stopped on non-finite steps without saving):
+    the W&B run id still goes aside, or the next start would log below W&B's step counter."""
+    from pretrain.rewind import WANDB_ID_FILE, rewind
+
+    ckpt.step_dir(tmp_path, 4).mkdir()
+    (ckpt.step_dir(tmp_path, 4) / ckpt.MARKER).write_text("ok")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / WANDB_ID_FILE).write_text("abc123")
+    done = rewind(tmp_path, 4, skip_steps=2)
+    assert done.moved == [] and not (tmp_path / "logs" / WANDB_ID_FILE).exists()
+    assert (done.moved_to / WANDB_ID_FILE).read_text() == "abc123"
+    assert rewind(tmp_path, 4).moved_to is None  # nothing left to move aside
 
 
 def test_rewinds_in_quick_succession_keep_every_moved_branch(tmp_path):
