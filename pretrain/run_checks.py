@@ -9,7 +9,9 @@
   from the same ZeRO stage, pipeline stages and precision (the rank count and micro-batch
   size, and with them a pipeline's data-parallel degree, may change);
 * the data against the checkpoint's: other sources (or weights), sequence length, shuffle
-  seed, canonical node count or global batch are refused unless ``checkpoint.on_data_change`` says what to do ("continue": the
+  seed, canonical node count, the other settings that fix the sample order (shuffle,
+  algorithm, block size, epoch size) or global batch are refused unless
+  ``checkpoint.on_data_change`` says what to do ("continue": the
   same sources at a new global batch read on from the saved position; "restart": other
   data begins from its start). Unchanged data always resumes exactly, so a requeue after
   the first checkpoint of a new data stage does not restart the data again.
