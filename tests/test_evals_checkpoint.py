@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -104,7 +105,14 @@ def test_perplexity_and_bits_per_byte_match_a_direct_loss(exported) -> None:
     V = ck.tokenizer.vocab_size
     assert 0.5 * V < windows.perplexity < 2 * V  # an untrained model is near uniform
     ext = lm.length_extrapolation(ck.model, stream, 64, factor=4, buckets=8)
-    assert ext.length == 256 and len(ext.bucket_loss) == 8 and ext.windows >= 1
+    n = min(16, (stream.numel() - 1) // 256)
+    assert ext.length == 256 and len(ext.bucket_loss) == 8 and ext.windows == n >= 1
+    # bucket b is the mean loss of positions 32b..32b+31 over the n windows of 256 tokens
+    with torch.no_grad():
+        rows = torch.stack([stream[i * 256:i * 256 + 257] for i in range(n)])
+        per_position = lm.token_losses(ck.model, rows).mean(0)
+    assert ext.bucket_loss == pytest.approx([float(per_position[b * 32:(b + 1) * 32].mean()) for b in range(8)],
+                                            abs=1e-4)
 
 
 def test_passkey_prompts_place_the_needle_and_score_greedy_exactness(exported) -> None:
@@ -377,3 +385,58 @@ def test_a_part_running_into_the_time_limit_keeps_what_it_scored(exported, tmp_p
                             deadline=600.0)
     assert kv["accuracy"][1] is None and few["accuracy"][1] is None
     assert kv["accuracy"][0] is not None and kv["stopped_by_time_limit"] and few["stopped_by_time_limit"]
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in LM that reads the prompt's text and predicts the natural tokens of
+    ``answer(prompt)`` after it (``wrong``: of another answer): the in-context evals must
+    score it 1.0 (0.0), which fixes how they build prompts and turn hits into accuracies."""
+
+    def __init__(self, tok, cut: str, answer, wrong: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.cut, self.answer, self.wrong = tok, cut, answer, wrong
+
+    def forward(self, ids):
+        from evals.prompts import PromptCoder
+
+        text = self.tok.decode(ids[0].tolist())
+        prompt = text[: text.rfind(self.cut) + len(self.cut)]
+        head, tail = PromptCoder(self.tok, False).split(prompt, self.answer(prompt, self.wrong))
+        seq = head + tail
+        logits = torch.zeros(1, ids.shape[1], self.tok.vocab_size)
+        for t in range(ids.shape[1]):
+            if t + 1 < len(seq):
+                logits[0, t, seq[t + 1]] = 10.0
+        return logits
+
+
+def _passkey_answer(prompt: str, wrong: bool) -> str:
+    key = re.search(r"The pass key is (\d+)\.", prompt).group(1)
+    return " " + (key[::-1] if wrong else key)
+
+
+def _kv_answer(prompt: str, wrong: bool) -> str:
+    lines = prompt.split("\n")
+    pairs = dict(line.split(": ") for line in lines[1:-1])
+    value = pairs[lines[-1][:-1]]
+    return " " + (next(v for v in pairs.values() if v != value) if wrong else value)
+
+
+def _parity_answer(prompt: str, wrong: bool) -> str:
+    bits = [int(b) for b in prompt.split("\n")[-1].split("->")[0].split()]
+    return f" {(sum(bits) + wrong) % 2}"
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_in_context_evals_score_a_perfect_reader_1_and_a_wrong_one_0(exported, wrong) -> None:
+    tok = load_checkpoint(exported[0]).tokenizer
+    want = 0.0 if wrong else 1.0
+    pk = incontext.passkey(_Oracle(tok, "What is the pass key? The pass key is", _passkey_answer, wrong), tok,
+                           [120, 200], [0.0, 1.0], trials=2, progress=False)
+    assert pk.accuracy == [[want, want], [want, want]]
+    kv = incontext.kv_lookup(_Oracle(tok, ":", _kv_answer, wrong), tok, [2, 4], trials=3, progress=False)
+    assert kv["accuracy"] == [want, want]
+    few = incontext.fewshot(_Oracle(tok, "->", _parity_answer, wrong), tok, "parity", [3, 5], shots=2, trials=3,
+                            progress=False)
+    assert few["accuracy"] == [want, want]

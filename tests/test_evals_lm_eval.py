@@ -65,7 +65,20 @@ def test_rolling_loglikelihood_counts_every_token_once(exported) -> None:
     (whole,) = short.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])
     (chunked,) = windows.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])
     assert whole == pytest.approx(direct, rel=1e-4)
-    assert chunked < 0 and math.isfinite(chunked)
+    # windows of 32: every token scored once, each with the context its window gives it
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    by_hand, scored = 0.0, 0
+    for ctx, cont in (make_disjoint_window(w) for w in get_rolling_token_windows(
+            token_list=windows.tok.encode(text), prefix_token=windows.tok.bos_id, max_seq_len=32, context_len=1)):
+        scored += len(cont)
+        seq = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(seq[:, :-1]), -1)[0, len(ctx) - 1:]
+        by_hand += float(logp.gather(1, seq[0, len(ctx):, None]).sum())
+        assert len(cont) >= 1
+    assert chunked == pytest.approx(by_hand, rel=1e-4) and math.isfinite(chunked)
+    assert scored == len(windows.tok.encode(text))
 
 
 def test_generation_uses_the_step_path_and_stops_at_until(exported) -> None:

@@ -48,6 +48,7 @@ def _launch(tmp_path: Path, mode: str, *launch_args: str, **popen) -> subprocess
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(tmp_path / "local"))
     env.pop("LINRNN_DATA_CACHE", None)
+    env.pop("OMP_NUM_THREADS", None)  # the launch sets it
     return subprocess.Popen([sys.executable, "-m", "launch", *launch_args, "--", sys.executable, str(script),
                              str(tmp_path), mode], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -63,7 +64,8 @@ def test_ranks_get_distinct_ranks_one_rendezvous_and_private_dirs(tmp_path):
     assert len({e["MASTER_PORT"] for e in envs}) == 1 and envs[0]["MASTER_ADDR"] == "127.0.0.1"
     assert all(e["tmp_exists"] for e in envs) and len({e["TMPDIR"] for e in envs}) == 1
     assert envs[0]["TMPDIR"].startswith(str(tmp_path / "local" / "linrnn-local"))
-    assert envs[0]["OMP_NUM_THREADS"] is not None
+    # one share of the CPUs per rank (the parent had no OMP_NUM_THREADS)
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, (os.cpu_count() or 1) // 3))}
     assert "rank 2/3" in err
     # the launch's private directory is gone afterwards
     assert not list((tmp_path / "local").glob("linrnn-local*"))

@@ -76,9 +76,33 @@ def test_the_training_builds_keep_the_gates_out_of_weight_decay(preset):
     assert len(in_layers) == len(gates)
 
 
+def _sequence_mixing(name: str, cfg, seq: int) -> int:
+    """Per token, what a mixer does besides its weights (MFU's honest count, derived here
+    from each recurrence's form, independently of pretrain/flops.py)."""
+    if name == "gated_deltaproduct":
+        c = cfg.deltaproduct
+        K = c.head_dim
+        V = int(K * c.expand_v)
+        decay = K * V if c.use_forget_gate else 0  # S *= a
+        steps = c.num_householder * 5 * K * V  # S^T k (2KV), rank-1 update (2KV), difference and scale (KV)
+        return c.num_heads * (decay + steps + 2 * K * V)  # readout S^T q
+    if name == "mamba2":
+        c = cfg.mamba2
+        H = c.expand * cfg.d_model // c.head_dim
+        return H * (5 * c.head_dim * c.d_state + c.head_dim)  # h = a h + dt x B^T, y = h C, + D x
+    if name == "rglru":
+        return 6 * (cfg.rglru.lru_width or cfg.d_model)  # gated diagonal recurrence per channel
+    if name == "local_attention":
+        c = cfg.attention
+        hd = c.head_dim or cfg.d_model // c.num_heads
+        return int(4 * c.num_heads * hd * mean_window(seq, c.window))  # QK^T and AV over the span
+    raise AssertionError(name)
+
+
 @pytest.mark.parametrize("preset", ["gated_deltaproduct-tiny", "mamba2-tiny", "hawk-tiny", "griffin-tiny"])
 def test_mixer_flops_cover_every_weight_of_the_mixer(preset):
-    """The projection/conv part of each family's count equals 2 x (weights) per token."""
+    """Each family's count is 2 x (its weights) per token plus its recurrence's own work,
+    exactly."""
     cfg = load_model_config(preset)
     model = build_model(cfg, device="meta")
     seq = 512
@@ -88,8 +112,7 @@ def test_mixer_flops_cover_every_weight_of_the_mixer(preset):
         weights += sum(m.weight.numel() for m in block.mixer.modules() if type(m).__name__ == "BlockDiagLinear")
         flops = mixer_flops(block.mixer_name, cfg, seq)
         sequence_mixing = flops - 2 * weights
-        assert sequence_mixing > 0, block.mixer_name
-        assert sequence_mixing < flops  # projections are counted, not only the recurrence
+        assert sequence_mixing == _sequence_mixing(block.mixer_name, cfg, seq), block.mixer_name
     total = flops_per_token(cfg, seq)
     assert total.head == 2 * cfg.d_model * cfg.vocab_size
     assert total.train == 3 * total.forward
@@ -508,14 +531,17 @@ def test_a_resumed_job_continues_its_wandb_run(tmp_path, monkeypatch):
 
     from pretrain.run_log import RunLog
 
-    calls = []
+    calls, logged = [], []
     fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(
-        log=lambda *a, **k: None, finish=lambda: None))
+        log=lambda values, step: logged.append((step, values)), finish=lambda: None))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    for _ in range(2):
+    for start in range(2):
         log = RunLog(tmp_path / "logs", enabled=True, tensorboard=False, wandb_project="p", run_name="r",
                      config={"optim": {"lr": 1e-3}})
+        log.write("train", start + 1, loss=2.5, lr=1e-3, note="text is not a scalar", skipped=False)
         log.close()
+    # numbers go to W&B under event/key at their step (text and flags only to the JSONL file)
+    assert logged == [(1, {"train/loss": 2.5, "train/lr": 1e-3}), (2, {"train/loss": 2.5, "train/lr": 1e-3})]
     assert len(calls) == 2 and calls[0]["id"] == calls[1]["id"] and calls[0]["resume"] == "allow"
     assert calls[0]["id"] in (tmp_path / "logs" / "wandb_run_id").read_text()
     shutil.copytree(tmp_path / "logs", tmp_path / "branch")  # a copied run: a W&B run of its own
@@ -655,3 +681,27 @@ def test_the_watchdog_ends_a_rank_only_when_its_beats_stop() -> None:
         idle.beat("step 1")
     assert idle._thread is None and codes == [HANG_EXIT_CODE]
 
+
+
+def test_the_progress_line_s_throughput_mfu_and_eta():
+    """tokens/s over the window's steps (global batch x seq_len each), MFU against every
+    rank's peak, and the ETA of the steps left at the window's pace."""
+    from types import SimpleNamespace
+
+    from pretrain.trainer import Trainer
+
+    said = []
+    t = Trainer.__new__(Trainer)  # only what report_progress reads
+    t.cfg = load_config(None, ["parallel.global_batch_size=4", "parallel.micro_batch_size=2", "max_steps=10"])
+    t.seq_len, t.step, t.peak, t.dev = 128, 4, 1e12, torch.device("cpu")
+    t.flops = SimpleNamespace(train=3e6)
+    t.env = SimpleNamespace(world_size=2)
+    t.pace = SimpleNamespace(enabled=False)
+    t.log = SimpleNamespace(print=said.append)
+    got = t.report_progress({"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5}, steps=2, elapsed=1.0)
+    assert got["tokens_per_s"] == 2 * 4 * 128  # 1024 tokens/s
+    assert got["mfu"] == pytest.approx(1024 * 3e6 / (2 * 1e12))
+    assert got["eta_s"] == 3.0  # 6 steps left at 0.5 s each
+    assert len(said) == 1 and re.fullmatch(
+        r"\[train\] step 4/10: loss 2\.5000, lr 1\.00e-03, grad norm 0\.500, 1,024 tok/s, MFU 0\.2%, "
+        r"peak mem [\d.]+ GB, ETA 3s", said[0]), said
