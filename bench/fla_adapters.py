@@ -47,7 +47,7 @@ def product_adapter(fla_fn: GdpKernel) -> GdpKernel:
                             scale: float | None = None, initial_state: Tensor | None = None,
                             output_final_state: bool = False,
                             cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        kf, vf, bf = to_fla_steps(k, v, beta)
+        kf, vf, bf = to_fla_steps(k, v, beta.to(q.dtype))  # in q's dtype, as fla's own layer gives it
         return fla_fn(q=q, k=kf, v=vf, g=g, beta=bf, num_householder=k.shape[2], scale=_scale(q, scale),
                       initial_state=initial_state, output_final_state=output_final_state,
                       cu_seqlens=cu_seqlens)
@@ -65,7 +65,7 @@ def delta_rule_adapter(fla_fn: GdpKernel) -> GdpKernel:
                              "compare with fla's chunk_gated_delta_product (kernel 'fla') instead")
         if g is None:  # fla's delta rule always takes a gate; log decay 0 is no decay
             g = q.new_zeros(q.shape[:3], dtype=torch.float32)
-        return fla_fn(q=q, k=k[:, :, 0], v=v[:, :, 0], g=g, beta=beta[:, :, 0], scale=_scale(q, scale),
+        return fla_fn(q=q, k=k[:, :, 0], v=v[:, :, 0], g=g, beta=beta[:, :, 0].to(q.dtype), scale=_scale(q, scale),
                       initial_state=initial_state, output_final_state=output_final_state,
                       cu_seqlens=cu_seqlens)
     return gated_delta_product

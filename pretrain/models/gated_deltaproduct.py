@@ -79,12 +79,12 @@ class GatedDeltaProduct(nn.Module):
 
         The input (shared by the projections); the q/k/v projections (the conv's input);
         q, k after the L2 norm (also the kernel's q, k) and v; the o-norm's input and gate
-        and the output projection's input; beta (the sigmoid's fp32 output and the kernel's
-        copy); the log gate (3 fp32 tensors); fp32 rstds. The kernel keeps no chunk states.
+        and the output projection's input; beta (the sigmoid's fp32 output, which the kernel
+        also keeps); the log gate (3 fp32 tensors); fp32 rstds. The kernel keeps no chunk states.
         """
         H, K, V, n = self.num_heads, self.head_k, self.head_v, self.n_h
         half = elem * (self.d_model + 2 * H * K * (1 + n) + 2 * n * H * V
-                       + H * V * (3 if self.use_output_gate else 2) + (n * H if elem != 4 else 0))
+                       + H * V * (3 if self.use_output_gate else 2))
         fp32 = 4 * (H * (1 + n) + n * H + H + (3 * H if self.use_forget_gate else 0))
         return half + fp32
 
@@ -128,7 +128,7 @@ class GatedDeltaProduct(nn.Module):
         v = v.view(B, T, n_h, H, V)
         beta, g = self._gates(x)
         o, final = kernels.gated_delta_product(
-            q, k, v, beta.to(q.dtype), g, scale=self.scale,
+            q, k, v, beta, g, scale=self.scale,  # beta in fp32, as the step path uses it (the kernels read any dtype)
             initial_state=cache["state"] if cache is not None else None,
             output_final_state=cache is not None, cu_seqlens=cu_seqlens,
         )
