@@ -14,7 +14,10 @@ Why a marker: a kill can land anywhere in a multi-file, multi-rank save. Resume 
 newest directory that has ``COMPLETE`` and never looks at anything else, so a torn save is
 just an ignored directory (cleaned up by the next save). ``latest`` is rewritten
 atomically after the marker, so it too only ever names a complete checkpoint. Pruning
-removes a directory's marker before its files for the same reason.
+removes a directory's marker before its files for the same reason. Before the marker, every
+rank flushes what it wrote to the storage (``flush_to_storage``: syncfs of the checkpoint's
+file system), so a node that crashes later (a kernel panic, a power loss: not just a killed
+process) cannot leave a marker over files that never left its page cache.
 
 Safe loading: run state is JSON and RNG state loads with ``weights_only=True``; the
 DeepSpeed state is read by DeepSpeed's own loader (and, for an elastic resume, converter),
@@ -44,6 +47,7 @@ loading (``_repair_universal_load``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import pickle
@@ -149,9 +153,26 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def flush_to_storage(path: Path) -> None:
+    """syncfs(2) on ``path``'s file system: this node's writes there reach the storage (the
+    server, for a network file system) before this returns. Where syncfs is missing (not
+    Linux), sync(2)."""
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(path))
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, run_state: dict[str, Any],
                     config_text: str, *, rank: int, keep_last: int, keep_every: int = 0,
-                    before_marker: Callable[[], None] | None = None) -> Path:
+                    before_marker: Callable[[], None] | None = None, flush: bool = True) -> Path:
     """Write one checkpoint collectively (every rank calls this); returns its directory."""
     root = Path(root)
     d = step_dir(root, step)
@@ -169,6 +190,8 @@ def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, run_state: 
         write_atomic(d / "config.yaml", config_text)
     if before_marker is not None:
         before_marker()
+    if flush:  # each rank its own writes (syncfs covers the node's): all on storage before the marker
+        flush_to_storage(d)
     _barrier()
     if rank == 0:
         write_atomic(d / MARKER, f"step {step}\n")

@@ -78,6 +78,9 @@ class CheckpointConfig:
     keep_every_steps: int = _rng(0, ge=0)
     resume: bool = True  # resume from the newest complete checkpoint in ``dir``
     lock_wait_s: float = _rng(120.0, ge=0.0)  # how long to wait for another job's lock on ``dir``
+    # every rank flushes its checkpoint files to the storage before the COMPLETE marker
+    # (syncfs), so a node crash cannot leave a marker over data still in its page cache
+    flush_to_storage: bool = True
     # A resume whose data differs from the checkpoint's (data.sources or their weights,
     # data.seq_len, parallel.global_batch_size): "refuse" (the default: exact resume only);
     # "continue" (same sources, new global batch: read on from the saved position, e.g. a

@@ -272,7 +272,8 @@ class Trainer:
             path = ckpt.save_checkpoint(self.eng.engine, cfg.checkpoint.dir, self.step, run_state,
                                         dump_config(cfg), rank=self.env.rank, keep_last=cfg.checkpoint.keep_last,
                                         keep_every=cfg.checkpoint.keep_every_steps,
-                                        before_marker=before_marker if crash else None)
+                                        before_marker=before_marker if crash else None,
+                                        flush=cfg.checkpoint.flush_to_storage)
         except (OSError, RuntimeError) as e:
             if not ckpt.is_write_failure(e):
                 raise

@@ -705,3 +705,29 @@ def test_the_progress_line_s_throughput_mfu_and_eta():
     assert len(said) == 1 and re.fullmatch(
         r"\[train\] step 4/10: loss 2\.5000, lr 1\.00e-03, grad norm 0\.500, 1,024 tok/s, MFU 0\.2%, "
         r"peak mem [\d.]+ GB, ETA 3s", said[0]), said
+
+
+def test_every_rank_flushes_its_checkpoint_files_before_the_marker(tmp_path, monkeypatch):
+    """The COMPLETE marker is written only after the files reached the storage (syncfs), so a
+    node crash cannot leave a marker over data still in its page cache."""
+    from types import SimpleNamespace
+
+    events = []
+
+    def engine_save(path, tag, client_state, save_latest):
+        (Path(path) / tag).mkdir()
+        (Path(path) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        events.append("engine wrote")
+
+    def flush(path):
+        events.append(("flushed", (path / ckpt.MARKER).exists(), (path / "run.json").is_file()))
+        ckpt.flush_to_storage.__wrapped__(path)  # the real syncfs, too
+
+    flush.__wrapped__ = ckpt.flush_to_storage
+    monkeypatch.setattr(ckpt, "flush_to_storage", flush)
+    d = ckpt.save_checkpoint(SimpleNamespace(save_checkpoint=engine_save), tmp_path, 3, {"step": 3}, "x: 1\n",
+                             rank=0, keep_last=2)
+    assert events == ["engine wrote", ("flushed", False, True)] and (d / ckpt.MARKER).is_file()
+    ckpt.save_checkpoint(SimpleNamespace(save_checkpoint=engine_save), tmp_path, 4, {"step": 4}, "x: 1\n",
+                         rank=0, keep_last=2, flush=False)  # checkpoint.flush_to_storage=false
+    assert events[-1] == "engine wrote"
