@@ -70,8 +70,9 @@ def gdp_case(dtype: str, K: int, V: int, n_h: int, *, H: int = 16, gate: bool = 
     def call() -> None:
         B, T = BATCH, SEQLEN
         q, k = _leaf(B, T, H, K, dtype=dt), _leaf(B, T, n_h, H, K, dtype=dt)
-        v, beta = _leaf(B, T, n_h, H, V, dtype=dt), _leaf(B, T, n_h, H, dtype=dt)
-        g = _leaf(B, T, H, dtype=dt, shift=-1.0) if gate else None
+        # beta and g in fp32, as the GatedDeltaProduct layer passes them
+        v, beta = _leaf(B, T, n_h, H, V, dtype=dt), _leaf(B, T, n_h, H, dtype=torch.float32)
+        g = _leaf(B, T, H, dtype=torch.float32, shift=-1.0) if gate else None
         h0 = _leaf(B, H, K, V, dtype=torch.float32) if with_state else None
         # set here, not around record(): record re-imports the module, resetting its settings
         with mock.patch("kernels.triton.gated_delta_product.HALF_INTERMEDIATES", half):
