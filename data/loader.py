@@ -282,12 +282,10 @@ class TokenLoader:
                                       proportion=(s.weight / total_w) if weighted else None))
             cls = _make_dataset_class()
             try:
-                self.dataset = cls(
-                    streams=streams, batch_size=batch_size, shuffle=self.shuffle,
-                    shuffle_seed=cfg.shuffle_seed, shuffle_algo=cfg.shuffle_algo,
-                    shuffle_block_size=cfg.shuffle_block_size,
+                self.dataset = cls(  # **self.order: the order settings the state records, as used
+                    streams=streams, batch_size=batch_size, **self.order, shuffle_seed=cfg.shuffle_seed,
                     num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="relaxed",
-                    epoch_size=cfg.epoch_size if is_train else None, predownload=cfg.predownload,
+                    predownload=cfg.predownload,
                     cache_limit=cfg.cache_limit, download_timeout=cfg.download_timeout,
                     validate_hash="xxh64" if cfg.verify == "hash" else None)
             except ValueError as e:

@@ -76,9 +76,12 @@ def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str,
     while budget >= sizes[count % len(sizes)]:
         budget -= sizes[count % len(sizes)]
         count += 1
-    while count > 0 and len(prompt(count)[0]) > length:
+    made = prompt(count)
+    while count > 0 and len(made[0]) > length:
         count -= 1
-    return prompt(count)
+        made = prompt(count)
+    return made
+
 
 
 def passkey(model: torch.nn.Module, tok: Tokenizer, lengths: list[int], depths: list[float], trials: int = 5,
@@ -131,6 +134,7 @@ def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], tr
         raise ValueError(f"kv_lookup: at most {len(words) // 2} pairs of distinct words, "
                          f"asked for {max(pair_counts)}")
     gen = torch.Generator().manual_seed(seed)
+    coder = PromptCoder(tok, bos)
     prompts = []
     for n in pair_counts:
         for _ in range(trials):
@@ -138,7 +142,7 @@ def kv_lookup(model: torch.nn.Module, tok: Tokenizer, pair_counts: list[int], tr
             keys, values = [words[i] for i in pick[:n]], [words[i] for i in pick[n:]]
             q = int(torch.randint(n, (1,), generator=gen))
             text = "Remember these pairs.\n" + "".join(f"{k}: {v}\n" for k, v in zip(keys, values)) + f"{keys[q]}:"
-            prompts.append(PromptCoder(tok, bos).split(text, " " + values[q]))
+            prompts.append(coder.split(text, " " + values[q]))
     hits, stopped = shard.score(prompts, lambda p: score_target(model, *p)[1], deadline=deadline, always=trials,
                                 desc="kv lookup", progress=progress)
     acc = [_mean(hits[c * trials:(c + 1) * trials], trials) for c in range(len(pair_counts))]

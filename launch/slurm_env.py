@@ -45,7 +45,7 @@ def _hosts(env: Mapping[str, str]) -> list[str]:
     return expand_nodelist(nodelist)
 
 
-def ranks_per_node(per_node: list[int], spec: str | None = None) -> int:
+def ranks_per_node(per_node: list[int], spec: str) -> int:
     """The one rank count every node runs: the data loader and torch's LOCAL_WORLD_SIZE
     assume the same on every node (nodes = world size / ranks per node)."""
     if len(set(per_node)) > 1:

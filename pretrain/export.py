@@ -21,21 +21,20 @@ Console script: ``linrnn-export = pretrain.export:main``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import run_lock
 from .config_loader import build_dataclass, dump_config
 from .model_config import ModelConfig
 from .models import LanguageModel, build_model
@@ -225,31 +224,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     if out.exists() and not out.is_dir():
         raise ckpt.CheckpointError(f"export target {str(out)!r} exists and is not a directory: choose a directory")
     out.mkdir(parents=True, exist_ok=True)
-    with _writing(out) as waited:
+    with run_lock.exclusive(out / ".export.lock") as waited:  # one export at a time into out
         if waited and export_is_current(step_path, out, dtype):  # the export we waited for made this one
             return out
         _write_export(out, step_path, run_state, run_config, mcfg, sd, dtype)
     return out
-
-
-@contextlib.contextmanager
-def _writing(out: Path) -> Iterator[bool]:
-    """One export at a time into ``out`` (two sweeps exporting the same step, say): an
-    exclusive ``flock`` on ``out/.export.lock``; yields whether another export held it first.
-    Unlocked where the file system has no flock."""
-    fd = os.open(out / ".export.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    waited = False
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            waited = True
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield waited
-    finally:
-        os.close(fd)
 
 
 def _write_export(out: Path, step_path: Path, run_state: dict, run_config: dict, mcfg: ModelConfig,

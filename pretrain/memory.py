@@ -126,8 +126,9 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEsti
     tokens = p.micro_batch_size * cfg.data.seq_len
     per_block = block_activation_bytes(model, elem, cfg.data.seq_len)
     d, gb = cfg.model.d_model, 2**30
+    n = sum(t.numel() for t in model.parameters())
     estimates = []
-    for s, (params, blocks, first, last) in enumerate(_stages(cfg, model)):
+    for s, (params, blocks, first, last) in enumerate(_stages(cfg, model, n)):
         if p.activation_checkpointing:
             act = tokens * (blocks * d * elem + max(per_block)) if blocks else 0.0
         else:
@@ -137,22 +138,23 @@ def estimate_memory(cfg: RunConfig, world_size: int | None = None) -> MemoryEsti
         weights = params * elem / (dp if p.zero_stage >= 3 else 1)
         grads = params * elem / (dp if p.zero_stage >= 2 else 1)
         shard = dp if p.zero_stage >= 1 else 1
-        estimates.append(MemoryEstimate(sum(t.numel() for t in model.parameters()), world, weights / gb,
+        estimates.append(MemoryEstimate(n, world, weights / gb,
                                         grads / gb, params * o_gpu / shard / gb, act / gb, p.gpu_memory_gb,
                                         params * o_host / shard / gb))
     return max(estimates, key=lambda e: e.total_gb)
 
 
-def _stages(cfg: RunConfig, model: nn.Module) -> list[tuple[int, int, bool, bool]]:
-    """(parameters, blocks, holds the embedding, holds the head) of each pipeline stage."""
+def _stages(cfg: RunConfig, model: nn.Module, n: int) -> list[tuple[int, int, bool, bool]]:
+    """(parameters, blocks, holds the embedding, holds the head) of each pipeline stage;
+    ``model``: the LM on the meta device, of ``n`` parameters."""
     pp, n_layers = cfg.parallel.pipeline_stages, cfg.model.n_layers
     if pp == 1:
-        return [(sum(t.numel() for t in model.parameters()), n_layers, True, True)]
+        return [(n, n_layers, True, True)]
     from deepspeed.runtime.utils import partition_balanced
 
     from .models.pipeline import layer_param_counts
 
-    counts = layer_param_counts(cfg.model)  # embedding, blocks, final norm, head
+    counts = layer_param_counts(cfg.model, model)  # embedding, blocks, final norm, head
     bounds = partition_balanced(weights=counts, num_parts=pp)
     return [(sum(counts[a:b]), sum(1 <= i <= n_layers for i in range(a, b)), a == 0, b == len(counts))
             for a, b in zip(bounds, bounds[1:])]

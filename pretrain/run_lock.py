@@ -11,6 +11,7 @@ time. File systems without ``flock`` (some NFS or Lustre mounts) get a warning, 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -19,7 +20,7 @@ import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .checkpoint import CheckpointError
 from .distributed import broadcast_from_rank0
@@ -31,6 +32,29 @@ _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 class RunLockError(CheckpointError):
     """Another job holds the checkpoint directory."""
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` while the block runs (an export, a conversion),
+    waited for, ``on_wait`` called first; yields whether another holder made it wait. Where
+    the file system has no locks, the block runs unlocked."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    waited = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waited = True
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+        yield waited
+    finally:
+        os.close(fd)
 
 
 def _holder(path: Path) -> str:

@@ -152,6 +152,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.seq_len = cfg.data.seq_len
+        self.tokens_per_step = cfg.parallel.global_batch_size * self.seq_len
         self.flops = flops_per_token(cfg.model, self.seq_len)
         self.peak = device_peak_flops(cfg.parallel.precision)
         self.last_saved: int | None = None
@@ -464,7 +465,7 @@ class Trainer:
         """The progress line over the last ``steps`` steps (``elapsed`` seconds, saves and
         validations included, so the ETA holds for the steps left); returns its figures."""
         cfg = self.cfg
-        tps = steps * cfg.parallel.global_batch_size * self.seq_len / max(elapsed, 1e-9)
+        tps = steps * self.tokens_per_step / max(elapsed, 1e-9)
         eta = (cfg.max_steps - self.step) * elapsed / max(steps, 1)
         mfu = tps * self.flops.train / (self.env.world_size * self.peak) if self.peak else None
         figures = {"tokens_per_s": tps, "peak_mem_gb": _peak_memory_gb(self.dev), "eta_s": round(eta, 1), "mfu": mfu}
@@ -481,7 +482,6 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         self.restore()
-        tokens_per_step = cfg.parallel.global_batch_size * self.seq_len
         if self.step >= cfg.max_steps:
             self.log.print(f"[train] nothing to do: the checkpoint is at step {self.step} >= max_steps")
             return TrainResult("done", self.step, EXIT_OK, self.resume_from)
@@ -531,7 +531,7 @@ class Trainer:
                 step_seconds = time.perf_counter() - t0
                 lr = lr_at(self.step, cfg.optim, cfg.max_steps)
                 self.step += 1
-                self.tokens += tokens_per_step
+                self.tokens += self.tokens_per_step
                 window_steps += 1
                 skip = skip_kind(skipped, loss, cfg.parallel.precision)
                 if skip == "overflow":  # fp16: DeepSpeed skipped the step and lowered the loss scale

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoint import DS_TAG, UNIVERSAL, CheckpointError
+from .run_lock import exclusive
 
 TMP_PREFIX = ".universal-tmp-"
 POLL_S = 2.0
@@ -48,28 +46,13 @@ def convert(path: Path, workers: int = 1) -> Path:
     out = path / UNIVERSAL
     if out.is_dir():
         return out
-    with _converting(path):
+    def say_wait() -> None:
+        print(f"[universal] another process is converting {path}: waiting for it", flush=True)
+
+    with exclusive(path / ".universal.lock", on_wait=say_wait):
         if out.is_dir():  # made by the conversion we waited for
             return out
         return _convert_unlocked(path, out, workers)
-
-
-@contextlib.contextmanager
-def _converting(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path/.universal.lock`` (waited for, saying so); unlocked
-    where the file system has no flock."""
-    fd = os.open(path / ".universal.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[universal] another process is converting {path}: waiting for it", flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(fd)
 
 
 def _convert_unlocked(path: Path, out: Path, workers: int) -> Path:

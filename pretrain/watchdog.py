@@ -2,8 +2,9 @@
 until the job's time limit.
 
 Why: a rank stuck in a hung collective, a stalled remote read or a dead file system raises
-no error; the other ranks wait with it (DeepSpeed's collectives give up after 30 minutes at
-best, some waits never do), and a 64-GPU job can spend its whole allocation doing nothing.
+no error; the other ranks wait with it (DeepSpeed's collectives give up after 10 minutes
+unless DEEPSPEED_TIMEOUT says otherwise; a read from a dead file system never does), and a
+64-GPU job can spend its whole allocation doing nothing.
 The trainer calls ``beat(what)`` as it goes (joining the process group, building the model,
 restoring a checkpoint, each step, validation, save). A daemon thread
 watches the time since the last beat; past ``hang_timeout_s`` it prints what the rank was

@@ -498,7 +498,7 @@ def test_the_progress_line_s_throughput_mfu_and_eta():
     said = []
     t = Trainer.__new__(Trainer)  # only what report_progress reads
     t.cfg = load_config(None, ["parallel.global_batch_size=4", "parallel.micro_batch_size=2", "max_steps=10"])
-    t.seq_len, t.step, t.peak, t.dev = 128, 4, 1e12, torch.device("cpu")
+    t.tokens_per_step, t.step, t.peak, t.dev = 4 * 128, 4, 1e12, torch.device("cpu")
     t.flops = SimpleNamespace(train=3e6)
     t.env = SimpleNamespace(world_size=2)
     t.pace = SimpleNamespace(enabled=False)

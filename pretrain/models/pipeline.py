@@ -104,13 +104,13 @@ def lm_key(layer_index: int, name: str, config: ModelConfig) -> str:
     return name
 
 
-def layer_param_counts(config: ModelConfig) -> list[int]:
+def layer_param_counts(config: ModelConfig, model: nn.Module | None = None) -> list[int]:
     """Each pipeline layer's parameters as DeepSpeed's partitioner counts them (a tied head as
-    a second embedding), taken on the meta device: nothing allocated, nothing drawn."""
-    from .lm import LanguageModel
+    a second embedding), taken on the meta device (or from ``model``, the LM already built
+    there): nothing allocated, nothing drawn."""
+    from . import build_model
 
-    with torch.device("meta"):
-        model = LanguageModel(config)
+    model = model if model is not None else build_model(config, device="meta")
 
     def count(module: nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
