@@ -13,10 +13,14 @@ import socket
 import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from launch.slurm_env import in_srun_step, torch_env_from_slurm
 
 from .config_loader import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LaunchError(ConfigError):
@@ -153,6 +157,17 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, world, local, local_world, backend)
 
 
+def allreduce_sum(values: list[float | torch.Tensor], dev: torch.device) -> list[float]:
+    """Sums over all ranks, in one collective (and one host sync)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev) for v in values])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def broadcast_from_rank0(value: str) -> str:
     """Rank 0's ``value`` on every rank (as is without a multi-rank process group): how a
     failure only rank 0 can see (a lock, a conversion) stops all ranks with its message."""
@@ -165,7 +180,7 @@ def broadcast_from_rank0(value: str) -> str:
     return value
 
 
-def device() -> "torch.device":  # noqa: F821
+def device() -> torch.device:
     import torch
 
     if torch.cuda.is_available():

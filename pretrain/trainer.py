@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from . import run_lock, universal
 from .config import RunConfig
 from .config_loader import config_to_dict, dump_config
-from .distributed import DistEnv, device, env_from_launcher, init_distributed
+from .distributed import DistEnv, allreduce_sum, device, env_from_launcher, init_distributed
 from .engine import Engine, build_engine
 from .flops import device_peak_flops, flops_per_token
 from .memory import out_of_memory_message
@@ -39,8 +39,7 @@ from .run_log import RunLog
 from .schedule import lr_at
 from .spikes import SpikeWatch, spike_message
 from .stragglers import RankPace, find_stragglers, gather_paces
-from .validation import (ReplicaShare, forward_losses, pipeline_losses, replica_share, token_sums,
-                         val_indices)
+from .validation import Validator
 from .watchdog import Watchdog, stall_forever
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -75,14 +74,6 @@ def _duration(seconds: float) -> str:
         if s >= size:
             return f"{s // size}{unit}{(s % size) // sub_size:02d}{sub}"
     return f"{s}s"
-
-
-def _allreduce_sum(values: list[float | torch.Tensor], dev: torch.device) -> list[float]:
-    """Sums over all ranks, in one collective (and one host sync)."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(dev) for v in values])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 class Batches:
@@ -147,8 +138,7 @@ class Trainer:
             self.log.print(f"[train] checkpoint.init_from ({cfg.checkpoint.init_from}) is not used: the run "
                            "resumes from its own checkpoint")
         self.batches = Batches(cfg, cfg.parallel.micro_batch_size)
-        self.val = None  # the validation split's loader, built at the first validation
-        self.val_share: ReplicaShare | None = None
+        self.validator = Validator(cfg, info["sources"], self.eng, env.rank, self.dev, self.log.print)
         self.step = 0
         self.tokens = 0
         self.seq_len = cfg.data.seq_len
@@ -333,7 +323,7 @@ class Trainer:
             grads = [p.grad for p in e.module.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])).item() if grads else 0.0
             grad_bad = 0.0 if math.isfinite(norm) else 1.0
-        loss_sum, bad, grad_bad, id_sum = _allreduce_sum(
+        loss_sum, bad, grad_bad, id_sum = allreduce_sum(
             [loss_sum, bad, torch.tensor(grad_bad, dtype=torch.float64), torch.tensor(id_sum, dtype=torch.float64)],
             self.dev)
         skipped_before = e.skipped_steps
@@ -380,62 +370,18 @@ class Trainer:
             loss = float(e.train_batch(feed))
         finally:
             e.module.loss_fn = token_loss
-        (id_sum,) = _allreduce_sum([id_sum], self.dev)
+        (id_sum,) = allreduce_sum([id_sum], self.dev)
         skipped = not math.isfinite(loss) or e.skipped_steps > skipped_before
         g = e.get_global_grad_norm()
         return loss, (None if g is None else float(g)), skipped, int(id_sum)
 
     # ------------------------------------------------------------------ validation
 
-    def _val_share(self) -> ReplicaShare | None:
-        """This replica's part of the fixed validation set (built once); None without a val split."""
-        cfg = self.cfg
-        if self.val is None:
-            if not any(cfg.data.val_split in s["splits"] for s in self.info["sources"]):
-                return None
-            from data.loader import TokenLoader
-
-            # from the sources that have the split (one added without a validation split, say)
-            self.val = TokenLoader(cfg.data, cfg.parallel.micro_batch_size, split=cfg.data.val_split,
-                                   shuffle=False, num_workers=0, skip_sources_without_split=True)
-            if len(self.val.sources) < len(self.info["sources"]):
-                self.log.print(f"[val] {len(self.info['sources']) - len(self.val.sources)} of the "
-                               f"{len(self.info['sources'])} training datasets have no {cfg.data.val_split!r} "
-                               "split: validating on the others'")
-            micro = cfg.parallel.micro_batch_size
-            wanted = cfg.eval.num_sequences(micro)
-            indices = val_indices(self.val.num_samples, wanted)
-            if not indices:
-                return None
-            grid = self.eng.engine.grid if self.eng.pipelined else None
-            replica = grid.get_data_parallel_rank() if grid is not None else self.env.rank
-            self.val_share = replica_share(indices, micro, self.eng.dp_world, replica)
-            if cfg.eval.val_batches is not None:
-                self.log.print(f"[val] eval.val_batches is deprecated: it now means {cfg.eval.val_batches} x "
-                               f"micro_batch_size = {wanted} sequences, all ranks together; set "
-                               "eval.val_sequences instead")
-            self.log.print(f"[val] {len(indices)} of the {self.val.num_samples} sequences of split "
-                           f"{cfg.data.val_split!r} (spread evenly, the same for any rank count), "
-                           f"{len(self.val_share.batches)} micro-batch(es) per data-parallel replica")
-        return self.val_share
-
-    @torch.no_grad()
-    def validate(self) -> float | None:
-        """Token-weighted mean loss over the fixed validation set (``pretrain/validation.py``)."""
-        share = self._val_share()
-        if share is None or self.val is None:
-            return None
-        batches = [self.val.batch_at(ix) for ix in share.batches]
-        e = self.eng.engine
-        losses = pipeline_losses(e, batches) if self.eng.pipelined else forward_losses(e, batches, self.dev)
-        loss_sum, tokens = _allreduce_sum(list(token_sums(losses, batches, share.real)), self.dev)
-        return loss_sum / tokens if tokens else None
-
     def maybe_validate(self) -> None:
         every = self.cfg.eval.every_steps
         if every and (self.step % every == 0 or self.step == self.cfg.max_steps):
             self.dog.beat(f"validating at step {self.step}")
-            val = self.validate()
+            val = self.validator.loss()
             if val is not None:
                 self.log.print(f"[val] step {self.step}: loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f})")
                 self.log.write("val", self.step, loss=val)
@@ -570,9 +516,8 @@ class Trainer:
         return TrainResult("done", self.step, EXIT_OK, path)
 
     def close(self) -> None:
-        for loader in (self.batches, self.val):
-            if loader is not None:
-                loader.close()
+        self.batches.close()
+        self.validator.close()
         self.log.close()
 
 

@@ -21,13 +21,15 @@ fewer repeats the first batch and discards the result.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from data.packing import IGNORE_INDEX
+
+from .distributed import allreduce_sum
 
 
 def val_indices(total: int, n: int) -> list[int]:
@@ -83,4 +85,62 @@ def pipeline_losses(engine: Any, batches: Sequence[dict]) -> list[torch.Tensor]:
     return [t.double() for t in out] if engine.is_last_stage() else []
 
 
-__all__ = ["ReplicaShare", "val_indices", "replica_share", "token_sums", "forward_losses", "pipeline_losses"]
+class Validator:
+    """A run's fixed validation set, read by random access from the validation split (its
+    loader built at the first validation), and its token-weighted loss over all ranks."""
+
+    def __init__(self, cfg: Any, sources: list[dict], eng: Any, rank: int, dev: torch.device,
+                 log: Callable[[str], None]) -> None:
+        self.cfg, self.sources, self.eng, self.rank, self.dev, self.log = cfg, sources, eng, rank, dev, log
+        self.val: Any = None  # the validation split's loader
+        self.val_share: ReplicaShare | None = None
+
+    def _share(self) -> ReplicaShare | None:
+        """This replica's part of the fixed validation set (built once); None without a val split."""
+        cfg = self.cfg
+        if self.val is None:
+            if not any(cfg.data.val_split in s["splits"] for s in self.sources):
+                return None
+            from data.loader import TokenLoader
+
+            # from the sources that have the split (one added without a validation split, say)
+            self.val = TokenLoader(cfg.data, cfg.parallel.micro_batch_size, split=cfg.data.val_split,
+                                   shuffle=False, num_workers=0, skip_sources_without_split=True)
+            if len(self.val.sources) < len(self.sources):
+                self.log(f"[val] {len(self.sources) - len(self.val.sources)} of the {len(self.sources)} "
+                         f"training datasets have no {cfg.data.val_split!r} split: validating on the others'")
+            micro = cfg.parallel.micro_batch_size
+            wanted = cfg.eval.num_sequences(micro)
+            indices = val_indices(self.val.num_samples, wanted)
+            if not indices:
+                return None
+            grid = self.eng.engine.grid if self.eng.pipelined else None
+            replica = grid.get_data_parallel_rank() if grid is not None else self.rank
+            self.val_share = replica_share(indices, micro, self.eng.dp_world, replica)
+            if cfg.eval.val_batches is not None:
+                self.log(f"[val] eval.val_batches is deprecated: it now means {cfg.eval.val_batches} x "
+                         f"micro_batch_size = {wanted} sequences, all ranks together; set "
+                         "eval.val_sequences instead")
+            self.log(f"[val] {len(indices)} of the {self.val.num_samples} sequences of split "
+                     f"{cfg.data.val_split!r} (spread evenly, the same for any rank count), "
+                     f"{len(self.val_share.batches)} micro-batch(es) per data-parallel replica")
+        return self.val_share
+
+    @torch.no_grad()
+    def loss(self) -> float | None:
+        """Token-weighted mean loss over the fixed validation set, all ranks together."""
+        share = self._share()
+        if share is None or self.val is None:
+            return None
+        batches = [self.val.batch_at(ix) for ix in share.batches]
+        e = self.eng.engine
+        losses = pipeline_losses(e, batches) if self.eng.pipelined else forward_losses(e, batches, self.dev)
+        loss_sum, tokens = allreduce_sum(list(token_sums(losses, batches, share.real)), self.dev)
+        return loss_sum / tokens if tokens else None
+
+    def close(self) -> None:
+        if self.val is not None:
+            self.val.close()
+
+
+__all__ = ["ReplicaShare", "val_indices", "replica_share", "token_sums", "forward_losses", "pipeline_losses", "Validator"]
