@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,17 @@ def run_one(bt: BenchTask, variant: Variant, cfg: TrainConfig, eval_size: int,
                      tr.to_dict(), ev.to_dict(), longest_solved(ev.points, threshold), bt.train_max)
 
 
+def check_conditions(tasks: Iterable[BenchTask]) -> None:
+    """Draw one sequence of every training and test condition before any training: an
+    impossible one (MQAR pairs that do not fit the length or vocabulary) stops the call with
+    the task's own ValueError at once, not after the first run has trained."""
+    gen = torch.Generator().manual_seed(0)
+    for bt in tasks:
+        task = make_task(bt.task, **bt.task_kwargs)
+        for cond in (*bt.train, *bt.test):
+            task.sample(1, cond, gen)
+
+
 def run_jobs(jobs: list[Job], cfg: TrainConfig, *, eval_size: int = 512, threshold: float = 0.99,
              progress: bool = True, deadline: float | None = None,
              on_record: Callable[[RunRecord], None] | None = None) -> tuple[list[RunRecord], list[Job]]:
@@ -141,6 +152,7 @@ def run_jobs(jobs: list[Job], cfg: TrainConfig, *, eval_size: int = 512, thresho
     runs left, less what ``on_record`` took last time (it runs after each of them), so early
     finishers leave more for the rest. ``on_record`` sees every record as soon as its run
     ends (to save results incrementally)."""
+    check_conditions({job.task.task: job.task for job in jobs}.values())
     records: list[RunRecord] = []
     record_s = 0.0
     for i, job in enumerate(jobs):
@@ -192,6 +204,7 @@ def summarise(records: list[RunRecord]) -> list[dict[str, Any]]:
             "task": task, "variant": variant, "lr": lr, "seeds": [r.seed for r in best],
             "params": best[0].params, "train_max": best[0].train_max,
             "converged": sum(r.train["converged"] for r in best),
+            "diverged": sum(bool(r.train.get("diverged")) for r in best),
             "stopped_by_time_limit": sum(r.train.get("stopped_by_time_limit", False) for r in best),
             "steps": statistics.mean(r.train["steps"] for r in best),
             "val_acc": statistics.mean(r.train["best_val_acc"] for r in best),

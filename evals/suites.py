@@ -62,7 +62,8 @@ def suite_tasks(suite: str) -> list[BenchTask]:
             close = difflib.get_close_matches(name, list(SUITES), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown suite {name!r}{hint}; suites: {', '.join(SUITES)}")
-        tasks += [mqar_task() if t == "mqar" else state_task(t) for t in SUITES[name]]
+        tasks += [mqar_task() if t == "mqar" else state_task(t) for t in SUITES[name]
+                  if t not in {bt.task for bt in tasks}]  # once each (a task named twice is not two seeds)
     if not tasks:
         raise ValueError("no suite given")
     return tasks

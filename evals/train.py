@@ -48,6 +48,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     stopped_by_time_limit: bool = False
+    diverged: str | None = None  # the non-finite loss that ended training (the learning rate too high)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,7 +141,10 @@ def _timed_validation(model: torch.nn.Module, val: list[tuple[torch.Tensor, torc
 def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition], cfg: TrainConfig,
                   progress: bool = True, desc: str = "train", deadline: float | None = None,
                   eval_tokens: int = 0) -> TrainResult:
-    """Train until ``cfg.steps`` or validation accuracy >= ``cfg.target_acc``.
+    """Train until ``cfg.steps`` or validation accuracy >= ``cfg.target_acc``, then keep the
+    weights that scored the best validation accuracy (what a learning-rate sweep ranks runs
+    by, so the test scores those weights). A non-finite loss (a learning rate too high)
+    ends training there, recorded in ``diverged``, rather than the whole sweep.
 
     With ``deadline`` (a ``time.monotonic()`` value) training also stops before a step that
     would leave too little time for a last validation and ``eval_tokens`` tokens of test
@@ -161,6 +165,7 @@ def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition
         _timed_validation(model, val, cfg.stop_metric, clock)  # prices forward passes
     history: list[dict] = []
     best, loss_value, converged, stopped, done = 0.0, float("nan"), False, False, 0
+    best_state, diverged = _snapshot(model), None  # before any validation: the initial weights
     start = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in range(1, cfg.steps + 1):
@@ -169,14 +174,19 @@ def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition
             stopped = True
             break
         t0 = time.monotonic()
-        loss_value = _train_step(model, opt, task, conditions, cfg, gen, device, step, desc)
+        try:
+            loss_value = _train_step(model, opt, task, conditions, cfg, gen, device, step, desc)
+        except FloatingPointError as e:
+            diverged = str(e)
+            break
         if clock is not None:
             clock.step_done(time.monotonic() - t0)
         done = step
         bar.update(1)
         if validates:
             acc = _timed_validation(model, val, cfg.stop_metric, clock)
-            best = max(best, acc)
+            if acc > best:
+                best, best_state = acc, _snapshot(model)
             history.append({"step": step, "loss": round(loss_value, 5), "val_acc": round(acc, 5)})
             bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{acc:.3f}")
             if acc >= cfg.target_acc:
@@ -184,11 +194,17 @@ def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition
                 break
     if stopped and (not history or history[-1]["step"] != done):  # score the weights training ended with
         acc = validation_accuracy(model, val, cfg.stop_metric)
-        best = max(best, acc)
+        if acc > best:
+            best, best_state = acc, _snapshot(model)
         history.append({"step": done, "loss": round(loss_value, 5), "val_acc": round(acc, 5)})
         converged = acc >= cfg.target_acc
     bar.close()
-    return TrainResult(done, converged, best, loss_value, time.perf_counter() - start, history, stopped)
+    model.load_state_dict(best_state)
+    return TrainResult(done, converged, best, loss_value, time.perf_counter() - start, history, stopped, diverged)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, task: Task, conditions: list[Condition],

@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 
 import pytest
+import torch
 
 from evals.bench import Job, ModelSpecError, Variant, expand_variants, run_benchmark, run_jobs, run_one, summarise
 from evals.report import benchmark_markdown, benchmark_plots
@@ -155,3 +156,62 @@ def test_stop_clock_prices_the_next_step_and_the_evaluation_that_must_follow() -
     clock.validation_done(10.0)  # 0.1 s per token: ~1000 s of evaluation does not fit
     assert clock.out_of_time(validates=False)
     assert StopClock(time.monotonic() - 1.0, 1, 1).out_of_time(validates=False)
+
+
+def test_a_diverging_learning_rate_ends_its_run_not_the_sweep() -> None:
+    """lr 1e4 blows up (non-finite loss): that run stops and says so, the other learning rate
+    still runs, and the sweep picks it."""
+    (variant,) = expand_variants("gated_deltanet-tiny", PARITY_MODEL)
+    cfg = replace(PARITY_TRAIN, steps=20, eval_every=10)
+    records = run_benchmark([PARITY], [variant], cfg, lrs=[1e4, 1e-2], seeds=[0], eval_size=32, progress=False)
+    bad, good = records
+    assert "non-finite loss" in bad.train["diverged"] and not bad.train["converged"]
+    assert good.train["diverged"] is None and good.train["steps"] == 20
+    (row,) = summarise(records)
+    assert row["lr"] == 1e-2 and row["diverged"] == 0
+
+
+def test_the_test_scores_the_weights_of_the_best_validation(monkeypatch) -> None:
+    """The sweep ranks runs by their best validation accuracy, so a run whose accuracy later
+    fell is tested with the weights that scored its best, not its last ones."""
+    import evals.train as train_mod
+    from evals.suites import BenchTask as BT
+    from evals.tasks import make_task
+    from pretrain.models import build_model
+    from evals.bench import model_config
+
+    accuracies = iter([0.9, 0.5])  # step 1 validates best, step 2 worse
+    monkeypatch.setattr(train_mod, "_timed_validation", lambda *a, **k: next(accuracies))
+    after: list[dict] = []
+    real_step = train_mod._train_step
+
+    def step_and_keep(model, *args):
+        loss = real_step(model, *args)
+        after.append({k: v.clone() for k, v in model.state_dict().items()})
+        return loss
+
+    monkeypatch.setattr(train_mod, "_train_step", step_and_keep)
+    task = make_task("parity")
+    model = build_model(model_config("gated_deltanet-tiny", [*PARITY_MODEL, f"vocab_size={task.vocab_size}"]))
+    bt = BT("parity", (Condition(4),), (Condition(4),))
+    result = train_mod.train_on_task(model, task, list(bt.train), replace(PARITY_TRAIN, steps=2, eval_every=1),
+                                     progress=False)
+    assert result.best_val_acc == 0.9 and result.steps == 2
+    final = model.state_dict()
+    assert all(torch.equal(final[k], after[0][k]) for k in final)  # step 1's weights, not step 2's
+    assert any(not torch.equal(after[0][k], after[1][k]) for k in final)
+
+
+def test_an_impossible_condition_stops_before_any_training(monkeypatch) -> None:
+    import evals.bench as bench
+
+    monkeypatch.setattr(bench, "run_one", lambda *a, **k: pytest.fail("trained before checking the conditions"))
+    bt = customise(suite_tasks("mqar")[0], mqar_vocab=64, mqar_train=[(32, 2)], mqar_test=[(16, 2), (32, 16)])
+    (variant,) = expand_variants("gated_deltanet-tiny", PARITY_MODEL)
+    with pytest.raises(ValueError, match="4\\*pairs <= seq_len"):
+        run_jobs([Job(bt, variant, 1e-3, 0)], PARITY_TRAIN)
+
+
+def test_a_task_named_twice_in_a_suite_runs_once() -> None:
+    names = [bt.task for bt in suite_tasks("state_tracking,parity")]
+    assert names.count("parity") == 1 and len(names) == len(set(names))
