@@ -221,7 +221,7 @@ def verify_split(split_dir: str | os.PathLike, split_info: dict[str, Any], level
     if not index_path.is_file():
         raise DataError(f"{str(index_path)!r} is missing: the dataset is incomplete; rerun "
                         "`linrnn-prepare prepare` or re-copy the dataset")
-    if sha256_file(index_path) != split_info["index_sha256"]:
+    if not _index_matches(index_path, split_info):
         raise DataError(f"{str(index_path)!r} does not match its manifest (shards replaced or edited): "
                         "re-prepare or re-copy the whole dataset directory")
     try:
@@ -246,10 +246,15 @@ def verify_split(split_dir: str | os.PathLike, split_info: dict[str, Any], level
 def check_index(index_path: str | os.PathLike, split_info: dict[str, Any], remote_split: str) -> None:
     """Refuse a remote split's downloaded index.json unless it is the one its manifest records:
     a dataset rewritten (or damaged) after its manifest was read would mix two shard sets."""
-    if sha256_file(index_path) != split_info["index_sha256"]:
+    if not _index_matches(index_path, split_info):
         raise DataError(f"{join_path(remote_split, INDEX_NAME)!r} does not match the manifest read with it: the "
                         "dataset is being (re)written right now, or was damaged: wait for its prepare to finish "
                         "and retry, or rerun `linrnn-prepare prepare --overwrite`")
+
+
+def _index_matches(index_path: str | os.PathLike, split_info: dict[str, Any]) -> bool:
+    """Whether a split's index.json is the one its manifest recorded (by SHA-256)."""
+    return sha256_file(index_path) == split_info["index_sha256"]
 
 
 def _check_hashes(path: Path, info: dict[str, Any]) -> None:

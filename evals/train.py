@@ -166,6 +166,12 @@ def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition
     history: list[dict] = []
     best, loss_value, converged, stopped, done = 0.0, float("nan"), False, False, 0
     best_state, diverged = _snapshot(model), None  # before any validation: the initial weights
+
+    def keep_if_best(acc: float) -> None:
+        nonlocal best, best_state
+        if acc > best:
+            best, best_state = acc, _snapshot(model)
+
     start = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in range(1, cfg.steps + 1):
@@ -185,8 +191,7 @@ def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition
         bar.update(1)
         if validates:
             acc = _timed_validation(model, val, cfg.stop_metric, clock)
-            if acc > best:
-                best, best_state = acc, _snapshot(model)
+            keep_if_best(acc)
             history.append({"step": step, "loss": round(loss_value, 5), "val_acc": round(acc, 5)})
             bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{acc:.3f}")
             if acc >= cfg.target_acc:
@@ -194,8 +199,7 @@ def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition
                 break
     if stopped and (not history or history[-1]["step"] != done):  # score the weights training ended with
         acc = validation_accuracy(model, val, cfg.stop_metric)
-        if acc > best:
-            best, best_state = acc, _snapshot(model)
+        keep_if_best(acc)
         history.append({"step": done, "loss": round(loss_value, 5), "val_acc": round(acc, 5)})
         converged = acc >= cfg.target_acc
     bar.close()

@@ -143,4 +143,5 @@ class Validator:
             self.val.close()
 
 
-__all__ = ["ReplicaShare", "val_indices", "replica_share", "token_sums", "forward_losses", "pipeline_losses", "Validator"]
+__all__ = ["ReplicaShare", "val_indices", "replica_share", "token_sums", "forward_losses", "pipeline_losses",
+           "Validator"]
