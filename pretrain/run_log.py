@@ -2,7 +2,9 @@
 
 The JSONL file is the machine-readable record (tests compare per-step losses from it);
 every record carries ``step`` and an ``event`` ("train", "val", "skip", "resume", ...).
-TensorBoard is written when the package is installed; W&B only when
+TensorBoard scalars go to ``<log_dir>/tensorboard``; a resumed run marks its restart step
+there, so TensorBoard hides what the interrupted run logged after its checkpoint (the steps
+are logged again, and after a rewind differ). W&B only when
 ``logging.wandb_project`` is set, with the key read by wandb from ``WANDB_API_KEY``
 (never passed, printed or saved here); a resumed job continues the same W&B run.
 """
@@ -25,6 +27,8 @@ class RunLog:
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._tb_purge_step: int | None = None
+        self._tb_wanted = False
         self._wandb = None
         if not enabled:
             return
@@ -35,13 +39,7 @@ class RunLog:
         self._file = open(self.path, "a", buffering=1)
         if torn:  # a kill mid-line: end it, so the next record starts a line of its own
             self._file.write("\n")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-            except ImportError:
-                self._tb = None
+        self._tb_wanted = tensorboard  # the writer opens at the first record (see continue_after)
         if wandb_project:
             try:
                 import wandb
@@ -50,6 +48,26 @@ class RunLog:
                                          id=self._wandb_run_id(), resume="allow")
             except ImportError:
                 print("warning: logging.wandb_project is set but wandb is not installed", file=sys.stderr)
+
+    def continue_after(self, step: int) -> None:
+        """A resumed run goes on after ``step``: TensorBoard drops the records of later steps
+        that the interrupted run wrote, from the first record of this run on."""
+        self._tb_purge_step = step + 1
+        if self._tb is not None:  # records came first: start the file again with the mark
+            self._tb.close()
+            self._tb = None
+
+    def _tensorboard(self):
+        if self._tb is None and self._tb_wanted:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("warning: logging.tensorboard is set but the tensorboard package is not installed "
+                      "(pip install tensorboard); metrics go to metrics.jsonl only", file=sys.stderr)
+                self._tb_wanted = False
+                return None
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=self._tb_purge_step)
+        return self._tb
 
     def _wandb_run_id(self) -> str:
         """One W&B run for the whole job, across requeues: its id is kept in the log directory
@@ -74,9 +92,10 @@ class RunLog:
         rec = {"event": event, "step": step, **fields}
         self._file.write(json.dumps(rec, default=_json_default) + "\n")  # type: ignore[union-attr]
         numeric = {k: v for k, v in fields.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self._tb is not None:
+        tb = self._tensorboard() if numeric else None
+        if tb is not None:
             for k, v in numeric.items():
-                self._tb.add_scalar(f"{event}/{k}", v, step)
+                tb.add_scalar(f"{event}/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({f"{event}/{k}": v for k, v in numeric.items()}, step=step)
 
@@ -90,6 +109,7 @@ class RunLog:
             self._file = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
 

@@ -180,6 +180,7 @@ class Trainer:
         if rng is not None:
             ckpt.set_rng_state(rng)
         self.step, self.tokens = state["step"], state["tokens_seen"]
+        self.log.continue_after(self.step)
         self.last_saved = self.step
         # what a save takes, for the wall-clock budget until this start saves: the last run's
         # save, or this load (of the same files) if longer

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, reference):
     _, ref = reference
-    cfg = write_config(tmp_path)
+    cfg = write_config(tmp_path, **{"logging.tensorboard": True})
     r = train_cli(cfg, "faults.crash_in_save_at_step=4")
     assert r.returncode == 137, r.stderr[-3000:]
     root = tmp_path / "ckpt"
@@ -45,6 +45,13 @@ def test_kill_during_save_resumes_from_previous_complete_checkpoint(tmp_path, re
     assert "resumed from" in r.stdout and "step_00000002" in r.stdout
     assert losses(root) == ref
     assert (ckpt.step_dir(root, 4) / ckpt.MARKER).is_file()  # the torn save was replaced
+    # TensorBoard holds each step once: steps 3-4 of the killed run were dropped at the resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(root / "logs" / "tensorboard"))
+    board.Reload()
+    shown = [(e.step, e.value) for e in board.Scalars("train/loss")]
+    assert [s for s, _ in shown] == sorted(ref) and [v for _, v in shown] == pytest.approx([ref[s] for s in sorted(ref)])
 
 
 def test_a_hung_rank_is_ended_with_its_stacks_and_the_rerun_resumes(tmp_path, reference):

@@ -512,3 +512,48 @@ def test_the_progress_line_s_throughput_mfu_and_eta():
         r"peak mem [\d.]+ GB, ETA 3s", said[0]), said
 
 
+
+
+def _tensorboard_scalars(log_dir, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir / "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_tensorboard_shows_a_resumed_run_once_per_step(tmp_path):
+    """The interrupted run logged steps 1-4 after its checkpoint at step 2; the resumed run logs
+    3-6 again (after a rewind, with other values): TensorBoard shows each step once, the new one."""
+    from pretrain.run_log import RunLog
+
+    log = RunLog(tmp_path, enabled=True)
+    for step in range(1, 5):
+        log.write("train", step, loss=float(step), lr=1e-3, note="text")
+    log.write("val", 4, loss=9.0)
+    log.close()
+    assert _tensorboard_scalars(tmp_path, "train/loss") == [(s, float(s)) for s in range(1, 5)]
+    log = RunLog(tmp_path, enabled=True)
+    log.write("model_change", 2, changes=1)  # a record before the restore is known
+    log.continue_after(2)
+    for step in range(3, 7):
+        log.write("train", step, loss=step + 0.5)
+    log.close()
+    assert _tensorboard_scalars(tmp_path, "train/loss") == [(1, 1.0), (2, 2.0)] + [(s, s + 0.5) for s in range(3, 7)]
+    assert _tensorboard_scalars(tmp_path, "val/loss") == []  # step 4's validation was the old run's
+    assert not _tensorboard_scalars(tmp_path, "train/note")
+
+
+def test_tensorboard_missing_is_said_once_and_the_jsonl_goes_on(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from pretrain.run_log import RunLog, read_metrics
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    log = RunLog(tmp_path, enabled=True)
+    log.write("train", 1, loss=2.0)
+    log.write("train", 2, loss=1.0)
+    log.close()
+    assert capsys.readouterr().err.count("pip install tensorboard") == 1
+    assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2.0, 1.0]
+    assert not (tmp_path / "tensorboard").exists()
