@@ -5,8 +5,8 @@ last ``WINDOW`` ordinary steps is a spike: the run prints a warning and logs a
 ``loss_spike`` event. When the loss stays up for ``PATIENCE`` steps in a row, one more line
 says how to go back (stop the job, ``linrnn-train ... --rewind-to`` the newest checkpoint
 before the spike, optionally skipping its data: ``rewind.py``), and from then on the new
-level counts as ordinary. The history (the last ``WINDOW`` ordinary losses) is saved with
-each checkpoint, so a resumed run judges its first steps too.
+level counts as ordinary. The history (the last ``WINDOW`` ordinary losses, and a run of spikes under way) is saved
+with each checkpoint, so a resumed run judges its first steps as the interrupted run would.
 """
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ class SpikeWatch:
         self.since, self.count = None, 0
         self.window.append(loss)
         return None
+
+    def state(self) -> dict:
+        """What goes into a checkpoint, so that a resumed run judges its first steps as this
+        run would have (keys of the run state; ``spike_run`` is [since, count] mid-spike)."""
+        return {"recent_losses": list(self.window),
+                "spike_run": [self.since, self.count] if self.since is not None else None}
+
+    def restore(self, state: dict) -> None:
+        """Back to a checkpoint's :meth:`state` (older checkpoints hold only the history)."""
+        self.window.clear()
+        self.window.extend(float(v) for v in state.get("recent_losses", []))
+        run = state.get("spike_run")
+        self.since, self.count = (int(run[0]), int(run[1])) if run else (None, 0)
 
 
 def spike_message(spike: Spike, checkpoint_dir: str | Path) -> str:

@@ -185,7 +185,7 @@ class Trainer:
         # what a save takes, for the wall-clock budget until this start saves: the last run's
         # save, or this load (of the same files) if longer
         self.save_seconds = max(float(state.get("last_save_s", 0.0)), time.perf_counter() - started)
-        self.spikes.window.extend(state.get("recent_losses", []))
+        self.spikes.restore(state)
         self.restore_data(state["data"])
         skip = skip_request(path)
         if skip:
@@ -251,7 +251,7 @@ class Trainer:
             "global_batch_size": cfg.parallel.global_batch_size, "max_steps": cfg.max_steps,
             "seq_len": cfg.data.seq_len, "torch": torch.__version__,
             "save_id": uuid.uuid4().hex,  # tells this save from other saves of the same step (exports)
-            "recent_losses": list(self.spikes.window),  # the spike watch's history, for the resume
+            **self.spikes.state(),  # the spike watch's history, for the resume
             "last_save_s": round(self.save_seconds, 3),  # the save before this one (or an estimate)
         }
         crash = cfg.faults.crash_in_save_at_step == self.step

@@ -157,6 +157,32 @@ def test_a_run_resumes_with_a_smaller_micro_batch_at_the_same_global_batch(tmp_p
     assert all(got[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
 
 
+def test_a_resumed_run_reports_the_loss_spikes_the_uninterrupted_run_does(tmp_path, monkeypatch):
+    """The spike watch's history and a spike run under way go into each checkpoint: a run
+    stopped mid-spike (step 10) and resumed reports what the uninterrupted one does, also the
+    step-11 spike that needs the restored window and the sustained notice that needs step 10.
+    A 3-step window, 2 steps of patience and a tiny threshold make spikes of a short, noisy run."""
+    from pretrain import spikes
+
+    monkeypatch.setattr(spikes, "WINDOW", 3)
+    monkeypatch.setattr(spikes, "MIN_HISTORY", 3)
+    monkeypatch.setattr(spikes, "PATIENCE", 2)
+    over = ["max_steps=12", "optim.lr=0.05", "logging.spike_sigma=1e-6"]
+
+    def spikes_of(root) -> list[tuple]:
+        return [(e["step"], e["loss"], e["sigmas"], e["since"], e["sustained"])
+                for e in read_metrics(root / "logs" / "metrics.jsonl", "loss_spike")]
+
+    assert train(load_config(write_config(tmp_path, ckpt_dir="whole"), over)).status == "done"
+    whole = spikes_of(tmp_path / "whole")
+    assert any(step > 10 for step, *_ in whole) and any(e[-1] for e in whole), whole  # this run's losses give both
+    cfg = write_config(tmp_path, ckpt_dir="parts")
+    assert train(load_config(cfg, over + ["faults.preempt_at_step=10"])).status == "preempted"
+    assert train(load_config(cfg, over)).status == "done"
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    assert spikes_of(tmp_path / "parts") == whole
+
+
 @pytest.mark.parametrize("stage", [0, 1])
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, stage):
     cfg = write_config(tmp_path)
