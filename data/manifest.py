@@ -82,16 +82,27 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _not_found(error: BaseException | None) -> bool:
-    """Whether a download failed because the object does not exist (not for want of access):
-    streaming raises FileNotFoundError for most stores, botocore's ClientError for S3."""
+    """Whether a download failed because the object does not exist (not for want of access).
+    Each store says it its own way: FileNotFoundError (streaming's own checks), botocore's
+    ClientError (S3: ``response["Error"]["Code"]``), google-api-core's NotFound (``code`` 404),
+    OCI's ServiceError (``status`` 404), Azure's ResourceNotFoundError (``status_code`` 404)."""
     while error is not None:
         if isinstance(error, FileNotFoundError):
             return True
-        code = str((getattr(error, "response", None) or {}).get("Error", {}).get("Code", ""))
-        if code in _NOT_FOUND_CODES:
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and str(response.get("Error", {}).get("Code", "")) in _NOT_FOUND_CODES:
+            return True
+        if any(_is_404(getattr(error, name, None)) for name in ("code", "status", "status_code")):
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _is_404(value: object) -> bool:
+    try:
+        return int(value) == 404  # type: ignore[call-overload]  (an int or an HTTPStatus)
+    except (TypeError, ValueError):
+        return False
 
 
 def fetch_file(root: str, relpath: str, cache_dir: str | os.PathLike, timeout: float = 60.0) -> Path:

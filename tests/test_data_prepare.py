@@ -205,6 +205,19 @@ def test_remote_manifest_that_cannot_be_read_is_not_taken_for_no_dataset(tmp_pat
             super().__init__(f"An error occurred ({code})")
             self.response = {"Error": {"Code": code}}
 
+    class StoreError(Exception):  # the other stores' shapes: a status under some name
+        def __init__(self, **fields):
+            super().__init__(f"store error {fields}")
+            self.__dict__.update(fields)
+
+    class FalsyResponse:  # a requests.Response of a 4xx is falsy; Azure's has no .get
+        def __bool__(self):
+            return False
+
+    from http import HTTPStatus
+
+    google_404 = StoreError(code=HTTPStatus.NOT_FOUND, response=FalsyResponse())  # google-api-core NotFound
+    oci_404, azure_404 = StoreError(status=404), StoreError(status_code=404, response=object())
     answer = {}
 
     def download(cls, remote, local, timeout=60.0):
@@ -214,16 +227,18 @@ def test_remote_manifest_that_cannot_be_read_is_not_taken_for_no_dataset(tmp_pat
     monkeypatch.setattr(CloudDownloader, "direct_download", classmethod(download))
     monkeypatch.setattr(prep, "_upload_tree", lambda staging, out: uploads.append(out))
     for overwrite in (False, True):
-        for error in (ClientError("ExpiredToken"), TimeoutError("read timed out")):
+        for error in (ClientError("ExpiredToken"), TimeoutError("read timed out"), StoreError(code=403),
+                      StoreError(status_code=403, response=object())):
             answer["error"] = error
             with pytest.raises(DataError, match=r"cannot read s3://bucket/ds/manifest\.json \((ClientError|TimeoutE"
-                                                r"rror): .*(ExpiredToken|timed out).*check the credentials"):
+                                                r"rror|StoreError): .*(ExpiredToken|timed out|403).*check the credentials"):
                 prep.prepare_dataset(_cfg("s3://bucket/ds", num_workers=1, overwrite=overwrite), progress=False)
     assert uploads == []
-    for error in (ClientError("404"), ClientError("NoSuchKey"), FileNotFoundError("gone")):
+    missing = (ClientError("404"), ClientError("NoSuchKey"), FileNotFoundError("gone"), google_404, oci_404, azure_404)
+    for error in missing:
         answer["error"] = error
         prep.prepare_dataset(_cfg("s3://bucket/ds", num_workers=1), progress=False)
-    assert uploads == ["s3://bucket/ds"] * 3
+    assert uploads == ["s3://bucket/ds"] * len(missing)
 
 
 def test_corpus_formats_give_the_same_documents(tmp_path):
