@@ -65,6 +65,12 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
         if shard.leader:
             print("linrnn-eval: suite 'lm' scores the run's own validation split (--heldout run); pass --text "
                   "or --heldout DATASET_DIR to score other data", file=sys.stderr)
+    if "passkey" in parts and opts.passkey_lengths:  # before any part runs
+        floor = incontext.passkey_floor(ck.tokenizer, ck.bos)
+        if min(opts.passkey_lengths) < floor:
+            raise ValueError(f"--passkey-lengths {min(opts.passkey_lengths)} is too short: with this tokenizer the "
+                             f"prompt without filler (intro, needle, question) takes {floor} tokens; use lengths "
+                             f">= {floor}")
     if shard.leader:
         out.mkdir(parents=True, exist_ok=True)
     context = opts.context or ck.train_context or 512
@@ -150,10 +156,16 @@ def _text_lm(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, ou
     return md, ppl.stopped_by_time_limit or ext.stopped_by_time_limit
 
 
+def passkey_lengths(ck: LoadedCheckpoint, context: int, factor: int) -> list[int]:
+    """The default lengths: half the context to ``factor`` times it, none shorter than the
+    prompt without filler (a short context with a small vocabulary)."""
+    floor = incontext.passkey_floor(ck.tokenizer, ck.bos)
+    return sorted({max(64, context // 2, floor), *(max(floor, context * f) for f in (1, 2, 4, 8) if f <= factor)})
+
+
 def _passkey_part(ck: LoadedCheckpoint, opts: CheckpointEvalOptions, context: int, out: Path,
                   r: dict[str, Any], deadline: float | None, shard: Shard) -> PartResult:
-    lengths = opts.passkey_lengths or sorted({max(64, context // 2), context, *(
-        context * f for f in (2, 4, 8) if f <= opts.extrapolation_factor)})
+    lengths = opts.passkey_lengths or passkey_lengths(ck, context, opts.extrapolation_factor)
     pk = incontext.passkey(ck.model, ck.tokenizer, lengths, opts.depths, opts.trials, opts.seed, opts.progress,
                            deadline=deadline, shard=shard, bos=ck.bos)
     r["passkey"] = pk.to_dict()

@@ -56,8 +56,13 @@ class PasskeyResult:
         return asdict(self)
 
 
+def passkey_floor(tok: Tokenizer, bos: bool = False) -> int:
+    """The shortest passkey length this tokenizer allows: the prompt without filler."""
+    return len(passkey_prompt(tok, 1 << 30, 0.0, "99999", bos, filler=False)[0])
+
+
 def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str,
-                   bos: bool = False) -> tuple[list[int], list[int]]:
+                   bos: bool = False, filler: bool = True) -> tuple[list[int], list[int]]:
     """(prompt, answer) tokens: a prompt of at most ``length`` tokens, filled sentence by
     sentence, with the key at relative ``depth`` of the filler; the answer is " KEY"."""
     coder = PromptCoder(tok, bos)
@@ -71,16 +76,30 @@ def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str,
         text = PASSKEY_INTRO + "".join(filler[:before]) + needle + "".join(filler[before:]) + question
         return coder.split(text, " " + key)
 
-    sizes = [len(tok.encode(x)) for x in sentences]  # alone; joined they may differ by a piece
-    count, budget = 0, length - len(prompt(0)[0])
-    while budget >= sizes[count % len(sizes)]:
-        budget -= sizes[count % len(sizes)]
-        count += 1
-    made = prompt(count)
-    while count > 0 and len(made[0]) > length:
-        count -= 1
-        made = prompt(count)
-    return made
+    def fits(count: int) -> bool:
+        return len(prompt(count)[0]) <= length
+
+    # the most sentences that fit, measured on the joined text (a sentence tokenized alone
+    # costs more: its trailing space is a piece of its own): a guess from one cycle's cost,
+    # then galloping and bisection, a few tokenizations of the whole prompt
+    if not filler:
+        return prompt(0)
+    base = len(prompt(0)[0])
+    if base > length:
+        raise ValueError(f"a passkey prompt of {length} tokens cannot hold the needle and the question "
+                         f"({base} tokens with this tokenizer): use longer passkey lengths")
+    per_sentence = (len(prompt(len(sentences))[0]) - base) / len(sentences)
+    low = max(0, int((length - base) / max(per_sentence, 1e-9)))
+    while low > 0 and not fits(low):
+        low //= 2
+    step = 1
+    while fits(low + step):
+        low, step = low + step, step * 2
+    high = low + step  # low fits, high does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return prompt(low)
 
 
 

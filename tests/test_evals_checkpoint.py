@@ -122,7 +122,14 @@ def test_passkey_prompts_place_the_needle_and_score_greedy_exactness(exported) -
     early, target = incontext.passkey_prompt(tok, 200, 0.0, "12345")
     late, _ = incontext.passkey_prompt(tok, 200, 1.0, "12345")
     find = lambda seq: tok.decode(seq).index("The pass key is 12345.")  # noqa: E731
-    assert find(early) < find(late) and 150 <= len(early) <= 200 and abs(len(early) - len(late)) <= 2
+    assert find(early) < find(late) and abs(len(early) - len(late)) <= 2
+    longest = max(len(tok.encode(x.strip() + ".")) for x in incontext.FILLER.split(". ") if x.strip())
+    for length in (200, 3000):  # filled to the length: less than one more sentence is left
+        for depth in (0.0, 0.5, 1.0):
+            made, _ = incontext.passkey_prompt(tok, length, depth, "12345")
+            assert length - longest < len(made) <= length, (length, depth, len(made), longest)
+    with pytest.raises(ValueError, match="cannot hold the needle and the question"):
+        incontext.passkey_prompt(tok, 20, 0.5, "12345")
     assert tok.decode(target).strip() == "12345"
     # prompt and answer are the text's own tokenization: what a model that predicts the text
     # perfectly would produce (the answer encoded alone would start with an extra word piece)
@@ -170,13 +177,13 @@ def test_checkpoint_suite_via_cli_writes_everything(exported, tmp_path) -> None:
     out, text_file, _ = exported
     res_dir = tmp_path / "res"
     rc = main([str(out), "--suite", "checkpoint", "--text", str(text_file), "--out", str(res_dir), "--no-progress",
-               "--extrapolation-factor", "2", "--passkey-lengths", "64,128", "--depths", "0,1", "--trials", "2",
+               "--extrapolation-factor", "2", "--passkey-lengths", "192,256", "--depths", "0,1", "--trials", "2",
                "--kv-pairs", "2,4", "--fewshot-lengths", "2,4", "--shots", "2", "--device", "cpu"])
     assert rc == 0
     data = json.loads((res_dir / "results.json").read_text())
     r = data["results"]
     assert data["train_context"] == 64 and r["lm"]["bits_per_byte"] > 0
-    assert r["passkey"]["lengths"] == [64, 128] and len(r["passkey"]["accuracy"]) == 2
+    assert r["passkey"]["lengths"] == [192, 256] and len(r["passkey"]["accuracy"]) == 2
     assert r["kv_lookup"]["pairs"] == [2, 4] and all(0 <= a <= 1 for a in r["kv_lookup"]["accuracy"])
     assert r["fewshot_parity"]["chance"] == 0.5 and r["fewshot_modular_arithmetic"]["lengths"] == [2, 4]
     md = (res_dir / "results.md").read_text()
@@ -241,7 +248,7 @@ def test_an_unfinished_export_loads_with_a_warning(exported, tmp_path, capsys) -
 
 
 def test_checkpoint_suites_refuse_presets_missing_paths_and_missing_text(exported, tmp_path, capsys) -> None:
-    out, _, _ = exported
+    out, text, _ = exported
     assert main(["mamba2-tiny", "--suite", "passkey", "--out", str(tmp_path / "a")]) == 2
     assert "not the preset" in capsys.readouterr().err
     assert main([str(tmp_path / "nope"), "--suite", "lm", "--out", str(tmp_path / "b")]) == 2
@@ -253,6 +260,26 @@ def test_checkpoint_suites_refuse_presets_missing_paths_and_missing_text(exporte
     (tmp_path / "file").write_text("")
     assert main([str(out), "--suite", "passkey", "--out", str(tmp_path / "file")]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
+    # passkey lengths shorter than the prompt without filler: refused before anything runs
+    floor = incontext.passkey_floor(load_checkpoint(out).tokenizer)
+    assert main([str(out), "--suite", "lm,passkey", "--text", str(text), "--passkey-lengths", f"{floor - 1},512",
+                 "--out", str(tmp_path / "e"), "--no-progress"]) == 2
+    assert f"--passkey-lengths {floor - 1} is too short" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_default_passkey_lengths_hold_the_prompt_without_filler(exported) -> None:
+    """A short training context with a small vocabulary: the default lengths start at the
+    shortest prompt, and every prompt made at them fits."""
+    from evals.checkpoint_eval import passkey_lengths
+
+    ck = load_checkpoint(exported[0])
+    floor = incontext.passkey_floor(ck.tokenizer)
+    assert floor > 64  # the fixture's 320-piece vocabulary: the bare prompt is long
+    assert passkey_lengths(ck, 64, 8) == [floor, 128, 256, 512] if floor < 128 else [floor, 256, 512]
+    assert passkey_lengths(ck, 4096, 2) == [2048, 4096, 8192]
+    for length in passkey_lengths(ck, 64, 1):
+        assert len(incontext.passkey_prompt(ck.tokenizer, length, 0.5, "12345")[0]) <= length
 
 
 def _numbers(value, path: str = "") -> dict[str, float]:
@@ -271,7 +298,7 @@ def test_checkpoint_suites_split_over_two_ranks_report_what_one_rank_reports(exp
     batches, text windows, prompts), rank 0 gathers and writes the files once."""
     out, text_file, _ = exported
     args = [str(out), "--suite", "checkpoint", "--text", str(text_file), "--heldout", str(heldout_dataset),
-            "--heldout-batches", "3", "--extrapolation-factor", "2", "--passkey-lengths", "64,128", "--depths",
+            "--heldout-batches", "3", "--extrapolation-factor", "2", "--passkey-lengths", "192,256", "--depths",
             "0,1", "--trials", "3", "--kv-pairs", "2,4", "--fewshot-lengths", "2,4", "--shots", "2",
             "--device", "cpu", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
@@ -323,7 +350,7 @@ def test_checkpoint_parts_are_saved_as_they_finish_and_skipped_after_the_time_li
 
     monkeypatch.setitem(checkpoint_eval.PARTS, "kv_lookup", kv_then_time_is_up)
     rc = main([str(out), "--suite", "checkpoint", "--text", str(text_file), "--out", str(res_dir), "--no-progress",
-               "--extrapolation-factor", "2", "--passkey-lengths", "64", "--depths", "0", "--trials", "1",
+               "--extrapolation-factor", "2", "--passkey-lengths", "192", "--depths", "0", "--trials", "1",
                "--kv-pairs", "2", "--device", "cpu", "--time-limit", "600"])
     assert rc == 0
     before = seen["before_kv"]  # what a kill during kv_lookup would have left
@@ -360,13 +387,13 @@ def test_a_part_running_into_the_time_limit_keeps_what_it_scored(exported, tmp_p
     monkeypatch.setattr(incontext, "score_target", score_then_time_is_up)
     res_dir = tmp_path / "res"
     rc = main([str(out), "--suite", "passkey,kv_lookup", "--out", str(res_dir), "--no-progress",
-               "--passkey-lengths", "128,64", "--depths", "0,1", "--trials", "2", "--kv-pairs", "2",
+               "--passkey-lengths", "256,192", "--depths", "0,1", "--trials", "2", "--kv-pairs", "2",
                "--device", "cpu", "--time-limit", "600"])
     assert rc == 0
     data = json.loads((res_dir / "results.json").read_text())
     assert data["stopped_by_time_limit"] == ["passkey"] and data["not_started"] == ["kv_lookup"]
     pk = data["results"]["passkey"]
-    assert pk["stopped_by_time_limit"] and pk["lengths"] == [128, 64]
+    assert pk["stopped_by_time_limit"] and pk["lengths"] == [256, 192]
     assert pk["accuracy"][0][1] is not None and [pk["accuracy"][0][0], *pk["accuracy"][1]] == [None] * 3
     md = (res_dir / "results.md").read_text()
     assert "Stopped by the time limit" in md and "—" in md and (res_dir / "passkey.png").stat().st_size > 1000
@@ -433,7 +460,7 @@ def test_in_context_evals_score_a_perfect_reader_1_and_a_wrong_one_0(exported, w
     tok = load_checkpoint(exported[0]).tokenizer
     want = 0.0 if wrong else 1.0
     pk = incontext.passkey(_Oracle(tok, "What is the pass key? The pass key is", _passkey_answer, wrong), tok,
-                           [120, 200], [0.0, 1.0], trials=2, progress=False)
+                           [200, 300], [0.0, 1.0], trials=2, progress=False)
     assert pk.accuracy == [[want, want], [want, want]]
     kv = incontext.kv_lookup(_Oracle(tok, ":", _kv_answer, wrong), tok, [2, 4], trials=3, progress=False)
     assert kv["accuracy"] == [want, want]

@@ -227,7 +227,7 @@ def test_eval_job_exports_and_evaluates_the_final_checkpoint(cluster, workdir, r
     step = ckpt / f"step_{MAX_STEPS:08d}"
     job = cluster.sbatch("--ntasks=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
                          f"--output={workdir}/%x-%j.log", f"--chdir={ROOT}", str(SLURM / "eval.sbatch"),
-                         str(step), "lm,passkey", "--heldout-batches", "3", "--passkey-lengths", "32,64",
+                         str(step), "lm,passkey", "--heldout-batches", "3", "--passkey-lengths", "128,192",
                          "--depths", "0,1", "--trials", "2", env=_job_env(workdir))
     fields = cluster.wait_done(job, 180)
     log = _log(workdir, job)
