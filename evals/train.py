@@ -165,12 +165,13 @@ def train_on_task(model: torch.nn.Module, task: Task, conditions: list[Condition
         _timed_validation(model, val, cfg.stop_metric, clock)  # prices forward passes
     history: list[dict] = []
     best, loss_value, converged, stopped, done = 0.0, float("nan"), False, False, 0
-    best_state, diverged = _snapshot(model), None  # before any validation: the initial weights
+    # the initial weights until a validation (only a run diverging before its first keeps them)
+    best_state, validated, diverged = _snapshot(model), False, None
 
-    def keep_if_best(acc: float) -> None:
-        nonlocal best, best_state
-        if acc > best:
-            best, best_state = acc, _snapshot(model)
+    def keep_if_best(acc: float) -> None:  # the first validation always counts, even at 0 accuracy
+        nonlocal best, best_state, validated
+        if not validated or acc > best:
+            best, best_state, validated = acc, _snapshot(model), True
 
     start = time.perf_counter()
     bar = tqdm(total=cfg.steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)

@@ -171,16 +171,18 @@ def test_a_diverging_learning_rate_ends_its_run_not_the_sweep() -> None:
     assert row["lr"] == 1e-2 and row["diverged"] == 0
 
 
-def test_the_test_scores_the_weights_of_the_best_validation(monkeypatch) -> None:
+@pytest.mark.parametrize("scores, kept", [((0.9, 0.5), 0), ((0.0, 0.0), 0), ((0.0, 0.5), 1)])
+def test_the_test_scores_the_weights_of_the_best_validation(monkeypatch, scores, kept) -> None:
     """The sweep ranks runs by their best validation accuracy, so a run whose accuracy later
-    fell is tested with the weights that scored its best, not its last ones."""
+    fell is tested with the weights that scored its best, not its last ones; a run that never
+    scored above 0 keeps trained weights (its first validation's), not the initial ones."""
     import evals.train as train_mod
     from evals.suites import BenchTask as BT
     from evals.tasks import make_task
     from pretrain.models import build_model
     from evals.bench import model_config
 
-    accuracies = iter([0.9, 0.5])  # step 1 validates best, step 2 worse
+    accuracies = iter(scores)
     monkeypatch.setattr(train_mod, "_timed_validation", lambda *a, **k: next(accuracies))
     after: list[dict] = []
     real_step = train_mod._train_step
@@ -196,9 +198,9 @@ def test_the_test_scores_the_weights_of_the_best_validation(monkeypatch) -> None
     bt = BT("parity", (Condition(4),), (Condition(4),))
     result = train_mod.train_on_task(model, task, list(bt.train), replace(PARITY_TRAIN, steps=2, eval_every=1),
                                      progress=False)
-    assert result.best_val_acc == 0.9 and result.steps == 2
+    assert result.best_val_acc == max(scores) and result.steps == 2
     final = model.state_dict()
-    assert all(torch.equal(final[k], after[0][k]) for k in final)  # step 1's weights, not step 2's
+    assert all(torch.equal(final[k], after[kept][k]) for k in final)  # that step's weights, not the other's
     assert any(not torch.equal(after[0][k], after[1][k]) for k in final)
 
 
