@@ -83,7 +83,7 @@ def run_checkpoint_evals(ck: LoadedCheckpoint, parts: list[str], opts: Checkpoin
                            "not_started": [], "stopped_by_time_limit": [], "results": {}}
     head = [f"# Checkpoint evaluation: {ck.path}", "", f"- training context: {context} tokens",
             f"- step: {ck.meta.get('step', 'unknown')}",
-            f"- documents start {'with BOS' if ck.bos else 'without BOS'}, as the training data's did",
+            f"- {ck.bos_note()}",
             f"- ranks: {shard.world} on {where['device']} ({where['dtype']}), torch {where['torch']}", ""]
     sections: list[str] = []
 

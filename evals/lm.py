@@ -1,10 +1,10 @@
 """Language modelling on a text file: perplexity, bits per byte, and loss by position far
 beyond the training context (the length-extrapolation curve).
 
-The text is encoded once with the checkpoint's tokenizer, BOS first, and cut into
-windows that overlap by one token, so every text token is predicted exactly once and
-bits per byte divide by exactly the text's UTF-8 bytes. Each window starts from an empty
-state (as in training).
+The text is encoded once with the checkpoint's tokenizer (BOS first where training had it)
+and cut into windows that overlap by one token, so every token after the first is predicted
+exactly once and bits per byte divide by exactly those tokens' UTF-8 bytes. Each window
+starts from an empty state (as in training).
 """
 from __future__ import annotations
 

@@ -121,9 +121,9 @@ class LinRNNLM(LM):
         for req in requests:
             (text,) = req.args
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                # the first token needs something to be predicted from: BOS, also where training
-                # had none (its documents' first tokens were never predicted)
-                token_list=self.tok.encode(text), prefix_token=self.tok.bos_id,
+                # the first token needs something to be predicted from: the coder's anchor (BOS
+                # where training had it, else the EOS that ends the document before each one)
+                token_list=self.tok.encode(text), prefix_token=self.coder.anchor,
                 max_seq_len=self.max_length, context_len=1)]
             results.append(sum(lp for lp, _ in self._score(windows, "rolling")))
         return results

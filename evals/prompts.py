@@ -24,17 +24,26 @@ class PromptCoder:
     def start(self) -> list[int]:
         return [self.tok.bos_id] if self.bos else []
 
+    @property
+    def anchor(self) -> int:
+        """The token to predict a document's first token from: BOS where training put one,
+        else EOS, which ends the document before each one in the packed training data (BOS
+        would be an embedding training never used, and some tokenizers have none)."""
+        if self.bos or self.tok.eos_id < 0:
+            return self.tok.bos_id
+        return self.tok.eos_id
+
     def document(self, text: str) -> list[int]:
-        """``text`` as the start of a document. BOS stands in front even without ``bos``
-        when the text gives no token: something must be there to predict from."""
+        """``text`` as the start of a document; the :attr:`anchor` alone when the text gives
+        no token: something must be there to predict from."""
         ids = self.start + self.tok.encode(text)
-        return ids or [self.tok.bos_id]
+        return ids or [self.anchor]
 
     def split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(prompt, answer) tokens of ``context + continuation`` tokenized whole, the prompt a
         document start. Trailing context whitespace moves to the answer (it belongs to the
         answer's first word); where a token spans the seam, it goes to the answer. The prompt
-        is never empty (``document``'s rule)."""
+        is never empty (``document``'s rule: the anchor)."""
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
@@ -45,5 +54,5 @@ class PromptCoder:
             shared += 1
         prompt = self.start + whole[:shared]
         if not prompt:
-            return [self.tok.bos_id], whole
+            return [self.anchor], whole
         return prompt, whole[shared:]

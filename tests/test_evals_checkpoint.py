@@ -83,6 +83,38 @@ def test_loading_restores_the_weights_and_context(exported) -> None:
     torch.testing.assert_close(ck.model(ids), model.eval()(ids))
 
 
+def test_exports_that_do_not_record_bos_take_it_from_the_runs_datasets(exported, heldout_dataset, tmp_path,
+                                                                        capsys) -> None:
+    """Exports made before export.json recorded add_bos: the run's local datasets say it (BOS
+    if any had it, as training read them); with none readable the report says it is unknown."""
+    import shutil
+
+    from data.config import CorpusConfig, PrepareConfig
+    from data.prepare import prepare_dataset
+
+    out, _, _ = exported
+    ck = load_checkpoint(out)  # no sources in its run config
+    assert ck.add_bos is None and not ck.bos and "does not record whether" in ck.bos_note()
+    assert "does not record whether the training documents began with BOS" in capsys.readouterr().err
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": corpus(3, i)}) + "\n" for i in range(12)))
+    with_bos = tmp_path / "with_bos"
+    prepare_dataset(PrepareConfig(corpus=CorpusConfig(source=str(docs)), tokenizer=str(out / export.TOKENIZER),
+                                  out=str(with_bos), seq_len=64, val_fraction=0.3, num_workers=1, add_bos=True),
+                    progress=False)
+    copy = tmp_path / "export"
+    shutil.copytree(out, copy)
+    for sources, expected in (([heldout_dataset], False), ([heldout_dataset, with_bos], True),
+                              ([tmp_path / "gone", heldout_dataset], False)):
+        (copy / export.RUN_CONFIG).write_text(json.dumps({"data": {"seq_len": 64, "sources": [
+            {"path": str(p)} for p in sources]}}))
+        ck = load_checkpoint(copy)
+        assert ck.add_bos is expected and ck.bos_note().endswith("as the training data's did"), sources
+    (copy / export.META).write_text(json.dumps({"step": 7, "add_bos": False}))  # the record wins
+    assert load_checkpoint(copy).add_bos is False
+    assert "does not record" not in capsys.readouterr().err
+
+
 def test_perplexity_and_bits_per_byte_match_a_direct_loss(exported) -> None:
     out, text_file, model = exported
     ck = load_checkpoint(out)
@@ -166,8 +198,15 @@ def test_prompt_and_answer_are_tokenized_whole_and_start_as_training_did(exporte
         assert prompt + target == tok.encode(context + answer) and target  # the whole text's own tokens
         assert tok.decode(target).strip() == answer.strip() or tok.decode(prompt + target) == context + answer
         assert bos.split(context, answer) == ([tok.bos_id, *prompt], target)
-    assert plain.split("", "water") == ([tok.bos_id], tok.encode("water"))  # something to predict from
-    assert plain.document("") == [tok.bos_id] and plain.document("sky") == tok.encode("sky")
+    # something to predict from: the EOS that ends each previous document in training, or BOS
+    assert plain.anchor == tok.eos_id >= 0 and bos.anchor == tok.bos_id
+    assert plain.split("", "water") == ([tok.eos_id], tok.encode("water"))
+    assert bos.split("", "water") == ([tok.bos_id], tok.encode("water"))
+    assert plain.document("") == [tok.eos_id] and plain.document("sky") == tok.encode("sky")
+    import types
+
+    no_bos = types.SimpleNamespace(bos_id=-1, eos_id=2, encode=lambda text: [])  # a tokenizer without BOS
+    assert PromptCoder(no_bos, False).document("") == [2] and PromptCoder(no_bos, False).split("", "x")[0] == [2]
     assert bos.document("sky") == [tok.bos_id, *tok.encode("sky")]
     # a separately tokenized answer would not be the text's tokens (the flaw this avoids)
     assert tok.encode("The pass key is") + tok.encode(" 12345") != tok.encode("The pass key is 12345")

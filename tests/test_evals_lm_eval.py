@@ -59,7 +59,8 @@ def test_rolling_loglikelihood_counts_every_token_once(exported) -> None:
     text = text_file.read_text()[:400]
     short = LinRNNLM(pretrained=str(out), device="cpu", max_length=4096)
     windows = LinRNNLM(pretrained=str(out), device="cpu", max_length=32)
-    ids = torch.tensor([[short.tok.bos_id, *short.tok.encode(text)]])
+    assert short.coder.anchor == short.tok.eos_id  # the export's training had no BOS
+    ids = torch.tensor([[short.coder.anchor, *short.tok.encode(text)]])
     with torch.no_grad():
         direct = -float(model.loss(ids[:, :-1], ids[:, 1:])) * (ids.shape[1] - 1)
     (whole,) = short.loglikelihood_rolling([req("loglikelihood_rolling", (text,))])
@@ -70,7 +71,7 @@ def test_rolling_loglikelihood_counts_every_token_once(exported) -> None:
 
     by_hand, scored = 0.0, 0
     for ctx, cont in (make_disjoint_window(w) for w in get_rolling_token_windows(
-            token_list=windows.tok.encode(text), prefix_token=windows.tok.bos_id, max_seq_len=32, context_len=1)):
+            token_list=windows.tok.encode(text), prefix_token=windows.coder.anchor, max_seq_len=32, context_len=1)):
         scored += len(cont)
         seq = torch.tensor([ctx + cont])
         with torch.no_grad():
