@@ -257,12 +257,8 @@ def _remove_unless_held(step: Path) -> bool:
     that run's marker, stay."""
     import fcntl
 
-    if step.is_symlink():
-        step.unlink()
-        return True
-
     fd = None
-    try:
+    try:  # a link's hold file is its target's: a reader through the link holds it too
         fd = os.open(step / HOLD, os.O_RDONLY | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -271,8 +267,11 @@ def _remove_unless_held(step: Path) -> bool:
     except OSError:  # no flock on this file system (or the file cannot be made): remove anyway
         pass
     try:
-        (step / MARKER).unlink(missing_ok=True)
-        shutil.rmtree(step, ignore_errors=True)
+        if step.is_symlink():
+            step.unlink()
+        else:
+            (step / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(step, ignore_errors=True)
     finally:
         if fd is not None:
             os.close(fd)

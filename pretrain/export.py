@@ -224,9 +224,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str = 
     if out.exists() and not out.is_dir():
         raise ckpt.CheckpointError(f"export target {str(out)!r} exists and is not a directory: choose a directory")
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock.exclusive(out / ".export.lock") as waited:  # one export at a time into out
-        if waited and export_is_current(step_path, out, dtype):  # the export we waited for made this one
+    with run_lock.exclusive(out / ".export.lock") as turn:  # one export at a time into out
+        if turn.waited and export_is_current(step_path, out, dtype):  # the export we waited for made this one
             return out
+        if turn.held:  # no other export is at work here: temporaries left are a killed one's
+            for stale in out.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         _write_export(out, step_path, run_state, run_config, mcfg, sd, dtype)
     return out
 

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,13 +35,19 @@ class RunLockError(CheckpointError):
     """Another job holds the checkpoint directory."""
 
 
+@dataclass(frozen=True)
+class Turn:
+    waited: bool  # another holder made this one wait (it may have done the work)
+    held: bool  # False where the file system has no locks: others may be at work too
+
+
 @contextlib.contextmanager
-def exclusive(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+def exclusive(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[Turn]:
     """An exclusive ``flock`` on ``path`` while the block runs (an export, a conversion),
-    waited for, ``on_wait`` called first; yields whether another holder made it wait. Where
-    the file system has no locks, the block runs unlocked."""
+    waited for, ``on_wait`` called first. Where the file system has no locks, the block runs
+    unlocked."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    waited = False
+    waited, held = False, True
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,7 +59,8 @@ def exclusive(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator
         except OSError as e:
             if e.errno not in _NO_LOCKS:
                 raise
-        yield waited
+            held = False
+        yield Turn(waited, held)
     finally:
         os.close(fd)
 

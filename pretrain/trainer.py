@@ -174,6 +174,7 @@ class Trainer:
             with self.dog.paused("making the universal checkpoint"):  # its time grows with the model
                 universal.ensure(path, self.env.rank, log=self.log.print)
             self.dog.beat(f"restoring the checkpoint {path}")
+            started = time.perf_counter()  # the load alone stands in for a save (below)
         ckpt.load_engine_state(self.eng.engine, path, universal=elastic)
         ckpt.check_all_restored(self.eng.engine.module, path)
         rng = ckpt.load_rng(path, self.env.rank)

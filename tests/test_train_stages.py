@@ -56,6 +56,26 @@ def test_a_batch_size_ramp_at_a_resume_reads_on_without_repeating(tmp_path, refe
     assert read_metrics(root / "logs" / "metrics.jsonl", "data_change")[0]["mode"] == "continue"
 
 
+def test_an_elastic_resume_estimates_a_save_without_the_universal_conversion(tmp_path, reference, monkeypatch):
+    """The wall-clock budget needs what a save takes before this start has saved; the load of
+    the checkpoint stands in for it, but the universal conversion before that load is not a
+    save (for a big model it takes many minutes, and counted as one it could use up the budget
+    before the first step). The estimate goes into the next checkpoint as last_save_s."""
+    import time
+
+    from pretrain import universal
+
+    root = _resumable_at_step_4(tmp_path, reference)
+    run = ckpt.step_dir(root, 4) / "run.json"
+    run.write_text(json.dumps({**json.loads(run.read_text()), "world_size": 2}))  # saved by 2 ranks: elastic
+    real = universal.ensure
+    monkeypatch.setattr(universal, "ensure", lambda *a, **k: (time.sleep(2.0), real(*a, **k))[1])
+    result = train(load_config(write_config(tmp_path), []))
+    assert result.status == "done"
+    assert (ckpt.step_dir(root, 4) / "universal").is_dir()  # the elastic path was taken
+    assert ckpt.read_run_state(ckpt.step_dir(root, 6))["last_save_s"] < 1.5
+
+
 def test_a_resume_goes_on_with_changed_model_settings_when_allowed(tmp_path, reference):
     """Same shapes, another function (eigenvalues [0, 1] instead of [-1, 1]): refused by
     default; with checkpoint.on_model_change=allow the run loads its weights and goes on,
@@ -161,8 +181,10 @@ def test_export_round_trip(tmp_path, reference):
             export_checkpoint(root, out)
     assert not (out / "export.json").exists() and load_exported(out) is not None
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    (out / ".model.safetensors.4194304.tmp").write_bytes(b"x" * 1000)  # an export killed by SIGKILL left it
     export_checkpoint(root, out)
     assert (out / "export.json").is_file() and (out / "eval").is_dir()
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # the rerun swept it
     (tmp_path / "file").write_text("")
     with pytest.raises(ckpt.CheckpointError, match="exists and is not a directory"):
         export_checkpoint(root, tmp_path / "file")
