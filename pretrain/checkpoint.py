@@ -178,7 +178,9 @@ def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, run_state: 
     d = step_dir(root, step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if d.exists():  # a torn save of this step from a killed job, or a re-save
+        if d.is_symlink():  # a step linked in from another run: that run's checkpoint stays whole
+            d.unlink()
+        elif d.exists():  # a torn save of this step from a killed job, or a re-save
             (d / MARKER).unlink(missing_ok=True)
             shutil.rmtree(d)
         (d / "rng").mkdir(parents=True)

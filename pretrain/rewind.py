@@ -56,6 +56,11 @@ def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str
             listed = ", ".join(str(s) for s in complete[-8:]) or "none"
             raise ckpt.CheckpointError(f"{str(target)!r} is not a complete checkpoint: the complete ones in "
                                        f"{str(root)!r} are at steps {listed}")
+        if skip_steps and target.is_symlink():
+            raise ckpt.CheckpointError(
+                f"{str(target)!r} is linked in from another run ({os.path.realpath(target)}): a skip request "
+                "written there would apply to that run too. Replace the link by a copy of the directory "
+                "(cp -r --remove-destination), or rewind without --skip-steps")
         later = [p for s, p, _ in found if s > step]
         exports = root / EXPORTS
         # exports of the moved steps: evals would take them for the new steps of the same numbers
@@ -81,7 +86,7 @@ def rewind(root: str | os.PathLike, step: int, skip_steps: int = 0, log_dir: str
         skip = target / SKIP_FILE
         if skip_steps:
             ckpt.write_atomic(skip, json.dumps({"steps": skip_steps, "asked": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        else:
+        elif not target.is_symlink():  # (a linked step's requests are its own run's)
             skip.unlink(missing_ok=True)  # an earlier rewind's request is not repeated
         return Rewind(target, [p.name for p in later], moved_to, skip_steps, [p.name for p in stale])
     finally:

@@ -72,6 +72,21 @@ def test_pruning_a_step_linked_in_from_another_run_removes_the_link_only(tmp_pat
     assert [s for s, _, _ in ckpt.list_checkpoints(branch)] == [20, 30]
     assert not ckpt.step_dir(branch, 10).is_symlink()
     assert ckpt.newest_complete(stable) == source and (source / "run.json").is_file()
+    # the branch saving a step of the number it linked: its own directory replaces the link
+    from types import SimpleNamespace
+
+    ckpt.step_dir(branch, 10).symlink_to(source, target_is_directory=True)
+    engine = SimpleNamespace(save_checkpoint=lambda path, tag, client_state, save_latest: (Path(path) / tag).mkdir())
+    # a rewind to the linked step: a skip request would apply to the stable run too
+    from pretrain.rewind import SKIP_FILE, rewind
+
+    (source / SKIP_FILE).write_text('{"steps": 3}')  # the stable run's own request
+    with pytest.raises(ckpt.CheckpointError, match="linked in from another run .*would apply to that run too"):
+        rewind(branch, 10, skip_steps=2)
+    assert rewind(branch, 10).target == ckpt.step_dir(branch, 10) and (source / SKIP_FILE).is_file()
+    saved = ckpt.save_checkpoint(engine, branch, 10, {"step": 10}, "x: 1\n", rank=0, keep_last=5, flush=False)
+    assert not saved.is_symlink() and (saved / ckpt.MARKER).is_file()
+    assert (source / ckpt.MARKER).is_file() and (source / "run.json").is_file()  # the stable run's, untouched
 
 
 def test_a_held_checkpoint_outlives_pruning_until_its_reader_is_done(tmp_path):
