@@ -574,6 +574,7 @@ def _train_in_group(cfg: RunConfig, info: dict[str, Any], env: DistEnv, dog: Wat
     finally:
         memory.close()
         if trainer is not None:
+            dog.beat("closing the data loader and the logs (W&B uploads what it holds)")
             trainer.close()
         run_lock.release(lock)
 
