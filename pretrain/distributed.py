@@ -168,6 +168,13 @@ def allreduce_sum(values: list[float | torch.Tensor], dev: torch.device) -> list
     return t.tolist()
 
 
+def ranks_failing(failed: bool) -> int:
+    """How many ranks report ``failed`` (collective; 0 or 1 without a multi-rank process
+    group): a failure one rank finds stops every rank, rather than leaving the others
+    waiting in their next collective until a timeout."""
+    return round(allreduce_sum([float(failed)], device())[0])
+
+
 def broadcast_from_rank0(value: str) -> str:
     """Rank 0's ``value`` on every rank (as is without a multi-rank process group): how a
     failure only rank 0 can see (a lock, a conversion) stops all ranks with its message."""

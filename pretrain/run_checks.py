@@ -257,20 +257,24 @@ def agreed_newest(root: Path) -> Path | None:
     not shared at all, would otherwise resume from another step and load mixed state."""
     import torch.distributed as dist
 
-    from .distributed import broadcast_from_rank0
+    from .distributed import broadcast_from_rank0, ranks_failing
 
     newest = ckpt.newest_complete(root)
     mine = str(newest) if newest is not None else ""
     chosen = broadcast_from_rank0(mine)
-    if chosen == mine:
-        return newest
-    if chosen and (Path(chosen) / ckpt.MARKER).is_file():  # seen late (a directory cache): same files
-        return Path(chosen)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    raise ckpt.CheckpointError(
-        f"rank 0 resumes from {chosen or 'nothing (a fresh start)'}, but rank {rank} sees "
-        f"{mine or 'no complete checkpoint'} in checkpoint.dir {str(root)!r}: the nodes see different "
-        "contents there; put checkpoint.dir on a file system that every node shares (not node-local disk)")
+    seen = chosen == mine or bool(chosen and (Path(chosen) / ckpt.MARKER).is_file())  # late: a directory cache
+    others = ranks_failing(not seen) - (not seen)
+    fix = "put checkpoint.dir on a file system that every node shares (not node-local disk)"
+    if not seen:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise ckpt.CheckpointError(
+            f"rank 0 resumes from {chosen or 'nothing (a fresh start)'}, but rank {rank} sees "
+            f"{mine or 'no complete checkpoint'} in checkpoint.dir {str(root)!r}: the nodes see different "
+            f"contents there; {fix}")
+    if others:
+        raise ckpt.CheckpointError(f"{others} other rank(s) see other checkpoints than rank 0 in checkpoint.dir "
+                                   f"{str(root)!r} (their messages name them): {fix}")
+    return newest if chosen == mine else Path(chosen)
 
 
 def shape_changes(saved_model: dict, cfg: RunConfig) -> list[str]:

@@ -177,7 +177,7 @@ class Trainer:
             started = time.perf_counter()  # the load alone stands in for a save (below)
         ckpt.load_engine_state(self.eng.engine, path, universal=elastic)
         ckpt.check_all_restored(self.eng.engine.module, path)
-        rng = ckpt.load_rng(path, self.env.rank)
+        rng = ckpt.load_rng_on_every_rank(path, self.env.rank)
         if rng is not None:
             ckpt.set_rng_state(rng)
         self.step, self.tokens = state["step"], state["tokens_seen"]

@@ -53,7 +53,16 @@ def test_a_damaged_rng_file_stops_the_resume_with_its_name(tmp_path):
     f.write_bytes(f.read_bytes()[:100])  # truncated
     with pytest.raises(ckpt.CheckpointError, match=r"step_00000010' is marked complete but .*rank00000.pt' cannot "
                        r"be read .*delete that directory to fall back to the previous checkpoint"):
-        ckpt.load_rng(step, 0)
+        ckpt.load_rng_on_every_rank(step, 0)
+    # another rank's file is damaged, this one's is whole: this rank stops too
+    import pretrain.distributed as distributed
+
+    torch.save(ckpt.rng_state(), step / "rng" / "rank00000.pt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distributed, "ranks_failing", lambda failed: int(failed) + 1)
+        with pytest.raises(ckpt.CheckpointError, match=r"rng files of 1 other rank\(s\) cannot be read"):
+            ckpt.load_rng_on_every_rank(step, 0)
+    assert ckpt.load_rng_on_every_rank(step, 0)["torch"].equal(torch.get_rng_state())
 
 
 def test_pruning_a_step_linked_in_from_another_run_removes_the_link_only(tmp_path):

@@ -59,6 +59,12 @@ def test_every_rank_resumes_from_the_checkpoint_rank_0_found(tmp_path, monkeypat
     monkeypatch.setattr(distributed, "broadcast_from_rank0", lambda value: "")  # rank 0 sees none
     with pytest.raises(ckpt.CheckpointError, match=r"rank 0 resumes from nothing \(a fresh start\)"):
         agreed_newest(tmp_path)
+    # this rank agrees, another does not: every rank stops (none waits in the next collective)
+    monkeypatch.setattr(distributed, "broadcast_from_rank0", lambda value: value)
+    monkeypatch.setattr(distributed, "ranks_failing", lambda failed: int(failed) + 1)
+    with pytest.raises(ckpt.CheckpointError, match=r"1 other rank\(s\) see other checkpoints than rank 0 .*their "
+                       r"messages name them.*every node shares"):
+        agreed_newest(tmp_path)
 
 
 def test_a_resume_on_other_data_follows_on_data_change(tmp_path):
