@@ -31,7 +31,23 @@ from .run_log import read_metrics
 REPO = CONFIGS_DIR.parent
 DEMO_CONFIG = CONFIGS_DIR / "runs" / "demo.yaml"
 OUT = REPO / "runs" / "demo"
-INTERRUPT_AFTER = 35  # SIGTERM once this many steps are logged (between checkpoints 30 and 45)
+
+
+def interrupt_step(cfg) -> int:
+    """The step after which the demo sends SIGTERM: a third of the way between two periodic
+    checkpoints near the middle of the run (35 of the 60 steps, checkpoints every 15), so the
+    resume has a checkpoint behind it and steps to replay. Raises ValueError with the fix when
+    overrides leave no such step."""
+    every, steps = cfg.checkpoint.every_steps, cfg.max_steps
+    if not every or not cfg.eval.every_steps:
+        raise ValueError("the demo needs periodic checkpoints and validation: drop the overrides of "
+                         "checkpoint.every_steps and eval.every_steps (or set them above 0)")
+    step = every * max(1, steps // every // 2) + max(1, every // 3)
+    if step + 2 > steps:
+        raise ValueError(f"the demo stops the run after step {step} (between checkpoints every {every} steps) "
+                         f"and resumes it, which needs max_steps >= {step + 2}, not {steps}: raise max_steps or "
+                         "lower checkpoint.every_steps")
+    return step
 
 
 def say(msg: str) -> None:
@@ -56,39 +72,45 @@ def _fail(msg: str, log: Path) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, out: Path = OUT) -> int:
+    """The demo with ``key=value`` overrides of its config; everything goes under ``out``."""
     t_start = time.time()
     overrides = list(argv if argv is not None else sys.argv[1:])
-    cfg = load_config(DEMO_CONFIG, [f"data.sources=[{{path: {OUT / 'data'}}}]",
-                                    f"checkpoint.dir={OUT / 'checkpoints'}",
-                                    f"data.cache_root={OUT / 'cache'}", *overrides])
+    cfg = load_config(DEMO_CONFIG, [f"data.sources=[{{path: {out / 'data'}}}]",
+                                    f"checkpoint.dir={out / 'checkpoints'}",
+                                    f"data.cache_root={out / 'cache'}", *overrides])
     ckpt_dir = Path(cfg.checkpoint.dir)
-    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        interrupt_after = interrupt_step(cfg)
+    except ValueError as e:
+        say(f"FAILED: {e}")
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
 
     say("1/7 data: demo corpus -> tokenizer -> MDS shards")
     from data.demo import build_demo_data
 
     t = time.time()
-    paths = build_demo_data(OUT, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len, progress=False)
+    paths = build_demo_data(out, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len, progress=False)
     say(f"    corpus {paths['corpus']}, tokenizer {paths['tokenizer']}, shards {paths['data']} "
         f"({time.time() - t:.0f}s)")
 
-    for d in (ckpt_dir, OUT / "verify", OUT / "export"):
+    for d in (ckpt_dir, out / "verify", out / "export"):
         shutil.rmtree(d, ignore_errors=True)
-    config = OUT / "demo.yaml"
+    config = out / "demo.yaml"
     save_config(cfg, config)
     cmd = _train_cmd(config)
-    log = OUT / "train.log"
+    log = out / "train.log"
     log.write_text("")
     metrics = ckpt_dir / "logs" / "metrics.jsonl"
 
     say(f"2/7 train {cfg.max_steps} steps: {' '.join(cmd[1:])}  (output: {log})")
-    say(f"    will send SIGTERM after step {INTERRUPT_AFTER}, like a SLURM preemption")
+    say(f"    will send SIGTERM after step {interrupt_after}, like a SLURM preemption")
     t = time.time()
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            if metrics.is_file() and any(r["step"] >= INTERRUPT_AFTER for r in read_metrics(metrics)):
+            if metrics.is_file() and any(r["step"] >= interrupt_after for r in read_metrics(metrics)):
                 proc.send_signal(signal.SIGTERM)
                 break
             time.sleep(0.2)
@@ -102,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
     earlier = [(s, p) for s, p, ok in list_checkpoints(ckpt_dir) if ok and s < stopped]
     base_step, base = earlier[-1]
-    verify = OUT / "verify"
+    verify = out / "verify"
     shutil.copytree(base, verify / base.name)
 
     say(f"3/7 rerun the same command: resumes at step {stopped} and finishes")
@@ -129,18 +151,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from .export import export_checkpoint, load_exported
 
-    export = export_checkpoint(ckpt_dir, OUT / "export")
+    export = export_checkpoint(ckpt_dir, out / "export")
     model = load_exported(export)
     tok = Tokenizer.load(export / "tokenizer.model")
     import torch
 
     prompt = torch.tensor([tok.encode("ROMEO:\n")])
-    out = model.generate(prompt, 40, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
-    say("    sample: " + repr(tok.decode(out[0].tolist())))
+    sample = model.generate(prompt, 40, temperature=0.8, top_k=40, generator=torch.Generator().manual_seed(0))
+    say("    sample: " + repr(tok.decode(sample[0].tolist())))
 
     say("6/7 evaluate the export on the held-out shards (linrnn-eval --suite lm)")
     t = time.time()
-    eval_dir = OUT / "eval"
+    eval_dir = out / "eval"
     rc = _run([sys.executable, "-m", "evals.cli", str(export), "--suite", "lm", "--heldout", "run",
                "--out", str(eval_dir), "--max-tokens", "20000", "--no-progress"], log)
     if rc != 0:
@@ -161,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"    run config:   {config}")
     say(f"    checkpoints:  {ckpt_dir}  (latest: {(ckpt_dir / 'latest').read_text().strip()})")
     say(f"    metrics:      {ckpt_dir / 'logs' / 'metrics.jsonl'}")
+    if cfg.logging.tensorboard:
+        say(f"    tensorboard:  tensorboard --logdir {ckpt_dir / 'logs' / 'tensorboard'}")
     say(f"    export:       {export}")
     say(f"    eval:         {eval_dir / 'results.md'}")
     say(f"    validation loss: {first['loss']:.3f} at step {first['step']} (ln V = "

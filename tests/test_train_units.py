@@ -557,3 +557,19 @@ def test_tensorboard_missing_is_said_once_and_the_jsonl_goes_on(tmp_path, monkey
     assert capsys.readouterr().err.count("pip install tensorboard") == 1
     assert [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2.0, 1.0]
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_the_demo_interrupts_between_checkpoints_and_refuses_overrides_that_leave_no_room(tmp_path, capsys):
+    from pretrain.config_loader import load_config
+    from pretrain.demo import DEMO_CONFIG, interrupt_step, main
+
+    assert interrupt_step(load_config(DEMO_CONFIG, [])) == 35  # checkpoints every 15 of 60 steps: after 30
+    assert interrupt_step(load_config(DEMO_CONFIG, ["max_steps=24", "checkpoint.every_steps=8"])) == 10
+    assert interrupt_step(load_config(DEMO_CONFIG, ["max_steps=400", "checkpoint.every_steps=100"])) == 233
+    for over, says in ((["eval.every_steps=0"], "needs periodic checkpoints and validation"),
+                       (["checkpoint.every_steps=0"], "needs periodic checkpoints and validation"),
+                       (["max_steps=20"], "needs max_steps >= 22, not 20: raise max_steps")):
+        with pytest.raises(ValueError, match=says):
+            interrupt_step(load_config(DEMO_CONFIG, over))
+    assert main(["max_steps=20"], out=tmp_path / "demo") == 2  # before anything is fetched or written
+    assert "needs max_steps >= 22" in capsys.readouterr().out and not (tmp_path / "demo").exists()
