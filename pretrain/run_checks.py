@@ -322,13 +322,30 @@ def start_checks(cfg: RunConfig) -> tuple[dict[str, Any], ResumePoint | None]:
     return info, point
 
 
+def layout_line(cfg: RunConfig) -> str:
+    """The job's layout as the start will set it up, for ``parallel.plan_world_size`` ranks
+    (or $WORLD_SIZE, else 1); raises ConfigError where the start would refuse it (a global
+    batch the ranks cannot split, a pipeline the ranks or layers cannot hold)."""
+    import os
+
+    from .ds_config import grad_accum_steps
+    from .pipeline import check_pipeline
+
+    world = cfg.parallel.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    stages = cfg.parallel.pipeline_stages
+    dp = check_pipeline(cfg, world) if stages > 1 else world
+    return (f"layout: {world} rank(s), {stages} pipeline stage(s) x {dp} data-parallel, "
+            f"gradient accumulation {grad_accum_steps(cfg, dp)}")
+
+
 def preflight(cfg: RunConfig) -> list[str]:
     """What a start of ``cfg`` would do (``start_checks``, without the process group, the
     model or a lock): lines to print; raises what the start would raise."""
     info, point = start_checks(cfg)
     init = info["init_from"]
     sequences = sum(s["splits"][cfg.data.train_split]["sequences"] for s in info["sources"])
-    lines = [f"data: {len(info['sources'])} dataset(s), {sequences:,} training sequences of {cfg.data.seq_len} "
+    lines = [layout_line(cfg),
+             f"data: {len(info['sources'])} dataset(s), {sequences:,} training sequences of {cfg.data.seq_len} "
              f"tokens, tokenizer {info['tokenizer_hash'][:23]}..."]
     if point is None:
         lines.append(f"start: fresh, no checkpoint in {cfg.checkpoint.dir!r}"

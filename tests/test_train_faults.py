@@ -323,6 +323,13 @@ def test_check_says_what_a_start_would_do_before_the_queue(tmp_path, reference, 
            "False), allowed" in capsys.readouterr().out
     assert train_main([str(cfg), "--check", f"checkpoint.dir={other}", "parallel.global_batch_size=8"]) == 2
     assert "parallel.global_batch_size: checkpoint 4, config 8" in capsys.readouterr().err
+    # a layout the planned ranks cannot split: global batch 4 = micro batch 2 x 3 ranks x ?
+    assert train_main([str(cfg), "--check", "parallel.plan_world_size=3"]) == 2
+    assert "global_batch_size=4 is not a multiple of micro_batch_size x data-parallel ranks = 2 x 3" \
+        in capsys.readouterr().err
+    assert train_main([str(cfg), "--check", "parallel.plan_world_size=2"]) == 0
+    assert "check: layout: 2 rank(s), 1 pipeline stage(s) x 2 data-parallel, gradient accumulation 1" \
+        in capsys.readouterr().out
     assert snapshot(other) == before and not (tmp_path / "ckpt").exists()
 
 
