@@ -322,16 +322,17 @@ def start_checks(cfg: RunConfig) -> tuple[dict[str, Any], ResumePoint | None]:
     return info, point
 
 
-def layout_line(cfg: RunConfig) -> str:
-    """The job's layout as the start will set it up, for ``parallel.plan_world_size`` ranks
-    (or $WORLD_SIZE, else 1); raises ConfigError where the start would refuse it (a global
-    batch the ranks cannot split, a pipeline the ranks or layers cannot hold)."""
+def layout_line(cfg: RunConfig, world: int | None = None) -> str:
+    """The job's layout over ``world`` ranks (default ``parallel.plan_world_size``, or
+    $WORLD_SIZE, else 1); raises ConfigError where the start would refuse it (a global batch
+    the ranks cannot split, a pipeline the ranks or layers cannot hold). A start checks it
+    before the process group exists, so every rank stops with the message and nothing else."""
     import os
 
     from .ds_config import grad_accum_steps
     from .pipeline import check_pipeline
 
-    world = cfg.parallel.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    world = world or cfg.parallel.plan_world_size or int(os.environ.get("WORLD_SIZE", "1"))
     stages = cfg.parallel.pipeline_stages
     dp = check_pipeline(cfg, world) if stages > 1 else world
     return (f"layout: {world} rank(s), {stages} pipeline stage(s) x {dp} data-parallel, "

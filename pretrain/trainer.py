@@ -34,7 +34,7 @@ from .optim import set_lr
 from .preemption import BUDGET_REASON, REQUEUE_EXIT_CODE, StopFlag
 from .profiling import MemoryHistory, StepProfiler
 from .rewind import skip_request
-from .run_checks import ResumePoint, check_resume, schedule_change, start_checks
+from .run_checks import ResumePoint, check_resume, layout_line, schedule_change, start_checks
 from .run_log import RunLog
 from .schedule import lr_at
 from .spikes import SpikeWatch, spike_message
@@ -539,6 +539,7 @@ def log_dir(cfg: RunConfig) -> Path:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the configured job in this process; collective over all ranks."""
+    layout_line(cfg, env_from_launcher()[1])  # a layout the ranks cannot hold: refused before the group forms
     info, _ = start_checks(cfg)  # refuse bad input before touching anything
     # watched from the start: a rendezvous or a file system read can hang as well as a step
     with Watchdog(cfg.hang_timeout_s, env_from_launcher()[0]) as dog:

@@ -573,3 +573,20 @@ def test_the_demo_interrupts_between_checkpoints_and_refuses_overrides_that_leav
             interrupt_step(load_config(DEMO_CONFIG, over))
     assert main(["max_steps=20"], out=tmp_path / "demo") == 2  # before anything is fetched or written
     assert "needs max_steps >= 22" in capsys.readouterr().out and not (tmp_path / "demo").exists()
+
+
+def test_a_layout_the_ranks_cannot_hold_stops_before_the_process_group(tmp_path, monkeypatch):
+    """Every rank refuses it with the message before joining the group: none is left behind in a
+    collective, and the exit is the plain bad-input one (a group torn down at exit could abort)."""
+    import torch.distributed as dist
+
+    from pretrain.config_loader import ConfigError, load_config
+    from pretrain.demo import DEMO_CONFIG
+    from pretrain.trainer import train
+
+    for name, value in dict(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"global_batch_size=8 is not a multiple of .* = 8 x 2"):
+        train(load_config(DEMO_CONFIG, [f"checkpoint.dir={tmp_path / 'run'}"]))
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()
