@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 import yaml
@@ -43,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
 def _value(cfg: object, key: str) -> str:
     """``key``'s value as one YAML line (a plain string prints bare, for shell scripts)."""
     node: object = config_to_dict(cfg)
+    done: list[str] = []
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"--get {key}: no such setting (see the keys linrnn-config prints)")
+            close = difflib.get_close_matches(part, list(node), n=1) if isinstance(node, dict) else []
+            hint = f" (did you mean {'.'.join(done + close)!r}?)" if close else ""
+            raise ConfigError(f"--get {key}: no such setting{hint} (see the keys linrnn-config prints)")
         node = node[part]
+        done.append(part)
     if isinstance(node, str):
         return node + "\n"
     text = yaml.safe_dump(node, default_flow_style=True, sort_keys=False)

@@ -33,8 +33,10 @@ class ConfigError(ValueError):
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory: give a run config YAML (see configs/runs/)")
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist: check the path")
+        raise ConfigError(f"config file {str(p)!r} does not exist ({p.absolute()}): check the path")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -219,6 +221,8 @@ def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if k not in fields:
             close = difflib.get_close_matches(str(k), list(fields), n=1)
             hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+            if ":" in str(k) and v is None:  # {path:/x} is one key in YAML; {path: /x} a key and a value
+                hint = f" (YAML needs a space after ':': {str(k).split(':', 1)[0]}: {str(k).split(':', 1)[1]})"
             valid = ", ".join(fields)
             raise ConfigError(f"unknown config key {key!r}{hint}; valid keys here: {valid}")
         value = _coerce(v, hints[k], key)
@@ -244,6 +248,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
 
         cls = RunConfig  # type: ignore[assignment]
     raw = read_yaml(path) if path is not None else {}
+    if cls.__name__ == "RunConfig" and "vocab_size" in raw and "model" not in raw:  # a model preset file
+        raise ConfigError(f"{str(path)!r} is a model preset, not a run config: name it in a run config as "
+                          f"`model: {{preset: {Path(str(path)).stem}}}` (see configs/runs/)")
     raw = apply_overrides(raw, overrides or [])
     raw = _resolve_model_preset(raw)
     return build_dataclass(cls, raw)  # type: ignore[arg-type]

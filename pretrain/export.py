@@ -48,6 +48,9 @@ WEIGHTS, CONFIG, RUN_CONFIG, TOKENIZER, META = (
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step directory, or a checkpoint root (-> its newest complete checkpoint)."""
     p = Path(path)
+    if not p.is_dir():
+        raise ckpt.CheckpointError(f"checkpoint {str(p)!r} does not exist ({p.absolute()}): give a step_XXXXXXXX "
+                                   "directory or a run's checkpoint.dir")
     if (p / ckpt.MARKER).is_file():
         return p
     newest = ckpt.newest_complete(p)

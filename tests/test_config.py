@@ -82,6 +82,7 @@ def test_save_and_reload_exactly(run_yaml, tmp_path):
         ("optim.lr=.inf", "optim.lr: must be a finite number > 0"),
         ("model.mlp_expand=-1", "model.mlp_expand: must be > 0"),
         ("max_steps=2.5e1x", "'max_steps': expected an integer, got '2.5e1x'"),
+        ("data.sources=[{path:/x}]", "'data.sources[0].path:/x' (YAML needs a space after ':': path: /x)"),
     ],
 )
 def test_bad_config_names_the_key(run_yaml, override, fragment):
@@ -114,8 +115,12 @@ def test_ssd_state_interval_must_be_a_multiple_of_64(run_yaml):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match=f"does not exist \\({tmp_path}/nope.yaml\\)"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory: give a run config YAML"):
+        load_config(tmp_path)  # an export or checkpoint directory, say
+    with pytest.raises(ConfigError, match=r"model preset, not a run config: .*`model: \{preset: mamba2-tiny\}`"):
+        load_config("configs/models/mamba2-tiny.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -149,7 +154,7 @@ def test_config_cli_gets_one_resolved_value(run_yaml, capsys):
     assert config_main([str(run_yaml), "--get", "optim.betas"]) == 0
     assert capsys.readouterr().out == "[0.9, 0.98]\n"  # the fixture's
     assert config_main([str(run_yaml), "--get", "checkpoint.dri"]) == 2
-    assert "--get checkpoint.dri: no such setting" in capsys.readouterr().err
+    assert "--get checkpoint.dri: no such setting (did you mean 'checkpoint.dir'?)" in capsys.readouterr().err
 
 
 def test_profile_steps_are_a_first_and_last_step(run_yaml):

@@ -257,3 +257,15 @@ def test_every_rank_flushes_its_checkpoint_files_before_the_marker(tmp_path, mon
     ckpt.save_checkpoint(SimpleNamespace(save_checkpoint=engine_save), tmp_path, 4, {"step": 4}, "x: 1\n",
                          rank=0, keep_last=2, flush=False)  # checkpoint.flush_to_storage=false
     assert events[-1] == "engine wrote"
+
+
+def test_an_export_of_a_path_that_does_not_exist_says_so(tmp_path, capsys):
+    from pretrain.export import main as export_main, resolve_checkpoint
+
+    with pytest.raises(ckpt.CheckpointError, match=rf"'{tmp_path}/run9' does not exist \({tmp_path}/run9\)"):
+        resolve_checkpoint(tmp_path / "run9")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint in"):
+        resolve_checkpoint(tmp_path / "empty")
+    assert export_main([str(tmp_path / "run9"), str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "out").exists()
