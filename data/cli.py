@@ -79,6 +79,7 @@ def _cmd_tokenizer(a: argparse.Namespace) -> None:
 def _cmd_prepare(a: argparse.Namespace) -> None:
     import dataclasses
 
+    from .corpus import resolve_corpus
     from .manifest import join_path, part_name
     from .prepare import OutputBusy, prepare_dataset
 
@@ -89,12 +90,14 @@ def _cmd_prepare(a: argparse.Namespace) -> None:
                         shard_size=a.shard_size, overwrite=a.overwrite, staging_dir=a.staging_dir,
                         parts=a.parts, part=indices[0])
     _check_options(cfg)
+    resolved = resolve_corpus(cfg.corpus)  # once: its warnings (files named twice) once per command
     busy = []
     for i in indices:  # --part all: complete parts are no-ops, so a rerun goes on where it stopped
         if len(indices) > 1:
             print(f"linrnn-prepare: part {i} of {a.parts}", file=sys.stderr)
         try:
-            m = prepare_dataset(dataclasses.replace(cfg, part=i), progress=not a.no_progress)
+            m = prepare_dataset(dataclasses.replace(cfg, part=i), progress=not a.no_progress, resolved=resolved,
+                                note=lambda line: print(f"linrnn-prepare: {line}", file=sys.stderr))
         except OutputBusy:
             if len(indices) == 1:
                 raise

@@ -132,8 +132,9 @@ def read_manifest(root: str, cache_dir: str | os.PathLike | None = None) -> dict
     """Load and sanity-check ``<root>/manifest.json``; DataError naming the file otherwise
     (IncompleteDataset when it is missing or withdrawn, RemoteReadError when unreachable)."""
     if not is_remote(root) and not os.path.isdir(root):
-        raise DataError(f"prepared dataset {root!r} does not exist: check data.sources[].path or "
-                        "run `linrnn-prepare prepare --out ...` first")
+        raise DataError(f"prepared dataset {root!r} does not exist ({os.path.abspath(root)}: relative paths are "
+                        "read from the current directory): check data.sources[].path or run "
+                        "`linrnn-prepare prepare --out ...` first")
     cache = cache_dir or tempfile.mkdtemp(prefix="linrnn-manifest-")
     path = fetch_file(root, MANIFEST_NAME, cache)
     where = join_path(root, MANIFEST_NAME) if is_remote(root) else str(path)

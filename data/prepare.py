@@ -39,7 +39,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,15 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import PrepareConfig
-from .corpus import HUB_PREFIX, count_documents, input_change, input_fingerprint, iter_documents, resolve_corpus
+from .corpus import (
+    HUB_PREFIX,
+    ResolvedCorpus,
+    count_documents,
+    input_change,
+    input_fingerprint,
+    iter_documents,
+    resolve_corpus,
+)
 from .errors import DataError
 from .manifest import (
     FORMAT,
@@ -237,10 +245,12 @@ def _check_reusable(out: str, manifest: dict, settings: dict, inputs: dict) -> N
                              "re-prepare it from the current files or choose another --out")
 
 
-def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: bool) -> dict:
+def _write_splits(cfg: PrepareConfig, tok: Tokenizer, staging: Path, progress: bool,
+                  resolved: ResolvedCorpus) -> dict:
+    """The shards of ``resolved`` (resolved once by the caller: resolving warns, e.g. about
+    files named twice, and the files must be the ones fingerprinted)."""
     from streaming import MDSWriter
 
-    resolved = resolve_corpus(cfg.corpus)
     dtype = token_dtype(tok.vocab_size)
     columns = {"tokens": f"ndarray:{dtype.name}:{cfg.seq_len}", "cu_seqlens": "ndarray:int32"}
     split_names = ["train"] + (["val"] if cfg.val_fraction > 0 else [])
@@ -359,8 +369,14 @@ def _part_record(settings: dict, inputs: dict, part: int, parts: int) -> dict[st
     return {"index": part, "count": parts, "group": hashlib.sha256(blob).hexdigest()[:32]}
 
 
-def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the whole prepare step; returns the manifest written (or already present)."""
+def prepare_dataset(cfg: PrepareConfig, progress: bool = True, *, resolved: ResolvedCorpus | None = None,
+                    note: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the whole prepare step; returns the manifest written (or already present).
+
+    ``resolved``: ``cfg.corpus`` already resolved (``--part all`` resolves, and warns, once for
+    every part). ``note`` gets the line saying an existing dataset was kept, so a rerun that
+    does nothing says so.
+    """
     if not cfg.out:
         raise DataError("no output given: pass --out DIR (or a remote URL)")
     if not cfg.tokenizer:
@@ -369,7 +385,8 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
         raise DataError(f"--part {cfg.part} is outside 0..{cfg.parts - 1} (--parts {cfg.parts})")
     tok = Tokenizer.load(cfg.tokenizer)
     tok.check_specials(add_bos=cfg.add_bos)
-    resolved = resolve_corpus(cfg.corpus)  # fail on a bad --input before touching the output
+    if resolved is None:  # fail on a bad --input before touching the output
+        resolved = resolve_corpus(cfg.corpus)
     if cfg.parts > 1:
         cfg = _part_target(cfg)
     settings = _settings(cfg, tok, resolved.describe())
@@ -382,6 +399,9 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
             stack.enter_context(_out_lock(final))
         existing = _existing_outcome(cfg, settings, inputs, tmp_root)
         if existing is not None:
+            if note is not None:
+                note(f"{cfg.out} is already prepared with these settings (manifest "
+                     f"{join_path(cfg.out, MANIFEST_NAME)}): nothing to do; --overwrite rewrites it")
             return existing
         if final is not None:
             staging = final.parent / f"{final.name}.partial"
@@ -392,7 +412,7 @@ def prepare_dataset(cfg: PrepareConfig, progress: bool = True) -> dict[str, Any]
         if staging.exists():  # left by an interrupted run: restart cleanly
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-        result = _write_splits(cfg, tok, staging, progress)
+        result = _write_splits(cfg, tok, staging, progress, resolved)
         change = input_change(inputs, input_fingerprint(cfg.corpus, resolved))
         if change is not None:  # the shards may mix old and new contents
             raise DataError(f"the corpus changed while prepare read it ({change}): rerun once its files "

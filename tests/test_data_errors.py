@@ -111,9 +111,12 @@ def _copy(tmp_path):
     return dst
 
 
-def test_missing_dataset_or_manifest(tmp_path):
+def test_missing_dataset_or_manifest(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist.*linrnn-prepare"):
         data_info(data_config(tmp_path, tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)  # a relative path names the directory it was read from
+    with pytest.raises(DataError, match=f"'runs/data' does not exist \\({tmp_path}/runs/data: relative paths"):
+        data_info(data_config(tmp_path, "runs/data"))
     ds = _copy(tmp_path)
     (ds / "manifest.json").unlink()
     with pytest.raises(DataError, match="manifest.json.*interrupted prepare"):

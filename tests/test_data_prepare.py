@@ -313,6 +313,41 @@ def test_cli_tokenizer_prepare_inspect(tmp_path, capsys):
     assert json.loads(captured.out)["dataset_id"] == out["dataset_id"] and "ok:" in captured.err
 
 
+def test_cli_prepare_warns_once_and_says_when_a_rerun_does_nothing(tmp_path, capsys, caplog):
+    """A file named twice is warned about once per command (whole or --part all), as by
+    `tokenizer`; a rerun with the same settings says that it kept the dataset, a real
+    preparation does not."""
+    from data.cli import main
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    shutil.copyfile(corpus_slice(0, 40), d / "a.jsonl")
+    common = ["prepare", "--input", f"{d},{d}/*.jsonl", "--tokenizer", str(tokenizer_path()), "--seq-len", "64",
+              "--workers", "1", "--no-progress"]
+    args = common + ["--out", str(tmp_path / "ds"), "--val-fraction", "0.2"]
+    kept = "is already prepared with these settings"
+
+    def run(argv: list[str]) -> tuple[str, str, int]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="data.corpus"):
+            assert main(argv) == 0
+        out, err = capsys.readouterr()
+        return out, err, sum("names 1 file(s) more than once" in r.getMessage() for r in caplog.records)
+
+    out, err, warned = run(args)
+    assert warned == 1 and kept not in err
+    first = json.loads(out)["dataset_id"]
+    out, err, warned = run(args)
+    assert warned == 1 and json.loads(out)["dataset_id"] == first
+    assert f"linrnn-prepare: {tmp_path / 'ds'} {kept} (manifest {tmp_path / 'ds' / MANIFEST_NAME}): " \
+           "nothing to do; --overwrite rewrites it" in err
+    parts = common + ["--out", str(tmp_path / "parts"), "--val-fraction", "0", "--parts", "2", "--part", "all"]
+    _, err, warned = run(parts)
+    assert warned == 1 and kept not in err
+    _, err, warned = run(parts)
+    assert warned == 1 and err.count(kept) == 2 and "part-00001" in err
+
+
 def test_demo_data_builds_once_and_follows_settings(tmp_path):
     from data.demo import build_demo_data
 
