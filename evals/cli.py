@@ -348,9 +348,7 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
 
 def run_lm_eval(args: argparse.Namespace) -> dict:
     """Suite ``lm_eval:TASK,TASK``: lm-evaluation-harness on the export (``evals.lm_eval_adapter.score``)."""
-    tasks = [t.strip() for t in args.suite[len(LM_EVAL_PREFIX):].split(",") if t.strip()]
-    if not tasks:
-        raise ValueError("suite lm_eval: name the tasks, e.g. --suite lm_eval:lambada_openai,hellaswag")
+    tasks = [t.strip() for t in args.suite[len(LM_EVAL_PREFIX):].split(",") if t.strip()]  # one at least (suite_names)
     _refuse_preset(args)
     try:
         from .lm_eval_adapter import score
@@ -375,6 +373,24 @@ def _presets() -> list[str]:
     return list_model_presets()
 
 
+def suite_names(suite: str) -> list[str]:
+    """The names in ``--suite`` (none for ``lm_eval:TASK,TASK``, whose tasks lm_eval checks),
+    refused before any work when one is unknown (a typo would otherwise score nothing);
+    ``linrnn-eval-sweep`` checks its ``--suite`` here too."""
+    if suite.startswith(LM_EVAL_PREFIX):
+        if not suite[len(LM_EVAL_PREFIX):].strip(", "):
+            raise ValueError("suite lm_eval: name the tasks, e.g. --suite lm_eval:lambada_openai,hellaswag")
+        return []
+    names = [s.strip() for s in suite.split(",") if s.strip()]
+    unknown = [n for n in names if n not in suites.SUITES and n not in CHECKPOINT_SUITES]
+    if unknown or not names:
+        all_suites = [*suites.SUITES, *CHECKPOINT_SUITES, f"{LM_EVAL_PREFIX}TASK,..."]
+        close = difflib.get_close_matches(unknown[0] if unknown else "", all_suites, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown suite {(unknown or [suite])[0]!r}{hint}; suites: {', '.join(all_suites)}")
+    return names
+
+
 def _check_device(device: str) -> None:
     """Refuse a device this machine does not have, before any model is built."""
     if not device.startswith("cuda"):
@@ -392,13 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         lm_eval = args.suite.startswith(LM_EVAL_PREFIX)  # its tasks are comma-separated too
-        names = [] if lm_eval else [s.strip() for s in args.suite.split(",") if s.strip()]
-        unknown = [n for n in names if n not in suites.SUITES and n not in CHECKPOINT_SUITES]
-        if not lm_eval and (unknown or not names):
-            all_suites = [*suites.SUITES, *CHECKPOINT_SUITES, f"{LM_EVAL_PREFIX}TASK,..."]
-            close = difflib.get_close_matches(unknown[0] if unknown else "", all_suites, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown suite {(unknown or [args.suite])[0]!r}{hint}; suites: {', '.join(all_suites)}")
+        names = suite_names(args.suite)
         _check_device(args.device)
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out!r} exists and is not a directory: pass a directory for the results")

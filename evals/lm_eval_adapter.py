@@ -166,11 +166,56 @@ class LinRNNLM(LM):
         return text
 
 
+class HubUnreachableError(ValueError):
+    """A task's dataset is neither in the Hugging Face cache nor downloadable (compute nodes
+    often have no network): a setup step, said in one line by the CLIs (exit 2)."""
+
+
+def hub_unreachable(e: BaseException) -> bool:
+    """Whether ``e`` is datasets / huggingface_hub / requests failing to reach the Hub (or
+    refusing to, in offline mode), not any other failure."""
+    import httpx
+    import requests
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return type(e) is ConnectionError or isinstance(e, (  # datasets re-raises as a plain ConnectionError
+        OfflineModeIsEnabled, LocalEntryNotFoundError, requests.ConnectionError, requests.Timeout,
+        httpx.ConnectError, httpx.TimeoutException))
+
+
+def _loading_task(e: BaseException) -> str | None:
+    """The task whose dataset was loading when ``e`` was raised (its Task is on the traceback)."""
+    from lm_eval.api.task import Task
+
+    tb, name = e.__traceback__, None
+    while tb is not None:
+        task = tb.tb_frame.f_locals.get("self")
+        if isinstance(task, Task) and getattr(getattr(task, "config", None), "task", None):
+            name = str(task.config.task)
+        tb = tb.tb_next
+    return name
+
+
+def hub_message(e: BaseException, tasks: list[str]) -> str:
+    """One line: which task, why (its dataset comes from the Hub), and how to fix it on a cluster."""
+    from datasets import config
+
+    task = _loading_task(e)
+    names = [task] if task else tasks or ["TASK"]
+    return (f"lm_eval task {', '.join(map(repr, names))}: its dataset comes from the Hugging Face "
+            f"Hub and is neither reachable from here nor in the cache {config.HF_DATASETS_CACHE} ({e}). Download "
+            "it once on a machine with network (e.g. a login node) into a cache the compute nodes share: "
+            "HF_HOME=/shared/hf python -c \"from lm_eval.tasks import TaskManager; "
+            f"TaskManager().load({names!r})\", then run with HF_HOME=/shared/hf HF_DATASETS_OFFLINE=1 "
+            "(or HF_DATASETS_CACHE=DIR both times; see slurm/README.md)")
+
+
 def score(export: str, tasks: list[str], out: Path, *, device: str | None = None, batch_size: int = 8,
           num_fewshot: int | None = None, limit: float | None = None, include_path: str | None = None,
           bootstrap_iters: int = 100000) -> dict[str, Any] | None:
     """lm_eval ``tasks`` on an export, written to ``out/results.json`` and ``results.md`` by rank
-    0 (which returns them; other ranks return None). An unknown task is a ValueError."""
+    0 (which returns them; other ranks return None). An unknown task is a ValueError, a dataset
+    that is neither cached nor downloadable a HubUnreachableError (one too)."""
     from lm_eval import __version__ as lm_eval_version
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -182,8 +227,13 @@ def score(export: str, tasks: list[str], out: Path, *, device: str | None = None
         raise ValueError(f"lm_eval has no task {unknown[0]!r} (`lm-eval ls tasks` lists them; --lm-eval-include "
                          "adds a folder of task YAMLs)")
     lm = LinRNNLM(pretrained=export, device=device, batch_size=batch_size)
-    res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                          bootstrap_iters=bootstrap_iters, log_samples=False)
+    try:
+        res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                              bootstrap_iters=bootstrap_iters, log_samples=False)
+    except Exception as e:
+        if not hub_unreachable(e):  # only the Hub's download errors are a setup step to explain
+            raise
+        raise HubUnreachableError(hub_message(e, tasks)) from None
     if res is None:  # not rank 0: lm_eval gathered this rank's scores there
         return None
     scores = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}  # not the alias
@@ -205,13 +255,19 @@ def score(export: str, tasks: list[str], out: Path, *, device: str | None = None
 
 
 def main() -> int:
-    """lm_eval's CLI with the ``linrnn`` model registered; a bad checkpoint is one line, exit 2."""
+    """lm_eval's CLI with the ``linrnn`` model registered; a bad checkpoint or a dataset the
+    Hub cannot give is one line, exit 2."""
     from lm_eval.__main__ import cli_evaluate
 
     try:
         cli_evaluate()
     except CheckpointError as e:
         print(f"linrnn-lm-eval: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not hub_unreachable(e):
+            raise
+        print(f"linrnn-lm-eval: error: {hub_message(e, [])}", file=sys.stderr)
         return 2
     return 0
 

@@ -160,8 +160,7 @@ def plot(path: Path, rows: list[dict[str, Any]], names: list[str]) -> Path | Non
 def summarise(run_dir: Path, suite: str) -> dict[str, Any]:
     rows = collect(run_dir, suite)
     if not rows:
-        raise ValueError(f"{str(run_dir)!r} has no exports/step_* directories: evaluate its checkpoints first "
-                         "(slurm/eval_sweep.sh RUN_DIR, or slurm/eval.sbatch per checkpoint)")
+        raise ValueError(_nothing_to_summarise(run_dir))
     names: list[str] = []
     for r in rows:
         names += [n for n in r.get("scores") or {} if n not in names]
@@ -171,6 +170,30 @@ def summarise(run_dir: Path, suite: str) -> dict[str, Any]:
     write_text(out.with_suffix(".md"), markdown(rows, names, f"{run_dir.name}: suite {suite} by checkpoint"))
     plot(out.with_suffix(".png"), rows, names)
     return summary
+
+
+def _nothing_to_summarise(run_dir: Path) -> str:
+    """Why a run directory gave no rows, and what to run: its checkpoints are not exported yet,
+    or it is not a run's checkpoint.dir at all."""
+    from launch.checkpoints import complete_checkpoints
+
+    if not complete_checkpoints(run_dir):
+        return (f"{str(run_dir)!r} has neither exports/step_* directories nor complete checkpoints (step_*): "
+                "pass a run's checkpoint.dir")
+    return (f"{str(run_dir)!r} has no exports/step_* directories: evaluate its checkpoints first, here with "
+            "--evaluate (exports and scores every complete checkpoint; options for linrnn-eval after --), or "
+            "on SLURM with slurm/eval_sweep.sh RUN_DIR (or slurm/eval.sbatch per checkpoint)")
+
+
+def check_arguments(run_dir: Path, suite: str) -> None:
+    """Refuse a missing run directory or an unknown suite before anything is evaluated or
+    written (a typo would otherwise summarise every checkpoint as "not evaluated")."""
+    from .cli import suite_names
+
+    if not run_dir.is_dir():
+        what = "is not a directory" if run_dir.exists() else "does not exist"
+        raise ValueError(f"run directory {str(run_dir)!r} {what}: pass a run's checkpoint.dir")
+    suite_names(suite.replace("+", ","))  # as the result folders name several suites
 
 
 def evaluate_missing(run_dir: Path, suite: str, eval_args: list[str], shard: Shard = Shard()) -> list[str]:
@@ -229,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="first export and evaluate here, one by one, every complete checkpoint not yet evaluated")
     args = p.parse_args(argv)
     try:
+        check_arguments(Path(args.run_dir), args.suite)
         shard = shard_from_env() if args.evaluate else Shard()
         if args.evaluate:
             evaluate_missing(Path(args.run_dir), args.suite, eval_args, shard)

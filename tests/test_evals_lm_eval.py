@@ -169,3 +169,50 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, monkeypatch, cap
                                      f"pretrained={tmp_path / 'nope'}", "--tasks", "lambada_openai"])
     assert main() == 2
     assert capsys.readouterr().err.strip().endswith(f"checkpoint {str(tmp_path / 'nope')!r} does not exist")
+
+
+def test_a_dataset_the_hub_cannot_give_is_one_line_naming_the_task_and_the_fix(
+        exported, tmp_path, monkeypatch, capsys) -> None:
+    """No network (or HF_DATASETS_OFFLINE=1 without the dataset cached): datasets raises a
+    ConnectionError deep inside lm_eval; both CLIs say which task and how to fix it, exit 2.
+    The loader lm_eval calls is patched: local files load, Hub datasets fail, no network used."""
+    import datasets
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from evals.cli import main as eval_main
+    from evals import lm_eval_adapter
+
+    out, _, _ = exported
+    write_local_tasks(tmp_path)
+    real = datasets.load_dataset
+    failure: list[Exception] = [ConnectionError("Couldn't reach 'EleutherAI/lambada_openai' on the Hub "
+                                                "(LocalEntryNotFoundError)")]
+
+    def load_dataset(path: str, *args, **kwargs):
+        if path == "json":  # the local tasks
+            return real(path, *args, **kwargs)
+        raise failure[0]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    suite = "lm_eval:linrnn_local_choice,lambada_openai"  # the local task loads, lambada's dataset fails
+    argv = [str(out), "--suite", suite, "--out", str(tmp_path / "a"), "--device", "cpu", "--lm-eval-limit", "5",
+            "--lm-eval-include", str(tmp_path)]
+    assert eval_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (the fixture's export also warns about its BOS)
+    assert err.startswith("linrnn-eval: error: lm_eval task 'lambada_openai': its dataset comes from the Hugging "
+                          "Face Hub")
+    assert "Couldn't reach 'EleutherAI/lambada_openai'" in err and "HF_DATASETS_OFFLINE=1" in err
+    assert "TaskManager().load(['lambada_openai'])" in err and "login node" in err
+    assert not (tmp_path / "a").exists()
+
+    failure[0] = OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+    monkeypatch.setattr("sys.argv", ["linrnn-lm-eval", "run", "--model", "linrnn", "--model_args",
+                                     f"pretrained={out}", "--device", "cpu", "--tasks", "lambada_openai"])
+    assert lm_eval_adapter.main() == 2  # caught: no traceback of its own
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("linrnn-lm-eval: error: lm_eval task 'lambada_openai': its dataset comes from")
+
+    failure[0] = RuntimeError("a bug, not the network")  # anything else keeps its traceback
+    with pytest.raises(RuntimeError, match="a bug"):
+        eval_main(argv)
+    assert not any(map(lm_eval_adapter.hub_unreachable, [BrokenPipeError(), FileNotFoundError("x")]))

@@ -50,8 +50,33 @@ def test_a_sweep_table_lists_every_checkpoint_and_its_gaps(tmp_path, capsys):
     summary = json.loads((run / "exports" / "sweep-checkpoint.json").read_text())
     assert [c["step"] for c in summary["checkpoints"]] == [100, 200, 250, 300]
     assert (run / "exports" / "sweep-checkpoint.png").stat().st_size > 0
+
+
+def test_a_missing_run_dir_or_unknown_suite_is_refused_and_nothing_written(tmp_path, capsys):
     assert main([str(tmp_path / "nothing")]) == 2
-    assert "has no exports/step_* directories" in capsys.readouterr().err
+    assert "run directory " + repr(str(tmp_path / "nothing")) + " does not exist" in capsys.readouterr().err
+    run = tmp_path / "run"
+    (run / "exports" / "step_00000010").mkdir(parents=True)
+    for suite in ("lmm", "lm,lmm", "lm_eval:"):  # a typo would list every checkpoint as "not evaluated"
+        assert main([str(run), "--suite", suite]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("unknown suite 'lmm' (did you mean 'lm'?)" in err or "name the tasks" in err)
+        assert main([str(run), "--suite", suite, "--evaluate"]) == 2  # refused before any export
+        capsys.readouterr()
+    assert sorted(p.name for p in (run / "exports").iterdir()) == ["step_00000010"]
+    assert main([str(run), "--suite", "lm+passkey"]) == 0  # as eval.sbatch names the result folder
+    capsys.readouterr()
+
+
+def test_a_run_without_exports_points_to_evaluate(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "nor complete checkpoints (step_*): pass a run's checkpoint.dir" in capsys.readouterr().err
+    step = tmp_path / "step_00000010"
+    step.mkdir()
+    (step / "COMPLETE").write_text("")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no exports/step_* directories" in err and "--evaluate (exports and scores" in err
 
 
 @pytest.mark.parametrize("suite", ["lm,passkey"])
