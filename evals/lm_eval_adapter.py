@@ -174,13 +174,18 @@ class HubUnreachableError(ValueError):
 def hub_unreachable(e: BaseException) -> bool:
     """Whether ``e`` is datasets / huggingface_hub / requests failing to reach the Hub (or
     refusing to, in offline mode), not any other failure."""
-    import httpx
-    import requests
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    import importlib
 
-    return type(e) is ConnectionError or isinstance(e, (  # datasets re-raises as a plain ConnectionError
-        OfflineModeIsEnabled, LocalEntryNotFoundError, requests.ConnectionError, requests.Timeout,
-        httpx.ConnectError, httpx.TimeoutException))
+    kinds: list[type] = []
+    for module, names in (("huggingface_hub.errors", ("OfflineModeIsEnabled", "LocalEntryNotFoundError")),
+                          ("requests", ("ConnectionError", "Timeout")),
+                          ("httpx", ("ConnectError", "TimeoutException"))):
+        try:  # each library only where installed: an ImportError here would hide the real error
+            kinds += [getattr(importlib.import_module(module), name) for name in names]
+        except (ImportError, AttributeError):
+            pass
+    # datasets re-raises as a plain ConnectionError (BrokenPipeError and its kin are not this)
+    return type(e) is ConnectionError or isinstance(e, tuple(kinds))
 
 
 def _loading_task(e: BaseException) -> str | None:
