@@ -22,6 +22,11 @@ if [ -z "$NAMES" ]; then
 fi
 N=$(tr ',' '\n' <<< "$NAMES" | wc -l)
 export LINRNN_EVAL_STEPS=$NAMES  # sbatch passes the submitting environment to the job
+if [ -n "${LINRNN_EVAL_OUT:-}" ]; then  # one folder for every task: they would overwrite each other
+    echo "eval_sweep.sh: ignoring LINRNN_EVAL_OUT=$LINRNN_EVAL_OUT: each checkpoint's results go beside its export" \
+         "(<RUN>/exports/step_*/eval/<suite>), where the summary reads them" >&2
+    unset LINRNN_EVAL_OUT
+fi
 SBATCH_ARGS=()  # may stay empty: expanded with the [@]+ guard, as bash < 4.4 calls it unbound under set -u
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do SBATCH_ARGS+=("$1"); shift; done
 if [ $# -gt 0 ]; then shift; fi  # what follows -- goes to linrnn-eval

@@ -17,10 +17,10 @@ SLURM = ROOT / "slurm"
 # a stand-in srun: "trains" FAKE_WAIT x 50 ms; a signal stops it with FAKE_STOP_RC (75); it
 # saves FAKE_SAVE (a complete checkpoint) at the end or when stopped
 FAKE_SRUN = r"""#!/bin/bash
-echo "srun $*" >> "$CALLS"
+echo "srun $* [cpus ${SRUN_CPUS_PER_TASK:-unset}]" >> "$CALLS"
 case "$*" in *--clean*) exit 0;; esac
 save() { if [ -n "$FAKE_SAVE" ]; then mkdir -p "$FAKE_SAVE" && touch "$FAKE_SAVE/COMPLETE"; fi; }
-trap 'echo got-$((++n)) >> "$CALLS"; save; exit "${FAKE_STOP_RC:-75}"' USR1
+trap 'echo got-$((++n)) >> "$CALLS"; [ -n "$FAKE_SLOW_STOP" ] || { save; exit "${FAKE_STOP_RC:-75}"; }' USR1
 trap 'save; exit "${FAKE_STOP_RC:-75}"' TERM
 [ -n "$FAKE_DIE_ON_USR1" ] && trap - USR1
 touch "$READY"
@@ -60,7 +60,7 @@ def _fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
     return env, calls, ready
 
 
-def _run(tmp_path: Path, rc: int, restart: int = 0, send: signal.Signals | None = None,
+def _run(tmp_path: Path, rc: int, restart: int = 0, send: signal.Signals | tuple | None = None,
          max_requeues: str | None = None, die_on_usr1: bool = False, config: str = "run.yaml",
          **extra: str) -> tuple[int, str, str]:
     env, calls, ready = _fake_slurm(tmp_path)
@@ -78,7 +78,10 @@ def _run(tmp_path: Path, rc: int, restart: int = 0, send: signal.Signals | None 
         while not ready.exists():
             assert time.monotonic() < deadline and p.poll() is None
             time.sleep(0.02)
-        p.send_signal(send)
+        for i, sig in enumerate(send if isinstance(send, tuple) else (send,)):
+            if i:
+                time.sleep(0.3)  # the script forwards one before the next comes
+            p.send_signal(sig)
     out, _ = p.communicate(timeout=30)
     return p.returncode, out, calls.read_text() if calls.exists() else ""
 
@@ -87,7 +90,10 @@ def test_finished_run_cleans_up_and_does_not_requeue(tmp_path):
     code, out, calls = _run(tmp_path, rc=0)
     assert code == 0 and "scontrol" not in calls, out
     assert "-m launch -- " in calls and "-m pretrain run.yaml optim.lr=1e-3" in calls and "--clean" in calls
-    assert "SLURM_RESTART_COUNT=0" in out
+    assert "SLURM_RESTART_COUNT=0" in out and "[cpus unset]" in calls
+    # the job's --cpus-per-task reaches the ranks: srun (Slurm >= 22.05) reads it from SRUN_CPUS_PER_TASK
+    code, out, calls = _run(tmp_path, rc=0, SLURM_CPUS_PER_TASK="16")
+    assert code == 0 and calls.count("[cpus 16]") == calls.count("srun "), calls
 
 
 def test_failed_run_does_not_requeue(tmp_path):
@@ -166,6 +172,20 @@ def test_a_failure_after_usr1_is_requeued_when_this_start_saved(tmp_path):
     assert "failed (exit 1, after SIGUSR1) without saving a checkpoint in this start: not requeuing" in out
 
 
+def test_a_time_limit_reached_during_the_preemption_save_is_named_and_judged_as_the_stop(tmp_path):
+    """SIGUSR1, then SLURM's SIGTERM at the time limit while the ranks still save: the log says
+    the warning's lead was too short; the job is requeued if this start saved, as after a stop."""
+    root, config = _run_config(tmp_path)
+    slow = dict(FAKE_SLOW_STOP="1", FAKE_STOP_RC="143")
+    code, out, calls = _run(tmp_path, rc=0, send=(signal.SIGUSR1, signal.SIGTERM), config=config,
+                            FAKE_SAVE=str(root / "step_00000020"), **slow)
+    assert "s after the time-limit warning (SIGUSR1): the stop and its save took longer than the warning's lead" in out
+    assert code == 0 and "scontrol requeue 77" in calls, out
+    assert "failed (exit 143, after SIGUSR1) after saving step_00000020" in out
+    code, out, calls = _run(tmp_path, rc=0, send=(signal.SIGUSR1, signal.SIGTERM), config=config, **slow)
+    assert code == 143 and "scontrol" not in calls and "without saving a checkpoint in this start" in out, out
+
+
 def test_sigterm_stops_without_requeue(tmp_path):
     code, out, calls = _run(tmp_path, rc=0, send=signal.SIGTERM)
     assert code == 75 and "scontrol" not in calls and "not requeuing" in out, out
@@ -222,20 +242,22 @@ def test_an_eval_sweep_pins_its_checkpoints_and_a_pruned_one_fails_alone(tmp_pat
         (root / f"step_{step:08d}" / "COMPLETE").write_text("")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake_sbatch = ('#!/bin/bash\necho "STEPS=$LINRNN_EVAL_STEPS" >> "$CALLS"\n'
+    fake_sbatch = ('#!/bin/bash\necho "STEPS=$LINRNN_EVAL_STEPS OUT=${LINRNN_EVAL_OUT:-unset}" >> "$CALLS"\n'
                    'echo "sbatch $(printf \'%q \' "$@")" >> "$CALLS"\necho "$((40 + $(grep -c ^sbatch "$CALLS")))"\n')
     (bin_dir / "sbatch").write_text(fake_sbatch)
     (bin_dir / "sbatch").chmod(0o755)
     calls = tmp_path / "calls"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINRNN_"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALLS=str(calls), LINRNN_PYTHON=sys.executable,
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=str(ROOT), LINRNN_EVAL_OUT=str(tmp_path / "one"))  # left exported in the shell
     r = subprocess.run(["bash", str(SLURM / "eval_sweep.sh"), str(root), "parity", "--partition=h100", "--",
                         "--steps", "5"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     steps_line, sbatch_line, _, summary_line = calls.read_text().splitlines()
     names = "step_00000005,step_00000010,step_00000015"
-    assert steps_line == f"STEPS={names}"
+    assert steps_line == f"STEPS={names} OUT=unset"  # every task writes beside its own export
+    assert "ignoring LINRNN_EVAL_OUT" in r.stderr
+    del env["LINRNN_EVAL_OUT"]
     assert shlex.split(sbatch_line) == ["sbatch", "--parsable", "--array=0-2", "--partition=h100",
                                         str(SLURM / "eval.sbatch"), str(root), "parity", "--steps", "5"]
     summary = shlex.split(summary_line)  # after the array (job 41), on the same partition, no GPU
