@@ -210,6 +210,17 @@ def order_changes(state: dict[str, Any], order: dict[str, Any]) -> list[tuple[st
             if k in saved and saved[k] != v and (shuffled or not k.startswith("shuffle_"))]
 
 
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """In each DataLoader worker: ignore SIGTERM and SIGUSR1. SLURM signals every process of
+    a job step (scancel, preemption, a forwarded time-limit warning), and torch's workers die
+    of SIGTERM, which fails the rank's next batch before it can save; the rank handles the
+    stop and ends its workers itself (they also exit when the rank does)."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def _make_dataset_class():
     from streaming import StreamingDataset
 
@@ -313,7 +324,7 @@ class TokenLoader:
         workers = cfg.num_workers if num_workers is None else num_workers
         self._loader = DataLoader(
             self.dataset, batch_size=batch_size, collate_fn=collate_packed, num_workers=workers,
-            drop_last=cfg.drop_last, pin_memory=cfg.pin_memory,
+            drop_last=cfg.drop_last, pin_memory=cfg.pin_memory, worker_init_fn=leave_stop_signals_to_the_rank,
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None)
         self._batches = 0  # batches yielded since the current epoch's iteration began
 

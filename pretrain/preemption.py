@@ -51,6 +51,22 @@ def install_early_handlers() -> None:
     """
     for s in SIGNALS:
         signal.signal(s, _record_early)
+    start_helper_processes_deaf_to_stop_signals()
+
+
+def start_helper_processes_deaf_to_stop_signals() -> None:
+    """Start multiprocessing's resource tracker (it tracks the data loader's shared memory)
+    with SIGTERM and SIGUSR1 blocked, as it then keeps them: SLURM signals every process of a
+    job step, and a tracker killed by SIGUSR1 is relaunched without its records, so the
+    rank's exit after a preemption save printed a traceback per shared-memory segment.
+    Blocked, not ignored: one arriving meanwhile is delivered to this process afterwards."""
+    from multiprocessing import resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class StopFlag:

@@ -118,6 +118,37 @@ def test_sigterm_saves_exits_with_requeue_code_and_rerun_matches(tmp_path, refer
     assert losses(root) == ref
 
 
+def test_a_signal_to_every_process_of_the_job_still_saves(tmp_path):
+    """SLURM signals every process of a job step (scancel, preemption, the forwarded time-limit
+    warning), the data-loader workers too: they leave the stop to the rank (torch's workers die
+    of SIGTERM, which failed the rank's next batch before it could save), and so does the
+    resource tracker (killed by SIGUSR1 it was relaunched without its records: a traceback per
+    shared-memory segment at exit). Both signals, each into a start of its own."""
+    import os
+
+    cfg = write_config(tmp_path, max_steps=200, **{"data.num_workers": 2})
+    root = tmp_path / "ckpt"
+    log = root / "logs" / "metrics.jsonl"
+    stops = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        after = (stops[-1] if stops else 0) + 2
+        proc = subprocess.Popen([sys.executable, "-m", "pretrain", str(cfg)], cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            if log.is_file() and any(r["step"] >= after for r in read_metrics(log)):
+                break
+            time.sleep(0.05)
+        os.killpg(proc.pid, sig)  # as slurmstepd does: the whole process group
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == REQUEUE_EXIT_CODE, err[-3000:]
+        assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+        stops.append(read_metrics(log, "preempted")[-1]["step"])
+        assert read_metrics(log, "preempted")[-1]["reason"] == sig.name
+        assert ckpt.newest_complete(root) == ckpt.step_dir(root, stops[-1])
+    assert stops[0] < stops[1] < 200
+
+
 def test_activation_checkpointing_can_be_switched_on_at_a_resume(tmp_path, reference):
     """The usual answer to an out-of-memory crash: resume the same run with checkpointing on.
     Parameter names do not change, so the checkpoint loads, and the losses are the
