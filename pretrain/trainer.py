@@ -34,6 +34,7 @@ from .optim import set_lr
 from .preemption import BUDGET_REASON, REQUEUE_EXIT_CODE, StopFlag
 from .profiling import MemoryHistory, StepProfiler
 from .rewind import skip_request
+from .bad_steps import TrainError, fp16_floor_is_divergence, skip_kind
 from .run_checks import ResumePoint, check_resume, layout_line, schedule_change, start_checks
 from .run_log import RunLog
 from .schedule import lr_at
@@ -44,10 +45,6 @@ from .watchdog import Watchdog, stall_forever
 
 EXIT_OK, EXIT_FAILED = 0, 1
 SLOW_RANK_S = 0.2  # faults.slow_rank: the extra time of each of that rank's forward passes
-
-
-class TrainError(RuntimeError):
-    """The run stopped for a reason the user must act on; the message says which."""
 
 
 @dataclass
@@ -471,7 +468,7 @@ class Trainer:
                 if cfg.faults.oom_at_step == self.step:
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fault drill: "
                                                  "faults.oom_at_step)")
-                with profiler.step(self.step + 1):
+                with profiler.step(self.step + 1), fp16_floor_is_divergence(self.step + 1):
                     loss, norm, skipped, fingerprint = self.train_step()
                 self.pace.step_done()
                 if self.step == started_at:  # the first step of a start compiles kernels: not compared
@@ -521,16 +518,6 @@ class Trainer:
         self.batches.close()
         self.validator.close()
         self.log.close()
-
-
-def skip_kind(skipped: bool, loss: float, precision: str) -> str | None:
-    """Why a step was skipped: None (it was not); "overflow": fp16's dynamic loss scale
-    overflowed with a finite loss, which DeepSpeed handles by lowering the scale (routine
-    while the scale settles); "non_finite": a loss or gradient that is not finite, which
-    counts towards ``max_nonfinite_steps``."""
-    if not skipped:
-        return None
-    return "overflow" if precision == "fp16" and math.isfinite(loss) else "non_finite"
 
 
 def log_dir(cfg: RunConfig) -> Path:

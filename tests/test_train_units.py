@@ -463,6 +463,20 @@ def test_fp16_loss_scale_overflows_are_not_counted_as_non_finite_steps():
     assert skip_kind(True, float("inf"), "fp32") == "non_finite"
 
 
+def test_fp16_at_the_loss_scale_floor_stops_as_a_diverging_run():
+    """Overflows do not count as non-finite steps, so a diverging fp16 run ends at DeepSpeed's
+    loss-scale floor, which raises a bare Exception: it becomes the trainer's error with the fix."""
+    from pretrain.trainer import TrainError, fp16_floor_is_divergence
+
+    with pytest.raises(TrainError, match=r"step 12: fp16 gradients overflow even at DeepSpeed's minimum loss "
+                       r"scale: the run diverges.*parallel.precision=bf16"):
+        with fp16_floor_is_divergence(12):  # DeepSpeed's own message (runtime/fp16/loss_scaler.py)
+            raise Exception("Current loss scale already at minimum - cannot decrease scale anymore. Exiting run.")
+    with pytest.raises(ValueError, match="something else"):
+        with fp16_floor_is_divergence(12):
+            raise ValueError("something else")
+
+
 def test_the_watchdog_ends_a_rank_only_when_its_beats_stop() -> None:
     """Beats keep it quiet, and a pause stops the watch; without a beat for hang_timeout_s it
     says what the rank was doing and exits with HANG_EXIT_CODE; none (timeout None) watches
