@@ -50,9 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     if slurm_env.in_srun_step(env):
         try:
             tenv = slurm_env.torch_env_from_slurm(env, args.nproc)
+            if int(tenv["WORLD_SIZE"]) > 1:
+                slurm_env.check_resolves(tenv["MASTER_ADDR"])
         except (RuntimeError, ValueError) as e:
             print(f"[launch] error: {e}", file=sys.stderr)
             return 2
+        env[slurm_env.LAUNCHED] = "1"  # the ranks take these variables as set, not as inherited
         env.update(slurm_env.job_dirs_env(env))
         if env.get("SLURM_CPUS_PER_TASK") and args.nproc == 1:
             env.setdefault("OMP_NUM_THREADS", env["SLURM_CPUS_PER_TASK"])

@@ -41,12 +41,12 @@ def rank_envs(base: Mapping[str, str], nproc: int, first_rank: int = 0, world_si
     """One environment per local rank (torch.distributed variables, one OMP thread share)."""
     world = world_size or nproc
     port = str(master_port or free_port())
-    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    threads = str(max(1, len(os.sched_getaffinity(0)) // nproc))  # the CPUs this process may run on
     out = []
     for i in range(nproc):
         e = dict(base)
         e.update(RANK=str(first_rank + i), WORLD_SIZE=str(world), LOCAL_RANK=str(i), LOCAL_WORLD_SIZE=str(nproc),
-                 MASTER_ADDR=master_addr, MASTER_PORT=port)
+                 MASTER_ADDR=master_addr, MASTER_PORT=port, LINRNN_LAUNCHED="1")
         e.setdefault("OMP_NUM_THREADS", threads)
         out.append(e)
     return out

@@ -3,9 +3,12 @@
 Inside an ``srun`` step every task knows its place from SLURM (SLURM_PROCID, SLURM_NTASKS,
 SLURM_LOCALID, SLURM_NODEID, the step's node list and tasks per node); torch.distributed
 wants RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The
-master is the first host of the step's node list (where task 0 runs) and the port is a
-function of the job id, so every task computes the same rendezvous without talking to
-the others, and a requeued job (same id) gets the same one.
+master is the first host of the step's node list (where task 0 runs: tasks must be placed
+in blocks, which is checked) and the port is a function of the job and step ids, so every
+task computes the same rendezvous without talking to the others, and a requeued job (same
+id) gets the same one. ``LINRNN_MASTER_ADDR`` / ``LINRNN_MASTER_PORT`` override them (node
+names that do not resolve, a port taken); torch variables inherited from the submitting
+shell do not.
 
 Directories: shared file systems make bad caches (Triton's compile cache and streaming's
 shard copies thrash NFS/Lustre and race between nodes), so each node gets its own under a
@@ -24,6 +27,8 @@ from .nodelist import expand_nodelist, expand_tasks_per_node
 # Below Linux's ephemeral range (32768+), so the derived port rarely collides with a
 # client socket; 20000 consecutive job ids never share a port on one node.
 PORT_BASE, PORT_SPAN = 10000, 20000
+MAX_TMPDIR_CHARS = 70  # room left for multiprocessing's pymp-XXXX/listener-XXXX socket names
+LAUNCHED = "LINRNN_LAUNCHED"  # set by python -m launch in the ranks' environment
 TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -34,12 +39,16 @@ def in_srun_step(env: Mapping[str, str] | None = None) -> bool:
     return "SLURM_PROCID" in env and step is not None and step not in ("batch", "extern", "4294967294")
 
 
-def master_port(job_id: str | int) -> int:
-    return PORT_BASE + int(job_id) % PORT_SPAN
+def master_port(job_id: str | int, step_id: str | int = 0) -> int:
+    """The rendezvous port of a job's srun step: the same on every node and at every requeue
+    (a requeued job keeps its id), another for a second step running beside the first."""
+    step = int(step_id) if str(step_id).isdigit() else 0
+    return PORT_BASE + (int(job_id) + 7919 * step) % PORT_SPAN
 
 
 def _hosts(env: Mapping[str, str]) -> list[str]:
-    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    # a task's SLURM_NODELIST is its step's; the job's list is the last resort
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST")
     if not nodelist:
         raise RuntimeError("SLURM_JOB_NODELIST is not set: not inside a SLURM allocation")
     return expand_nodelist(nodelist)
@@ -83,10 +92,34 @@ def torch_env_from_slurm(env: Mapping[str, str] | None = None, nproc_per_task: i
         rank, world = procid, ntasks
         local = int(env.get("SLURM_LOCALID", "0"))
         local_world = ranks_per_node(per_node, per_node_spec)
-    port = env.get("LINRNN_MASTER_PORT") or str(master_port(job_id))
+    node = hosts.index(env["SLURMD_NODENAME"]) if env.get("SLURMD_NODENAME") in hosts else nodeid
+    check_block_layout(rank, local, local_world, node, hosts)
+    port = env.get("LINRNN_MASTER_PORT") or str(master_port(job_id, env.get("SLURM_STEP_ID", "0")))
     return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
-            "LOCAL_WORLD_SIZE": str(local_world), "NODE_RANK": str(nodeid),
-            "MASTER_ADDR": hosts[0], "MASTER_PORT": port}
+            "LOCAL_WORLD_SIZE": str(local_world), "NODE_RANK": str(node),
+            "MASTER_ADDR": env.get("LINRNN_MASTER_ADDR") or hosts[0], "MASTER_PORT": port}
+
+
+def check_block_layout(rank: int, local: int, local_world: int, node: int, hosts: list[str]) -> None:
+    """Ranks must fill the step's nodes in order (node n: ranks n*L .. n*L+L-1): rank 0 then
+    runs on the first host, where everyone meets (MASTER_ADDR), and the data loader's
+    node of a rank is rank // L. SLURM_HOSTFILE or --distribution=cyclic|plane break it."""
+    if rank != node * local_world + local:
+        raise RuntimeError(
+            f"rank {rank} (local rank {local}) runs on {hosts[node]}, node {node} of this step, where ranks "
+            f"{node * local_world}..{node * local_world + local_world - 1} belong: the tasks are not placed in blocks, "
+            "so rank 0 would not run on the first host, where the ranks meet. Unset SLURM_HOSTFILE and use "
+            "srun --distribution=block (the default)")
+
+
+def check_resolves(host: str) -> None:
+    """MASTER_ADDR must resolve on every node; said here rather than as a rendezvous timeout."""
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as e:
+        raise RuntimeError(f"the rendezvous host {host!r} (MASTER_ADDR, the step's first node) does not resolve on "
+                           f"{socket.gethostname()} ({e}): set LINRNN_MASTER_ADDR to an address of that node that "
+                           "every node reaches") from None
 
 
 def local_root(env: Mapping[str, str] | None = None) -> Path:
@@ -116,10 +149,11 @@ def job_dirs_env(env: Mapping[str, str] | None = None, create: bool = True) -> d
     """
     env = os.environ if env is None else env
     root = job_dir(env)
-    out = {"TMPDIR": str(root / "tmp"),
-           "LINRNN_DATA_CACHE": env.get("LINRNN_DATA_CACHE") or str(root / "data"),
+    out = {"LINRNN_DATA_CACHE": env.get("LINRNN_DATA_CACHE") or str(root / "data"),
            "TRITON_CACHE_DIR": env.get("TRITON_CACHE_DIR")
            or str(local_root(env) / f"linrnn-triton-{os.getuid()}")}
+    if len(str(root / "tmp")) <= MAX_TMPDIR_CHARS:  # else the environment's own, not a longer one:
+        out["TMPDIR"] = str(root / "tmp")  # multiprocessing's AF_UNIX sockets live there (108-byte paths)
     if create:
         for path in out.values():
             os.makedirs(path, exist_ok=True)

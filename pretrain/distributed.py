@@ -15,7 +15,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launch.slurm_env import in_srun_step, torch_env_from_slurm
+from launch.slurm_env import LAUNCHED, check_resolves, in_srun_step, torch_env_from_slurm
 
 from .config_loader import ConfigError
 
@@ -62,11 +62,15 @@ def env_from_launcher() -> tuple[int, int, int, int]:
     says, as no other rank will ever join it.
     """
     e = os.environ
-    if "RANK" in e and "WORLD_SIZE" in e:
+    srun_task = in_srun_step(e)
+    # inside an srun step, torch variables count only when a launcher set them (launch/ or
+    # torchrun): sbatch hands every task the submitting shell's, e.g. a MASTER_ADDR=localhost
+    launched = not srun_task or e.get(LAUNCHED) or e.get("TORCHELASTIC_RUN_ID")
+    if launched and "RANK" in e and "WORLD_SIZE" in e:
         rank, world = int(e["RANK"]), int(e["WORLD_SIZE"])
         local = int(e.get("LOCAL_RANK", rank))
         local_world = int(e.get("LOCAL_WORLD_SIZE", world))
-    elif in_srun_step(e):
+    elif srun_task:
         rank, world, local, local_world = _from_srun_step(e)
     else:
         _warn_if_batch_step(e)
@@ -81,13 +85,14 @@ def env_from_launcher() -> tuple[int, int, int, int]:
 
 
 def _from_srun_step(e: MutableMapping[str, str]) -> tuple[int, int, int, int]:
-    """A task of a plain srun step: launch/'s rules; a MASTER_ADDR/PORT the user set wins."""
+    """A task of a plain srun step: launch/'s rules (LINRNN_MASTER_ADDR/PORT override)."""
     try:
         t = torch_env_from_slurm(e)
+        if int(t["WORLD_SIZE"]) > 1:
+            check_resolves(t["MASTER_ADDR"])
     except (RuntimeError, ValueError) as err:
         raise LaunchError(str(err)) from None
-    e.setdefault("MASTER_ADDR", t["MASTER_ADDR"])
-    e.setdefault("MASTER_PORT", t["MASTER_PORT"])
+    e["MASTER_ADDR"], e["MASTER_PORT"] = t["MASTER_ADDR"], t["MASTER_PORT"]
     return int(t["RANK"]), int(t["WORLD_SIZE"]), int(t["LOCAL_RANK"]), int(t["LOCAL_WORLD_SIZE"])
 
 
@@ -115,10 +120,19 @@ def cuda_index(local_rank: int, visible: int, visible_devices: str | None = None
         "of its node (--ntasks-per-node equal to --gpus-per-node) or exactly one (--gpus-per-task=1)")
 
 
+def check_gpus_per_rank(local_world: int, gpus_on_node: str | None) -> None:
+    """More ranks on a node than GPUs SLURM gave the job there (--ntasks-per-node=2
+    --gpus-per-node=1): each rank sees the one GPU as its own, and they would share it."""
+    if gpus_on_node and gpus_on_node.isdigit() and 0 < int(gpus_on_node) < local_world:
+        raise LaunchError(f"{local_world} ranks run on this node but the job has {gpus_on_node} GPU(s) here "
+                          "(SLURM_GPUS_ON_NODE): run one rank per GPU (--ntasks-per-node equal to --gpus-per-node)")
+
+
 def rank_cuda_index() -> int:
     """This process's GPU index by ``cuda_index`` (LOCAL_RANK, default 0)."""
     import torch
 
+    check_gpus_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), os.environ.get("SLURM_GPUS_ON_NODE"))
     visible = torch.cuda.device_count()
     return cuda_index(int(os.environ.get("LOCAL_RANK", "0")), visible, os.environ.get("CUDA_VISIBLE_DEVICES"))
 

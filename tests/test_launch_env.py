@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -97,17 +98,26 @@ def test_in_srun_step():
 
 
 def test_job_dirs(tmp_path):
-    env = {"SLURM_JOB_ID": "99", "LINRNN_LOCAL_ROOT": str(tmp_path)}
-    d = job_dirs_env(env)
-    assert d["TMPDIR"] == str(tmp_path / "linrnn-job99" / "tmp")
-    assert d["LINRNN_DATA_CACHE"] == str(tmp_path / "linrnn-job99" / "data")
-    assert d["TRITON_CACHE_DIR"] == str(tmp_path / f"linrnn-triton-{os.getuid()}")
-    assert all(os.path.isdir(p) for p in d.values())
+    import shutil
+    import tempfile
+
+    short = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
+    try:
+        d = job_dirs_env({"SLURM_JOB_ID": "99", "LINRNN_LOCAL_ROOT": str(short)})
+        assert d["TMPDIR"] == str(short / "linrnn-job99" / "tmp")
+        assert d["LINRNN_DATA_CACHE"] == str(short / "linrnn-job99" / "data")
+        assert d["TRITON_CACHE_DIR"] == str(short / f"linrnn-triton-{os.getuid()}")
+        assert all(os.path.isdir(p) for p in d.values())
+    finally:
+        shutil.rmtree(short)
     # the user's own choices win; TMPDIR is the root when LINRNN_LOCAL_ROOT is unset
-    mine = job_dirs_env({"SLURM_JOB_ID": "99", "TMPDIR": str(tmp_path / "t"), "LINRNN_DATA_CACHE": "/nvme/c",
+    mine = job_dirs_env({"SLURM_JOB_ID": "99", "TMPDIR": "/scratch/t", "LINRNN_DATA_CACHE": "/nvme/c",
                          "TRITON_CACHE_DIR": "/nvme/tr"}, create=False)
-    assert mine == {"TMPDIR": str(tmp_path / "t" / "linrnn-job99" / "tmp"), "LINRNN_DATA_CACHE": "/nvme/c",
+    assert mine == {"TMPDIR": "/scratch/t/linrnn-job99/tmp", "LINRNN_DATA_CACHE": "/nvme/c",
                     "TRITON_CACHE_DIR": "/nvme/tr"}
+    # a long root: no TMPDIR under it (multiprocessing's AF_UNIX sockets need short paths)
+    long_root = "/local/scratch/" + "x" * 50
+    assert "TMPDIR" not in job_dirs_env({"SLURM_JOB_ID": "99", "LINRNN_LOCAL_ROOT": long_root}, create=False)
 
 
 @pytest.fixture
@@ -115,7 +125,7 @@ def clean_env(monkeypatch):
     """os.environ without any torch.distributed or SLURM variable; what env_from_launcher
     writes there is undone after the test (set first, so that undo removes it)."""
     torch_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                  "LINRNN_MASTER_PORT")
+                  "LINRNN_MASTER_PORT", "LINRNN_MASTER_ADDR", "LINRNN_LAUNCHED", "TORCHELASTIC_RUN_ID")
     for key in [k for k in os.environ if k.startswith("SLURM_")] + list(torch_keys):
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
@@ -125,7 +135,10 @@ def clean_env(monkeypatch):
 def test_plain_srun_reads_slurm_the_way_launch_does(clean_env):
     """srun without python -m launch and without --ntasks-per-node: 8 ranks on one host are
     one node of 8 (not 8 nodes), and the port is launch/'s."""
+    import launch.slurm_env as slurm_env
     from pretrain.distributed import env_from_launcher
+
+    clean_env.setattr(slurm_env.socket, "getaddrinfo", lambda host, port: [("resolved",)])  # gpu07 is not here
 
     for key, value in _step(5, 5, 0, SLURM_JOB_ID="54242", SLURM_NTASKS="8", SLURM_STEP_TASKS_PER_NODE="8",
                             SLURM_STEP_NODELIST="gpu07", SLURM_NNODES="1").items():
@@ -179,6 +192,17 @@ def test_cuda_index_refuses_a_rank_without_a_gpu_of_its_own():
         cuda_index(5, 4, "0,1,2,3")
 
 
+def test_ranks_sharing_a_gpu_are_refused():
+    """--ntasks-per-node=2 --gpus-per-node=1: both ranks see one GPU and would take it as their own."""
+    from pretrain.config_loader import ConfigError
+    from pretrain.distributed import check_gpus_per_rank
+
+    with pytest.raises(ConfigError, match=r"2 ranks run on this node but the job has 1 GPU\(s\) here"):
+        check_gpus_per_rank(2, "1")
+    for local_world, gpus in ((8, "8"), (1, "1"), (2, None), (2, "0"), (2, "")):  # enough, or CPU / unknown
+        check_gpus_per_rank(local_world, gpus)
+
+
 def test_device_follows_the_same_rule(clean_env):
     """device() names the GPU init_distributed makes current: with --gpus-per-task=1 rank 3
     sees one GPU, its cuda:0."""
@@ -193,3 +217,48 @@ def test_device_follows_the_same_rule(clean_env):
     clean_env.setattr(torch.cuda, "device_count", lambda: 8)
     assert device() == torch.device("cuda", 3)
 
+
+
+def test_plain_srun_ignores_torch_variables_inherited_from_the_submitting_shell(clean_env):
+    """sbatch hands every task the submitting shell's environment: a MASTER_ADDR=localhost or
+    RANK=0 WORLD_SIZE=1 left there from a local run must not decide the rendezvous of a
+    multi-node job. Set by python -m launch (or torchrun), they count."""
+    import launch.slurm_env as slurm_env
+    from pretrain.distributed import env_from_launcher
+
+    clean_env.setattr(slurm_env.socket, "getaddrinfo", lambda host, port: [("resolved",)])
+    for key, value in _step(4, 1, 1, RANK="0", WORLD_SIZE="1", MASTER_ADDR="localhost", MASTER_PORT="29500").items():
+        clean_env.setenv(key, value)
+    assert env_from_launcher() == (4, 6, 1, 3)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu07", str(master_port(4242)))
+    clean_env.setenv("LINRNN_MASTER_ADDR", "10.1.0.7")  # the override for names that do not resolve
+    assert env_from_launcher() == (4, 6, 1, 3) and os.environ["MASTER_ADDR"] == "10.1.0.7"
+    clean_env.setenv("LINRNN_LAUNCHED", "1")  # set by launch: taken as they are
+    clean_env.setenv("RANK", "2")
+    assert env_from_launcher()[0] == 2
+
+
+def test_a_rendezvous_host_that_does_not_resolve_is_named_with_the_fix(clean_env):
+    from pretrain.distributed import LaunchError, env_from_launcher
+
+    for key, value in _step(0, 0, 0, SLURM_STEP_NODELIST="no-such-node-x[1-2]").items():
+        clean_env.setenv(key, value)
+    with pytest.raises(LaunchError, match=r"'no-such-node-x1' .*does not resolve.*set LINRNN_MASTER_ADDR"):
+        env_from_launcher()
+
+
+def test_tasks_not_placed_in_blocks_are_refused():
+    """SLURM_HOSTFILE or --distribution=cyclic put rank 0 elsewhere than on the first host,
+    where every rank would wait for it."""
+    with pytest.raises(RuntimeError, match=r"rank 1 \(local rank 0\) runs on gpu08, node 1 .*ranks 3..5 belong"
+                                           r".*--distribution=block"):
+        torch_env_from_slurm(_step(procid=1, localid=0, nodeid=1))
+    # the node comes from the host's place in the step's list where SLURM names it
+    with pytest.raises(RuntimeError, match="runs on gpu07, node 0"):
+        torch_env_from_slurm(_step(procid=5, localid=2, nodeid=1, SLURMD_NODENAME="gpu07"))
+    assert torch_env_from_slurm(_step(procid=5, localid=2, nodeid=0, SLURMD_NODENAME="gpu08"))["NODE_RANK"] == "1"
+
+
+def test_two_steps_of_one_job_meet_on_different_ports():
+    assert master_port(4242, 0) == master_port(4242) and master_port(4242, "1") != master_port(4242)
+    assert torch_env_from_slurm(_step(0, 0, 0, SLURM_STEP_ID="1"))["MASTER_PORT"] == str(master_port(4242, 1))

@@ -12,6 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def short_root():
+    """A node-local root short enough for a per-job TMPDIR under it (pytest's tmp_path is
+    not: AF_UNIX socket paths must stay under 108 bytes, so launch keeps TMPDIR then)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="lr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 # a stand-in rank: records its environment, then behaves as told by argv
 RANK_SCRIPT = r"""
 import json, os, signal, sys, time
@@ -23,7 +35,7 @@ got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append("USR1"))
 signal.signal(signal.SIGTERM, lambda s, f: got.append("TERM"))
 with open(f"{out}/rank{rank}.json", "w") as f:
-    json.dump({k: os.environ.get(k) for k in keys} | {"tmp_exists": os.path.isdir(os.environ["TMPDIR"])}, f)
+    json.dump({k: os.environ.get(k) for k in keys} | {"tmp_exists": os.path.isdir(os.environ.get("TMPDIR") or "/tmp")}, f)
 if mode == "ok":
     sys.exit(0)
 if mode == "fail1":  # rank 1 fails, rank 0 hangs in a "collective" that ignores SIGTERM
@@ -42,19 +54,19 @@ if mode == "preempt":  # wait for the forwarded signal, then exit with the reque
 """
 
 
-def _launch(tmp_path: Path, mode: str, *launch_args: str, **popen) -> subprocess.Popen:
+def _launch(tmp_path: Path, mode: str, *launch_args: str, local: Path | None = None, **popen) -> subprocess.Popen:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(tmp_path / "local"))
+    env.update(PYTHONPATH=str(ROOT), LINRNN_LOCAL_ROOT=str(local or tmp_path / "local"))
     env.pop("LINRNN_DATA_CACHE", None)
     env.pop("OMP_NUM_THREADS", None)  # the launch sets it
     return subprocess.Popen([sys.executable, "-m", "launch", *launch_args, "--", sys.executable, str(script),
                              str(tmp_path), mode], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def test_ranks_get_distinct_ranks_one_rendezvous_and_private_dirs(tmp_path):
-    p = _launch(tmp_path, "ok", "--nproc", "3")
+def test_ranks_get_distinct_ranks_one_rendezvous_and_private_dirs(tmp_path, short_root):
+    p = _launch(tmp_path, "ok", "--nproc", "3", local=short_root)
     _, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     envs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
@@ -63,12 +75,16 @@ def test_ranks_get_distinct_ranks_one_rendezvous_and_private_dirs(tmp_path):
     assert [e["LOCAL_RANK"] for e in envs] == ["0", "1", "2"]
     assert len({e["MASTER_PORT"] for e in envs}) == 1 and envs[0]["MASTER_ADDR"] == "127.0.0.1"
     assert all(e["tmp_exists"] for e in envs) and len({e["TMPDIR"] for e in envs}) == 1
-    assert envs[0]["TMPDIR"].startswith(str(tmp_path / "local" / "linrnn-local"))
-    # one share of the CPUs per rank (the parent had no OMP_NUM_THREADS)
-    assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, (os.cpu_count() or 1) // 3))}
+    assert envs[0]["TMPDIR"].startswith(str(short_root / "linrnn-local"))
+    # one share of the CPUs this process may run on per rank (the parent had no OMP_NUM_THREADS)
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {str(max(1, len(os.sched_getaffinity(0)) // 3))}
     assert "rank 2/3" in err
     # the launch's private directory is gone afterwards
-    assert not list((tmp_path / "local").glob("linrnn-local*"))
+    assert not list(short_root.glob("linrnn-local*"))
+    # under a long root, the ranks keep the environment's TMPDIR (their sockets would not fit)
+    p = _launch(tmp_path, "ok", "--nproc", "2")
+    assert p.wait(timeout=30) == 0
+    assert json.loads((tmp_path / "rank0.json").read_text())["TMPDIR"] == os.environ.get("TMPDIR")
 
 
 def test_a_failing_rank_stops_the_others_and_its_code_wins(tmp_path):
@@ -171,13 +187,12 @@ def test_a_sweep_pins_its_checkpoints_so_pruning_cannot_shift_them(tmp_path, cap
         pick(root, 3, pinned)
 
 
-def test_a_local_launch_removes_its_directory_under_tmpdir(tmp_path):
+def test_a_local_launch_removes_its_directory_under_tmpdir(tmp_path, short_root):
     """Without LINRNN_LOCAL_ROOT the private directory lives under $TMPDIR, which the ranks
     get rewritten to a folder inside it: what is removed is the launch's own directory."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    tmpdir = tmp_path / "t"
-    tmpdir.mkdir()
+    tmpdir = short_root
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LINRNN_"))}
     env.update(PYTHONPATH=str(ROOT), TMPDIR=str(tmpdir), TRITON_CACHE_DIR=str(tmp_path / "triton"))
     r = subprocess.run([sys.executable, "-m", "launch", "--nproc", "2", "--", sys.executable, str(script),
