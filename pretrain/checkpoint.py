@@ -330,19 +330,15 @@ def load_rng(path: Path, rank: int) -> dict[str, Any] | None:
 def load_rng_on_every_rank(path: Path, rank: int) -> dict[str, Any] | None:
     """``load_rng``, collective: a damaged file on one rank stops every rank (its own
     message names the file), rather than leaving the others waiting in their next collective."""
-    from .distributed import ranks_failing
+    from .distributed import fail_together
 
     try:
         state, damaged = load_rng(path, rank), None
     except CheckpointError as e:
         state, damaged = None, e
-    others = ranks_failing(damaged is not None) - (damaged is not None)
-    if damaged is not None:
-        raise damaged
-    if others:
-        raise CheckpointError(f"checkpoint {str(path)!r} is marked complete but the rng files of {others} other "
-                              "rank(s) cannot be read (their messages name them): delete that directory to fall "
-                              "back to the previous checkpoint")
+    fail_together(damaged, lambda n: CheckpointError(
+        f"checkpoint {str(path)!r} is marked complete but the rng files of {n} other rank(s) cannot be read (their "
+        "messages name them): delete that directory to fall back to the previous checkpoint"))
     return state
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -183,10 +183,19 @@ def allreduce_sum(values: list[float | torch.Tensor], dev: torch.device) -> list
 
 
 def ranks_failing(failed: bool) -> int:
-    """How many ranks report ``failed`` (collective; 0 or 1 without a multi-rank process
-    group): a failure one rank finds stops every rank, rather than leaving the others
-    waiting in their next collective until a timeout."""
+    """How many ranks report ``failed`` (collective; 0 or 1 without a multi-rank process group)."""
     return round(allreduce_sum([float(failed)], device())[0])
+
+
+def fail_together(error: Exception | None, others: Callable[[int], Exception]) -> None:
+    """Collective: when any rank has an ``error``, every rank raises (its own, or ``others(n)``
+    for the n ranks that failed), rather than the others waiting in their next collective
+    until a timeout."""
+    failing = ranks_failing(error is not None)
+    if error is not None:
+        raise error
+    if failing:
+        raise others(failing)
 
 
 def broadcast_from_rank0(value: str) -> str:

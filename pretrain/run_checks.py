@@ -257,23 +257,20 @@ def agreed_newest(root: Path) -> Path | None:
     not shared at all, would otherwise resume from another step and load mixed state."""
     import torch.distributed as dist
 
-    from .distributed import broadcast_from_rank0, ranks_failing
+    from .distributed import broadcast_from_rank0, fail_together
 
     newest = ckpt.newest_complete(root)
     mine = str(newest) if newest is not None else ""
     chosen = broadcast_from_rank0(mine)
     seen = chosen == mine or bool(chosen and (Path(chosen) / ckpt.MARKER).is_file())  # late: a directory cache
-    others = ranks_failing(not seen) - (not seen)
     fix = "put checkpoint.dir on a file system that every node shares (not node-local disk)"
-    if not seen:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        raise ckpt.CheckpointError(
-            f"rank 0 resumes from {chosen or 'nothing (a fresh start)'}, but rank {rank} sees "
-            f"{mine or 'no complete checkpoint'} in checkpoint.dir {str(root)!r}: the nodes see different "
-            f"contents there; {fix}")
-    if others:
-        raise ckpt.CheckpointError(f"{others} other rank(s) see other checkpoints than rank 0 in checkpoint.dir "
-                                   f"{str(root)!r} (their messages name them): {fix}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    fail_together(None if seen else ckpt.CheckpointError(
+        f"rank 0 resumes from {chosen or 'nothing (a fresh start)'}, but rank {rank} sees "
+        f"{mine or 'no complete checkpoint'} in checkpoint.dir {str(root)!r}: the nodes see different contents "
+        f"there; {fix}"), lambda n: ckpt.CheckpointError(
+        f"{n} other rank(s) see other checkpoints than rank 0 in checkpoint.dir {str(root)!r} (their messages "
+        f"name them): {fix}"))
     return newest if chosen == mine else Path(chosen)
 
 
