@@ -79,11 +79,11 @@ def passkey_prompt(tok: Tokenizer, length: int, depth: float, key: str,
     def fits(count: int) -> bool:
         return len(prompt(count)[0]) <= length
 
+    if not filler:
+        return prompt(0)
     # the most sentences that fit, measured on the joined text (a sentence tokenized alone
     # costs more: its trailing space is a piece of its own): a guess from one cycle's cost,
     # then galloping and bisection, a few tokenizations of the whole prompt
-    if not filler:
-        return prompt(0)
     base = len(prompt(0)[0])
     if base > length:
         raise ValueError(f"a passkey prompt of {length} tokens cannot hold the needle and the question "
