@@ -108,6 +108,9 @@ def shard_from_env() -> Shard:
             raise ValueError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are not set: start the ranks "
                              "with python -m launch (or torchrun)")
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=GATHER_TIMEOUT)
+        from pretrain.distributed import leave_group_at_exit
+
+        leave_group_at_exit()
     return Shard(rank, world, dist.group.WORLD)
 
 
