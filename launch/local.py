@@ -21,6 +21,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 
+from .slurm_env import LAUNCHED
+
 REQUEUE_EXIT_CODE = 75  # pretrain.preemption.REQUEUE_EXIT_CODE (not imported: no torch here)
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -46,7 +48,8 @@ def rank_envs(base: Mapping[str, str], nproc: int, first_rank: int = 0, world_si
     for i in range(nproc):
         e = dict(base)
         e.update(RANK=str(first_rank + i), WORLD_SIZE=str(world), LOCAL_RANK=str(i), LOCAL_WORLD_SIZE=str(nproc),
-                 MASTER_ADDR=master_addr, MASTER_PORT=port, LINRNN_LAUNCHED="1")
+                 MASTER_ADDR=master_addr, MASTER_PORT=port)
+        e[LAUNCHED] = "1"  # the ranks take these variables as set, not as inherited
         e.setdefault("OMP_NUM_THREADS", threads)
         out.append(e)
     return out
