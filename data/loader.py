@@ -203,11 +203,27 @@ def order_changes(state: dict[str, Any], order: dict[str, Any]) -> list[tuple[st
     """(setting, saved, now) for each ``order_settings`` entry a saved loader state differs in.
 
     Shuffle settings count only when both orders shuffle; a state saved before the order was
-    recorded differs in nothing (it is resumed as before)."""
+    recorded differs in nothing (it is resumed as before). An unset ``shuffle_block_size``
+    counts as the value streaming gives it for the saved canonical node count, so writing
+    that default out is no change."""
     saved = state.get("order") or {}
     shuffled = bool(saved.get("shuffle")) and bool(order.get("shuffle"))
+    nodes = (state.get("streaming") or {}).get("num_canonical_nodes")
+
+    def same(key: str, was: Any, now: Any) -> bool:
+        if key == "shuffle_block_size":
+            return _block_size(was, nodes) == _block_size(now, nodes)
+        return was == now
+
     return [(k, saved[k], v) for k, v in order.items()
-            if k in saved and saved[k] != v and (shuffled or not k.startswith("shuffle_"))]
+            if k in saved and not same(k, saved[k], v) and (shuffled or not k.startswith("shuffle_"))]
+
+
+def _block_size(value: int | None, canonical_nodes: int | None) -> int:
+    """streaming's shuffle block size for ``shuffle_block_size=value`` (its ``_set_shuffle_block_size``)."""
+    if value is not None:
+        return value
+    return max(4_000_000 // canonical_nodes, 1 << 18) if canonical_nodes else 1 << 18
 
 
 def leave_stop_signals_to_the_rank(worker_id: int) -> None:

@@ -244,6 +244,10 @@ def test_resume_refuses_a_state_saved_for_another_sample_order(tmp_path):
         changes, other = data_changes({"data": state, "seq_len": cfg.seq_len, "global_batch_size": BATCH}, run,
                                       {"sources": [{"dataset_id": i, "weight": w} for i, w in state["sources"]]})
         assert other and any(c.startswith(f"data.{key}: checkpoint ") for c in changes), changes
+    # streaming's own default written out is the same order (1 canonical node: 4_000_000)
+    with TokenLoader(data_config(tmp_path / "explicit", prepared(), **base, shuffle_block_size=4_000_000),
+                     BATCH) as ld:
+        ld.load_state_dict(state)
     old = {k: v for k, v in state.items() if k != "order"}  # saved before the order was recorded
     with TokenLoader(data_config(tmp_path / "old", prepared(), **base, shuffle_algo="py1s"), BATCH) as ld:
         ld.load_state_dict(old)
