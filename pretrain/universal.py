@@ -49,16 +49,18 @@ def convert(path: Path, workers: int = 1) -> Path:
     def say_wait() -> None:
         print(f"[universal] another process is converting {path}: waiting for it", flush=True)
 
-    with exclusive(path / ".universal.lock", on_wait=say_wait):
+    with exclusive(path / ".universal.lock", on_wait=say_wait) as turn:
         if out.is_dir():  # made by the conversion we waited for
             return out
-        return _convert_unlocked(path, out, workers)
+        return _convert_unlocked(path, out, workers, sweep=turn.held)
 
 
-def _convert_unlocked(path: Path, out: Path, workers: int) -> Path:
+def _convert_unlocked(path: Path, out: Path, workers: int, sweep: bool = True) -> Path:
+    """``sweep``: remove killed conversions' temporary folders, safe only under the lock (where
+    the file system has none, another conversion may be writing its folder right now)."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    for stale in path.glob(f"{TMP_PREFIX}*"):  # a killed conversion's (none runs: we hold the lock)
+    for stale in path.glob(f"{TMP_PREFIX}*") if sweep else ():
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path))
     args = argparse.Namespace(input_folder=str(path / DS_TAG), output_folder=str(tmp / DS_TAG),

@@ -213,5 +213,33 @@ def test_universal_conversion_failure_is_clean_and_a_finished_one_is_reused(tmp_
     assert len(said) == 1
 
 
+def test_universal_conversion_sweeps_stale_temp_folders_only_under_its_lock(tmp_path, monkeypatch):
+    """Where the file system has no locks, another conversion may be writing its temporary
+    folder right now: removing it could publish that conversion incomplete."""
+    import errno
+    import fcntl
+
+    from pretrain import checkpoint as ckpt
+    from pretrain import universal
+
+    step = ckpt.step_dir(tmp_path, 4)
+    (step / ckpt.DS_TAG).mkdir(parents=True)
+    torch.save({"not": "a ZeRO file"}, step / ckpt.DS_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    other = step / f"{universal.TMP_PREFIX}other"
+    other.mkdir()
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "no locks here")
+
+    with monkeypatch.context() as m:
+        m.setattr(fcntl, "flock", no_locks)
+        with pytest.raises(KeyError, match="optimizer_state_dict"):  # the converter, on this file
+            universal.convert(step)
+    assert other.is_dir()  # perhaps another conversion's, in progress
+    with pytest.raises(KeyError, match="optimizer_state_dict"):
+        universal.convert(step)
+    assert not other.exists()  # under the lock no other conversion runs: a killed one's
+
+
 if __name__ == "__main__":
     _driver(Path(sys.argv[1]), sys.argv[2])
