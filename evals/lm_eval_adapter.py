@@ -36,6 +36,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .hub_probe import offline_if_hub_unreachable
 from .prompts import PromptCoder
 from .report import write_json, write_text
 from .sharding import rank_device, shard_from_env
@@ -221,6 +222,7 @@ def score(export: str, tasks: list[str], out: Path, *, device: str | None = None
     """lm_eval ``tasks`` on an export, written to ``out/results.json`` and ``results.md`` by rank
     0 (which returns them; other ranks return None). An unknown task is a ValueError, a dataset
     that is neither cached nor downloadable a HubUnreachableError (one too)."""
+    offline_if_hub_unreachable()  # before lm_eval imports datasets
     from lm_eval import __version__ as lm_eval_version
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -262,6 +264,7 @@ def score(export: str, tasks: list[str], out: Path, *, device: str | None = None
 def main() -> int:
     """lm_eval's CLI with the ``linrnn`` model registered; a bad checkpoint or a dataset the
     Hub cannot give is one line, exit 2."""
+    offline_if_hub_unreachable()  # before lm_eval imports datasets
     from lm_eval.__main__ import cli_evaluate
 
     try:

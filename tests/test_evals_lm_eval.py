@@ -162,6 +162,29 @@ def test_the_lm_eval_suite_refuses_unknown_tasks_and_presets(exported, tmp_path,
     assert "name the tasks" in capsys.readouterr().err
 
 
+def test_the_suite_reads_the_cache_only_when_the_hub_is_unreachable(exported, tmp_path, monkeypatch, capsys) -> None:
+    """Without offline mode, an unreachable Hub (here a closed local port as HF_ENDPOINT) turns
+    it on before lm_eval loads anything, instead of five retries per dataset."""
+    import os
+    import socket
+
+    from evals.cli import main as eval_main
+    from evals.hub_probe import OFFLINE_VARS
+
+    for var in (*OFFLINE_VARS, "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+    out, _, _ = exported
+    assert eval_main([str(out), "--suite", "lm_eval:no_such_task", "--out", str(tmp_path / "a"),
+                      "--lm-eval-include", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "[evals] the Hugging Face Hub (127.0.0.1:" in err and "lm_eval has no task 'no_such_task'" in err
+    assert [os.environ.get(v) for v in OFFLINE_VARS] == ["1", "1"]
+
+
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, monkeypatch, capsys) -> None:
     from evals.lm_eval_adapter import main
 
