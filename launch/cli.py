@@ -8,7 +8,9 @@
   and exit with the combined code (75 = preempted, requeue), like torchrun.
 
 ``python -m launch --clean`` removes this job's directory on this node (the sbatch
-scripts run it once per node when a job is over for good).
+scripts run it once per node when a job is over for good). Under SLURM, each launch
+also removes, once per node, the directories there of this user's earlier jobs that SLURM
+no longer knows (``launch.stale_dirs``; LINRNN_KEEP_STALE_JOB_DIRS=1 turns it off).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 import shutil
 import sys
 
-from . import local, slurm_env
+from . import local, slurm_env, stale_dirs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[launch] error: {e}", file=sys.stderr)
             return 2
         env[slurm_env.LAUNCHED] = "1"  # the ranks take these variables as set, not as inherited
+        if tenv["LOCAL_RANK"] == "0":  # once per node; before TMPDIR below moves the local root
+            stale_dirs.sweep(env)
         env.update(slurm_env.job_dirs_env(env))
         if env.get("SLURM_CPUS_PER_TASK") and args.nproc == 1:
             env.setdefault("OMP_NUM_THREADS", env["SLURM_CPUS_PER_TASK"])
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             e["NODE_RANK"] = tenv["NODE_RANK"]
         return _run(cmd, envs, args)
     private = slurm_env.job_dir(env)  # before TMPDIR below points into it
+    stale_dirs.sweep(env)  # inside a SLURM job only (e.g. sbatch --wrap "python -m launch --nproc 8 ...")
     env.update(slurm_env.job_dirs_env(env))
     envs = local.rank_envs(env, args.nproc)
     try:
