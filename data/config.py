@@ -18,6 +18,20 @@ def _rng(default, **bounds):
     return field(default=default, metadata=bounds)
 
 
+def local_path(path: str) -> str:
+    """``file:///abs/dir`` as ``/abs/dir`` (URLs of local directories are read and written in
+    place, like plain paths); any other path or URL unchanged."""
+    if not path.startswith("file://"):
+        return path
+    from urllib.parse import unquote, urlsplit
+
+    url = urlsplit(path)
+    if url.netloc not in ("", "localhost"):
+        raise ValueError(f"{path!r} names a directory on host {url.netloc!r}: a file:// URL must be local "
+                         "(file:///absolute/path)")
+    return unquote(url.path)
+
+
 _BOUNDS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
            "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
 
@@ -57,6 +71,12 @@ class DataSource:
     # three quarters from the first). None on every source: each is read once per epoch,
     # i.e. in proportion to its size, as if the datasets were one (Megatron's default).
     weight: float | None = _rng(None, gt=0.0)
+
+    def __post_init__(self) -> None:
+        try:
+            self.path = local_path(self.path)
+        except ValueError as e:  # "key: message", as ``check`` methods raise
+            raise ValueError(f"path: {e}") from None
 
 
 @dataclass
@@ -155,3 +175,11 @@ class PrepareConfig:
     # complete dataset to ``<out>/part-XXXXX``; training reads ``<out>`` as all parts together.
     parts: int = _rng(1, ge=1)
     part: int = _rng(0, ge=0)
+
+    def __post_init__(self) -> None:
+        from .errors import DataError
+
+        try:
+            self.out = local_path(self.out)
+        except ValueError as e:
+            raise DataError(f"--out {e}") from None

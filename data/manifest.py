@@ -27,6 +27,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from .config import local_path
 from .errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -174,6 +175,10 @@ def join_path(root: str, name: str) -> str:
 def read_dataset(root: str, cache_dir: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     """[(path, manifest)] of a prepared dataset: itself, or, for the ``<out>`` of a preparation
     in parts, every part in order, all of one preparation and all complete; else DataError."""
+    try:
+        root = local_path(root)  # file:///dir is /dir
+    except ValueError as e:
+        raise DataError(str(e)) from None
     try:
         return [(root, read_manifest(root, Path(cache_dir) / "whole"))]
     except DataError as whole_error:

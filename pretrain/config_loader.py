@@ -228,7 +228,10 @@ def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         value = _coerce(v, hints[k], key)
         _check_range(value, fields[k].metadata, key)
         kwargs[k] = value
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ValueError as e:  # a field's own normalisation (``__post_init__``) raises "key: message"
+        raise ConfigError(f"config key {prefix + '.' if prefix else ''}{e}") from None
     check = getattr(obj, "check", None)
     if callable(check):
         try:

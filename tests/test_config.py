@@ -83,6 +83,8 @@ def test_save_and_reload_exactly(run_yaml, tmp_path):
         ("model.mlp_expand=-1", "model.mlp_expand: must be > 0"),
         ("max_steps=2.5e1x", "'max_steps': expected an integer, got '2.5e1x'"),
         ("data.sources=[{path:/x}]", "'data.sources[0].path:/x' (YAML needs a space after ':': path: /x)"),
+        ("data.sources=[{path: 'file://nas/x'}]", "config key data.sources[0].path: 'file://nas/x' names a "
+                                                 "directory on host 'nas': a file:// URL must be local"),
     ],
 )
 def test_bad_config_names_the_key(run_yaml, override, fragment):

@@ -256,3 +256,28 @@ def test_resume_refuses_a_state_saved_for_another_sample_order(tmp_path):
     with TokenLoader(data_config(tmp_path / "plain2", prepared(), **base, shuffle=False, shuffle_algo="py1s",
                                  shuffle_seed=5), BATCH) as ld:
         ld.load_state_dict(unshuffled)
+
+
+def test_a_file_url_is_read_as_the_local_directory(tmp_path):
+    """``file:///dir`` names a local dataset like ``/dir`` (config, loader and inspect alike)."""
+    from data.config import DataSource, PrepareConfig, local_path
+    from data.errors import DataError
+    from data.manifest import read_dataset
+
+    path = prepared()
+    assert local_path(f"file://{path}") == str(path) == local_path(str(path))
+    assert local_path("file://localhost/a%20b") == "/a b" and local_path("s3://bucket/x") == "s3://bucket/x"
+    assert DataSource(path=f"file://{path}").path == str(path)
+    with pytest.raises(ValueError, match="path: 'file://nas/x' names a directory on host 'nas'"):
+        DataSource(path="file://nas/x")
+    assert PrepareConfig(out=f"file://{tmp_path}/out").out == f"{tmp_path}/out"
+    with pytest.raises(DataError, match="--out 'file://nas/x' names a directory on host"):
+        PrepareConfig(out="file://nas/x")
+    [(root, manifest)] = read_dataset(f"file://{path}", tmp_path / "meta")
+    assert root == str(path) and manifest["splits"]["train"]["sequences"] > 0
+    cfg = data_config(tmp_path, prepared())
+    cfg.sources = [DataSource(path=f"file://{path}")]
+    with TokenLoader(cfg, BATCH, shuffle=False) as by_url, \
+            TokenLoader(data_config(tmp_path / "plain", prepared()), BATCH, shuffle=False) as plain:
+        assert _keys(by_url, max_batches=2) == _keys(plain, max_batches=2)
+
