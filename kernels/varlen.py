@@ -7,7 +7,67 @@ gather back. Right padding is harmless when the padded steps are identity transi
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Any
+
 import torch
+
+MEMO_ENTRIES = 8  # offsets tensors remembered at once (micro-batches in flight, e.g. under a pipeline)
+
+
+class _Offsets:
+    """One offsets tensor's values on the host, and what ops derived from them."""
+
+    def __init__(self, t: torch.Tensor, version: int) -> None:
+        self.ref, self.version, self.ptr = weakref.ref(t), version, t.data_ptr()
+        self.values: list[int] = t.tolist()
+        self.nondecreasing = all(b >= a for a, b in zip(self.values, self.values[1:]))
+        self.derived: dict[Hashable, Any] = {}
+
+    def matches(self, t: torch.Tensor, version: int) -> bool:
+        return self.ref() is t and self.version == version and self.ptr == t.data_ptr()
+
+
+_memo: OrderedDict[int, _Offsets] = OrderedDict()
+
+
+def _offsets(cu_seqlens: torch.Tensor) -> _Offsets:
+    """The memo entry of ``cu_seqlens``: read back from its device once per tensor.
+
+    Every layer of a packed forward, and of its backward, gets the same offsets tensor.
+    Reading a CUDA tensor on the host waits for all the work queued before it, so reading it
+    in each op drained the GPU's queue several times per layer and step. An entry holds while
+    its tensor lives unchanged (same object, version counter and storage); tensors whose
+    version is not tracked (made under ``torch.inference_mode``) are read every time."""
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:  # an inference tensor: may change in place untracked
+        return _Offsets(cu_seqlens, -1)
+    entry = _memo.get(id(cu_seqlens))
+    if entry is not None and entry.matches(cu_seqlens, version):
+        _memo.move_to_end(id(cu_seqlens))
+        return entry
+    entry = _memo[id(cu_seqlens)] = _Offsets(cu_seqlens, version)
+    _memo.move_to_end(id(cu_seqlens))
+    while len(_memo) > MEMO_ENTRIES:
+        _memo.popitem(last=False)
+    return entry
+
+
+def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
+    """``cu_seqlens.tolist()``, once per tensor (see ``_offsets``); do not modify the list."""
+    return _offsets(cu_seqlens).values
+
+
+def derived_from_offsets(cu_seqlens: torch.Tensor, key: Hashable, make: Callable[[list[int]], Any]) -> Any:
+    """``make(offsets)`` once per offsets tensor and ``key`` (e.g. an op's chunk tables on a
+    device), shared by every layer and the backward that get the same tensor."""
+    entry = _offsets(cu_seqlens)
+    if key not in entry.derived:
+        entry.derived[key] = make(entry.values)
+    return entry.derived[key]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, batch: int, op: str) -> None:
@@ -17,10 +77,11 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, batch: int, op: str) 
         raise ValueError(f"{op}: cu_seqlens must be 1-D with at least 2 entries")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    cs = cu_seqlens.tolist()
+    entry = _offsets(cu_seqlens)
+    cs = entry.values
     if cs[0] != 0 or cs[-1] != total:
         raise ValueError(f"{op}: cu_seqlens must start at 0 and end at T={total}, got {cs[0]}..{cs[-1]}")
-    if any(b < a for a, b in zip(cs, cs[1:])):
+    if not entry.nondecreasing:
         raise ValueError(f"{op}: cu_seqlens must be non-decreasing")
 
 
@@ -60,5 +121,5 @@ def seq_bounds(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> list
     """(sequence index, start, end) for each independent sequence: rows of the batch, or documents."""
     if cu_seqlens is None:
         return [(b, 0, length) for b in range(batch)]
-    cs = cu_seqlens.tolist()
+    cs = host_offsets(cu_seqlens)
     return [(i, cs[i], cs[i + 1]) for i in range(len(cs) - 1)]

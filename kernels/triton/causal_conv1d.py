@@ -164,7 +164,7 @@ def _blocks(D: int, block_t: int | None) -> tuple[int, int]:
 
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, state, doc, cu, silu, block_t):
+    def forward(ctx, x, weight, bias, state, doc, cu, silu, block_t, want_final):
         L, D = x.shape
         W = weight.shape[1]
         N = cu.numel() - 1
@@ -175,14 +175,16 @@ class _CausalConv1d(torch.autograd.Function):
             x, weight, bias if bias is not None else dummy, state if state is not None else dummy,
             y, doc, cu, L, D, W=W, HAS_BIAS=bias is not None, HAS_STATE=state is not None,
             SILU=silu, BT=BT, BD=BD)
+        ctx.save_for_backward(x, weight, bias, state, doc, cu)
+        ctx.cfg = (silu, BT, BD)
+        ctx.set_materialize_grads(False)
+        if not want_final:  # training: no state to hand on, so none is made
+            return y, None
         final = torch.zeros(N, D, W - 1, device=x.device, dtype=torch.float32)
         if W > 1 and N > 0:
             _conv_final_state_kernel[(N, triton.cdiv(D, BD))](
                 x, state if state is not None else dummy, final, cu, D, W=W,
                 HAS_STATE=state is not None, BD=BD)
-        ctx.save_for_backward(x, weight, bias, state, doc, cu)
-        ctx.cfg = (silu, BT, BD)
-        ctx.set_materialize_grads(False)
         return y, final
 
     @staticmethod
@@ -217,7 +219,7 @@ class _CausalConv1d(torch.autograd.Function):
             dstate = dstate.to(state.dtype)
         dw = dwp.sum(0).t().to(weight.dtype)
         db = dbp.sum(0).to(bias.dtype) if bias is not None else None
-        return dx, dw, db, dstate, None, None, None, None
+        return dx, dw, db, dstate, None, None, None, None, None
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -238,7 +240,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     state = initial_state.contiguous() if initial_state is not None else None
     y, final = _CausalConv1d.apply(x.reshape(Bsz * T, D).contiguous(), weight.contiguous(),
                                    bias.contiguous() if bias is not None else None, state, doc, cu,
-                                   activation == "silu", block_t)
+                                   activation == "silu", block_t, output_final_state)
     final = final.to(torch.promote_types(x.dtype, torch.float32)) if output_final_state else None
     return y.view(Bsz, T, D), final
 

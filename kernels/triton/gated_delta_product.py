@@ -14,6 +14,7 @@ import torch
 import triton
 
 from ..dispatch import register_triton
+from ..varlen import derived_from_offsets, host_offsets
 from .gated_delta_product_bwd import (
     gdp_dd_local_kernel,
     gdp_dh_kernel,
@@ -110,10 +111,16 @@ class _Problem:
         self.n_h, self.V = k.shape[2], v.shape[-1]
         self.B, self.T, self.H, self.K = B, T, H, K
         self.scale = float(scale)
-        # Offsets on the host: a dense batch needs no device sync to lay out its chunks.
-        cs = [b * T for b in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
+        # Offsets on the host: a dense batch needs no device sync to lay out its chunks, and a
+        # packed one reads its offsets and builds its tables once for all layers (varlen memo).
+        if cu_seqlens is None:
+            cs = [b * T for b in range(B + 1)]
+            self.bt, self.chunks, self.seq_chunk, self.NC = chunk_layout(cs, self.n_h, q.device)
+        else:
+            cs = host_offsets(cu_seqlens)
+            self.bt, self.chunks, self.seq_chunk, self.NC = derived_from_offsets(
+                cu_seqlens, ("gdp_chunks", self.n_h, q.device), lambda c: chunk_layout(c, self.n_h, q.device))
         self.N = len(cs) - 1
-        self.bt, self.chunks, self.seq_chunk, self.NC = chunk_layout(cs, self.n_h, q.device)
         self.q = q.reshape(B * T, H, K).contiguous()
         self.k = k.reshape(B * T * self.n_h, H, K).contiguous()
         self.v = v.reshape(B * T * self.n_h, H, self.V).contiguous()

@@ -87,7 +87,8 @@ class LocalAttention(nn.Module):
         ar = torch.arange(T, device=x.device)
         if cu_seqlens is not None:
             cs = cu_seqlens.to(device=x.device, dtype=torch.long)
-            doc = torch.repeat_interleave(torch.arange(cs.numel() - 1, device=x.device), cs[1:] - cs[:-1])
+            doc = torch.repeat_interleave(torch.arange(cs.numel() - 1, device=x.device), cs[1:] - cs[:-1],
+                                          output_size=T)  # sized here, not by a read back from the GPU
             return doc[None], (ar - cs[doc])[None]
         doc = torch.zeros(Bsz, T, dtype=torch.long, device=x.device)
         pos = ar[None].expand(Bsz, T) if start is None else start[:, None] + ar[None]

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.varlen import host_offsets
+
 Rows = Sequence[Sequence[int]] | torch.Tensor
 
 
@@ -53,8 +55,8 @@ def check_row_boundaries(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> 
     """Raise unless ``cu_seqlens`` spans ``batch*seq_len`` tokens and contains every row boundary."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a 1-D tensor of at least 2 offsets")
-    rows = torch.arange(0, batch * seq_len + 1, seq_len, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    if int(cu_seqlens[-1]) != batch * seq_len or not bool(torch.isin(rows, cu_seqlens).all()):
+    cs = host_offsets(cu_seqlens)  # read once per batch, shared with the kernels (no extra sync)
+    if cs[-1] != batch * seq_len or not set(range(0, batch * seq_len + 1, seq_len)) <= set(cs):
         raise ValueError(
             f"cu_seqlens must end at B*T={batch * seq_len} and contain every row boundary "
             f"(multiples of T={seq_len}); build it with cu_seqlens_from_lengths/_from_starts"

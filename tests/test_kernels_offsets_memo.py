@@ -1,0 +1,134 @@
+"""cu_seqlens is read back to the host once per tensor, not once per op: every layer of a packed
+forward and its backward share the read (and GatedDeltaProduct's chunk tables), since on a GPU
+each read waits for all the work queued before it."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from kernels import varlen
+from kernels.varlen import check_cu_seqlens, derived_from_offsets, host_offsets
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts ``tolist`` calls on int tensors (offsets), by tensor id."""
+    counts: collections.Counter = collections.Counter()
+    real = torch.Tensor.tolist
+
+    def tolist(self):
+        if not self.is_floating_point():
+            counts[id(self)] += 1
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(varlen, "_memo", collections.OrderedDict())
+    return counts
+
+
+def test_one_read_per_tensor_until_it_changes(reads) -> None:
+    cu = torch.tensor([0, 3, 7, 10], dtype=torch.int32)
+    for _ in range(3):
+        check_cu_seqlens(cu, 10, 1, "op")
+        assert host_offsets(cu) == [0, 3, 7, 10]
+    assert reads[id(cu)] == 1
+    cu[1] = 4  # in place: the version counter moves, so it is read again
+    assert host_offsets(cu) == [0, 4, 7, 10] and reads[id(cu)] == 2
+    other = cu.clone()  # equal values, another tensor
+    assert host_offsets(other) == [0, 4, 7, 10] and reads[id(other)] == 1
+    with torch.inference_mode():  # untracked versions: read every time
+        frozen = torch.tensor([0, 5], dtype=torch.int32)
+        host_offsets(frozen), host_offsets(frozen)
+    assert reads[id(frozen)] == 2
+
+
+def test_checks_still_refuse_bad_offsets_every_time(reads) -> None:
+    bad = torch.tensor([0, 5, 3, 8])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="non-decreasing"):
+            check_cu_seqlens(bad, 8, 1, "op")
+        with pytest.raises(ValueError, match="end at T=9"):
+            check_cu_seqlens(torch.tensor([0, 3, 8]), 9, 1, "op")
+    assert reads[id(bad)] == 1
+
+
+def test_derived_values_are_made_once_per_tensor_and_key_and_entries_are_bounded(reads) -> None:
+    made = []
+
+    def make(cs):
+        made.append(list(cs))
+        return len(cs)
+
+    cu = torch.tensor([0, 2, 6])
+    assert [derived_from_offsets(cu, ("k", n), make) for n in (1, 1, 2, 2)] == [3, 3, 3, 3]
+    assert len(made) == 2
+    keep = [torch.tensor([0, i + 1]) for i in range(varlen.MEMO_ENTRIES)]  # alive: ids stay distinct
+    for t in keep:
+        host_offsets(t)
+    assert len(varlen._memo) == varlen.MEMO_ENTRIES and id(cu) not in varlen._memo  # the oldest went
+    derived_from_offsets(cu, ("k", 1), make)
+    assert len(made) == 3 and reads[id(cu)] == 2
+
+
+@pytest.fixture(scope="module")
+def triton_backend():
+    pytest.importorskip("triton")
+    from kernel_checks import interpreted_module
+    from kernels.triton.aot import KERNEL_MODULES
+
+    with interpreted_module(*KERNEL_MODULES), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LINRNN_KERNEL_BACKEND", "triton")
+        yield
+
+
+@pytest.mark.parametrize("family", ["gated_deltaproduct", "mamba2", "griffin"])
+def test_a_packed_forward_and_backward_read_the_offsets_once(triton_backend, reads, family) -> None:
+    """Three layers, each with several varlen ops (convolutions, the mixer's scan), under
+    activation checkpointing (the backward runs every op again): one read in all."""
+    from model_families import small_config
+    from pretrain.engine import apply_activation_checkpointing
+    from pretrain.models.lm import LanguageModel
+    from pretrain.models.packing import cu_seqlens_from_lengths
+
+    torch.manual_seed(0)
+    cfg = small_config(family, n_layers=3, window=16)
+    lm = LanguageModel(cfg)
+    apply_activation_checkpointing(lm)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64))
+    cu = cu_seqlens_from_lengths([[20, 30, 14], [64]], 64)
+    lm.loss(ids, ids, cu_seqlens=cu).backward()
+    assert reads[id(cu)] == 1
+    assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gated_deltaproduct", "mamba2", "griffin"])
+def test_a_packed_step_on_a_gpu_syncs_a_few_times_whatever_the_depth(family, monkeypatch) -> None:
+    """CUDA's sync debug mode counts the host waits of one forward and backward: reading the
+    offsets and uploading GatedDeltaProduct's chunk tables, once per batch, not per layer."""
+    import warnings
+
+    from model_families import small_config
+    from pretrain.models.lm import LanguageModel
+    from pretrain.models.packing import cu_seqlens_from_lengths
+
+    monkeypatch.setenv("LINRNN_KERNEL_BACKEND", "triton")
+    torch.manual_seed(0)
+    syncs = {}
+    for layers in (2, 6):
+        lm = LanguageModel(small_config(family, n_layers=layers, d_model=64, window=16)).cuda()
+        ids = torch.randint(0, lm.config.vocab_size, (4, 256), device="cuda")
+        for attempt in range(2):  # the first compiles (and may sync while loading kernels)
+            cu = cu_seqlens_from_lengths([[100, 156], [256], [1, 255], [128, 128]], 256, device="cuda")
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    lm.loss(ids, ids, cu_seqlens=cu).backward()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        syncs[layers] = [str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs[6]) == len(syncs[2]) <= 4, syncs
