@@ -7,8 +7,10 @@ CPU generator re-seeded with ``part_seed(base, part)``; the order in which parts
 built, and which process builds them, no longer matters.
 
 The scheme: Linear/Embedding ~ N(0, initializer_range), biases 0, norms 1; residual-branch
-outputs (mixer ``out_proj``, MLP ``down_proj``) scaled by 1/sqrt(2 n_layers) (GPT-2) so
-the residual stream's variance does not grow with depth; then each mixer's own scheme.
+outputs (mixer ``out_proj``, MLP ``down_proj``) scaled by 1/sqrt(branches), the number of
+residual additions in the stack (GPT-2's 2 n_layers; n_layers without MLPs, as mamba_ssm's
+``n_residuals_per_layer``), so the residual stream's variance does not grow with depth;
+then each mixer's own scheme.
 With ``embedding_scale`` (Griffin) the embedding is drawn with std 1/sqrt(d) so that the
 scaled embedding has unit variance.
 """
@@ -76,12 +78,17 @@ def init_embedding(embed: nn.Embedding, config: ModelConfig, base: int) -> None:
         nn.init.normal_(embed.weight, 0.0, std)
 
 
+def residual_branches(config: ModelConfig) -> int:
+    """Residual additions in the stack: a mixer per layer, and an MLP per layer unless there is none."""
+    return max(config.n_layers, 1) * (1 if config.mlp_type == "none" else 2)
+
+
 @torch.no_grad()
 def init_block(block: nn.Module, config: ModelConfig, base: int) -> None:
     """``block`` is a ``Block`` (pre-norm mixer + optional MLP)."""
     with seeded(base, block_part(block.layer_idx)):
         init_generic(block, config.initializer_range)
-        residual_scale = 1.0 / math.sqrt(2 * max(config.n_layers, 1))
+        residual_scale = 1.0 / math.sqrt(residual_branches(config))
         out_proj = getattr(block.mixer, "out_proj", None)
         if isinstance(out_proj, nn.Linear):
             out_proj.weight.mul_(residual_scale)
