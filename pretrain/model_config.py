@@ -53,6 +53,10 @@ class RGLRUConfig:
     lru_width: int | None = None  # defaults to d_model
     num_heads: int = 4  # blocks of the block-diagonal gate linears
     conv_size: int = 4
+    # Λ's initial range, uniform in a² over [0.9², 0.999²]. "paper" (Griffin, §2.4): the decay at
+    # gate 1, a^c. "recurrentgemma" (its released code): the base a = exp(-softplus(Λ)), so the
+    # decay at gate 1, a^8, starts in [0.43, 0.992]: shorter memories at initialisation.
+    a_init: Literal["paper", "recurrentgemma"] = "paper"
 
 
 @dataclass

@@ -168,6 +168,19 @@ def test_a_init_is_uniform_in_a_squared_within_range_at_gate_one():
     assert (counts / a2.numel() - 0.25).abs().max() < 0.04
 
 
+def test_recurrentgemma_a_init_puts_the_range_on_the_base_decay():
+    """rglru.a_init=recurrentgemma: exp(-softplus(Λ)) in [0.9, 0.999] (its released code), so
+    the decay at gate 1 is that to the 8th power."""
+    torch.manual_seed(4)
+    cfg = RGLRUConfig(lru_width=4096, num_heads=8, a_init="recurrentgemma")
+    m = RGLRUBlock(ModelConfig(d_model=D_MODEL, rglru=cfg), 0)
+    base = torch.exp(-F.softplus(m.a_param.detach().double()))
+    assert base.min() >= 0.9 - 1e-6 and base.max() <= 0.999 + 1e-6
+    assert base.square().mean().item() == pytest.approx((0.9**2 + 0.999**2) / 2, abs=0.005)
+    decay = base**8
+    assert decay.min() < 0.5 and decay.max() > 0.98
+
+
 def test_sqrt_gradient_is_bounded_and_exact_away_from_zero():
     x = torch.tensor([0.0, 1e-12, 0.25, 4.0], requires_grad=True)
     sqrt_bound_derivative(x).sum().backward()

@@ -102,20 +102,23 @@ class RGLRUBlock(nn.Module):
         self.input_gate = BlockDiagLinear(self.lru_width, cfg.num_heads)
         self.a_gate = BlockDiagLinear(self.lru_width, cfg.num_heads)
         self.a_param = nn.Parameter(torch.empty(self.lru_width))
+        self.a_init = cfg.a_init
         self.a_param._no_weight_decay = True  # type: ignore[attr-defined]
         self.out_proj = nn.Linear(self.lru_width, self.d_model)
         self.reset_mixer_parameters()
 
     @torch.no_grad()
     def reset_mixer_parameters(self) -> None:
-        """Λ so that a = exp(-c·softplus(Λ)) at gate 1 is uniform in a² over [0.9², 0.999²].
+        """Λ so that a = exp(-c·softplus(Λ)) at gate 1 is uniform in a² over [0.9², 0.999²]
+        (the paper); with ``rglru.a_init=recurrentgemma`` a = exp(-softplus(Λ)) is (its code).
 
         Also re-draws the block-diagonal gates and zeroes the biases of the projections
         (the LM's generic init only touches the ``nn.Linear`` weights).
         """
         lo, hi = A_INIT_RANGE
         a2 = torch.empty(self.lru_width, device=self.a_param.device, dtype=torch.float64).uniform_(lo**2, hi**2)
-        softplus_lambda = -0.5 * torch.log(a2) / RGLRU_C  # softplus(Λ) = -log(a) / c
+        # softplus(Λ) = -log(a) / c for the decay at gate 1 (paper), -log(a) for the base (code)
+        softplus_lambda = -0.5 * torch.log(a2) / (RGLRU_C if self.a_init == "paper" else 1.0)
         self.a_param.copy_(torch.log(torch.expm1(softplus_lambda)))  # inverse softplus
         self.input_gate.reset_parameters()
         self.a_gate.reset_parameters()
