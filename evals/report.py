@@ -47,6 +47,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _metric_name(task: str, is_mqar: bool) -> str:
+    """What the table and plot show for ``task``: per-query accuracy (MQAR), the cumulative
+    sequence accuracy of tasks labelled at every prefix, else the final answer's accuracy."""
+    if is_mqar:
+        return "per-query accuracy"
+    from .tasks import make_task
+
+    try:
+        prefix_scored = make_task(task).prefix_scored
+    except ValueError:  # a task name this version does not know: the common case
+        prefix_scored = True
+    return "cumulative sequence accuracy" if prefix_scored else "accuracy of the final answer"
+
+
 def benchmark_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
     lines = ["# Architecture benchmark", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
@@ -56,8 +70,9 @@ def benchmark_markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> st
         is_mqar = any(c["pairs"] for c in conds)
         names = [f"{c['length']}/{c['pairs']}" if is_mqar else str(c["length"]) for c in conds]
         metric = "token_acc" if is_mqar else "seq_acc"
+        what = _metric_name(task, is_mqar)
         lines += ["", f"## {task}", "",
-                  f"{'Per-query accuracy (%) at seq_len/pairs' if is_mqar else 'Cumulative sequence accuracy (%) by length'}; "
+                  f"{what[0].upper() + what[1:]} (%) {'at seq_len/pairs' if is_mqar else 'by length'}; "
                   f"trained up to length {trows[0]['train_max']}; best learning rate of the sweep, mean over seeds.", ""]
         cols = ["model", "params", "lr", "converged", "steps", "val acc", "longest solved", *names]
         lines.append("| " + " | ".join(cols) + " |")
@@ -95,7 +110,7 @@ def benchmark_plots(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         if not is_mqar:
             ax.axvline(trows[0]["train_max"], color="grey", linestyle=":", label="longest trained")
         ax.set_xlabel("seq_len / pairs" if is_mqar else "sequence length")
-        ax.set_ylabel("accuracy" if is_mqar else "cumulative sequence accuracy")
+        ax.set_ylabel(_metric_name(task, is_mqar))
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(task)
         ax.grid(alpha=0.3)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 PARITY_MODEL = ["n_layers=1", "d_model=32", "deltaproduct.num_heads=2", "deltaproduct.head_dim=16",
                 "deltaproduct.num_householder=1", "deltaproduct.use_forget_gate=false",
                 "deltaproduct.conv_size=0", "deltaproduct.use_output_gate=false", "mlp_type=none"]
-PARITY = BenchTask("parity", tuple(Condition(L) for L in range(2, 11)), (Condition(10), Condition(40)))
+PARITY = BenchTask("parity_tagged", tuple(Condition(L) for L in range(2, 11)), (Condition(10), Condition(40)))
 PARITY_TRAIN = TrainConfig(steps=150, batch_size=32, lr=1e-2, warmup=10, eval_every=25,
                            stop_metric="sequence", seed=0)
 

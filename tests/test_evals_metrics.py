@@ -48,7 +48,7 @@ def test_longest_solved_stops_at_the_first_failure() -> None:
 
 
 def test_prefix_scored_evaluation_finds_where_sequences_break() -> None:
-    task = make_task("parity")
+    task = make_task("parity_tagged")
     conds = [Condition(L) for L in (4, 8, 16, 32)]
     perfect = evaluate_task(ParityOracle(), task, conds, 200, torch.Generator().manual_seed(0))
     assert [p.seq_acc for p in perfect.points] == [1.0] * 4 and len(perfect.curve) == 32

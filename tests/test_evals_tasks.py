@@ -42,6 +42,9 @@ def test_parity_labels_are_running_parity() -> None:
     assert y[:, -1].tolist() == [sum(r) % 2 for r in x.tolist()]
     with pytest.raises(ValueError, match="scoring"):
         ParityTask(scoring="middle")
+    # the task names: "parity" scores the final answer (Grazzi et al.), "parity_tagged" every prefix
+    assert (make_task("parity").scoring, make_task("parity_tagged").scoring) == ("last", "every")
+    assert (make_task("parity").name, make_task("parity_tagged").name) == ("parity", "parity_tagged")
 
 
 def _perms(n: int, even: bool) -> list[tuple[int, ...]]:

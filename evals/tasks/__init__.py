@@ -10,7 +10,7 @@ from .modular import ModularArithmeticTask
 from .mqar import MQARTask
 
 GROUPS = ("s3", "s4", "a5", "s5", "z60")
-TASK_NAMES = ("mqar", "parity", "modular_arithmetic", "modular_arithmetic_brackets", *GROUPS)
+TASK_NAMES = ("mqar", "parity", "parity_tagged", "modular_arithmetic", "modular_arithmetic_brackets", *GROUPS)
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
@@ -18,8 +18,8 @@ def make_task(name: str, **kwargs: Any) -> Task:
     key = name.lower()
     if key == "mqar":
         return MQARTask(**kwargs)
-    if key == "parity":
-        return ParityTask(**kwargs)
+    if key in ("parity", "parity_tagged"):  # the final answer scored (the literature's form), or every prefix
+        return ParityTask(**{"scoring": "last" if key == "parity" else "every", **kwargs})
     if key in ("modular_arithmetic", "modular_arithmetic_brackets"):
         return ModularArithmeticTask(brackets=key.endswith("brackets"), **kwargs)
     if key[:1] in ("s", "a", "z") and key[1:].isdigit():

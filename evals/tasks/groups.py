@@ -89,11 +89,11 @@ class GroupWordTask:
 class ParityTask:
     """Bits in, running parity out (the word problem of Z2 on tokens 0/1).
 
-    ``scoring="every"`` labels every position (token tagging, as for the groups);
-    ``scoring="last"`` labels only the final position (the Chomsky-hierarchy form).
+    ``scoring="every"`` labels every position (token tagging, as for the groups; the task
+    ``parity_tagged``); ``scoring="last"`` labels only the final position (the task
+    ``parity``: the Chomsky-hierarchy form Grazzi et al. train and score).
     """
 
-    name = "parity"
     vocab_size = 2
 
     def __init__(self, scoring: str = "every"):
@@ -101,6 +101,7 @@ class ParityTask:
             raise ValueError(f"parity scoring must be 'every' or 'last', got {scoring!r}")
         self.scoring = scoring
         self.prefix_scored = scoring == "every"
+        self.name = "parity_tagged" if self.prefix_scored else "parity"
 
     def sample(self, n: int, cond: Condition, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randint(0, 2, (n, cond.length), generator=gen)
