@@ -104,7 +104,9 @@ class DataConfig:
     epoch_size: int | None = None  # sequences per epoch of the mixture; None: all sources once
     num_workers: int = _rng(2, ge=0)  # DataLoader worker processes per rank
     prefetch_factor: int = _rng(2, ge=1)
-    pin_memory: bool = False
+    # Page-locked batches, so the trainer's non-blocking copy to the GPU is really asynchronous
+    # (from pageable memory it waits for the GPU). None: where CUDA is available.
+    pin_memory: bool | None = None
     # Local uncompressed datasets are read in place. Remote or compressed ones (or all, with
     # copy_local) are copied shard by shard into a node-local cache under cache_root
     # (None: $LINRNN_DATA_CACHE or <system tmp>/linrnn-data-<uid>), one subdir per job.

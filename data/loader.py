@@ -226,6 +226,15 @@ def _block_size(value: int | None, canonical_nodes: int | None) -> int:
     return max(4_000_000 // canonical_nodes, 1 << 18) if canonical_nodes else 1 << 18
 
 
+def pin_batches(cfg: DataConfig) -> bool:
+    """``data.pin_memory``, where unset: whether CUDA is there to copy the batches to."""
+    if cfg.pin_memory is not None:
+        return cfg.pin_memory
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def leave_stop_signals_to_the_rank(worker_id: int) -> None:
     """In each DataLoader worker: ignore SIGTERM and SIGUSR1. SLURM signals every process of
     a job step (scancel, preemption, a forwarded time-limit warning), and torch's workers die
@@ -340,7 +349,7 @@ class TokenLoader:
         workers = cfg.num_workers if num_workers is None else num_workers
         self._loader = DataLoader(
             self.dataset, batch_size=batch_size, collate_fn=collate_packed, num_workers=workers,
-            drop_last=cfg.drop_last, pin_memory=cfg.pin_memory, worker_init_fn=leave_stop_signals_to_the_rank,
+            drop_last=cfg.drop_last, pin_memory=pin_batches(cfg), worker_init_fn=leave_stop_signals_to_the_rank,
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None)
         self._batches = 0  # batches yielded since the current epoch's iteration began
 

@@ -20,9 +20,9 @@ MEMO_ENTRIES = 8  # offsets tensors remembered at once (micro-batches in flight,
 class _Offsets:
     """One offsets tensor's values on the host, and what ops derived from them."""
 
-    def __init__(self, t: torch.Tensor, version: int) -> None:
+    def __init__(self, t: torch.Tensor, version: int, values: list[int] | None = None) -> None:
         self.ref, self.version, self.ptr = weakref.ref(t), version, t.data_ptr()
-        self.values: list[int] = t.tolist()
+        self.values: list[int] = t.tolist() if values is None else values
         self.nondecreasing = all(b >= a for a, b in zip(self.values, self.values[1:]))
         self.derived: dict[Hashable, Any] = {}
 
@@ -49,11 +49,33 @@ def _offsets(cu_seqlens: torch.Tensor) -> _Offsets:
     if entry is not None and entry.matches(cu_seqlens, version):
         _memo.move_to_end(id(cu_seqlens))
         return entry
-    entry = _memo[id(cu_seqlens)] = _Offsets(cu_seqlens, version)
-    _memo.move_to_end(id(cu_seqlens))
+    return _remember(_Offsets(cu_seqlens, version))
+
+
+def _remember(entry: _Offsets) -> _Offsets:
+    key = id(entry.ref())
+    _memo[key] = entry
+    _memo.move_to_end(key)
     while len(_memo) > MEMO_ENTRIES:
         _memo.popitem(last=False)
     return entry
+
+
+def offsets_to(cu_seqlens: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``cu_seqlens`` (on the host) moved to ``device`` without blocking, its values noted for
+    the ops, so that none of them reads them back from the GPU (the trainer's batches)."""
+    moved = cu_seqlens.to(device, non_blocking=True)
+    if moved is not cu_seqlens:
+        _remember(_Offsets(moved, moved._version, cu_seqlens.tolist()))
+    return moved
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table on ``device``: from page-locked memory without blocking on a GPU
+    (a copy from pageable memory first waits for the GPU's queue to drain)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:

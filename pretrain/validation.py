@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from data.packing import IGNORE_INDEX
+from kernels.varlen import offsets_to
 
 from .distributed import allreduce_sum
 
@@ -72,7 +73,7 @@ def forward_losses(engine: Any, batches: Sequence[dict], dev: torch.device) -> l
     """Mean losses of a data-parallel engine (``engine(ids, labels, cu_seqlens)``), one per batch."""
     engine.eval()
     try:
-        return [engine(b["input_ids"].to(dev), b["labels"].to(dev), b["cu_seqlens"].to(dev)).detach().double()
+        return [engine(b["input_ids"].to(dev), b["labels"].to(dev), offsets_to(b["cu_seqlens"], dev)).detach().double()
                 for b in batches]
     finally:
         engine.train()

@@ -281,3 +281,21 @@ def test_a_file_url_is_read_as_the_local_directory(tmp_path):
             TokenLoader(data_config(tmp_path / "plain", prepared()), BATCH, shuffle=False) as plain:
         assert _keys(by_url, max_batches=2) == _keys(plain, max_batches=2)
 
+
+def test_batches_are_pinned_where_cuda_is_unless_told(tmp_path, monkeypatch):
+    import torch
+
+    from data.loader import pin_batches
+
+    cfg = data_config(tmp_path, prepared())
+    assert cfg.pin_memory is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pin_batches(cfg)
+    cfg.pin_memory = False
+    assert not pin_batches(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg.pin_memory = None
+    assert not pin_batches(cfg)
+    with TokenLoader(cfg, BATCH) as ld:
+        assert ld._loader.pin_memory is False
+

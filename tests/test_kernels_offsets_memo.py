@@ -72,6 +72,18 @@ def test_derived_values_are_made_once_per_tensor_and_key_and_entries_are_bounded
     assert len(made) == 3 and reads[id(cu)] == 2
 
 
+def test_offsets_moved_by_the_trainer_are_known_without_a_read_back(reads) -> None:
+    """``offsets_to`` notes the host values for the moved tensor (on "meta" a read would fail)."""
+    from kernels.varlen import offsets_to, upload
+
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    moved = offsets_to(cu, "meta")
+    assert moved.is_meta and host_offsets(moved) == [0, 3, 8]
+    check_cu_seqlens(moved, 8, 1, "op")
+    assert offsets_to(cu, "cpu") is cu and reads[id(cu)] == 1  # already there: read where it is
+    assert torch.equal(upload(cu, torch.device("cpu")), cu)
+
+
 @pytest.fixture(scope="module")
 def triton_backend():
     pytest.importorskip("triton")
@@ -85,7 +97,7 @@ def triton_backend():
 
 @pytest.mark.parametrize("family", ["gated_deltaproduct", "mamba2", "griffin"])
 def test_a_packed_forward_and_backward_read_the_offsets_once(triton_backend, reads, family) -> None:
-    """Three layers, each with several varlen ops (convolutions, the mixer's scan), under
+    """Two layers, each with several varlen ops (convolutions, the mixer's scan), under
     activation checkpointing (the backward runs every op again): one read in all."""
     from model_families import small_config
     from pretrain.engine import apply_activation_checkpointing
@@ -93,11 +105,11 @@ def test_a_packed_forward_and_backward_read_the_offsets_once(triton_backend, rea
     from pretrain.models.packing import cu_seqlens_from_lengths
 
     torch.manual_seed(0)
-    cfg = small_config(family, n_layers=3, window=16)
+    cfg = small_config(family, n_layers=2 if family != "griffin" else 3, window=8)  # griffin: R, R, A
     lm = LanguageModel(cfg)
     apply_activation_checkpointing(lm)
-    ids = torch.randint(0, cfg.vocab_size, (2, 64))
-    cu = cu_seqlens_from_lengths([[20, 30, 14], [64]], 64)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    cu = cu_seqlens_from_lengths([[9, 1, 14], [24]], 24)
     lm.loss(ids, ids, cu_seqlens=cu).backward()
     assert reads[id(cu)] == 1
     assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
@@ -106,10 +118,12 @@ def test_a_packed_forward_and_backward_read_the_offsets_once(triton_backend, rea
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["gated_deltaproduct", "mamba2", "griffin"])
 def test_a_packed_step_on_a_gpu_syncs_a_few_times_whatever_the_depth(family, monkeypatch) -> None:
-    """CUDA's sync debug mode counts the host waits of one forward and backward: reading the
-    offsets and uploading GatedDeltaProduct's chunk tables, once per batch, not per layer."""
+    """CUDA's sync debug mode counts the host waits of one forward and backward of a batch
+    moved as the trainer moves it (``offsets_to``): none per layer, and none to read the
+    offsets or to upload GatedDeltaProduct's chunk tables (page-locked, non-blocking)."""
     import warnings
 
+    from kernels.varlen import offsets_to
     from model_families import small_config
     from pretrain.models.lm import LanguageModel
     from pretrain.models.packing import cu_seqlens_from_lengths
@@ -121,7 +135,7 @@ def test_a_packed_step_on_a_gpu_syncs_a_few_times_whatever_the_depth(family, mon
         lm = LanguageModel(small_config(family, n_layers=layers, d_model=64, window=16)).cuda()
         ids = torch.randint(0, lm.config.vocab_size, (4, 256), device="cuda")
         for attempt in range(2):  # the first compiles (and may sync while loading kernels)
-            cu = cu_seqlens_from_lengths([[100, 156], [256], [1, 255], [128, 128]], 256, device="cuda")
+            cu = offsets_to(cu_seqlens_from_lengths([[100, 156], [256], [1, 255], [128, 128]], 256), "cuda")
             torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -131,4 +145,4 @@ def test_a_packed_step_on_a_gpu_syncs_a_few_times_whatever_the_depth(family, mon
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
         syncs[layers] = [str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs[6]) == len(syncs[2]) <= 4, syncs
+    assert len(syncs[6]) == len(syncs[2]) <= 1, syncs

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.language.standard import _sum_combine
 
+from ..varlen import upload
+
 CHUNK_ROWS = 64  # sub-steps per tile
 INV_BLOCK = 16  # diagonal block of the chunk's triangular inverse (CHUNK_ROWS <= 4 blocks)
 
@@ -133,10 +135,10 @@ def chunk_layout(cs: list[int], n_h: int, dev: torch.device) -> tuple[int, torch
             tok.append(t0)
             cnt.append(min(bt, e - t0))
         starts.append(len(tok))
-    table = torch.tensor([tok, cnt], dtype=torch.int32).T.contiguous().to(dev)
+    table = upload(torch.tensor([tok, cnt], dtype=torch.int32).T.contiguous(), dev)
     if not tok:
         table = torch.zeros(0, 2, dtype=torch.int32, device=dev)
-    return bt, table, torch.tensor(starts, dtype=torch.int32, device=dev), len(tok)
+    return bt, table, upload(torch.tensor(starts, dtype=torch.int32), dev), len(tok)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
