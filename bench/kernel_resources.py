@@ -211,7 +211,7 @@ def full_grid(fp32: bool = False) -> list[Case]:
     ]
     if fp32:
         cases += [gdp_case("fp32", 128, 128, 2), ssd_case("fp32", 64, 128),
-                  scan_case("fp32", 2048), conv_case("fp32", 2048), norm_case("fp32", 2048),
+                  scan_case("fp32", 2048), conv_case("fp32", 2048, with_state=True), norm_case("fp32", 2048),
                   act_case("fp32", 5632), l2_case("fp32", 32, 128),
                   rglru_case("fp32", 2048)]
     return cases

@@ -12,36 +12,49 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+CHOICE_VARS = (*OFFLINE_VARS, "TRANSFORMERS_OFFLINE")  # set to anything: the user chose, no probe
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy")
 PROBE_TIMEOUT_S = 3.0
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def hub_endpoint(env: Mapping[str, str]) -> tuple[str, int]:
-    """Host and port of ``HF_ENDPOINT`` (default https://huggingface.co)."""
+    """Host and port of ``HF_ENDPOINT`` (default https://huggingface.co); ValueError when its
+    port is not a number."""
     url = urlsplit(env.get("HF_ENDPOINT") or "https://huggingface.co")
     return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
 
 
 def hub_reachable(env: Mapping[str, str] | None = None, timeout: float = PROBE_TIMEOUT_S,
                   connect: Callable[..., socket.socket] = socket.create_connection) -> bool | None:
-    """True or False from one connection attempt; None when offline mode is already chosen or
-    a proxy is set (no probe)."""
+    """True or False from one connection attempt (name lookup included, at most about
+    ``timeout`` + 1 s); None when the user chose a mode, a proxy is set or HF_ENDPOINT is
+    malformed (no probe: huggingface_hub decides as it would)."""
     env = os.environ if env is None else env
-    if any(_truthy(env.get(v)) for v in OFFLINE_VARS) or any(env.get(v) for v in PROXY_VARS):
+    if any(env.get(v) for v in (*CHOICE_VARS, *PROXY_VARS)):
         return None
     try:
-        connect(hub_endpoint(env), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+        address = hub_endpoint(env)
+    except ValueError:
+        return None
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            connect(address, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # in a thread: a name lookup has no timeout of its own, and a lookup that hangs is an answer too
+    probe = threading.Thread(target=attempt, name="hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout + 1.0)
+    return bool(result and result[0])
 
 
 def offline_if_hub_unreachable(log: Callable[[str], None] | None = None,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import Tokenizer
+from kernels.varlen import offsets_to
 
 from .prompts import PromptCoder
 from .sharding import Shard
@@ -159,7 +160,7 @@ def heldout_data_config(target: str, run_config: dict | None, cache_root: str | 
         with tempfile.TemporaryDirectory(prefix="linrnn-heldout-") as cache:
             manifest = read_dataset(target, cache)[0][1]  # a dataset, or the first of its parts
         cfg = DataConfig(sources=[DataSource(path=target)], seq_len=int(manifest["seq_len"]))
-    return dataclasses.replace(cfg, drop_last=False, num_workers=0, shuffle=False,
+    return dataclasses.replace(cfg, drop_last=False, num_workers=0, shuffle=False, pin_memory=False,
                                cache_root=cache_root or cfg.cache_root)
 
 
@@ -181,7 +182,7 @@ def heldout_perplexity(model: torch.nn.Module, tok: Tokenizer, data_cfg, max_bat
     def score(indices: list[int]) -> tuple[float, int, int]:
         batch = loader.batch_at(indices)
         labels = batch["labels"]
-        logits = model(batch["input_ids"].to(device), cu_seqlens=batch["cu_seqlens"].to(device))
+        logits = model(batch["input_ids"].to(device), cu_seqlens=offsets_to(batch["cu_seqlens"], device))
         loss = float(F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(device), ignore_index=-100,
                                      reduction="sum"))
         n_bytes = sum(len(tok.decode(row[row != -100].tolist()).encode("utf-8")) for row in labels)

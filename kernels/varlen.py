@@ -7,9 +7,12 @@ gather back. Right padding is harmless when the padded steps are identity transi
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import torch
@@ -20,54 +23,80 @@ MEMO_ENTRIES = 8  # offsets tensors remembered at once (micro-batches in flight,
 class _Offsets:
     """One offsets tensor's values on the host, and what ops derived from them."""
 
-    def __init__(self, t: torch.Tensor, version: int, values: list[int] | None = None) -> None:
-        self.ref, self.version, self.ptr = weakref.ref(t), version, t.data_ptr()
+    def __init__(self, t: torch.Tensor, values: list[int] | None = None) -> None:
+        self.ref, self.version, self.ptr = weakref.ref(t), _version(t), t.data_ptr()
         self.values: list[int] = t.tolist() if values is None else values
         self.nondecreasing = all(b >= a for a, b in zip(self.values, self.values[1:]))
         self.derived: dict[Hashable, Any] = {}
 
-    def matches(self, t: torch.Tensor, version: int) -> bool:
-        return self.ref() is t and self.version == version and self.ptr == t.data_ptr()
+    def matches(self, t: torch.Tensor) -> bool:
+        return self.ref() is t and self.version == _version(t) and self.ptr == t.data_ptr()
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: its version is not tracked
+        return None
+
+
+# Reading a CUDA tensor on the host waits for all the work queued before it; reading the
+# offsets in every op drained the GPU's queue about ten times per layer and step. So the ops
+# take the host values from one of two places, and read the tensor themselves otherwise:
+# - tensors made by ``offsets_to`` (the trainer's batches): new tensors that nothing writes,
+#   their values taken from the host copy they were made from; kept until evicted;
+# - the tensor of a model forward in progress (``offsets_read_once``), read once at its start
+#   and forgotten at its end (a caller may refill its buffer for the next batch in ways the
+#   version counter does not see, e.g. a collective writing into it).
 _memo: OrderedDict[int, _Offsets] = OrderedDict()
+_memo_lock = threading.Lock()
+_scoped: contextvars.ContextVar[tuple[_Offsets, ...]] = contextvars.ContextVar("linrnn_offsets", default=())
+
+
+def _known(cu_seqlens: torch.Tensor) -> _Offsets | None:
+    for entry in reversed(_scoped.get()):
+        if entry.matches(cu_seqlens):
+            return entry
+    with _memo_lock:
+        entry = _memo.get(id(cu_seqlens))
+        if entry is not None and entry.matches(cu_seqlens):
+            _memo.move_to_end(id(cu_seqlens))
+            return entry
+    return None
 
 
 def _offsets(cu_seqlens: torch.Tensor) -> _Offsets:
-    """The memo entry of ``cu_seqlens``: read back from its device once per tensor.
-
-    Every layer of a packed forward, and of its backward, gets the same offsets tensor.
-    Reading a CUDA tensor on the host waits for all the work queued before it, so reading it
-    in each op drained the GPU's queue several times per layer and step. An entry holds while
-    its tensor lives unchanged (same object, version counter and storage); tensors whose
-    version is not tracked (made under ``torch.inference_mode``) are read every time."""
-    try:
-        version = cu_seqlens._version
-    except RuntimeError:  # an inference tensor: may change in place untracked
-        return _Offsets(cu_seqlens, -1)
-    entry = _memo.get(id(cu_seqlens))
-    if entry is not None and entry.matches(cu_seqlens, version):
-        _memo.move_to_end(id(cu_seqlens))
-        return entry
-    return _remember(_Offsets(cu_seqlens, version))
-
-
-def _remember(entry: _Offsets) -> _Offsets:
-    key = id(entry.ref())
-    _memo[key] = entry
-    _memo.move_to_end(key)
-    while len(_memo) > MEMO_ENTRIES:
-        _memo.popitem(last=False)
-    return entry
+    """The known entry of ``cu_seqlens``, else a fresh read (not remembered)."""
+    return _known(cu_seqlens) or _Offsets(cu_seqlens)
 
 
 def offsets_to(cu_seqlens: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """``cu_seqlens`` (on the host) moved to ``device`` without blocking, its values noted for
-    the ops, so that none of them reads them back from the GPU (the trainer's batches)."""
+    """A batch's ``cu_seqlens`` (on the host) on ``device``, moved without blocking, its values
+    noted for the ops so that none reads them back from the GPU (the trainer's batches).
+    The returned tensor (``cu_seqlens`` itself when already there) must not be written after."""
     moved = cu_seqlens.to(device, non_blocking=True)
-    if moved is not cu_seqlens:
-        _remember(_Offsets(moved, moved._version, cu_seqlens.tolist()))
+    if _version(moved) is not None:
+        entry = _Offsets(moved, cu_seqlens.tolist())
+        with _memo_lock:
+            _memo[id(moved)] = entry
+            _memo.move_to_end(id(moved))
+            while len(_memo) > MEMO_ENTRIES:
+                _memo.popitem(last=False)
     return moved
+
+
+@contextlib.contextmanager
+def offsets_read_once(cu_seqlens: torch.Tensor | None) -> Iterator[None]:
+    """While a model's forward runs: its ops share one host read of ``cu_seqlens`` (none when
+    ``offsets_to`` made it), and what they derive from it."""
+    if cu_seqlens is None or _known(cu_seqlens) is not None:
+        yield
+        return
+    token = _scoped.set((*_scoped.get(), _Offsets(cu_seqlens)))
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
 
 
 def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -79,13 +108,13 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def host_offsets(cu_seqlens: torch.Tensor) -> list[int]:
-    """``cu_seqlens.tolist()``, once per tensor (see ``_offsets``); do not modify the list."""
+    """``cu_seqlens.tolist()``, from the known values where there are some; do not modify it."""
     return _offsets(cu_seqlens).values
 
 
 def derived_from_offsets(cu_seqlens: torch.Tensor, key: Hashable, make: Callable[[list[int]], Any]) -> Any:
-    """``make(offsets)`` once per offsets tensor and ``key`` (e.g. an op's chunk tables on a
-    device), shared by every layer and the backward that get the same tensor."""
+    """``make(offsets)`` (e.g. an op's chunk tables on a device), made once per known offsets
+    tensor and ``key`` and shared by every layer and the backward; per call otherwise."""
     entry = _offsets(cu_seqlens)
     if key not in entry.derived:
         entry.derived[key] = make(entry.values)

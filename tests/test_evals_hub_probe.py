@@ -14,7 +14,7 @@ from evals import hub_probe
 @pytest.fixture()
 def online_env(monkeypatch):
     """No offline mode and no proxy chosen (conftest turns offline mode on for the suite)."""
-    for var in (*hub_probe.OFFLINE_VARS, *hub_probe.PROXY_VARS, "TRANSFORMERS_OFFLINE", "RANK"):
+    for var in (*hub_probe.CHOICE_VARS, *hub_probe.PROXY_VARS, "RANK"):
         monkeypatch.setenv(var, "")  # recorded, so that what the probe sets is undone too
         monkeypatch.delenv(var)
     return monkeypatch
@@ -37,9 +37,23 @@ def test_no_probe_when_offline_mode_or_a_proxy_is_set() -> None:
         raise AssertionError("probed")
 
     for env in ({"HF_HUB_OFFLINE": "1"}, {"HF_DATASETS_OFFLINE": "true"}, {"HTTPS_PROXY": "http://proxy:3128"},
-                {"https_proxy": "http://proxy:3128"}):
+                {"https_proxy": "http://proxy:3128"}, {"TRANSFORMERS_OFFLINE": "1"},
+                {"HF_HUB_OFFLINE": "0"},  # online chosen explicitly: not overridden
+                {"HF_ENDPOINT": "https://hf.example:port"}):  # malformed: huggingface_hub's to report
         assert hub_probe.hub_reachable(env, connect=connect) is None
-    assert hub_probe.hub_reachable({"HF_HUB_OFFLINE": "0"}, connect=lambda *a, **k: socket.socket()) is True
+    assert hub_probe.hub_reachable({"HF_HUB_OFFLINE": ""}, connect=lambda *a, **k: socket.socket()) is True
+
+
+def test_a_probe_that_hangs_counts_as_unreachable() -> None:
+    import time
+
+    def hang(*a, **k):
+        time.sleep(5)
+        return socket.socket()
+
+    start = time.monotonic()
+    assert hub_probe.hub_reachable({}, timeout=0.2, connect=hang) is False
+    assert time.monotonic() - start < 3
 
 
 def test_a_listening_endpoint_is_reachable_and_a_closed_one_is_not() -> None:

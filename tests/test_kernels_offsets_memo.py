@@ -28,59 +28,93 @@ def reads(monkeypatch):
     return counts
 
 
-def test_one_read_per_tensor_until_it_changes(reads) -> None:
+def test_offsets_are_read_per_op_unless_known(reads) -> None:
+    """A tensor nobody vouches for is read by every op (a caller may refill its buffer in ways
+    the version counter misses); within a model forward's scope it is read once."""
+    from kernels.varlen import offsets_read_once
+
     cu = torch.tensor([0, 3, 7, 10], dtype=torch.int32)
-    for _ in range(3):
-        check_cu_seqlens(cu, 10, 1, "op")
-        assert host_offsets(cu) == [0, 3, 7, 10]
-    assert reads[id(cu)] == 1
-    cu[1] = 4  # in place: the version counter moves, so it is read again
-    assert host_offsets(cu) == [0, 4, 7, 10] and reads[id(cu)] == 2
-    other = cu.clone()  # equal values, another tensor
-    assert host_offsets(other) == [0, 4, 7, 10] and reads[id(other)] == 1
-    with torch.inference_mode():  # untracked versions: read every time
-        frozen = torch.tensor([0, 5], dtype=torch.int32)
-        host_offsets(frozen), host_offsets(frozen)
-    assert reads[id(frozen)] == 2
-
-
-def test_checks_still_refuse_bad_offsets_every_time(reads) -> None:
-    bad = torch.tensor([0, 5, 3, 8])
     for _ in range(2):
-        with pytest.raises(ValueError, match="non-decreasing"):
-            check_cu_seqlens(bad, 8, 1, "op")
-        with pytest.raises(ValueError, match="end at T=9"):
-            check_cu_seqlens(torch.tensor([0, 3, 8]), 9, 1, "op")
+        check_cu_seqlens(cu, 10, 1, "op")
+    assert reads[id(cu)] == 2
+    with offsets_read_once(cu):
+        for _ in range(3):
+            check_cu_seqlens(cu, 10, 1, "op")
+            assert host_offsets(cu) == [0, 3, 7, 10]
+        cu[1] = 4  # in place: the version counter moves, so it is read again
+        assert host_offsets(cu) == [0, 4, 7, 10]
+    assert reads[id(cu)] == 4
+    host_offsets(cu)  # the scope is over: read again
+    assert reads[id(cu)] == 5
+    with torch.inference_mode():  # untracked versions: one read for the scope all the same
+        frozen = torch.tensor([0, 5], dtype=torch.int32)
+        with offsets_read_once(frozen):
+            host_offsets(frozen), host_offsets(frozen)
+    assert reads[id(frozen)] == 1
+
+
+def test_a_buffer_refilled_behind_the_version_counter_is_read_afresh(reads) -> None:
+    """A collective or ``.data`` write leaves ``_version`` as it was: outside a forward's scope
+    nothing is remembered, so the next forward sees the new values."""
+    from kernels.varlen import offsets_read_once
+
+    buf = torch.tensor([0, 1, 8], dtype=torch.int32)
+    with offsets_read_once(buf):
+        assert host_offsets(buf) == [0, 1, 8]
+    version = buf._version
+    buf.data[1] = 5
+    assert buf._version == version
+    with offsets_read_once(buf):
+        assert host_offsets(buf) == [0, 5, 8]
+
+
+def test_checks_still_refuse_bad_offsets(reads) -> None:
+    from kernels.varlen import offsets_read_once
+
+    bad = torch.tensor([0, 5, 3, 8])
+    with offsets_read_once(bad):
+        for _ in range(2):
+            with pytest.raises(ValueError, match="non-decreasing"):
+                check_cu_seqlens(bad, 8, 1, "op")
+    with pytest.raises(ValueError, match="end at T=9"):
+        check_cu_seqlens(torch.tensor([0, 3, 8]), 9, 1, "op")
     assert reads[id(bad)] == 1
 
 
-def test_derived_values_are_made_once_per_tensor_and_key_and_entries_are_bounded(reads) -> None:
+def test_derived_values_are_made_once_per_known_tensor_and_key_and_entries_are_bounded(reads) -> None:
+    from kernels.varlen import offsets_to
+
     made = []
 
     def make(cs):
         made.append(list(cs))
         return len(cs)
 
-    cu = torch.tensor([0, 2, 6])
+    cu = offsets_to(torch.tensor([0, 2, 6]), "meta")  # noted: never read back
     assert [derived_from_offsets(cu, ("k", n), make) for n in (1, 1, 2, 2)] == [3, 3, 3, 3]
     assert len(made) == 2
-    keep = [torch.tensor([0, i + 1]) for i in range(varlen.MEMO_ENTRIES)]  # alive: ids stay distinct
-    for t in keep:
-        host_offsets(t)
+    keep = [offsets_to(torch.tensor([0, i + 1]), "meta") for i in range(varlen.MEMO_ENTRIES)]
     assert len(varlen._memo) == varlen.MEMO_ENTRIES and id(cu) not in varlen._memo  # the oldest went
-    derived_from_offsets(cu, ("k", 1), make)
-    assert len(made) == 3 and reads[id(cu)] == 2
+    assert keep and derived_from_offsets(torch.tensor([0, 2, 6]), ("k", 1), make) == 3  # unknown: made per call
+    assert len(made) == 3
 
 
 def test_offsets_moved_by_the_trainer_are_known_without_a_read_back(reads) -> None:
     """``offsets_to`` notes the host values for the moved tensor (on "meta" a read would fail)."""
-    from kernels.varlen import offsets_to, upload
+    from kernels.varlen import offsets_read_once, offsets_to, upload
 
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     moved = offsets_to(cu, "meta")
     assert moved.is_meta and host_offsets(moved) == [0, 3, 8]
     check_cu_seqlens(moved, 8, 1, "op")
-    assert offsets_to(cu, "cpu") is cu and reads[id(cu)] == 1  # already there: read where it is
+    with offsets_read_once(moved):  # known already: the scope reads nothing
+        assert host_offsets(moved) == [0, 3, 8]
+    assert reads[id(cu)] == 1  # the host copy, once
+    assert offsets_to(cu, "cpu") is cu and reads[id(cu)] == 2  # already there: noted as it is
+    check_cu_seqlens(cu, 8, 1, "op")
+    assert reads[id(cu)] == 2
+    with torch.inference_mode():
+        assert offsets_to(cu, "meta").is_meta  # an inference tensor: moved, not noted
     assert torch.equal(upload(cu, torch.device("cpu")), cu)
 
 
@@ -98,7 +132,9 @@ def triton_backend():
 @pytest.mark.parametrize("family", ["gated_deltaproduct", "mamba2", "griffin"])
 def test_a_packed_forward_and_backward_read_the_offsets_once(triton_backend, reads, family) -> None:
     """Two layers, each with several varlen ops (convolutions, the mixer's scan), under
-    activation checkpointing (the backward runs every op again): one read in all."""
+    activation checkpointing (the backward runs every op again): one read in all, the host
+    copy's when the trainer moves the batch (``offsets_to``), else once per forward."""
+    from kernels.varlen import offsets_to
     from model_families import small_config
     from pretrain.engine import apply_activation_checkpointing
     from pretrain.models.lm import LanguageModel
@@ -109,9 +145,13 @@ def test_a_packed_forward_and_backward_read_the_offsets_once(triton_backend, rea
     lm = LanguageModel(cfg)
     apply_activation_checkpointing(lm)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
-    cu = cu_seqlens_from_lengths([[9, 1, 14], [24]], 24)
+    cu = offsets_to(cu_seqlens_from_lengths([[9, 1, 14], [24]], 24), "cpu")  # as the trainer moves a batch
     lm.loss(ids, ids, cu_seqlens=cu).backward()
     assert reads[id(cu)] == 1
+    plain = cu_seqlens_from_lengths([[9, 1, 14], [24]], 24)  # a caller's own tensor: one read per forward
+    with torch.no_grad():
+        lm(ids, cu_seqlens=plain)
+    assert reads[id(plain)] == 1
     assert all(p.grad is not None for p in lm.parameters() if p.requires_grad)
 
 

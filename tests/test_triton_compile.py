@@ -55,7 +55,7 @@ CASES = {
     "scan-bf16": (kr.scan_case("bf16", 256), ()),
     "scan-fp32-state": (kr.scan_case("fp32", 256, with_state=True), ()),
     "conv-bf16-state": (kr.conv_case("bf16", 256, with_state=True), ()),
-    "conv-fp32": (kr.conv_case("fp32", 256), ()),
+    "conv-fp32-state": (kr.conv_case("fp32", 256, with_state=True), ()),  # the final state only when asked for
     "norm-bf16-gate-first": (kr.norm_case("bf16", 96, group=32, gated=True, gate_first=True), ()),
     "norm-fp32": (kr.norm_case("fp32", 256), ()),
     "act-bf16-gelu": (kr.act_case("bf16", 96, "gelu"), ()),
@@ -148,11 +148,14 @@ def test_record_can_execute_the_kernels():
     out = {}
 
     def call():
-        out["triton"] = kernels.causal_conv1d(x, w, backend="triton")[0]
+        out["triton"] = kernels.causal_conv1d(x, w, backend="triton", output_final_state=True)[0]
 
     launches = aot.record(call, execute=True)
     assert [x.kernel for x in launches] == ["_conv_fwd_kernel", "_conv_final_state_kernel"]
     torch.testing.assert_close(out["triton"], kernels.causal_conv1d(x, w, backend="torch")[0])
+    # without a final state asked for, none is made
+    launches = aot.record(lambda: kernels.causal_conv1d(x, w, backend="triton"), execute=True)
+    assert [x.kernel for x in launches] == ["_conv_fwd_kernel"]
 
 
 def test_parse_ptxas_log():

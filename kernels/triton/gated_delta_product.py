@@ -14,7 +14,7 @@ import torch
 import triton
 
 from ..dispatch import register_triton
-from ..varlen import derived_from_offsets, host_offsets
+from ..varlen import derived_from_offsets
 from .gated_delta_product_bwd import (
     gdp_dd_local_kernel,
     gdp_dh_kernel,
@@ -113,14 +113,14 @@ class _Problem:
         self.scale = float(scale)
         # Offsets on the host: a dense batch needs no device sync to lay out its chunks, and a
         # packed one reads its offsets and builds its tables once for all layers (varlen memo).
+        def layout(cs: list[int]) -> tuple:
+            return (len(cs) - 1, *chunk_layout(cs, self.n_h, q.device))
+
         if cu_seqlens is None:
-            cs = [b * T for b in range(B + 1)]
-            self.bt, self.chunks, self.seq_chunk, self.NC = chunk_layout(cs, self.n_h, q.device)
+            self.N, self.bt, self.chunks, self.seq_chunk, self.NC = layout([b * T for b in range(B + 1)])
         else:
-            cs = host_offsets(cu_seqlens)
-            self.bt, self.chunks, self.seq_chunk, self.NC = derived_from_offsets(
-                cu_seqlens, ("gdp_chunks", self.n_h, q.device), lambda c: chunk_layout(c, self.n_h, q.device))
-        self.N = len(cs) - 1
+            self.N, self.bt, self.chunks, self.seq_chunk, self.NC = derived_from_offsets(
+                cu_seqlens, ("gdp_chunks", self.n_h, q.device), layout)
         self.q = q.reshape(B * T, H, K).contiguous()
         self.k = k.reshape(B * T * self.n_h, H, K).contiguous()
         self.v = v.reshape(B * T * self.n_h, H, self.V).contiguous()

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.varlen import offsets_read_once
+
 from ..model_config import ModelConfig
 from .base import MixerCache
 from .block import Block
@@ -69,15 +71,17 @@ class LanguageModel(nn.Module):
             if cache is not None:
                 raise ValueError("LanguageModel: cu_seqlens (packed training) and cache (decoding) exclude each other")
             h = h.reshape(1, B * T, D)
-        for i, block in enumerate(self.blocks):
-            h = block(h, cu_seqlens=cu_seqlens, cache=cache[i] if cache is not None else None)
+        with offsets_read_once(cu_seqlens):
+            for i, block in enumerate(self.blocks):
+                h = block(h, cu_seqlens=cu_seqlens, cache=cache[i] if cache is not None else None)
         return h.reshape(B, T, D)
 
     def forward(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (fp32)."""
-        if cu_seqlens is not None:
-            check_row_boundaries(cu_seqlens, *input_ids.shape)
-        return self.head(self.run_blocks(self.embed_tokens(input_ids), cu_seqlens))
+        with offsets_read_once(cu_seqlens):  # one host read of the offsets for every op
+            if cu_seqlens is not None:
+                check_row_boundaries(cu_seqlens, *input_ids.shape)
+            return self.head(self.run_blocks(self.embed_tokens(input_ids), cu_seqlens))
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *,
              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
