@@ -10,6 +10,8 @@ import importlib
 import torch
 import torch.nn as nn
 
+from kernels.varlen import offsets_read_once
+
 from ..model_config import ModelConfig
 from .base import MixerCache
 from .layers import RMSNorm
@@ -41,7 +43,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
                 cache: MixerCache | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache)
+        with offsets_read_once(cu_seqlens):  # a pipeline stage's or a recomputed block's ops share one read
+            x = x + self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
