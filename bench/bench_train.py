@@ -117,6 +117,7 @@ def bench_preset(preset: str, args: argparse.Namespace, kernel: str = "ours") ->
     import torch
 
     from pretrain.config_loader import load_config
+    from kernels.varlen import offsets_to
     from pretrain.distributed import device
     from pretrain.dry_run import synthetic_batch
     from pretrain.engine import build_engine
@@ -136,8 +137,9 @@ def bench_preset(preset: str, args: argparse.Namespace, kernel: str = "ours") ->
     build_s = time.perf_counter() - start
     e = eng.engine
     gen = torch.Generator().manual_seed(0)
-    batches = [tuple(t.to(dev) for t in synthetic_batch(cfg.model.vocab_size, args.micro_batch, args.seq_len, gen))
-               for _ in range(4)]
+    batches = [(ids.to(dev), labels.to(dev), offsets_to(cu, dev))  # as the trainer moves a batch
+               for ids, labels, cu in (synthetic_batch(cfg.model.vocab_size, args.micro_batch, args.seq_len, gen)
+                                       for _ in range(4))]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
