@@ -37,7 +37,10 @@ GATHER_TIMEOUT = datetime.timedelta(hours=2)
 class Shard:
     rank: int = 0
     world: int = 1
-    group: Any = None  # the gloo process group of the ranks (world > 1)
+    # a process group of the ranks, None for the default one (world > 1). shard_from_env keeps
+    # none: a group object still referenced when the interpreter ends outlives its
+    # destruction at exit (leave_group_at_exit), and gloo's threads then abort the process
+    group: Any = None
 
     @property
     def leader(self) -> bool:
@@ -111,7 +114,7 @@ def shard_from_env() -> Shard:
         from pretrain.distributed import leave_group_at_exit
 
         leave_group_at_exit()
-    return Shard(rank, world, dist.group.WORLD)
+    return Shard(rank, world)
 
 
 def rank_device(requested: str) -> str:

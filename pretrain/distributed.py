@@ -190,9 +190,16 @@ def leave_group_at_exit() -> None:
 
 
 def _leave_group() -> None:
+    """gloo's threads end only with the last reference to their group: DeepSpeed's teardown
+    also drops the groups it keeps in module globals (a ``Shard`` keeps none)."""
+    import sys
+
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    elif dist.is_initialized():
         dist.destroy_process_group()
 
 
