@@ -48,6 +48,7 @@ from .config import DataConfig
 from .errors import DataError
 from .manifest import INDEX_NAME, check_compatible, check_index, is_remote, read_dataset, verify_split
 from .packing import collate_packed, example_from_sample
+from .shm import one_registration_at_a_time
 
 STATE_VERSION = 1
 _DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -318,12 +319,13 @@ class TokenLoader:
                                       proportion=(s.weight / total_w) if weighted else None))
             cls = _make_dataset_class()
             try:
-                self.dataset = cls(  # **self.order: the order settings the state records, as used
-                    streams=streams, batch_size=batch_size, **self.order, shuffle_seed=cfg.shuffle_seed,
-                    num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="relaxed",
-                    predownload=cfg.predownload,
-                    cache_limit=cfg.cache_limit, download_timeout=cfg.download_timeout,
-                    validate_hash="xxh64" if cfg.verify == "hash" else None)
+                with one_registration_at_a_time(leader, self._job_barrier()):  # jobs starting at once on a node
+                    self.dataset = cls(  # **self.order: the order settings the state records, as used
+                        streams=streams, batch_size=batch_size, **self.order, shuffle_seed=cfg.shuffle_seed,
+                        num_canonical_nodes=cfg.num_canonical_nodes, partition_algo="relaxed",
+                        predownload=cfg.predownload,
+                        cache_limit=cfg.cache_limit, download_timeout=cfg.download_timeout,
+                        validate_hash="xxh64" if cfg.verify == "hash" else None)
             except ValueError as e:
                 if "Reused local directory" in str(e) and len({s.dataset_id for s in self.sources}) < len(self.sources):
                     raise DataError("data.sources lists the same dataset twice (or a dataset prepared in parts "
@@ -364,6 +366,14 @@ class TokenLoader:
             if is_remote(src.path):
                 check_index(Path(stream.local) / self.split / INDEX_NAME, src.manifest["splits"][self.split],
                             f"{src.path.rstrip('/')}/{self.split}")
+
+    def _job_barrier(self):
+        """This job's ``dist.barrier`` when its ranks are processes of a group, else None."""
+        from torch import distributed as dist
+
+        if not self.explicit and dist.is_available() and dist.is_initialized():
+            return dist.barrier
+        return None
 
     def _clean_stale_shm(self, leader: bool) -> None:
         """Once per process: one rank per node unlinks dead jobs' segments, the others wait."""

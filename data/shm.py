@@ -8,9 +8,12 @@ being created is briefly unmapped). Without ``/proc`` we fall back to streaming'
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
@@ -68,3 +71,55 @@ def clean_stale_shm(min_age_s: float = 30.0) -> list[str]:
         except OSError:
             continue
     return removed
+
+
+# streaming names a dataset's segments by the lowest prefix free on the node: every rank scans
+# for it, the node's leader registers it, the other ranks then look it up. Two jobs that start
+# at once on one node can interleave those steps (a rank finds no registration: "prefix=N was
+# not registered by local leader"; or two leaders take the same prefix), so jobs register one
+# at a time, under a lock file beside the segments that every user's jobs share.
+LOCK_NAME = "linrnn-streaming-prefix.lock"
+LOCK_WAIT_S = 120.0  # then go on unlocked (a job spanning nodes that another such job shares)
+
+
+@contextlib.contextmanager
+def one_registration_at_a_time(leader: bool, barrier: Callable[[], None] | None,
+                               wait_s: float = LOCK_WAIT_S, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Around a job's construction of its datasets on a node: its ``leader`` (local rank 0)
+    holds the node's lock, and ``barrier`` (the job's, None for one process) keeps the other
+    ranks from scanning before it does, and the next job from registering before they are done."""
+    fd = _lock(wait_s, log) if leader else None
+    try:
+        if barrier is not None:
+            barrier()
+        yield
+        if barrier is not None:
+            barrier()
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _lock(wait_s: float, log: Callable[[str], None]) -> int | None:
+    """The node's registration lock (its descriptor), None where there is none to take."""
+    if not SHM_DIR.is_dir():
+        return None
+    try:
+        fd = os.open(SHM_DIR / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
+    except OSError:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                log(f"[data] another job has held {SHM_DIR / LOCK_NAME} for {wait_s:.0f} s: registering this "
+                    "job's shared memory without it")
+                break
+            time.sleep(0.05)
+        except OSError:  # no locks on this file system
+            break
+    os.close(fd)
+    return None

@@ -43,3 +43,74 @@ def test_segment_names_match_the_installed_streaming():
     from streaming.base.constant import SHM_TO_CLEAN
 
     assert set(STREAMING_SHM_NAMES) == set(SHM_TO_CLEAN)
+
+
+def test_jobs_register_their_segments_one_at_a_time(tmp_path, monkeypatch) -> None:
+    """A job's leader holds the node's lock from before its ranks scan for a free prefix until
+    they have all looked it up; another job waits for it (or, past the wait, goes on and says so)."""
+    import fcntl
+    import threading
+
+    from data import shm
+
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path)
+    steps: list[str] = []
+    with shm.one_registration_at_a_time(True, lambda: steps.append("barrier")):
+        steps.append("construct")
+        probe = os.open(tmp_path / shm.LOCK_NAME, os.O_RDONLY)
+        with pytest.raises(BlockingIOError):  # held
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        said: list[str] = []
+        start = time.monotonic()
+        with shm.one_registration_at_a_time(True, None, wait_s=0.3, log=said.append):  # another job: waits, then goes on
+            pass
+        assert time.monotonic() - start >= 0.3 and "registering this job's shared memory without it" in said[0]
+        order: list[str] = []
+
+        def other_job():
+            with shm.one_registration_at_a_time(True, None):
+                order.append("other")
+
+        t = threading.Thread(target=other_job)
+        t.start()
+        time.sleep(0.3)
+        order.append("first done")
+    t.join(10)
+    assert steps == ["barrier", "construct", "barrier"] and order == ["first done", "other"]
+    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    os.close(probe)
+    with shm.one_registration_at_a_time(False, None):  # not the leader: no lock taken
+        fcntl.flock(os.open(tmp_path / shm.LOCK_NAME, os.O_RDONLY), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_the_loader_builds_its_datasets_under_the_lock(tmp_path, monkeypatch) -> None:
+    import fcntl
+
+    from data import loader, shm
+    from test_data_common import data_config, prepared
+
+    monkeypatch.setattr(shm, "SHM_DIR", tmp_path)
+    real = loader._make_dataset_class
+    held: list[bool] = []
+
+    def make():
+        cls = real()
+
+        class Checked(cls):
+            def __init__(self, *a, **k):
+                fd = os.open(tmp_path / shm.LOCK_NAME, os.O_RDONLY)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held.append(False)
+                except BlockingIOError:
+                    held.append(True)
+                finally:
+                    os.close(fd)
+                super().__init__(*a, **k)
+
+        return Checked
+
+    monkeypatch.setattr(loader, "_make_dataset_class", make)
+    with loader.TokenLoader(data_config(tmp_path / "c", prepared()), 2):
+        pass
+    assert held == [True]
