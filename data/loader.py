@@ -29,7 +29,8 @@ process (tests, benchmarks): each simulated rank acts as its own node with its o
 directory. Every job gets its own cache directory under ``cache_root`` and its own temp
 directory (``<system tmp>/linrnn-<job>``, set as this process's ``tempfile.tempdir``,
 where streaming keeps its lock files); stale shared memory left by a killed job is
-unlinked once per process before the first loader.
+unlinked once per process before the first loader, and jobs that start at once on a node
+take turns registering their shared memory (``data.shm.one_registration_at_a_time``).
 """
 from __future__ import annotations
 
