@@ -1,4 +1,5 @@
-"""Packed-document helpers shared by the chunked reference ops.
+"""Packed-document helpers shared by the ops: host copies of the offsets (read once per
+batch, see ``offsets_to``) and the chunked reference ops' padding.
 
 A packed batch is ``[1, T, ...]`` with ``cu_seqlens`` offsets ``[N+1]``. The chunked forms
 scatter it into a right-padded ``[N, L_max, ...]`` batch, run the batched algorithm, and
