@@ -106,21 +106,22 @@ class _Problem:
     """Flattened views and chunk tables shared by the forward and backward launchers."""
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
-                 cu_seqlens: Tensor | None, scale: float):
+                 cu_seqlens: Tensor | None, scale: float, layout: tuple | None = None):
         B, T, H, K = q.shape
         self.n_h, self.V = k.shape[2], v.shape[-1]
         self.B, self.T, self.H, self.K = B, T, H, K
         self.scale = float(scale)
         # Offsets on the host: a dense batch needs no device sync to lay out its chunks, and a
-        # packed one reads its offsets and builds its tables once for all layers (varlen memo).
-        def layout(cs: list[int]) -> tuple:
+        # packed one reads its offsets and builds its tables once for all layers (varlen memo);
+        # the backward takes the forward's ``layout``.
+        def make(cs: list[int]) -> tuple:
             return (len(cs) - 1, *chunk_layout(cs, self.n_h, q.device))
 
-        if cu_seqlens is None:
-            self.N, self.bt, self.chunks, self.seq_chunk, self.NC = layout([b * T for b in range(B + 1)])
-        else:
-            self.N, self.bt, self.chunks, self.seq_chunk, self.NC = derived_from_offsets(
-                cu_seqlens, ("gdp_chunks", self.n_h, q.device), layout)
+        if layout is None:
+            layout = make([b * T for b in range(B + 1)]) if cu_seqlens is None else derived_from_offsets(
+                cu_seqlens, ("gdp_chunks", self.n_h, q.device), make)
+        self.layout = layout
+        self.N, self.bt, self.chunks, self.seq_chunk, self.NC = layout
         self.q = q.reshape(B * T, H, K).contiguous()
         self.k = k.reshape(B * T * self.n_h, H, K).contiguous()
         self.v = v.reshape(B * T * self.n_h, H, self.V).contiguous()
@@ -246,7 +247,7 @@ class GatedDeltaProductFunction(torch.autograd.Function):
         p = _Problem(q, k, v, beta, g, cu_seqlens, scale)
         o, ht = gdp_forward(p, initial_state, output_final_state)
         ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
-        ctx.scale = scale
+        ctx.scale, ctx.layout = scale, p.layout
         ctx.g_dtype = g.dtype if g is not None else None
         ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
         return o, ht
@@ -254,7 +255,7 @@ class GatedDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, g, h0, cu_seqlens = ctx.saved_tensors
-        p = _Problem(q, k, v, beta, g, cu_seqlens, ctx.scale)
+        p = _Problem(q, k, v, beta, g, cu_seqlens, ctx.scale, ctx.layout)
         dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht)
         if dg is not None:
             dg = dg.to(ctx.g_dtype)
