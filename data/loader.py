@@ -49,7 +49,7 @@ from .config import DataConfig
 from .errors import DataError
 from .manifest import INDEX_NAME, check_compatible, check_index, is_remote, read_dataset, verify_split
 from .packing import collate_packed, example_from_sample
-from .shm import one_registration_at_a_time
+from .shm import clean_stale_shm, one_registration_at_a_time
 
 STATE_VERSION = 1
 _DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -381,14 +381,11 @@ class TokenLoader:
         global _shm_cleaned
         if not self.cfg.clean_stale_shm or _shm_cleaned:
             return
-        from torch import distributed as dist
-
-        from .shm import clean_stale_shm
-
         if leader:
             clean_stale_shm()
-        if not self.explicit and dist.is_available() and dist.is_initialized():
-            dist.barrier()
+        barrier = self._job_barrier()
+        if barrier is not None:
+            barrier()
         _shm_cleaned = True
 
     # ------------------------------------------------------------------ iteration
