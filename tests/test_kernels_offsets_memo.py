@@ -186,3 +186,79 @@ def test_a_packed_step_on_a_gpu_syncs_a_few_times_whatever_the_depth(family, mon
                     torch.cuda.set_sync_debug_mode("default")
         syncs[layers] = [str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs[6]) == len(syncs[2]) <= 1, syncs
+
+
+@pytest.fixture
+def host_waits(monkeypatch):
+    """Counts the calls that wait for a GPU's queue when their tensors are on one (reads to the
+    host, data-dependent sizes, a Python scalar uploaded by an indexed assignment), made outside
+    Triton's interpreter (which copies every kernel argument): ``(name, file:line)`` each."""
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    triton_dir = str(Path(triton.__file__).parent)
+    calls: list[tuple[str, str]] = []
+
+    def where() -> str | None:
+        frame, site = sys._getframe(2), None
+        while frame is not None:
+            if frame.f_code.co_filename.startswith(triton_dir):
+                return None
+            site = site or f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            frame = frame.f_back
+        return site
+
+    def count(owner, name, syncs=lambda *a, **k: True):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            if syncs(*args, **kwargs) and (site := where()) is not None:
+                calls.append((name, site))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, wrapper)
+
+    def has_tensor(index, kinds=None) -> bool:
+        items = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and (kinds is None or i.dtype in kinds) for i in items)
+
+    masks = (torch.bool, torch.uint8)
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "unique", "masked_select",
+                 "__bool__", "__int__", "__float__", "__index__"):
+        count(torch.Tensor, name)
+    for name in ("nonzero", "unique", "masked_select"):
+        count(torch, name)
+
+    def sized_late(t, repeats, *args, output_size=None, **kwargs) -> bool:  # its size read back
+        return isinstance(repeats, torch.Tensor) and output_size is None
+
+    count(torch, "repeat_interleave", sized_late)
+    count(torch.Tensor, "repeat_interleave", sized_late)
+    count(torch.Tensor, "__getitem__", lambda t, index: has_tensor(index, masks))  # nonzero
+    # A Python scalar into tensor-indexed places is uploaded from pageable memory (blocking).
+    count(torch.Tensor, "__setitem__", lambda t, index, value: has_tensor(index, masks)
+          or (has_tensor(index) and not isinstance(value, torch.Tensor)))
+    return calls
+
+
+def test_a_packed_griffin_step_waits_for_the_gpu_no_more_with_depth(triton_backend, host_waits) -> None:
+    """The CPU twin of the GPU test above (which counts CUDA's sync warnings): the calls that
+    would wait for the GPU in one forward and backward, at 2 layers (R, R) and at 4 (R, R,
+    A, R), so that every recurrent and attention layer's ops are counted."""
+    from kernels.varlen import offsets_to
+    from model_families import small_config
+    from pretrain.models.lm import LanguageModel
+    from pretrain.models.packing import cu_seqlens_from_lengths
+
+    torch.manual_seed(0)
+    seen = {}
+    for layers in (2, 4):
+        lm = LanguageModel(small_config("griffin", n_layers=layers, window=8))
+        ids = torch.randint(0, lm.config.vocab_size, (2, 24))
+        cu = offsets_to(cu_seqlens_from_lengths([[9, 1, 14], [24]], 24), "cpu")
+        host_waits.clear()
+        lm.loss(ids, ids, cu_seqlens=cu).backward()
+        seen[layers] = list(host_waits)
+    assert len(seen[4]) == len(seen[2]) <= 1, seen

@@ -215,9 +215,11 @@ def reset_mask(
     decoding cache has ``started`` for that row. Built on device without a host sync.
     """
     if cu_seqlens is not None:
-        # One spare slot absorbs starts equal to T (empty trailing documents).
+        # One spare slot absorbs starts equal to T (empty trailing documents). index_fill_
+        # takes True as a kernel argument; ``flags[idx] = True`` would upload it from pageable
+        # memory first, a blocking copy that waits for the GPU's queue in every layer.
         flags = torch.zeros(length + 1, device=device, dtype=torch.bool)
-        flags[cu_seqlens[:-1].long()] = True
+        flags.index_fill_(0, cu_seqlens[:-1].to(device=device, dtype=torch.long), True)
         return flags[:length].expand(batch, length)[..., None]
     reset = torch.zeros(batch, length, 1, device=device, dtype=torch.bool)
     if length > 0:
