@@ -28,6 +28,11 @@ recipe's, before n_h = 1), and at each point ours, then fla, then the variants, 
 torch path; ``--results`` gets each point's rows as soon as they are measured. Every row
 also says how long its first call took (compiling the kernels: what sizes a GPU session). Needs only torch and triton to import;
 ``--results FILE`` appends a Markdown table with the GPU name.
+
+``--profile`` then runs a few warm fwd+bwd of ours at each point under torch.profiler and
+adds a table of where the time goes, per kernel (``bench/kernel_profile.py``). fla's guard
+against Triton 3.4-3.7.0 on Hopper is bypassed to time fla anyway, its rows marked
+(``bench/fla_guard.py``; ``--fla-respect-triton-guard`` to keep it).
 """
 from __future__ import annotations
 
@@ -42,6 +47,9 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import fla_guard  # noqa: E402 - after the path insert, for ``python bench/...``
+from bench.kernel_profile import profile_lines  # noqa: E402
 
 Row = dict
 CHUNK = 64
@@ -81,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", action="store_true",
                    help="only the issue's target point: B=4 T=4096 H=16 K=V=128 n_h in {1,2}")
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile a few warm fwd+bwd of ours per point: time per kernel")
+    fla_guard.add_option(p)
     a = p.parse_args(argv)
     if a.target:
         a.tokens, a.seqlen, a.heads, a.headdim, a.nh = [16384], 4096, [16], [128], [2, 1]
@@ -215,10 +226,8 @@ def format_errors(err: dict[str, float]) -> str:
     return " ".join(f"{err_label(n)} {format_error(n, e)}" for n, e in err.items())
 
 
-def measure(name: str, fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor],
-            check: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> Row | None:
-    """Times and peak memory of fwd and fwd+bwd; with ``check`` = (do, reference), also the
-    relative RMSE of the output and gradients (row key ``err``)."""
+def fwd_bwd_step(fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One timed fwd+bwd: the inputs' gradients cleared, fwd, backward of a ones gradient."""
     leaves = list(x.values())
 
     def step():
@@ -226,6 +235,14 @@ def measure(name: str, fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tenso
             t.grad = None
         o = fwd()
         o.backward(torch.ones_like(o))
+    return step
+
+
+def measure(name: str, fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor],
+            check: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> Row | None:
+    """Times and peak memory of fwd and fwd+bwd; with ``check`` = (do, reference), also the
+    relative RMSE of the output and gradients (row key ``err``)."""
+    step = fwd_bwd_step(fwd, x)
     try:
         first = time.perf_counter()
         step()  # the first call compiles (or autotunes): timed on its own
@@ -265,6 +282,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         raise SystemExit("bench_gated_delta_product needs a CUDA GPU")
     dtype = getattr(torch, a.dtype)
     gpu = torch.cuda.get_device_name()
+    fla_note = None if a.no_fla else fla_guard.bypass_fla_triton_guard(a.fla_respect_triton_guard)
     rows: list[Row] = []
     for tokens in a.tokens:
         B, T = max(1, tokens // a.seqlen), min(a.seqlen, tokens)
@@ -277,7 +295,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     print(f"B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype} on {gpu}")
                     check = reference_check(x)
                     res = {}
-                    for name, fn in impls(x, n_h, a.torch, not a.no_fla, a.variants).items():
+                    fns = impls(x, n_h, a.torch, not a.no_fla, a.variants)
+                    for name, fn in fns.items():
                         with launch_variant(name):
                             r = measure(name, fn, x, check)
                         if r is None:
@@ -297,22 +316,34 @@ def main(argv: list[str] | None = None) -> list[Row]:
                               f"fwd+bwd {r['fwdbwd']:8.3f} ms ({r['tflops_fwdbwd']:6.1f} TFLOP/s)  "
                               f"peak {r['mem']:8.1f} MiB  first call {r['first_s']:.1f} s{ratio}", flush=True)
                         if "err" in r:
-                            print(f"  {'':8s} rel RMSE vs fp32: {format_errors(r['err'])}", flush=True)
+                            flag = f" {fla_guard.FLAG}" if fla_note and name.startswith("fla") else ""
+                            print(f"  {'':8s} rel RMSE vs fp32: {format_errors(r['err'])}{flag}", flush=True)
                         point.append(r)
-                    if a.results:
-                        write_results(a.results, point, gpu, a.dtype, header=not rows)
+                    prof = []
+                    if a.profile and "ours" in res:  # after the timings: compiled, and a cap keeps them
+                        prof = profile_lines(fwd_bwd_step(fns["ours"], x),
+                                             f"ours at B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype}")
+                    if a.results:  # a profile table ends the point's table: the next one gets a header
+                        write_results(a.results, point, gpu, a.dtype, header=not rows or a.profile,
+                                      fla_note=fla_note)
+                        if prof:
+                            with open(a.results, "a") as f:
+                                f.write("\n".join(prof) + "\n")
                     rows += point
-                    del x, check
+                    del x, check, fns
                     torch.cuda.empty_cache()
     return rows
 
 
-def write_results(path: str, rows: list[Row], gpu: str, dtype: str, header: bool = True) -> None:
-    """Append ``rows`` (one grid point's, as they come) to the Markdown table, its header first."""
+def write_results(path: str, rows: list[Row], gpu: str, dtype: str, header: bool = True,
+                  fla_note: str | None = None) -> None:
+    """Append ``rows`` (one grid point's, as they come) to the Markdown table, its header first.
+    With ``fla_note`` (fla's Triton guard bypassed) fla's rows are flagged and the header says why."""
     names = " | ".join(f"rmse {err_label(n)}" for n in ERR_LIMITS)
     lines = [f"\n## gated_delta_product on {gpu} ({dtype})\n",
              "Relative RMSE against the fp32 torch chunked path (limits: o 5e-3, dq dk dv 1e-2, "
              "dbeta dg 2e-2; `!` marks a value over its limit); first s: the first call (compiling).\n",
+             *([f"{fla_note}\n"] if fla_note else []),
              "| B | T | H | K=V | n_h | impl | fwd ms | fwd+bwd ms | TFLOP/s fwd+bwd | peak MiB | first s | "
              f"comparator/ours fwd+bwd | {names} |",
              "|---" * (12 + len(ERR_LIMITS)) + "|"] if header else []
@@ -320,7 +351,8 @@ def write_results(path: str, rows: list[Row], gpu: str, dtype: str, header: bool
         ratio = f"{r['ratio_fwdbwd']:.2f}" if "ratio_fwdbwd" in r else ""
         err = r.get("err", {})
         errs = " | ".join(format_error(n, err[n]) if n in err else "" for n in ERR_LIMITS)
-        lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['n_h']} | {r['impl']} | "
+        impl = f"{r['impl']} {fla_guard.FLAG}" if fla_note and r["impl"].startswith("fla") else r["impl"]
+        lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['n_h']} | {impl} | "
                      f"{r['fwd']:.3f} | {r['fwdbwd']:.3f} | {r['tflops_fwdbwd']:.1f} | {r['mem']:.0f} | "
                      f"{r.get('first_s', float('nan')):.1f} | {ratio} | "
                      f"{errs} |")

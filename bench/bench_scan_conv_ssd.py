@@ -13,6 +13,10 @@ torch path and ``F.silu(gate) * up``; l2_normalize (GB/s) is GDP's q/k normalisa
 rg_lru_gates (GB/s) is Griffin's RG-LRU gating at ``--dim`` channels, against the torch path
 and the eager composition the model used before.
 Needs only torch and triton to import; ``--results FILE`` appends a Markdown table.
+``--profile`` then runs a few warm fwd+bwd of each op's Triton row under torch.profiler and
+adds a table of where the time goes, per kernel (``bench/kernel_profile.py``). fla's guard
+against Triton 3.4-3.7.0 on Hopper (chunk_simple_gla's backward) is bypassed to time fla
+anyway, its row marked (``bench/fla_guard.py``; ``--fla-respect-triton-guard`` keeps it).
 """
 from __future__ import annotations
 
@@ -26,8 +30,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import fla_guard  # noqa: E402 - after the path insert, for ``python bench/...``
+from bench.kernel_profile import profile_lines  # noqa: E402
+
 Row = dict
 DEVICE = "cuda"  # the CPU smoke test (tests/test_bench_scripts.py) points it at the interpreter
+PROFILE = False  # --profile: a "triton" row keeps its fwd+bwd step (row["_step"]) for main to profile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-torch", action="store_true", help="skip the (slow) torch reference path")
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile a few warm fwd+bwd of each op's Triton row: time per kernel")
+    fla_guard.add_option(p)
     return p.parse_args(argv)
 
 
@@ -75,7 +86,11 @@ def leaf(t: torch.Tensor) -> torch.Tensor:
 
 def timed(name: str, fwd: Callable[[], object], leaves: list[torch.Tensor]) -> Row | None:
     try:
-        return dict(impl=name, fwd=bench(fwd), fwdbwd=bench(fwd_bwd(fwd, leaves)))
+        step = fwd_bwd(fwd, leaves)
+        row = dict(impl=name, fwd=bench(fwd), fwdbwd=bench(step))
+        if PROFILE and name == "triton":  # ours, profiled by main once every row is timed
+            row["_step"] = step
+        return row
     except Exception as exc:  # a comparator that fails to run is reported, not fatal
         print(f"  {name}: failed ({type(exc).__name__}: {str(exc)[:120]})")
         return None
@@ -272,7 +287,7 @@ def bench_ssd(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
             extra["head_first"] = False  # older fla releases default to [B, H, T, K]
         # not like for like: B and C repeated to every head (more bytes read), x*dt given, and no
         # gradient for dt, A or D computed; the row's name says so
-        rows.append(timed("fla chunk_simple_gla (B/C per head, no dt/A/D grads)",
+        rows.append(timed(fla_guard.label("fla chunk_simple_gla (B/C per head, no dt/A/D grads)"),
                           lambda: chunk_simple_gla(q=q, k=k, v=v, g=g, scale=1.0, **extra), [q, k, v, g]))
     except Exception as e:
         print(f"  fla chunk_simple_gla comparator unavailable: {type(e).__name__}: {e}")
@@ -288,13 +303,15 @@ def report(op: str, rows: list[Row], lines: list[str]) -> None:
     if not rows:
         return
     base = rows[0]
-    keys = [k for k in rows[0] if k not in ("impl",)]
+    keys = [k for k in rows[0] if k != "impl" and not k.startswith("_")]
     head = f"| {op} | " + " | ".join(f"{k}" + (" ms" if k in ("fwd", "fwdbwd") else "") for k in keys) + \
         " | triton speed-up fwd | triton speed-up fwd+bwd |"
     lines += [head, "|" + "---|" * (len(keys) + 3)]
     for r in rows:
         vals = " | ".join(f"{r.get(k, float('nan')):.3f}" for k in keys)
         lines.append(f"| {r['impl']} | {vals} | {r['fwd'] / base['fwd']:.2f}x | {r['fwdbwd'] / base['fwdbwd']:.2f}x |")
+    if any(fla_guard.FLAG in r["impl"] for r in rows) and fla_guard.bypass_note():
+        lines += ["", fla_guard.bypass_note() + " (This table has timings only, no accuracy.)"]
     lines.append("")
 
 
@@ -302,8 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_scan_conv_ssd: needs a CUDA GPU (the kernels' CPU tests are in tests/)")
+    global PROFILE
+    PROFILE = a.profile
     dtype = getattr(torch, a.dtype)
     gpu = torch.cuda.get_device_name()
+    if {"ssd", "linear_recurrence"} & set(a.ops.split(",")):  # the ops with fla comparators
+        fla_guard.bypass_fla_triton_guard(a.fla_respect_triton_guard)
     title = [f"## {gpu}, {a.dtype}, B*T = {a.tokens}, T = {a.seqlen}", ""]
     funcs = dict(linear_recurrence=bench_linear_recurrence, causal_conv1d=bench_causal_conv1d, ssd=bench_ssd,
                  rms_norm=bench_rms_norm, gated_activation=bench_gated_activation,
@@ -311,12 +332,27 @@ def main(argv: list[str] | None = None) -> None:
     for i, op in enumerate(a.ops.split(",")):  # each op's table once measured (a cap may end the rest)
         print(f"{op}:", flush=True)
         lines = list(title) if i == 0 else []
-        report(op, funcs[op](a, dtype), lines)
-        text = "\n".join(lines)
+        rows = funcs[op](a, dtype)
+        report(op, rows, lines)
+        write_lines(a.results, lines)
+        step = next((r["_step"] for r in rows if "_step" in r), None)
+        del rows
+        if step is not None:  # after every row is timed and written: compiled, and a cap keeps the table
+            write_lines(a.results, profile_lines(step, f"{op} triton, {a.dtype}, B*T = {a.tokens}, T = {a.seqlen}"),
+                        echo=False)  # profile_lines printed them
+        del step  # the op's inputs, before the next op
+
+
+def write_lines(path: str | None, lines: list[str], echo: bool = True) -> None:
+    """Print ``lines`` and append them to the results file, if any."""
+    if not lines:
+        return
+    text = "\n".join(lines)
+    if echo:
         print(text, flush=True)
-        if a.results:
-            with open(a.results, "a") as f:
-                f.write(text + "\n")
+    if path:
+        with open(path, "a") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ tokens/s ratio ours/fla isolates the kernel. ``both`` is ours and fla, plus fla_
 n_h = 1 presets; it is the default where fla imports and runs (CUDA, bf16), else ours with
 a printed note. Other presets run ours only. Each run prints one JSON line as it ends; a
 table of all runs ends the output (also when interrupted), and ``--results`` appends it to
-a Markdown file.
+a Markdown file. Where fla's guard against Triton 3.4-3.7.0 on Hopper would refuse its
+backward, it is bypassed to time fla anyway and fla's rows are marked (``bench/fla_guard.py``;
+``--fla-respect-triton-guard`` keeps the guard).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import json
 import resource
 import sys
 import time
+
+from bench import fla_guard
 
 KERNELS = ("ours", "fla", "fla_gdn")
 DEFAULT_PRESETS = ["gated_deltaproduct-1.3b", "mamba2-1.3b", "griffin-1.3b"]
@@ -50,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "fla_gdn (fla's chunk_gated_delta_rule, n_h = 1 presets), both (ours and fla, plus "
                         "fla_gdn for n_h = 1). Default: both where fla runs, else ours")
     p.add_argument("--results", default=None, help="append the table as Markdown to this file")
+    fla_guard.add_option(p)
     return p.parse_args(argv)
 
 
@@ -166,7 +171,8 @@ def bench_preset(preset: str, args: argparse.Namespace, kernel: str = "ours") ->
     flops = flops_per_token(cfg.model, args.seq_len).train
     peak = device_peak_flops(args.precision)
     mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
-    return {"preset": preset, "gdp_kernel": kernel,
+    bypassed = kernel != "ours" and fla_guard.bypass_note() is not None
+    return {"preset": preset, "gdp_kernel": kernel, **({"fla_guard_bypassed": True} if bypassed else {}),
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "tokens_per_s": round(tps, 1),
             "mfu": round(tps * flops / peak, 4) if peak else None, "peak_mem_gb": mem,
@@ -207,10 +213,11 @@ def ratios(rows: list[dict]) -> dict[tuple[str, str], float]:
 def _cells(r: dict, ratio: float | None) -> list[str]:
     if "error" in r:
         return [r["preset"], r["gdp_kernel"], "failed", "", "", "", r["error"][:60]]
+    kernel = f"{r['gdp_kernel']} {fla_guard.FLAG}" if r.get("fla_guard_bypassed") else r["gdp_kernel"]
     mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
     plan = "-" if r.get("plan_mem_gb") is None else f"{r['plan_mem_gb']:.1f}"
-    return [r["preset"], r["gdp_kernel"], f"{r['tokens_per_s']:.1f}", mfu, mem, plan,
+    return [r["preset"], kernel, f"{r['tokens_per_s']:.1f}", mfu, mem, plan,
             "" if ratio is None else f"{ratio:.3f}"]
 
 
@@ -232,6 +239,8 @@ def write_results(path: str, rows: list[dict], args: argparse.Namespace) -> None
              f"{args.micro_batch}, {args.steps} steps after {args.warmup} warm-up, ZeRO-{args.zero})\n",
              "| " + " | ".join(HEADER) + " |", "|---|---|---:|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(_cells(r, rat.get((r["preset"], r["gdp_kernel"])))) + " |" for r in rows]
+    if any(r.get("fla_guard_bypassed") for r in rows) and fla_guard.bypass_note():
+        lines += ["", fla_guard.bypass_note() + " (bench_train reports no RMSE: the loss is all it shows.)"]
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     needs_fla = args.gdp_kernel is None or any(k != "ours" for k in args.gdp_kernel)
     unavailable = fla_unavailable(args.precision) if needs_fla else None
+    if needs_fla and unavailable is None:  # before any fla run: its gated backward meets the guard
+        fla_guard.bypass_fla_triton_guard(args.fla_respect_triton_guard)
     kernels, gdn_named = resolve_gdp_kernels(args.gdp_kernel, unavailable)
     runs = plan_runs(args.presets, kernels, gdn_named)
     init_distributed()

@@ -218,7 +218,7 @@ main() {
     # shellcheck disable=SC2086  # the *_ARGS variables are word-split on purpose
     {
         run_stage gdp 120 "$gdp" "$PY" -m bench.bench_gated_delta_product \
-            ${GDP_ARGS:---target} --results "$RESULTS"
+            ${GDP_ARGS:---target --profile} --results "$RESULTS"
         run_stage pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
             --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
             "${pytest_args[@]}"
@@ -233,7 +233,7 @@ main() {
                 --results "$RESULTS"
         fi
         run_stage ssd 75 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096} --results "$RESULTS"
+            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096 --profile} --results "$RESULTS"
         run_stage scan 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096} --results "$RESULTS"
         run_stage conv 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
