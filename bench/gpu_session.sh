@@ -7,13 +7,17 @@
 #   bash bench/gpu_session.sh            # all default stages, at most ~9 minutes
 #   GPU_SESSION_STAGES=wheels,pytest,gdp bash bench/gpu_session.sh
 #
-# Stages (default order, the headline figures first, since a lease can end early; every
-# stage compiles its own kernels): wheels env gdp pytest train ssd scan conv gdp_more;
-# gdp_grid is opt-in.
+# Stages (default order, the headline figures first, since a lease can end early; warm
+# compiles the later stages' kernels first, in parallel): wheels env warm gdp pytest train
+# ssd scan conv gdp_more; gdp_grid is opt-in.
 #   env       GPU, driver, Python, torch, triton and optional packages -> env.txt
 #   wheels    pip install --no-index --no-deps every *.whl in $WHEELS_DIR (fla-core,
 #             deepspeed and its missing dependencies) into a private folder on PYTHONPATH
 #             (a later call on the same machine finds that folder without this stage)
+#   warm      bench.warm_kernels: one tiny forward+backward of every kernel configuration
+#             the later stages use, on CPUs-2 processes at once, into Triton's on-disk cache
+#             (a bare machine compiles each GDP configuration for 25-30 s; serially, in the
+#             stages, that ate most of a lease); progress in env.txt
 #   gdp       bench_gated_delta_product --target (B=4 T=4096 H=16 K=V=128, n_h 2 then 1, bf16;
 #             ours vs fla when importable, each with its relative RMSE against an fp32
 #             reference and its first-call (compile) time)
@@ -38,6 +42,7 @@
 #   PYTEST_ARGS          replaces the module list given to pytest (-m gpu stays)
 #   GDP_ARGS SCAN_ARGS CONV_ARGS SSD_ARGS TRAIN_ARGS GDP_MORE_ARGS GDP_GRID_ARGS
 #                        replace a benchmark's default arguments (word-split)
+#   WARM_ARGS            arguments of bench.warm_kernels, e.g. "--only gdp" (default none: all)
 #   PYTHON               interpreter (default python3)
 #
 # Files under $OUT (the device tool returns at most 8): env.txt, pytest.log,
@@ -46,8 +51,8 @@
 # Exit status: 0 when every stage that ran passed, 1 otherwise, 2 for bad arguments.
 set -u -o pipefail
 
-ALL_STAGES="env wheels gdp pytest train ssd scan conv gdp_more gdp_grid"
-DEFAULT_STAGES="env,wheels,gdp,pytest,train,ssd,scan,conv,gdp_more"
+ALL_STAGES="env wheels warm gdp pytest train ssd scan conv gdp_more gdp_grid"
+DEFAULT_STAGES="env,wheels,warm,gdp,pytest,train,ssd,scan,conv,gdp_more"
 
 source "$(dirname "$0")/gpu_common.sh" || exit 2
 gpu_script_start "$0" GPU_SESSION_STAGES "$@"
@@ -217,6 +222,7 @@ main() {
     local gdp=$OUT/bench_gdp.log scan=$OUT/bench_scan_conv_ssd.log
     # shellcheck disable=SC2086  # the *_ARGS variables are word-split on purpose
     {
+        run_stage warm 150 "$OUT/env.txt" "$PY" -m bench.warm_kernels ${WARM_ARGS:-}
         run_stage gdp 120 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_ARGS:---target --profile} --results "$RESULTS"
         run_stage pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
