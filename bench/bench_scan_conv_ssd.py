@@ -13,6 +13,10 @@ torch path and ``F.silu(gate) * up``; l2_normalize (GB/s) is GDP's q/k normalisa
 rg_lru_gates (GB/s) is Griffin's RG-LRU gating at ``--dim`` channels, against the torch path
 and the eager composition the model used before.
 Needs only torch and triton to import; ``--results FILE`` appends a Markdown table.
+``--variants`` also times launch choices of our Triton ops that only a GPU can settle (the
+scan's time tile, SSD's chunk length and saved-state spacing; see VARIANTS), in a second
+table per op written after the first, each against the default launch re-timed beside it
+and checked against its outputs and gradients on the same inputs.
 ``--profile`` then runs a few warm fwd+bwd of each op's Triton row under torch.profiler and
 adds a table of where the time goes, per kernel (``bench/kernel_profile.py``). fla's guard
 against Triton 3.4-3.7.0 on Hopper (chunk_simple_gla's backward) is bypassed to time fla
@@ -21,6 +25,7 @@ anyway, its row marked (``bench/fla_guard.py``; ``--fla-respect-triton-guard`` k
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 import sys
@@ -34,8 +39,29 @@ from bench import fla_guard  # noqa: E402 - after the path insert, for ``python 
 from bench.kernel_profile import profile_lines  # noqa: E402
 
 Row = dict
+# variant -> (op, keyword arguments of the Triton entry point, what it changes); the public ops
+# take none of these (the SSD's refuses a saved state per 32 tokens), so variants call the entry
+VARIANTS = {
+    "bt64": ("linear_recurrence", dict(block_t=64), "64-row time tiles"),
+    "bt128": ("linear_recurrence", dict(block_t=128), "128-row time tiles"),
+    "bt256": ("linear_recurrence", dict(block_t=256), "256-row time tiles"),
+    "chunk16": ("ssd", dict(block_l=16, save_every=32), "16-token chunks, a state saved per 32 tokens"),
+    "chunk16s64": ("ssd", dict(block_l=16, save_every=64), "16-token chunks, a state saved per 64 tokens"),
+    "chunk32s32": ("ssd", dict(block_l=32, save_every=32), "32-token chunks, a state saved per 32 tokens"),
+}
+# max|variant - default| / max|default| over the output and every input gradient above
+# which a variant is flagged (different tiling only reorders fp32 sums)
+VARIANT_ERR_LIMIT = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-3}
 DEVICE = "cuda"  # the CPU smoke test (tests/test_bench_scripts.py) points it at the interpreter
 PROFILE = False  # --profile: a "triton" row keeps its fwd+bwd step (row["_step"]) for main to profile
+
+
+def variant_names(s: str) -> list[str]:
+    names = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in names if x not in VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,8 +85,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile a few warm fwd+bwd of each op's Triton row: time per kernel")
+    p.add_argument("--variants", type=variant_names, default=[],
+                   help="also time these launch variants of our Triton ops, comma-separated: "
+                        + ", ".join(f"{k} ({op}: {what})" for k, (op, _, what) in VARIANTS.items()))
     fla_guard.add_option(p)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    ops = a.ops.split(",")
+    stray = [v for v in a.variants if VARIANTS[v][0] not in ops]
+    if stray:
+        p.error(f"--variants {','.join(stray)}: for {', '.join(sorted({VARIANTS[v][0] for v in stray}))}, "
+                f"which --ops {a.ops} leaves out")
+    return a
 
 
 def bench(fn: Callable[[], object]) -> float:
@@ -117,14 +152,30 @@ def copy_bandwidth(nbytes: int) -> float:
     return 2 * src.numel() * 2 / bench(lambda: dst.copy_(src)) / 1e6  # GB/s
 
 
-def bench_linear_recurrence(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
-    import kernels
-
+def lr_inputs(a: argparse.Namespace, dtype: torch.dtype) -> list[torch.Tensor]:
+    """x and the gate a of the scan, [B, T, D] leaves (gates in [0.9, 1): long memories)."""
     B, T, D = a.tokens // a.seqlen, a.seqlen, a.dim
     x = leaf(torch.randn(B, T, D, device=DEVICE, dtype=dtype))
     gate = leaf(torch.rand(B, T, D, device=DEVICE, dtype=dtype) * 0.1 + 0.9)
+    return [x, gate]
+
+
+def lr_rates(rows: list[Row], x: torch.Tensor, copy: float) -> list[Row]:
+    """GB/s from the bytes one pass must move, and the fraction of copy bandwidth ``copy``."""
     esz = x.element_size()
     fwd_bytes, bwd_bytes = 3 * x.numel() * esz, 5 * x.numel() * esz  # x,a->h ; a,h,dh->dx,da
+    rows = [r for r in rows if r]
+    for r in rows:
+        r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
+        r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
+        r["% copy bw (fwd)"] = 100 * r["GB/s fwd"] / copy
+    return rows
+
+
+def bench_linear_recurrence(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    x, gate = lr_inputs(a, dtype)
     rows = [timed("triton", lambda: kernels.linear_recurrence(x, gate, backend="triton"), [x, gate])]
     if not a.no_torch:
         rows.append(timed("torch", lambda: kernels.linear_recurrence(x, gate, backend="torch"), [x, gate]))
@@ -135,14 +186,9 @@ def bench_linear_recurrence(a: argparse.Namespace, dtype: torch.dtype) -> list[R
         rows.append(timed("fla fused_recurrent_hgrn", lambda: fused_recurrent_hgrn(x, g), [x, g]))
     except Exception as e:  # a comparator that fails must not lose our measured rows
         print(f"  fla HGRN comparator unavailable: {type(e).__name__}: {e}")
-    copy = copy_bandwidth(x.numel() * esz)
-    for r in rows:
-        if r:
-            r["GB/s fwd"] = fwd_bytes / r["fwd"] / 1e6
-            r["GB/s fwd+bwd"] = (fwd_bytes + bwd_bytes) / r["fwdbwd"] / 1e6
-            r["% copy bw (fwd)"] = 100 * r["GB/s fwd"] / copy
+    copy = copy_bandwidth(x.numel() * x.element_size())
     print(f"  measured copy bandwidth: {copy:.0f} GB/s")
-    return [r for r in rows if r]
+    return lr_rates(rows, x, copy)
 
 
 def bench_causal_conv1d(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
@@ -249,9 +295,8 @@ def ssd_flops(T_total: int, H: int, P: int, N: int, L: int = 64) -> tuple[float,
     return float(T_total * H * fwd), float(T_total * H * bwd)
 
 
-def bench_ssd(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
-    import kernels
-
+def ssd_inputs(a: argparse.Namespace, dtype: torch.dtype) -> list[torch.Tensor]:
+    """x, dt, A, B, C, D leaves of the SSD at the bench's sizes (``--heads`` ... ``--groups``)."""
     B, T, H, P, N, G = a.tokens // a.seqlen, a.seqlen, a.heads, a.headdim, a.dstate, a.groups
     dev = DEVICE
     x = leaf(torch.randn(B, T, H, P, device=dev, dtype=dtype))
@@ -260,7 +305,25 @@ def bench_ssd(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
     Bm = leaf(torch.randn(B, T, G, N, device=dev, dtype=dtype) * N**-0.5)
     Cm = leaf(torch.randn(B, T, G, N, device=dev, dtype=dtype) * N**-0.5)
     D = leaf(torch.randn(H, device=dev))
-    leaves = [x, dt, A, Bm, Cm, D]
+    return [x, dt, A, Bm, Cm, D]
+
+
+def ssd_rates(rows: list[Row], a: argparse.Namespace) -> list[Row]:
+    """TFLOP/s of the chunked algorithm's matmuls (at 64-token chunks for every row)."""
+    f_fwd, f_bwd = ssd_flops(a.tokens // a.seqlen * a.seqlen, a.heads, a.headdim, a.dstate)
+    rows = [r for r in rows if r]
+    for r in rows:
+        r["TFLOP/s fwd"] = f_fwd / r["fwd"] / 1e9
+        r["TFLOP/s fwd+bwd"] = (f_fwd + f_bwd) / r["fwdbwd"] / 1e9
+    return rows
+
+
+def bench_ssd(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
+    import kernels
+
+    H, G = a.heads, a.groups
+    leaves = ssd_inputs(a, dtype)
+    x, dt, A, Bm, Cm, D = leaves
 
     def ours(backend):
         return lambda: kernels.ssd(x, dt, A, Bm, Cm, D=D, allow_neg_eigval=a.neg, backend=backend)
@@ -291,27 +354,129 @@ def bench_ssd(a: argparse.Namespace, dtype: torch.dtype) -> list[Row]:
                           lambda: chunk_simple_gla(q=q, k=k, v=v, g=g, scale=1.0, **extra), [q, k, v, g]))
     except Exception as e:
         print(f"  fla chunk_simple_gla comparator unavailable: {type(e).__name__}: {e}")
-    f_fwd, f_bwd = ssd_flops(B * T, H, P, N)
-    for r in rows:
-        if r:
-            r["TFLOP/s fwd"] = f_fwd / r["fwd"] / 1e9
-            r["TFLOP/s fwd+bwd"] = (f_fwd + f_bwd) / r["fwdbwd"] / 1e9
-    return [r for r in rows if r]
+    return ssd_rates(rows, a)
 
 
-def report(op: str, rows: list[Row], lines: list[str]) -> None:
+def outputs_and_grads(fwd: Callable[[], object], leaves: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+    """fwd()'s outputs, then the gradients of ``leaves`` for a seeded random output gradient,
+    as fp32 copies (the leaves' .grad is left cleared)."""
+    for t in leaves:
+        t.grad = None
+    out = fwd()
+    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if o is not None]
+    gen = torch.Generator(device=outs[0].device).manual_seed(seed)
+    cots = [torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype) for o in outs]
+    torch.autograd.backward(outs, cots)
+    res = [o.detach().float() for o in outs] + [t.grad.float() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return res
+
+
+def rel_errors(ref: list[torch.Tensor], got: list[torch.Tensor], names: list[str]) -> dict[str, float]:
+    """max|got - ref| / max|ref| per tensor (max|got - ref| where ref is all zeros)."""
+    errs = {}
+    for n, r, g in zip(names, ref, got, strict=True):
+        scale = float(r.abs().max())
+        errs[n] = float((g - r).abs().max()) / (scale if scale > 0 else 1.0)
+    return errs
+
+
+def default_launch(op: str, a: argparse.Namespace) -> str:
+    """Our Triton op's own launch choice at the bench's sizes, e.g. ``bt128`` (what the
+    variants are timed against; defaults change, so the table says which it was)."""
+    import triton
+
+    if op == "linear_recurrence":
+        from kernels.triton.linear_recurrence import _blocks
+
+        return f"bt{_blocks(a.tokens // a.seqlen, a.dim, None)[0]}"
+    from kernels.triton.ssd import _chunking
+
+    BL, SUB = _chunking(max(16, triton.next_power_of_2(a.headdim)), max(16, triton.next_power_of_2(a.dstate)),
+                        None, None)
+    return f"chunk{BL}s{BL * SUB}"
+
+
+def bench_variants(op: str, a: argparse.Namespace, dtype: torch.dtype) -> tuple[list[Row], list[str]]:
+    """The ``--variants`` of ``op`` on fresh inputs: the default launch (re-timed, the base),
+    then each variant, checked first against the default's output and input gradients.
+    Returns the rows and the table's notes."""
+    from kernels.dispatch import triton_impl
+
+    names = [v for v in a.variants if VARIANTS[v][0] == op]
+    if not names:
+        return [], []
+    if op == "linear_recurrence":
+        leaves = lr_inputs(a, dtype)
+        labels = ["h", "dx", "da"]
+
+        def call(**kw):
+            return triton_impl(op)(*leaves, **kw)
+    else:
+        leaves = ssd_inputs(a, dtype)
+        labels = ["y", "dx", "ddt", "dA", "dB", "dC", "dD"]
+
+        def call(**kw):
+            return triton_impl(op)(*leaves[:5], D=leaves[5], allow_neg_eigval=a.neg, **kw)
+    print(f"{op} variants:", flush=True)
+    default = default_launch(op, a)
+    base = timed(f"triton default ({default})", call, leaves)
+    if base is None:
+        return [], []
+    ref = outputs_and_grads(call, leaves)
+    limit = VARIANT_ERR_LIMIT[a.dtype]
+    rows, over = [base], []
+    for v in names:
+        fn = functools.partial(call, **VARIANTS[v][1])
+        try:
+            err = rel_errors(ref, outputs_and_grads(fn, leaves), labels)
+        except Exception as exc:  # a variant the kernel refuses (or that faults) is reported, not fatal
+            print(f"  triton {v}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        worst = max(err.values(), key=lambda e: (e != e, e))  # a NaN wins
+        if not worst <= limit:
+            over.append(v)
+        print(f"  triton {v} ({VARIANTS[v][2]}): max|diff| / max|default| "
+              + ", ".join(f"{k} {e:.1e}" for k, e in err.items()) + ("  OVER LIMIT" if v in over else ""),
+              flush=True)
+        row = timed(f"triton {v}", fn, leaves)
+        if row is not None:
+            row["max rel err vs default"] = worst
+            rows.append(row)
+    if op == "linear_recurrence":
+        rows = lr_rates(rows, leaves[0], copy_bandwidth(leaves[0].numel() * leaves[0].element_size()))
+    else:
+        rows = ssd_rates(rows, a)
+    notes = [f"Variants against the default launch ({default}), re-timed beside them on the same inputs: "
+             + "; ".join(f"{v}: {VARIANTS[v][2]}" for v in names) + ". Max rel err: the largest over "
+             f"{', '.join(labels[:1])} and the gradients {', '.join(labels[1:])} of max|variant - default| / "
+             f"max|default| for one random output gradient (limit {limit:g} in {a.dtype})"
+             + (f"; OVER THE LIMIT: {', '.join(over)}." if over else ".")]
+    return rows, notes
+
+
+def report(op: str, rows: list[Row], lines: list[str], notes: list[str] = ()) -> None:
     if not rows:
         return
     base = rows[0]
-    keys = [k for k in rows[0] if k != "impl" and not k.startswith("_")]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "impl" and not k.startswith("_")))
     head = f"| {op} | " + " | ".join(f"{k}" + (" ms" if k in ("fwd", "fwdbwd") else "") for k in keys) + \
         " | triton speed-up fwd | triton speed-up fwd+bwd |"
     lines += [head, "|" + "---|" * (len(keys) + 3)]
+
+    def cell(r: Row, k: str) -> str:
+        if k not in r:
+            return "-"
+        return f"{r[k]:.1e}" if k.startswith("max rel err") else f"{r[k]:.3f}"
+
     for r in rows:
-        vals = " | ".join(f"{r.get(k, float('nan')):.3f}" for k in keys)
+        vals = " | ".join(cell(r, k) for k in keys)
         lines.append(f"| {r['impl']} | {vals} | {r['fwd'] / base['fwd']:.2f}x | {r['fwdbwd'] / base['fwdbwd']:.2f}x |")
     if any(fla_guard.FLAG in r["impl"] for r in rows) and fla_guard.bypass_note():
         lines += ["", fla_guard.bypass_note() + " (This table has timings only, no accuracy.)"]
+    if notes:
+        lines += ["", *notes]
     lines.append("")
 
 
@@ -337,6 +502,12 @@ def main(argv: list[str] | None = None) -> None:
         write_lines(a.results, lines)
         step = next((r["_step"] for r in rows if "_step" in r), None)
         del rows
+        if a.variants:  # after the op's own table is written (a cap keeps it), before its profile
+            lines = []
+            vrows, notes = bench_variants(op, a, dtype)
+            report(f"{op} variants", vrows, lines, notes)
+            del vrows
+            write_lines(a.results, lines)
         if step is not None:  # after every row is timed and written: compiled, and a cap keeps the table
             write_lines(a.results, profile_lines(step, f"{op} triton, {a.dtype}, B*T = {a.tokens}, T = {a.seqlen}"),
                         echo=False)  # profile_lines printed them

@@ -129,7 +129,18 @@ def seq_offsets(batch: int, length: int, cu_seqlens: torch.Tensor | None, device
 
 
 def _blocks(n_seq: int, D: int, block_t: int | None) -> tuple[int, int]:
-    """Channel block: as wide as 64 while that still leaves a few hundred programs."""
+    """(time tile BT, channel block BD). BD: as wide as 64 while that still leaves a few
+    hundred programs.
+
+    BT = 64 by default. The scan is latency-bound: each sequential step of a program loads
+    one [BT, BD] tile of x and a, waits, scans and stores it, so one tile per program is in
+    flight (at B*T = 32K, D = 2560, BD = 32: 640 programs, ~39 KB per SM on an H200's 132
+    SMs; the forward reached 1756 GB/s, 44% of copy bandwidth, 2026-11-29). 128 rows double
+    the bytes per step but, held in registers (155-157 per thread in the forward against
+    64-71, sm_90 compile), fit 3 blocks of 4 warps per SM instead of 7-8, so the bytes in
+    flight per SM barely move; the bench's ``--variants bt64,bt128,bt256`` settles it on a
+    GPU. Prefetching the next tile during the scan is the likelier fix.
+    """
     bd = min(64, max(16, triton.next_power_of_2(D)))
     while bd > 16 and n_seq * triton.cdiv(D, bd) < 512:
         bd //= 2
@@ -178,7 +189,8 @@ def linear_recurrence(x: torch.Tensor, a: torch.Tensor, *, initial_state: torch.
 
     h comes back in x's dtype, the final state [N, D] in fp32 (fp64 for fp64 inputs,
     though the kernel itself accumulates in fp32). ``block_t`` (a power of two) overrides
-    the time tile, for tests that must cross tile boundaries at small T.
+    the time tile (default ``_blocks``), for tests that must cross tile boundaries at small T
+    and for the bench's ``--variants``.
     """
     Bsz, T, D = x.shape
     cu = seq_offsets(Bsz, T, cu_seqlens, x.device)
