@@ -6,12 +6,18 @@ achieved TFLOP/s and peak memory of: our Triton kernels, the torch chunked path 
 flash-linear-attention's ``chunk_gated_delta_product`` (and ``chunk_gated_delta_rule``
 for n_h = 1) through ``bench/fla_adapters.py``, with time ratios comparator / ours (> 1
 means we are faster). ``--variants`` also times launch choices of ours that only a GPU can
-weigh: ``ksplit`` (``ours_ksplit``) takes the K-split gradient kernels at every K (by
-default only K > 128; they compile without spills at K = 128, where the one-kernel gradient
-spills), ``w8`` (``ours_w8``) runs every [64, K]-tile kernel in 8 warps (by default only at
-K = 256; 8 warps halve the K = 128 spills in the sm_90 compile check), ``half``
-(``ours_half``) stores the recomputed intermediates in the input dtype instead of fp32
-(``HALF_INTERMEDIATES``: about half the transient memory, the issue's peak-memory target).
+weigh, each a module setting of ``kernels.triton.gated_delta_product`` held while its row
+(``ours_<variant>``) is measured: ``onekernel`` takes the one-kernel chunk gradient up to
+K = 128 (``GRAD_SPLIT_ABOVE_BK = 128``, the former default; by default K > 64 takes the
+K-split pair, which compiles with 0-48 B/thread of spills at K = 128 where the one kernel
+spills 5.7 KB), ``w8`` runs every [64, K]-tile kernel in 8 warps (by default only at
+K = 256; 8 warps cut the K = 128 spills in the sm_90 compile check), ``half`` stores the
+recomputed intermediates in the input dtype instead of fp32 (``HALF_INTERMEDIATES``: about
+half the transient memory, the issue's peak-memory target), ``inv_tf32`` computes the
+chunk's triangular inverse in plain tf32 instead of tf32x3 for half inputs
+(``HALF_INVERSE_PRECISION``: fewer prep spills, W less accurate with beta near 2; read
+its accuracy columns), ``bv32`` gives the state-sized kernels (state, output, dd_local, dh)
+32-wide V blocks instead of 64 at K <= 128 (``STATE_BV``: smaller tiles, twice the programs).
 
 Each implementation also runs once more, with a fixed random output gradient, for its
 accuracy: the relative RMSE of o, dq, dk, dv, dbeta and dg against an fp32 reference on
@@ -59,9 +65,11 @@ def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-# variant -> (module attribute of kernels.triton.gated_delta_product, value while it is timed)
-VARIANTS = {"ksplit": ("GRAD_SPLIT_ABOVE_BK", 0), "w8": ("EIGHT_WARPS_FROM_BK", 0),
-            "half": ("HALF_INTERMEDIATES", True)}
+# variant -> (module attribute of kernels.triton.gated_delta_product, value while it is timed);
+# the launchers read each at call time
+VARIANTS = {"onekernel": ("GRAD_SPLIT_ABOVE_BK", 128), "w8": ("EIGHT_WARPS_FROM_BK", 0),
+            "half": ("HALF_INTERMEDIATES", True), "inv_tf32": ("HALF_INVERSE_PRECISION", "tf32"),
+            "bv32": ("STATE_BV", 32)}
 # Output and gradients whose accuracy is reported, and the bf16 limits (relative RMSE).
 ERR_LIMITS = {"o": 5e-3, "q": 1e-2, "k": 1e-2, "v": 1e-2, "beta": 2e-2, "g": 2e-2}
 

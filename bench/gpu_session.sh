@@ -245,7 +245,7 @@ main() {
         run_stage conv 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize,rg_lru_gates --tokens 32768 --seqlen 4096} --results "$RESULTS"
         run_stage gdp_more 120 "$gdp" "$PY" -m bench.bench_gated_delta_product \
-            ${GDP_MORE_ARGS:---target --no-fla --torch --variants ksplit,w8,half} --results "$RESULTS"
+            ${GDP_MORE_ARGS:---target --no-fla --torch --variants onekernel,w8,half,inv_tf32,bv32} --results "$RESULTS"
         run_stage gdp_grid 600 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_GRID_ARGS:---tokens 32768 --heads 16 --headdim 64,128,256 --nh 1,2,3} --results "$RESULTS"
     }

@@ -336,32 +336,46 @@ def test_kernel_benchmark_times_launch_variants_on_request():
     from bench.bench_gated_delta_product import impls, launch_variant, parse_args
     from kernels.triton import gated_delta_product as gdp
 
-    assert parse_args(["--target", "--variants", "ksplit,w8,half"]).variants == ["ksplit", "w8", "half"]
+    every = ["onekernel", "w8", "half", "inv_tf32", "bv32"]
+    assert parse_args(["--target", "--variants", ",".join(every)]).variants == every
     assert parse_args([]).variants == []
     with pytest.raises(SystemExit):
-        parse_args(["--variants", "ksplit,w16"])
+        parse_args(["--variants", "ksplit,w16"])  # ksplit became the default (onekernel: the old one)
     x = {name: torch.zeros(1) for name in ("q", "k", "v", "beta", "g")}
-    names = impls(x, 1, use_torch=False, use_fla=False, variants=["ksplit", "w8", "half"])
-    assert sorted(names) == ["ours", "ours_half", "ours_ksplit", "ours_w8"]
+    names = impls(x, 1, use_torch=False, use_fla=False, variants=every)
+    assert sorted(names) == sorted(["ours"] + [f"ours_{v}" for v in every])
     assert parse_args(["--target"]).nh == [2, 1]  # the 1.3B recipe's n_h first
     from bench.bench_gated_delta_product import flops_fwd
     one, two = flops_fwd(1, 64, 1, 128, 128, 1), flops_fwd(1, 64, 1, 128, 128, 2)
     assert one < two < 2 * one  # n_h sub-steps per token, but one query (the output) per token
 
     def settings():
-        return gdp.GRAD_SPLIT_ABOVE_BK, gdp.EIGHT_WARPS_FROM_BK, gdp.HALF_INTERMEDIATES
+        return (gdp.GRAD_SPLIT_ABOVE_BK, gdp.EIGHT_WARPS_FROM_BK, gdp.HALF_INTERMEDIATES,
+                gdp.HALF_INVERSE_PRECISION, gdp.STATE_BV)
 
     defaults = settings()
-    assert defaults[2] is False  # fp32 intermediates until a GPU run decides
+    # K = 128 on the K-split gradients, fp32 intermediates, a tf32x3 inverse, 64-wide V blocks
+    assert defaults == (64, 256, False, "tf32x3", 64)
     with launch_variant("ours"):
         assert settings() == defaults
     with launch_variant("ours_w8"):
         assert gdp.EIGHT_WARPS_FROM_BK == 0 and gdp._launch(64) == {"num_warps": 8}
     assert gdp._launch(64, 3) == {"num_warps": 4, "num_stages": 3}
     with launch_variant("ours_half"):
-        assert settings() == (*defaults[:2], True)
-    with pytest.raises(RuntimeError), launch_variant("ours_ksplit"):
-        assert gdp.GRAD_SPLIT_ABOVE_BK == 0  # every K takes the split kernels
+        assert settings() == (*defaults[:2], True, *defaults[3:])
+    with launch_variant("ours_bv32"):  # read by _blocks at each call; BK = 256 keeps 32
+        assert gdp._blocks(128, 128)[2] == 32 and gdp._blocks(256, 256)[2] == 32
+    assert gdp._blocks(128, 128)[2] == 64 and gdp._blocks(64, 16)[2] == 16
+    half = torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16)
+    with launch_variant("ours_inv_tf32"):  # half inputs only: fp32 keeps its exact inverse
+        assert gdp._Problem(half, half[:, :, None], half[:, :, None], half[..., 0], None, None,
+                            1.0).inv_prec == "tf32"
+        assert gdp._Problem(*(t.float() for t in (half, half[:, :, None], half[:, :, None], half[..., 0])),
+                            None, None, 1.0).inv_prec == "ieee"
+    assert gdp._Problem(half, half[:, :, None], half[:, :, None], half[..., 0], None, None,
+                        1.0).inv_prec == "tf32x3"
+    with pytest.raises(RuntimeError), launch_variant("ours_onekernel"):
+        assert gdp.GRAD_SPLIT_ABOVE_BK == 128  # K = 128 takes the one-kernel gradient
         raise RuntimeError("a failed measurement still restores the default")
     assert settings() == defaults
 

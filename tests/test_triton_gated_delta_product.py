@@ -5,7 +5,8 @@ gradient of every input (q, k, v, beta, g, initial state), as max|diff| / max|re
 The cases spread T over chunk edges (64 // n_h tokens per chunk), n_h, head sizes (K != V
 too), gate regimes (none, exactly 0, mild, <= -20, -1e4, mixed per token), beta near 0 and
 near 2, with and without initial state, and packed documents of length 0, 1 and more;
-K = 256 (and small K forced onto the same path) checks the K-split gradient kernels.
+K = 128 and 256 (and small K forced onto the same path) check the K-split gradient kernels,
+K <= 64 (and K = 128 forced onto it) the one-kernel gradient.
 The ``gpu`` tests run the compiled kernels in bf16 against the fp32 chunked reference.
 """
 from __future__ import annotations
@@ -184,21 +185,27 @@ def test_without_final_state(tk):
     compare(res, run(oracle64, inp, torch.float64, scale=0.25))
 
 
-# (cu_seqlens, K, V, n_h, gates, with_init), H = 1: K = 256 takes the K-split gradient
-# kernels (the one-kernel gradient would not fit an sm_90 block); K = 128 with V = 256 the
-# one kernel, looping over V blocks.
+# (cu_seqlens, K, V, n_h, gates, with_init, split_above), H = 1: K = 128 and 256 take the
+# K-split gradient kernels by default (at 256 the one-kernel gradient would not fit an
+# sm_90 block); K = 128 with split_above = 128 (the bench's ``onekernel``) the one kernel,
+# looping over V blocks.
 WIDE = [
-    ([0, 1, 40, 66], 256, 64, 2, "mixed", True),
-    ([0, 20, 21, 40], 256, 256, 1, "mild", True),
-    ([0, 65], 128, 256, 1, "strong", False),
+    ([0, 1, 40, 66], 256, 64, 2, "mixed", True, None),
+    ([0, 20, 21, 40], 256, 256, 1, "mild", True, None),
+    ([0, 65], 128, 256, 1, "strong", False, None),
+    ([0, 1, 33], 128, 96, 2, "mixed", True, 128),
 ]
 
 
-@pytest.mark.parametrize("cu,K,V,n_h,gates,with_init", WIDE)
-def test_wide_heads(tk, monkeypatch, cu, K, V, n_h, gates, with_init):
-    """Packed documents (one of length 1) through the gradient path K picks; the other is
-    switched off, so running it would fail."""
+@pytest.mark.parametrize("cu,K,V,n_h,gates,with_init,split_above", WIDE)
+def test_wide_heads(tk, monkeypatch, cu, K, V, n_h, gates, with_init, split_above):
+    """Packed documents (one of length 1) through the gradient path K picks (by default, or
+    with GRAD_SPLIT_ABOVE_BK = split_above); the other is switched off, so running it would
+    fail."""
+    if split_above is not None:
+        monkeypatch.setattr(tk, "GRAD_SPLIT_ABOVE_BK", split_above)
     split = K > tk.GRAD_SPLIT_ABOVE_BK
+    assert split == (K > (split_above or 64))  # K = 128 splits by default
     monkeypatch.setattr(tk, "gdp_grad_kernel" if split else "_split_k_grads", None)
     cu_seqlens = torch.tensor(cu, dtype=torch.int32)
     inp = make_inputs(1, cu[-1], 1, K, V, n_h, gates=gates, betas="mid",
@@ -291,8 +298,8 @@ def rtne_bf16(tk, monkeypatch):
 def test_interpreted_half_casts_round_to_nearest_even(rtne_bf16):
     """Store casts (with ``rtne_bf16``) round as torch does, ties, mantissa carries and fp16
     overflow included; half loads cast back to fp32 exactly (the kernels never dot half
-    operands). Normal numbers only: the interpreter flushes bf16 subnormals (< 1.2e-38) to
-    zero on load, which no tolerance here can see."""
+    operands). Normal numbers only: the interpreter flushes bf16
+    subnormals (< 1.2e-38) to zero on load, which no tolerance here can see."""
     kernel = triton.jit(_round_trip)  # interpreted: ``tk`` set TRITON_INTERPRET
     one = 1.0 + 2.0**-8  # a tie between two bf16 neighbours
     x = torch.tensor([one, 1.0 + 3 * 2.0**-8, 3.9921875 + 2.0**-8, -1.9990234375, 1e-30, 65504.0,

@@ -4,7 +4,7 @@ Activation memory: the forward saves only its inputs (and the initial state); th
 backward recomputes W, U, the per-chunk states and D, so nothing O(T*K*V) outlives a call.
 Within a call those intermediates are fp32, or bf16 / fp16 like the inputs with
 ``HALF_INTERMEDIATES`` (about half the transient memory; the arithmetic stays fp32).
-The per-chunk gradients come from one kernel up to K = 128 and from two kernels that
+The per-chunk gradients come from one kernel up to K = 64 and from two kernels that
 split K into slices above it (``GRAD_SPLIT_ABOVE_BK``), so every K up to 256 has a
 hand-written backward that fits an sm_90 block.
 """
@@ -38,11 +38,18 @@ def _blocks(K: int, V: int) -> tuple[int, int, int, int]:
     """(BK: all of K, BVF: all of V, BV: a V block for the state-sized kernels, BVG: the V
     block of the one-kernel gradient, which holds six [64, BK] and [64, BV] tiles at once).
 
-    At BK = 256 the state-sized kernels take 32-wide V blocks: a [256, 64] fp32 state tile
-    alone is 128 registers per thread in 4 warps, and twice as many programs run at once."""
+    BV is STATE_BV up to BK = 128 (read at each call). At BK = 256 the state-sized kernels
+    take 32-wide V blocks: a [256, 64] fp32 state tile alone is 128 registers per thread in
+    4 warps, and twice as many programs run at once."""
     bk = max(16, triton.next_power_of_2(K))
     bvf = max(16, triton.next_power_of_2(V))
-    return bk, bvf, min(bvf, 64 if bk <= 128 else 32), min(bvf, 32)
+    return bk, bvf, min(bvf, STATE_BV if bk <= 128 else 32), min(bvf, 32)
+
+
+# V block of the state-sized kernels (state, output, dd_local, dh) at BK <= 128. 32 halves
+# their [BK, BV] state tiles and doubles their programs (twice the re-reads of the [64, K]
+# tiles); only a GPU can weigh that: ``bench_gated_delta_product --variants bv32``.
+STATE_BV = 64
 
 
 def _stages(bk: int) -> int:
@@ -58,7 +65,7 @@ GRAD_STAGES = 1
 # Warps of the kernels that hold [64, BK] tiles. At BK = 256 one fp32 tile is 128 registers
 # per thread in 4 warps (255 allowed in all): in the sm_90 compile check the K = 256 state,
 # output and dh kernels spill 1.1 / 0.4 / 2.2 KB per thread in 4 warps and 0 / 0 / 0.5 KB in
-# 8. At BK <= 128 8 warps also halve the spills (prep, dh, gradient) but cost occupancy;
+# 8. At BK <= 128 8 warps also cut the spills (prep, dh, gradient) but cost occupancy;
 # only a GPU can weigh that: ``bench_gated_delta_product --variants w8`` times it.
 EIGHT_WARPS_FROM_BK = 256
 
@@ -69,15 +76,23 @@ def _launch(bk: int, num_stages: int | None = None) -> dict:
     if num_stages is not None:
         out["num_stages"] = num_stages
     return out
-# Above this BK, gdp_grad_kernel's [64, BK] tiles outgrow an sm_90 block (~360 KB of shared
-# memory at K = 256 even unpipelined): the chunk gradients then come from the K-split pair
-# gdp_grad_kslice_kernel / gdp_grad_finish_kernel, on K slices of GRAD_SLICE_K columns.
-GRAD_SPLIT_ABOVE_BK = 128
+# Above this BK the chunk gradients come from the K-split pair gdp_grad_kslice_kernel /
+# gdp_grad_finish_kernel, on K slices of GRAD_SLICE_K columns, instead of gdp_grad_kernel.
+# At K = 256 the one kernel's [64, BK] tiles outgrow an sm_90 block (~360 KB of shared memory
+# even unpipelined). At K = V = 128 it fits but, in the sm_90 compile check with triton 3.6
+# (bf16, n_h 1-3; compiled, not timed), it takes 255 registers, spills 5.7 KB per thread and
+# needs 217 KB of shared memory (one 4-warp block per SM), where the pair spills 0-48 B
+# (kslice) and 0 B (finish) in 106 / 90 KB: the pair by default from K = 128 on. At
+# K = 64 the one kernel still spills 2.4 KB in 135 KB (the pair at K = 64: 40 / 0 B), but
+# it is one launch and no scratch; ``bench_gated_delta_product --variants onekernel``
+# (GRAD_SPLIT_ABOVE_BK = 128, the one kernel at K = 128) times the choice on a GPU.
+GRAD_SPLIT_ABOVE_BK = 64
 GRAD_SLICE_K = 64
 # Launch choices of the split pair from the sm_90 AOT compile at K = V = 256 (bf16; not
 # timed): kslice pipelined (3 stages) keeps 0 spills in 4 warps (106 KB of shared memory);
 # finish, whose V loop and [64, 64] score tiles spill ~190 B/thread in 4 warps, spills
-# none in 8 (90 KB, unpipelined).
+# none in 8 (90 KB, unpipelined). The same choices at K = V = 128 (triton 3.6): kslice
+# 0-48 B, finish 0 B.
 SPLIT_BV = 32
 KSLICE_LAUNCH = dict(num_warps=4, num_stages=3)
 FINISH_LAUNCH = dict(num_warps=8, num_stages=1)
@@ -100,6 +115,12 @@ HALF_INTERMEDIATES = False
 # (64 columns: 128 MiB of the 2176 above; rounding it would save 64). fla does keep its
 # inverse in bf16; the kernels cast tinv like the rest, so a GPU run may add "tinv" here.
 HALF_BUFFERS = frozenset({"w", "u", "hs", "d", "dd", "dhs"})
+# Dots of the chunk's triangular inverse for bf16 / fp16 inputs (fp32 inputs: "ieee"):
+# "tf32x3" keeps fp32 accuracy (``inverse_precision``); plain "tf32" makes W ~5x less
+# accurate with beta near 2 and correlated keys, for far fewer prep spills in the sm_90
+# compile check (K = V = 128, triton 3.6, not timed: 3000 -> 492 B/thread). A GPU run
+# (``bench_gated_delta_product --variants inv_tf32``: time and accuracy) decides.
+HALF_INVERSE_PRECISION = "tf32x3"
 
 
 class _Problem:
@@ -128,7 +149,7 @@ class _Problem:
         self.beta = beta.reshape(B * T * self.n_h, H).contiguous()
         self.g = g.reshape(B * T, H).contiguous() if g is not None else None
         self.prec = dot_precision(q.dtype)
-        self.inv_prec = inverse_precision(q.dtype)
+        self.inv_prec = inverse_precision(q.dtype, HALF_INVERSE_PRECISION)
         self.BK, self.BVF, self.BV, self.BVG = _blocks(K, self.V)
         half = HALF_INTERMEDIATES and q.dtype in (torch.bfloat16, torch.float16)
         self.half_dtype = q.dtype if half else torch.float32

@@ -10,10 +10,10 @@ _common): dseg is zeroed on same-token pairs (their decay is exactly 1) and summ
 a reverse cumsum, so strongly negative gates keep exact tiny gradients.
 The n_h sub-steps are rows of the same tiles: no padded n_h-times-longer sequence.
 
-``grad`` holds all of K at once (up to K = 128). Wider heads split it in two: ``grad_kslice``
-(per chunk and K slice: the V loop and the slice's shares of the K sums) and
-``grad_finish`` (per chunk: the V-only part, the sums, dbeta, dg, then dq and dk slice by
-slice); every tile is then [64, slice] or [64, 64] whatever K is.
+``grad`` holds all of K at once (by default up to K = 64: ``GRAD_SPLIT_ABOVE_BK``). Wider
+heads split it in two: ``grad_kslice`` (per chunk and K slice: the V loop and the slice's
+shares of the K sums) and ``grad_finish`` (per chunk: the V-only part, the sums, dbeta, dg,
+then dq and dk slice by slice); every tile is then [64, slice] or [64, 64] whatever K is.
 """
 from __future__ import annotations
 

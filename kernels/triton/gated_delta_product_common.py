@@ -146,11 +146,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def inverse_precision(dtype: torch.dtype) -> str:
-    """Dots inside the chunk's triangular inverse: fp32-accurate for every input dtype.
+def inverse_precision(dtype: torch.dtype, half: str = "tf32x3") -> str:
+    """Dots inside the chunk's triangular inverse: fp32-accurate for every input dtype by
+    default; ``half`` is the choice for bf16 / fp16 inputs (fp32 ones always get "ieee").
 
     Plain tf32 there (10-bit mantissa) rounds the Neumann factors of (I + A)^-1: with
     correlated keys and beta near 2 it makes W about 5x less accurate than the exact
     inverse does; tf32x3 (three tf32 products) restores fp32 accuracy on tensor cores.
     """
-    return "ieee" if dtype == torch.float32 else "tf32x3"
+    if dtype == torch.float32:
+        return "ieee"
+    return half if dtype in (torch.bfloat16, torch.float16) else "tf32x3"
