@@ -7,9 +7,10 @@
 #   bash bench/gpu_session.sh            # all default stages, at most ~9 minutes
 #   GPU_SESSION_STAGES=wheels,pytest,gdp bash bench/gpu_session.sh
 #
-# Stages (default order, the headline figures first, since a lease can end early; warm
-# compiles the later stages' kernels first, in parallel): wheels env warm gdp pytest train
-# ssd scan conv gdp_more; gdp_grid is opt-in.
+# Stages (default order: what decides the most first, since a lease can end early; warm
+# compiles the later stages' kernels first, in parallel): wheels env warm gdp gdp_more train
+# ssd pytest scan conv; gdp_grid is opt-in. All of them need more than one call's 540 s:
+# bench/RESULTS.md ("How to run the GPU session") gives the two-call plan for a 15-minute lease.
 #   env       GPU, driver, Python, torch, triton and optional packages -> env.txt
 #   wheels    pip install --no-index --no-deps every *.whl in $WHEELS_DIR (fla-core,
 #             deepspeed and its missing dependencies) into a private folder on PYTHONPATH
@@ -27,9 +28,10 @@
 #             imports; the GatedDeltaProduct preset runs twice, with our kernel and with
 #             fla's chunk_gated_delta_product (ours/fla tokens/s), when fla imports
 #   ssd, scan, conv   bench_scan_conv_ssd, one op each (conv also times rms_norm,
-#             gated_activation, l2_normalize and rg_lru_gates), at B*T = 32768 tokens, T = 4096
-#   gdp_more  the target point again with three variants of ours (K-split gradient, 8 warps,
-#             half-precision intermediates) and the torch chunked path
+#             gated_activation, l2_normalize and rg_lru_gates), at B*T = 32768 tokens, T = 4096;
+#             ssd with its chunking variants and --profile, scan with its time-tile variants
+#   gdp_more  the target point again with five variants of ours (onekernel, w8, half,
+#             inv_tf32, bv32: bench_gated_delta_product --help) and the torch chunked path
 #   gdp_grid  a wider GDP grid without the torch path, for time left over
 #
 # Environment:
@@ -51,8 +53,8 @@
 # Exit status: 0 when every stage that ran passed, 1 otherwise, 2 for bad arguments.
 set -u -o pipefail
 
-ALL_STAGES="env wheels warm gdp pytest train ssd scan conv gdp_more gdp_grid"
-DEFAULT_STAGES="env,wheels,warm,gdp,pytest,train,ssd,scan,conv,gdp_more"
+ALL_STAGES="env wheels warm gdp gdp_more train ssd pytest scan conv gdp_grid"
+DEFAULT_STAGES="env,wheels,warm,gdp,gdp_more,train,ssd,pytest,scan,conv"
 
 source "$(dirname "$0")/gpu_common.sh" || exit 2
 gpu_script_start "$0" GPU_SESSION_STAGES "$@"
@@ -223,11 +225,10 @@ main() {
     # shellcheck disable=SC2086  # the *_ARGS variables are word-split on purpose
     {
         run_stage warm 150 "$OUT/env.txt" "$PY" -m bench.warm_kernels ${WARM_ARGS:-}
-        run_stage gdp 120 "$gdp" "$PY" -m bench.bench_gated_delta_product \
+        run_stage gdp 150 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_ARGS:---target --profile} --results "$RESULTS"
-        run_stage pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
-            --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
-            "${pytest_args[@]}"
+        run_stage gdp_more 100 "$gdp" "$PY" -m bench.bench_gated_delta_product \
+            ${GDP_MORE_ARGS:---target --no-fla --torch --variants onekernel,w8,half,inv_tf32,bv32} --results "$RESULTS"
         local probe
         probe=$(cap_for train 60)
         if wanted train && ! timeout "$((probe > 5 ? probe : 5))" "$PY" -c "import deepspeed" >/dev/null 2>&1; then
@@ -238,14 +239,15 @@ main() {
                 ${TRAIN_ARGS:---presets gated_deltaproduct-1.3b mamba2-1.3b griffin-1.3b --seq-len 4096 --micro-batch 1 --steps 10 --warmup 3} \
                 --results "$RESULTS"
         fi
-        run_stage ssd 75 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096 --profile} --results "$RESULTS"
+        run_stage ssd 120 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096 --no-torch --variants chunk16,chunk16s64,chunk32s32 --profile} --results "$RESULTS"
+        run_stage pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
+            --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
+            "${pytest_args[@]}"
         run_stage scan 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096} --results "$RESULTS"
-        run_stage conv 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096 --variants bt64,bt128,bt256} --results "$RESULTS"
+        run_stage conv 40 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize,rg_lru_gates --tokens 32768 --seqlen 4096} --results "$RESULTS"
-        run_stage gdp_more 120 "$gdp" "$PY" -m bench.bench_gated_delta_product \
-            ${GDP_MORE_ARGS:---target --no-fla --torch --variants onekernel,w8,half,inv_tf32,bv32} --results "$RESULTS"
         run_stage gdp_grid 600 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_GRID_ARGS:---tokens 32768 --heads 16 --headdim 64,128,256 --nh 1,2,3} --results "$RESULTS"
     }

@@ -134,8 +134,8 @@ def test_gpu_session_profiles_the_gdp_and_ssd_stages(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
     bench_calls = [line for line in calls.read_text().splitlines() if line.startswith("-m bench.")]
-    assert ["--profile" in line.split() for line in bench_calls] == [True, True, False, False], bench_calls
-    assert "--ops ssd" in bench_calls[1]
+    assert ["--profile" in line.split() for line in bench_calls] == [True, False, True, False], bench_calls
+    assert "--ops ssd" in bench_calls[2]
 
 
 def test_profile_module_imports_without_a_gpu_stack():
