@@ -45,6 +45,7 @@ VARIANTS = {
     "bt64": ("linear_recurrence", dict(block_t=64), "64-row time tiles"),
     "bt128": ("linear_recurrence", dict(block_t=128), "128-row time tiles"),
     "bt256": ("linear_recurrence", dict(block_t=256), "256-row time tiles"),
+    "prefetch": ("linear_recurrence", dict(prefetch=True), "each tile's loads issued a step early"),
     "chunk16": ("ssd", dict(block_l=16, save_every=32), "16-token chunks, a state saved per 32 tokens"),
     "chunk16s64": ("ssd", dict(block_l=16, save_every=64), "16-token chunks, a state saved per 64 tokens"),
     "chunk32s32": ("ssd", dict(block_l=32, save_every=32), "32-token chunks, a state saved per 32 tokens"),

@@ -245,7 +245,7 @@ main() {
             --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
             "${pytest_args[@]}"
         run_stage scan 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096 --variants bt64,bt128,bt256} --results "$RESULTS"
+            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096 --variants bt64,bt128,bt256,prefetch} --results "$RESULTS"
         run_stage conv 40 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize,rg_lru_gates --tokens 32768 --seqlen 4096} --results "$RESULTS"
         run_stage gdp_grid 600 "$gdp" "$PY" -m bench.bench_gated_delta_product \

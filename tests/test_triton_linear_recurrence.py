@@ -49,6 +49,18 @@ def test_matches_naive(tk, Bsz, T, Dm, regime, with_init, block_t):
     compare(res, run(naive_linear_recurrence, inp, torch.float64, output_final_state=True))
 
 
+@pytest.mark.parametrize("with_states", [False, True])
+def test_prefetched_tiles_match_naive(tk, with_states):
+    """``prefetch`` (each tile's loads one step early; its loop-carried tiles are masked past
+    the ends) over packed documents, one shorter than a tile and one crossing several."""
+    lengths = [1, 37, 0, 20]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    inp = recurrence_inputs(1, sum(lengths), 8, "signed", n_state=len(lengths) if with_states else None, seed=5)
+    kw = dict(cu_seqlens=cu, output_final_state=True)
+    compare(run(tk.linear_recurrence, inp, torch.float32, block_t=16, prefetch=True, **kw),
+            run(naive_linear_recurrence, inp, torch.float64, **kw))
+
+
 def test_exact_zeros_and_minus_one(tk):
     """Exact zeros cut the history and -1 flips it, across a tile edge."""
     inp = recurrence_inputs(1, 40, 6, "signed", n_state=1, seed=4)

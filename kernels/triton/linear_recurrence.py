@@ -76,16 +76,28 @@ def _scan_tile(a, x, carry, first):
 
 @triton.jit
 def _lr_fwd_kernel(x_ptr, a_ptr, h0_ptr, h_ptr, hT_ptr, cu_ptr, D,
-                   HAS_H0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                   HAS_H0: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PREFETCH: tl.constexpr):
     n, d, dm, s, e = _seq_channels(cu_ptr, D, BD)
     rows, first, last = _tile_rows(BT)
     carry = _state_or_zero(h0_ptr, n, d, dm, D, HAS_H0, BD)
+    if PREFETCH:  # the next tile's loads are issued before this tile's scan waits on nothing
+        m = (s + rows < e)[:, None] & dm[None, :]
+        off = (s + rows)[:, None] * D + d[None, :]
+        xn = tl.load(x_ptr + off, mask=m, other=0.0)
+        an = tl.load(a_ptr + off, mask=m, other=1.0)
     for t0 in range(s, e, BT):
         t = t0 + rows
         m = (t < e)[:, None] & dm[None, :]
         off = t[:, None] * D + d[None, :]
-        xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-        av = tl.load(a_ptr + off, mask=m, other=1.0).to(tl.float32)  # padding: identity step
+        if PREFETCH:
+            xv = xn.to(tl.float32)
+            av = an.to(tl.float32)
+            mn = (t + BT < e)[:, None] & dm[None, :]
+            xn = tl.load(x_ptr + off + BT * D, mask=mn, other=0.0)
+            an = tl.load(a_ptr + off + BT * D, mask=mn, other=1.0)
+        else:
+            xv = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+            av = tl.load(a_ptr + off, mask=m, other=1.0).to(tl.float32)  # padding: identity step
         h = _scan_tile(av, xv, carry, first)
         tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=m)
         carry = _last_row(h, last)
@@ -93,24 +105,45 @@ def _lr_fwd_kernel(x_ptr, a_ptr, h0_ptr, h_ptr, hT_ptr, cu_ptr, D,
 
 
 @triton.jit
+def _lr_bwd_tile(a_ptr, h_ptr, dh_ptr, t, s, e, d, dm, D):
+    """The loads of one reverse tile for PREFETCH (rows hold times t, descending): the output
+    gradient, a_{t+1} (1 past the end, for the dh_T carry) and h_{t-1} (0 before the start)."""
+    valid = t >= s
+    off = t[:, None] * D + d[None, :]
+    g = tl.load(dh_ptr + off, mask=valid[:, None] & dm[None, :], other=0.0)
+    an = tl.load(a_ptr + off + D, mask=(valid & (t + 1 < e))[:, None] & dm[None, :], other=1.0)
+    hp = tl.load(h_ptr + off - D, mask=((t - 1 >= s) & valid)[:, None] & dm[None, :], other=0.0)
+    return g, an, hp
+
+
+@triton.jit
 def _lr_bwd_kernel(a_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, dx_ptr, da_ptr, dh0_ptr, cu_ptr, D,
-                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                   HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                   PREFETCH: tl.constexpr):
     n, d, dm, s, e = _seq_channels(cu_ptr, D, BD)
     rows, first, last = _tile_rows(BT)
     carry = _state_or_zero(dhT_ptr, n, d, dm, D, HAS_DHT, BD)
     h0 = _state_or_zero(h0_ptr, n, d, dm, D, HAS_H0, BD)
+    if PREFETCH:
+        gn, ann, hpn = _lr_bwd_tile(a_ptr, h_ptr, dh_ptr, e - 1 - rows, s, e, d, dm, D)
     for i in range(0, e - s, BT):
         t = e - 1 - i - rows  # row r holds time t, descending
-        valid = t >= s
-        m = valid[:, None] & dm[None, :]
+        m = (t >= s)[:, None] & dm[None, :]
         off = t[:, None] * D + d[None, :]
-        g = tl.load(dh_ptr + off, mask=m, other=0.0).to(tl.float32)
-        # a_{t+1} multiplies dh_{t+1}; 1 past the end (dh_T carry) and before the start
-        an = tl.load(a_ptr + off + D, mask=(valid & (t + 1 < e))[:, None] & dm[None, :],
-                     other=1.0).to(tl.float32)
-        dh = _scan_tile(an, g, carry, first)
-        hp = tl.load(h_ptr + off - D, mask=((t - 1 >= s) & valid)[:, None] & dm[None, :],
-                     other=0.0).to(tl.float32)
+        if PREFETCH:
+            g, an, hp = gn, ann, hpn
+            gn, ann, hpn = _lr_bwd_tile(a_ptr, h_ptr, dh_ptr, t - BT, s, e, d, dm, D)
+            dh = _scan_tile(an.to(tl.float32), g.to(tl.float32), carry, first)
+            hp = hp.to(tl.float32)
+        else:  # as timed on 2026-11-29: h_{t-1} loaded after the scan
+            valid = t >= s
+            g = tl.load(dh_ptr + off, mask=m, other=0.0).to(tl.float32)
+            # a_{t+1} multiplies dh_{t+1}; 1 past the end (dh_T carry) and before the start
+            an = tl.load(a_ptr + off + D, mask=(valid & (t + 1 < e))[:, None] & dm[None, :],
+                         other=1.0).to(tl.float32)
+            dh = _scan_tile(an, g, carry, first)
+            hp = tl.load(h_ptr + off - D, mask=((t - 1 >= s) & valid)[:, None] & dm[None, :],
+                         other=0.0).to(tl.float32)
         if HAS_H0:
             hp = hp + tl.where((t == s)[:, None], h0[None, :], 0.0)
         tl.store(dx_ptr + off, dh.to(dx_ptr.dtype.element_ty), mask=m)
@@ -149,7 +182,7 @@ def _blocks(n_seq: int, D: int, block_t: int | None) -> tuple[int, int]:
 
 class _LinearRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, h0, cu, block_t):
+    def forward(ctx, x, a, h0, cu, block_t, prefetch):
         L, D = x.shape
         N = cu.numel() - 1
         BT, BD = _blocks(N, D, block_t)
@@ -157,9 +190,9 @@ class _LinearRecurrence(torch.autograd.Function):
         hT = torch.empty(N, D, device=x.device, dtype=torch.float32)
         grid = (N, triton.cdiv(D, BD))
         _lr_fwd_kernel[grid](x, a, h0 if h0 is not None else hT, h, hT, cu, D,
-                             HAS_H0=h0 is not None, BT=BT, BD=BD)
+                             HAS_H0=h0 is not None, BT=BT, BD=BD, PREFETCH=prefetch)
         ctx.save_for_backward(a, h, h0, cu)
-        ctx.blocks = (BT, BD)
+        ctx.blocks = (BT, BD, prefetch)
         ctx.set_materialize_grads(False)
         return h, hT
 
@@ -168,7 +201,7 @@ class _LinearRecurrence(torch.autograd.Function):
         a, h, h0, cu = ctx.saved_tensors
         L, D = a.shape
         N = cu.numel() - 1
-        BT, BD = ctx.blocks
+        BT, BD, prefetch = ctx.blocks
         dh = torch.zeros_like(h) if dh is None else dh.contiguous()
         dx = torch.empty(L, D, device=a.device, dtype=h.dtype)
         da = torch.empty_like(a)
@@ -177,26 +210,28 @@ class _LinearRecurrence(torch.autograd.Function):
         grid = (N, triton.cdiv(D, BD))
         _lr_bwd_kernel[grid](a, h, h0 if h0 is not None else dx, dh, dhT_arg, dx, da,
                              dh0 if dh0 is not None else dx, cu, D,
-                             HAS_H0=h0 is not None, HAS_DHT=dhT is not None, BT=BT, BD=BD)
+                             HAS_H0=h0 is not None, HAS_DHT=dhT is not None, BT=BT, BD=BD,
+                             PREFETCH=prefetch)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dx, da, dh0, None, None
+        return dx, da, dh0, None, None, None
 
 
 def linear_recurrence(x: torch.Tensor, a: torch.Tensor, *, initial_state: torch.Tensor | None = None,
                       output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                      block_t: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      block_t: int | None = None, prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of ``kernels.linear_recurrence`` (inputs already validated by ops.py).
 
     h comes back in x's dtype, the final state [N, D] in fp32 (fp64 for fp64 inputs,
     though the kernel itself accumulates in fp32). ``block_t`` (a power of two) overrides
     the time tile (default ``_blocks``), for tests that must cross tile boundaries at small T
-    and for the bench's ``--variants``.
+    and for the bench's ``--variants``; ``prefetch`` issues each tile's loads one step early
+    (the ``prefetch`` variant: more bytes in flight per program, a GPU decides the default).
     """
     Bsz, T, D = x.shape
     cu = seq_offsets(Bsz, T, cu_seqlens, x.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
     h, hT = _LinearRecurrence.apply(x.reshape(Bsz * T, D).contiguous(),
-                                    a.reshape(Bsz * T, D).contiguous(), h0, cu, block_t)
+                                    a.reshape(Bsz * T, D).contiguous(), h0, cu, block_t, prefetch)
     final = hT.to(torch.promote_types(x.dtype, torch.float32)) if output_final_state else None
     return h.view(Bsz, T, D), final
 
