@@ -11,7 +11,8 @@ weigh, each a module setting of ``kernels.triton.gated_delta_product`` held whil
 K = 128 (``GRAD_SPLIT_ABOVE_BK = 128``, the former default; by default K > 64 takes the
 K-split pair, which compiles with 0-48 B/thread of spills at K = 128 where the one kernel
 spills 5.7 KB), ``w8`` runs every [64, K]-tile kernel in 8 warps (by default only at
-K = 256; 8 warps cut the K = 128 spills in the sm_90 compile check), ``half`` stores the
+K = 256; 8 warps cut the K = 128 prep and dh spills in the sm_90 compile check; the K-split
+gradient pair keeps its own launch settings), ``half`` stores the
 recomputed intermediates in the input dtype instead of fp32 (``HALF_INTERMEDIATES``: about
 half the transient memory, the issue's peak-memory target), ``inv_tf32`` computes the
 chunk's triangular inverse in plain tf32 instead of tf32x3 for half inputs
@@ -302,8 +303,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
                     fl = flops_fwd(B, T, H, D, D, n_h)
                     print(f"B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype} on {gpu}")
                     check = reference_check(x)
-                    res = {}
                     fns = impls(x, n_h, a.torch, not a.no_fla, a.variants)
+                    ours = None
+                    point: list[Row] = []
+                    header = not rows or a.profile
+                    # each row reaches the results as soon as it is measured, ours (and its
+                    # profile) first: a stage cap during a comparator's compile keeps them
                     for name, fn in fns.items():
                         with launch_variant(name):
                             r = measure(name, fn, x, check)
@@ -311,12 +316,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
                             continue
                         r.update(B=B, T=T, H=H, D=D, n_h=n_h, tflops_fwd=fl / r["fwd"] / 1e9,
                                  tflops_fwdbwd=3 * fl / r["fwdbwd"] / 1e9)
-                        res[name] = r
-                    ours = res.get("ours")
-                    point: list[Row] = []
-                    for name, r in res.items():
                         ratio = ""
-                        if ours is not None and name != "ours":
+                        if name == "ours":
+                            ours = r
+                        elif ours is not None:
                             r["ratio_fwd"] = r["fwd"] / ours["fwd"]
                             r["ratio_fwdbwd"] = r["fwdbwd"] / ours["fwdbwd"]
                             ratio = f"  {name}/ours: fwd {r['ratio_fwd']:.2f}x fwd+bwd {r['ratio_fwdbwd']:.2f}x"
@@ -327,16 +330,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
                             flag = f" {fla_guard.FLAG}" if fla_note and name.startswith("fla") else ""
                             print(f"  {'':8s} rel RMSE vs fp32: {format_errors(r['err'])}{flag}", flush=True)
                         point.append(r)
-                    prof = []
-                    if a.profile and "ours" in res:  # after the timings: compiled, and a cap keeps them
-                        prof = profile_lines(fwd_bwd_step(fns["ours"], x),
-                                             f"ours at B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype}")
-                    if a.results:  # a profile table ends the point's table: the next one gets a header
-                        write_results(a.results, point, gpu, a.dtype, header=not rows or a.profile,
-                                      fla_note=fla_note)
-                        if prof:
-                            with open(a.results, "a") as f:
-                                f.write("\n".join(prof) + "\n")
+                        if a.results:
+                            write_results(a.results, [r], gpu, a.dtype, header=header, fla_note=fla_note)
+                            header = False
+                        if name == "ours" and a.profile:  # after its timing: compiled already
+                            prof = profile_lines(fwd_bwd_step(fn, x),
+                                                 f"ours at B={B} T={T} H={H} K=V={D} n_h={n_h} {a.dtype}")
+                            if a.results and prof:  # the table after it starts with a header
+                                with open(a.results, "a") as f:
+                                    f.write("\n".join(prof) + "\n")
+                                header = True
                     rows += point
                     del x, check, fns
                     torch.cuda.empty_cache()

@@ -9,7 +9,7 @@
 #
 # Stages (default order: what decides the most first, since a lease can end early; warm
 # compiles the later stages' kernels first, in parallel): wheels env warm gdp gdp_more train
-# ssd pytest scan conv; gdp_grid is opt-in. All of them need more than one call's 540 s:
+# ssd scan conv pytest; gdp_grid is opt-in. All of them need more than one call's 540 s:
 # bench/RESULTS.md ("How to run the GPU session") gives the two-call plan for a 15-minute lease.
 #   env       GPU, driver, Python, torch, triton and optional packages -> env.txt
 #   wheels    pip install --no-index --no-deps every *.whl in $WHEELS_DIR (fla-core,
@@ -53,8 +53,8 @@
 # Exit status: 0 when every stage that ran passed, 1 otherwise, 2 for bad arguments.
 set -u -o pipefail
 
-ALL_STAGES="env wheels warm gdp gdp_more train ssd pytest scan conv gdp_grid"
-DEFAULT_STAGES="env,wheels,warm,gdp,gdp_more,train,ssd,pytest,scan,conv"
+ALL_STAGES="env wheels warm gdp gdp_more train ssd scan conv pytest gdp_grid"
+DEFAULT_STAGES="env,wheels,warm,gdp,gdp_more,train,ssd,scan,conv,pytest"
 
 source "$(dirname "$0")/gpu_common.sh" || exit 2
 gpu_script_start "$0" GPU_SESSION_STAGES "$@"
@@ -241,13 +241,13 @@ main() {
         fi
         run_stage ssd 120 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096 --no-torch --variants chunk16,chunk16s64,chunk32s32 --profile} --results "$RESULTS"
-        run_stage pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
-            --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
-            "${pytest_args[@]}"
         run_stage scan 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096 --variants bt64,bt128,bt256,prefetch} --results "$RESULTS"
         run_stage conv 40 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize,rg_lru_gates --tokens 32768 --seqlen 4096} --results "$RESULTS"
+        run_stage pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \
+            --continue-on-collection-errors --junitxml="$OUT/pytest_junit.xml" "${timeout_opt[@]}" \
+            "${pytest_args[@]}"
         run_stage gdp_grid 600 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_GRID_ARGS:---tokens 32768 --heads 16 --headdim 64,128,256 --nh 1,2,3} --results "$RESULTS"
     }
@@ -260,6 +260,10 @@ write_summary() {
         echo "total $((SECONDS - START))s of GPU_SESSION_BUDGET_S=${BUDGET}; stages: $STAGES;" \
             "failed:${FAILED_STAGES:- none}; files in $OUT"
         cat "$NOTES"
+        if [[ -s $OUT/env.txt ]] && grep -q " FAILED " "$OUT/env.txt"; then  # warm's failed configs
+            echo; echo "## warm: configurations that did not compile (their stages compile them)"
+            grep " FAILED " "$OUT/env.txt" | head -n 20
+        fi
         if [[ -s $OUT/pytest.log ]]; then
             echo; echo "## pytest -m gpu"
             grep -E '^(FAILED|ERROR|SKIPPED) |Interrupted|Timeout|^=* ?[0-9]+ (passed|failed|errors?|skipped|deselected).* in [0-9.]+s' \

@@ -36,6 +36,10 @@ class Profile(NamedTuple):
         return None if self.wall_ms is None else self.wall_ms - self.kernel_ms
 
 
+# Entries the profiler may list beside the kernels that are its own overhead.
+PROFILER_OVERHEAD = ("Activity Buffer Request", "Buffer Flush")
+
+
 def device_records(events: Iterable[object]) -> list[tuple[str, float, int]]:
     """(name, device µs, count) of the device-side entries of ``prof.key_averages()``.
 
@@ -48,6 +52,8 @@ def device_records(events: Iterable[object]) -> list[tuple[str, float, int]]:
             out.append((str(e[0]), float(e[1]), int(e[2])))
             continue
         if str(getattr(e, "device_type", "CPU")).rsplit(".", 1)[-1] == "CPU":
+            continue
+        if str(e.key).startswith(PROFILER_OVERHEAD):  # CUPTI's own bookkeeping, not our work
             continue
         us = getattr(e, "device_time_total", None)
         if us is None:  # torch before 2.4 named it after CUDA

@@ -63,8 +63,8 @@ def test_elementwise_kernel_benchmarks_run_their_three_paths(monkeypatch, capsys
 def test_the_gpu_session_runs_the_headline_figures_first(tmp_path):
     """A dry run with a stand-in interpreter: the kernels are warmed first, then the stages
     run in the order that decides the most if a lease ends early (GDP vs fla, GDP's launch
-    variants, training, SSD; then the GPU tests, the GatedDeltaProduct module first, and the
-    scan and convolution), each under its cap, and the summary lists them."""
+    variants, training, SSD, the scan and convolution; then the GPU tests, the
+    GatedDeltaProduct module first), each under its cap, and the summary lists them."""
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\nexit 0\n')
@@ -76,9 +76,9 @@ def test_the_gpu_session_runs_the_headline_figures_first(tmp_path):
     assert r.returncode == 0, r.stderr + r.stdout
     modules = [line.split()[1] for line in calls.read_text().splitlines() if line.startswith("-m ")]
     assert modules == ["bench.warm_kernels", "bench.bench_gated_delta_product", "bench.bench_gated_delta_product",
-                       "bench.bench_train", "bench.bench_scan_conv_ssd", "pytest"] + ["bench.bench_scan_conv_ssd"] * 2, modules
+                       "bench.bench_train"] + ["bench.bench_scan_conv_ssd"] * 3 + ["pytest"], modules
     pytest_call = next(line for line in calls.read_text().splitlines() if line.startswith("-m pytest"))
     listed = [w for w in pytest_call.split() if w.startswith("tests/")]
     assert listed[0] == "tests/test_triton_gated_delta_product.py" and len(listed) == len(set(listed))
     stages = [line.split()[0] for line in (out / "summary.txt").read_text().splitlines()[:10]]
-    assert stages == ["wheels", "env", "warm", "gdp", "gdp_more", "train", "ssd", "pytest", "scan", "conv"]
+    assert stages == ["wheels", "env", "warm", "gdp", "gdp_more", "train", "ssd", "scan", "conv", "pytest"]

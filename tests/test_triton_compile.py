@@ -43,7 +43,7 @@ needs_ptxas = pytest.mark.skipif(_NO_COMPILER is not None, reason=_NO_COMPILER o
 CASES = {
     "gdp-bf16-nh2-state": (kr.gdp_case("bf16", 32, 32, 2, H=2, with_state=True), ()),
     "gdp-fp32-nh1": (kr.gdp_case("fp32", 16, 16, 1, H=2), ("gdp_prep_kernel", "gdp_grad_kernel")),
-    # K > 128 takes the K-split gradient pair (its tiles are K slices: compile time as K = 64)
+    # K > 64 takes the K-split gradient pair (its tiles are K slices: compile time as K = 64)
     "gdp-bf16-k256-split": (kr.gdp_case("bf16", 256, 32, 1, H=1), (
         "gdp_prep_kernel", "gdp_state_kernel", "gdp_output_kernel", "gdp_dd_local_kernel", "gdp_dh_kernel")),
     # HALF_INTERMEDIATES (the bench's ``half`` variant): bf16 buffers between the kernels
@@ -136,7 +136,7 @@ def test_pointer_alignment_becomes_a_divisibility_hint():
     aligned, odd = aot.Pointer(torch.float32, True), aot.Pointer(torch.float32, False)
     launch = aot.Launch("kernels.triton.linear_recurrence", "_lr_fwd_kernel",
                         (odd, aligned, aligned, aligned, aligned, aligned, 64),
-                        (("BD", 16), ("BT", 64), ("HAS_H0", False)))
+                        (("BD", 16), ("BT", 64), ("HAS_H0", False), ("PREFETCH", False)))
     attrs = aot.specialize(launch).attrs
     hint = [["tt.divisibility", 16]]
     assert not attrs.get((0,)) and attrs[(1,)] == hint and attrs[(6,)] == hint  # x unaligned; a, D=64 hinted

@@ -65,7 +65,8 @@ GRAD_STAGES = 1
 # Warps of the kernels that hold [64, BK] tiles. At BK = 256 one fp32 tile is 128 registers
 # per thread in 4 warps (255 allowed in all): in the sm_90 compile check the K = 256 state,
 # output and dh kernels spill 1.1 / 0.4 / 2.2 KB per thread in 4 warps and 0 / 0 / 0.5 KB in
-# 8. At BK <= 128 8 warps also cut the spills (prep, dh, gradient) but cost occupancy;
+# 8. At BK <= 128 8 warps also cut the prep and dh spills (and the one-kernel gradient's,
+# ``onekernel``; the K-split pair keeps KSLICE_LAUNCH / FINISH_LAUNCH) but cost occupancy;
 # only a GPU can weigh that: ``bench_gated_delta_product --variants w8`` times it.
 EIGHT_WARPS_FROM_BK = 256
 
