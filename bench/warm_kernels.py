@@ -30,7 +30,8 @@ flat bf16 buffer stay aligned too; an assumption, not checked here). Packed or n
 (cu_seqlens) changes no key: offsets reach the kernels as pointers only. ``signature`` computes this key
 from a call's arguments; ``tests/test_warm_kernels.py`` records the calls the 1.3B presets
 and the small test models make and checks that every key is in ``CONFIGS``.
-Not warmed: flash-linear-attention's kernels (comparators, autotuned) and the opt-in gdp_grid.
+Not warmed: flash-linear-attention's kernels (comparators, autotuned), the ssd and scan
+stages' variants (they call the Triton entry points with launch options) and the opt-in gdp_grid.
 
 Progress: one line per configuration as it ends, then the wall time. A failing configuration
 is reported (name, first line of the error) and the others go on; exit status 0 unless
