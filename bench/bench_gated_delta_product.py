@@ -18,7 +18,9 @@ half the transient memory, the issue's peak-memory target), ``inv_tf32`` compute
 chunk's triangular inverse in plain tf32 instead of tf32x3 for half inputs
 (``HALF_INVERSE_PRECISION``: fewer prep spills, W less accurate with beta near 2; read
 its accuracy columns), ``bv32`` gives the state-sized kernels (state, output, dd_local, dh)
-32-wide V blocks instead of 64 at K <= 128 (``STATE_BV``: smaller tiles, twice the programs).
+32-wide V blocks instead of 64 at K <= 128 (``STATE_BV``: smaller tiles, twice the programs),
+``save_wy`` keeps the forward's W, U and (I + A)^-1 for the backward, which then skips its
+prep kernel (``SAVE_WY``: more activation memory, bitwise the same results).
 
 Each implementation also runs once more, with a fixed random output gradient, for its
 accuracy: the relative RMSE of o, dq, dk, dv, dbeta and dg against an fp32 reference on
@@ -70,7 +72,7 @@ def ints(s: str) -> list[int]:
 # the launchers read each at call time
 VARIANTS = {"onekernel": ("GRAD_SPLIT_ABOVE_BK", 128), "w8": ("EIGHT_WARPS_FROM_BK", 0),
             "half": ("HALF_INTERMEDIATES", True), "inv_tf32": ("HALF_INVERSE_PRECISION", "tf32"),
-            "bv32": ("STATE_BV", 32)}
+            "bv32": ("STATE_BV", 32), "save_wy": ("SAVE_WY", True)}
 # Output and gradients whose accuracy is reported, and the bf16 limits (relative RMSE).
 ERR_LIMITS = {"o": 5e-3, "q": 1e-2, "k": 1e-2, "v": 1e-2, "beta": 2e-2, "g": 2e-2}
 

@@ -30,8 +30,8 @@
 #   ssd, scan, conv   bench_scan_conv_ssd, one op each (conv also times rms_norm,
 #             gated_activation, l2_normalize and rg_lru_gates), at B*T = 32768 tokens, T = 4096;
 #             ssd with its chunking variants and --profile, scan with its time-tile variants
-#   gdp_more  the target point again with five variants of ours (onekernel, w8, half,
-#             inv_tf32, bv32: bench_gated_delta_product --help) and the torch chunked path
+#   gdp_more  the target point again with six variants of ours (onekernel, w8, half,
+#             inv_tf32, bv32, save_wy: bench_gated_delta_product --help) and the torch path
 #   gdp_grid  a wider GDP grid without the torch path, for time left over
 #
 # Environment:
@@ -228,7 +228,7 @@ main() {
         run_stage gdp 150 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_ARGS:---target --profile} --results "$RESULTS"
         run_stage gdp_more 100 "$gdp" "$PY" -m bench.bench_gated_delta_product \
-            ${GDP_MORE_ARGS:---target --no-fla --torch --variants onekernel,w8,half,inv_tf32,bv32} --results "$RESULTS"
+            ${GDP_MORE_ARGS:---target --no-fla --torch --variants onekernel,w8,half,inv_tf32,bv32,save_wy} --results "$RESULTS"
         local probe
         probe=$(cap_for train 60)
         if wanted train && ! timeout "$((probe > 5 ? probe : 5))" "$PY" -c "import deepspeed" >/dev/null 2>&1; then

@@ -336,7 +336,7 @@ def test_kernel_benchmark_times_launch_variants_on_request():
     from bench.bench_gated_delta_product import impls, launch_variant, parse_args
     from kernels.triton import gated_delta_product as gdp
 
-    every = ["onekernel", "w8", "half", "inv_tf32", "bv32"]
+    every = ["onekernel", "w8", "half", "inv_tf32", "bv32", "save_wy"]
     assert parse_args(["--target", "--variants", ",".join(every)]).variants == every
     assert parse_args([]).variants == []
     with pytest.raises(SystemExit):
@@ -363,6 +363,9 @@ def test_kernel_benchmark_times_launch_variants_on_request():
     assert gdp._launch(64, 3) == {"num_warps": 4, "num_stages": 3}
     with launch_variant("ours_half"):
         assert settings() == (*defaults[:2], True, *defaults[3:])
+    with launch_variant("ours_save_wy"):  # read by the forward at each call
+        assert gdp.SAVE_WY is True
+    assert gdp.SAVE_WY is False
     with launch_variant("ours_bv32"):  # read by _blocks at each call; BK = 256 keeps 32
         assert gdp._blocks(128, 128)[2] == 32 and gdp._blocks(256, 256)[2] == 32
     assert gdp._blocks(128, 128)[2] == 64 and gdp._blocks(64, 16)[2] == 16

@@ -215,6 +215,32 @@ def test_wide_heads(tk, monkeypatch, cu, K, V, n_h, gates, with_init, split_abov
             run(oracle64, inp, torch.float64, **kw))
 
 
+def test_saved_wy_skips_the_backwards_prep_and_changes_nothing(tk, monkeypatch):
+    """SAVE_WY: the forward keeps W, U and (I+A)^-1 and the backward runs no prep kernel;
+    the same kernels on the same inputs, so every result is bitwise the default's."""
+    cu = torch.tensor([0, 1, 30, 47], dtype=torch.int32)
+    inp = make_inputs(1, 47, 2, 16, 8, 2, gates="mixed", betas="mid", n_state=3, seed=21)
+    kw = dict(scale=0.25, output_final_state=True, cu_seqlens=cu)
+    default = run(tk.triton_gated_delta_product, inp, torch.float32, **kw)
+    preps = []
+    prep = tk.gdp_prep_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                preps.append(kwargs["STORE_T"])
+                return prep[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tk, "gdp_prep_kernel", Counting())
+    monkeypatch.setattr(tk, "SAVE_WY", True)
+    saved = run(tk.triton_gated_delta_product, inp, torch.float32, **kw)
+    assert preps == [True]  # once, in the forward, keeping (I+A)^-1
+    for a, b in zip(saved[:2], default[:2]):
+        assert torch.equal(a, b)
+    assert all(torch.equal(saved[2][n], default[2][n]) for n in default[2])
+
+
 def _split_small(monkeypatch, tk) -> None:
     """Routes every K through the K-split gradient kernels, in slices of 16 columns."""
     monkeypatch.setattr(tk, "GRAD_SPLIT_ABOVE_BK", 0)

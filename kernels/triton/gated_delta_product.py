@@ -122,6 +122,13 @@ HALF_BUFFERS = frozenset({"w", "u", "hs", "d", "dd", "dhs"})
 # compile check (K = V = 128, triton 3.6, not timed: 3000 -> 492 B/thread). A GPU run
 # (``bench_gated_delta_product --variants inv_tf32``: time and accuracy) decides.
 HALF_INVERSE_PRECISION = "tf32x3"
+# Whether the forward keeps W, U and the rows of (I + A)^-1 for the backward, which then
+# skips its prep kernel (by a reading of the kernels, about a sixth of a fwd+bwd at K = V =
+# 128, not timed). They are O(T * (K + V + 64)) per call, within the issue's activation
+# budget, but about 3x the inputs' bytes in fp32 (at 1.3B, B=1, T=4096, n_h=2: ~160 MiB per
+# layer; under per-block checkpointing they live only through that block's backward).
+# ``bench_gated_delta_product --variants save_wy`` times it; read at each forward.
+SAVE_WY = False
 
 
 class _Problem:
@@ -171,17 +178,21 @@ class _Problem:
     def g_arg(self) -> Tensor:
         return self.g if self.g is not None else self.beta  # never read when HAS_G is False
 
-    def recompute(self, h0: Tensor | None, store_t: bool, want_ht: bool):
-        """W, U (and (I+A)^-1), then the per-chunk entering states and D."""
+    def recompute(self, h0: Tensor | None, store_t: bool, want_ht: bool, wy: tuple | None = None):
+        """W, U (and (I+A)^-1) unless ``wy`` brings them (SAVE_WY), then the per-chunk
+        entering states and D."""
         R, H, K, V = self.k.shape[0], self.H, self.K, self.V
         f32, dev = torch.float32, self.q.device
-        w, u = self.buffer("w", R, H, K), self.buffer("u", R, H, V)
-        tinv = self.buffer("tinv", R if store_t else 1, H, CHUNK_ROWS)
         c = self.consts()
-        if self.NC:
-            gdp_prep_kernel[(self.NC, H)](self.k, self.v, self.beta, self.g_arg(), self.chunks,
-                                          w, u, tinv, BVF=self.BVF, BLK=INV_BLOCK, STORE_T=store_t,
-                                          INV_PREC=self.inv_prec, **_launch(self.BK), **c)
+        if wy is not None:
+            w, u, tinv = wy
+        else:
+            w, u = self.buffer("w", R, H, K), self.buffer("u", R, H, V)
+            tinv = self.buffer("tinv", R if store_t else 1, H, CHUNK_ROWS)
+            if self.NC:
+                gdp_prep_kernel[(self.NC, H)](self.k, self.v, self.beta, self.g_arg(), self.chunks,
+                                              w, u, tinv, BVF=self.BVF, BLK=INV_BLOCK, STORE_T=store_t,
+                                              INV_PREC=self.inv_prec, **_launch(self.BK), **c)
         hs, d = self.buffer("hs", max(self.NC, 1), H, K, V), self.buffer("d", R, H, V)
         ht = torch.empty(self.N, H, K, V, dtype=f32, device=dev) if want_ht else hs
         h0c = h0.float().contiguous() if h0 is not None else hs
@@ -191,20 +202,23 @@ class _Problem:
         return w, u, tinv, hs, d, (ht if want_ht else None)
 
 
-def gdp_forward(p: _Problem, h0: Tensor | None, want_ht: bool) -> tuple[Tensor, Tensor | None]:
-    _, _, _, hs, d, ht = p.recompute(h0, store_t=False, want_ht=want_ht)
+def gdp_forward(p: _Problem, h0: Tensor | None, want_ht: bool,
+                keep_wy: bool = False) -> tuple[Tensor, Tensor | None, tuple | None]:
+    """(o, final state, (W, U, (I+A)^-1) when ``keep_wy``, for the backward)."""
+    w, u, tinv, hs, d, ht = p.recompute(h0, store_t=keep_wy, want_ht=want_ht)
     o = torch.empty(p.B * p.T, p.H, p.V, dtype=p.q.dtype, device=p.q.device)
     if p.NC:
         gdp_output_kernel[(p.NC, p.H, triton.cdiv(p.V, p.BV))](
             p.q, p.k, p.g_arg(), hs, d, o, p.chunks, p.scale, BV=p.BV, **_launch(p.BK), **p.consts())
-    return o.view(p.B, p.T, p.H, p.V), ht
+    return o.view(p.B, p.T, p.H, p.V), ht, ((w, u, tinv) if keep_wy else None)
 
 
-def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None):
-    """Gradients (dq, dk, dv, dbeta, dg, dh0) in the layouts of the op's inputs."""
+def gdp_backward(p: _Problem, h0: Tensor | None, do: Tensor, dht: Tensor | None, wy: tuple | None = None):
+    """Gradients (dq, dk, dv, dbeta, dg, dh0) in the layouts of the op's inputs; ``wy``:
+    the forward's W, U and (I+A)^-1 (SAVE_WY), else recomputed."""
     H, K, V, R = p.H, p.K, p.V, p.k.shape[0]
     f32, dev = torch.float32, p.q.device
-    w, u, tinv, hs, d, _ = p.recompute(h0, store_t=True, want_ht=False)
+    w, u, tinv, hs, d, _ = p.recompute(h0, store_t=True, want_ht=False, wy=wy)
     do = do.reshape(p.B * p.T, H, V).contiguous()
     c = p.consts()
     dd = p.buffer("dd", R, H, V, zero=True)
@@ -267,8 +281,9 @@ class GatedDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
         p = _Problem(q, k, v, beta, g, cu_seqlens, scale)
-        o, ht = gdp_forward(p, initial_state, output_final_state)
-        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
+        keep_wy = SAVE_WY and any(ctx.needs_input_grad)
+        o, ht, wy = gdp_forward(p, initial_state, output_final_state, keep_wy)
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, *(wy or ()))
         ctx.scale, ctx.layout = scale, p.layout
         ctx.g_dtype = g.dtype if g is not None else None
         ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
@@ -276,9 +291,9 @@ class GatedDeltaProductFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, h0, cu_seqlens = ctx.saved_tensors
+        q, k, v, beta, g, h0, cu_seqlens, *wy = ctx.saved_tensors
         p = _Problem(q, k, v, beta, g, cu_seqlens, ctx.scale, ctx.layout)
-        dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht)
+        dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht, tuple(wy) if wy else None)
         if dg is not None:
             dg = dg.to(ctx.g_dtype)
         if dh0 is not None:
