@@ -20,7 +20,10 @@ chunk's triangular inverse in plain tf32 instead of tf32x3 for half inputs
 its accuracy columns), ``bv32`` gives the state-sized kernels (state, output, dd_local, dh)
 32-wide V blocks instead of 64 at K <= 128 (``STATE_BV``: smaller tiles, twice the programs),
 ``save_wy`` keeps the forward's W, U and (I + A)^-1 for the backward, which then skips its
-prep kernel (``SAVE_WY``: more activation memory, bitwise the same results).
+prep kernel (``SAVE_WY``: more activation memory, bitwise the same results), ``half_dots``
+rounds the dots' operands to the input dtype (bf16 tensor-core dots instead of tf32, as fla
+does; ``HALF_DOT_OPERANDS``: read its accuracy columns too). Variants joined by ``+`` (e.g.
+``half_dots+half+save_wy``) are timed together, as one row.
 
 Each implementation also runs once more, with a fixed random output gradient, for its
 accuracy: the relative RMSE of o, dq, dk, dv, dbeta and dg against an fp32 reference on
@@ -72,16 +75,24 @@ def ints(s: str) -> list[int]:
 # the launchers read each at call time
 VARIANTS = {"onekernel": ("GRAD_SPLIT_ABOVE_BK", 128), "w8": ("EIGHT_WARPS_FROM_BK", 0),
             "half": ("HALF_INTERMEDIATES", True), "inv_tf32": ("HALF_INVERSE_PRECISION", "tf32"),
-            "bv32": ("STATE_BV", 32), "save_wy": ("SAVE_WY", True)}
+            "bv32": ("STATE_BV", 32), "save_wy": ("SAVE_WY", True),
+            "half_dots": ("HALF_DOT_OPERANDS", True)}
 # Output and gradients whose accuracy is reported, and the issue's bf16 limits (relative RMSE).
 ERR_LIMITS = {"o": 5e-3, "q": 1e-2, "k": 1e-2, "v": 1e-2, "beta": 2e-2, "g": 2e-2}
 
 
 def variant_names(s: str) -> list[str]:
+    """Comma-separated variants; ``a+b`` is one variant with the settings of both."""
     names = [x for x in s.split(",") if x]
-    bad = sorted(set(names) - set(VARIANTS))
+    parts = [p for name in names for p in name.split("+")]
+    bad = sorted(set(parts) - set(VARIANTS))
     if bad:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)}")
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}: choose from {', '.join(VARIANTS)} "
+                                         "(or several joined by +)")
+    for name in names:
+        attrs = [VARIANTS[p][0] for p in name.split("+")]
+        if len(set(attrs)) != len(attrs):
+            raise argparse.ArgumentTypeError(f"variant {name!r} sets one module setting twice")
     return names
 
 
@@ -96,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch", action="store_true", help="also time the (slow) torch chunked path")
     p.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention")
     p.add_argument("--variants", type=variant_names, default=[],
-                   help=f"also time these variants of ours, comma-separated: {', '.join(VARIANTS)}")
+                   help=f"also time these variants of ours, comma-separated: {', '.join(VARIANTS)}; "
+                        "a+b: both settings at once, one row")
     p.add_argument("--target", action="store_true",
                    help="only the issue's target point: B=4 T=4096 H=16 K=V=128 n_h in {1,2}")
     p.add_argument("--results", default=None, help="append a Markdown table to this file")
@@ -174,12 +186,15 @@ def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool,
 
 
 def launch_variant(impl: str) -> contextlib.AbstractContextManager:
-    """While ``ours_<variant>`` is timed, its module setting of VARIANTS holds (then restored)."""
-    variant = impl.removeprefix("ours_")
-    if not impl.startswith("ours_") or variant not in VARIANTS:
+    """While ``ours_<variant>`` is timed, its module settings of VARIANTS hold (then restored);
+    ``ours_a+b`` holds those of ``a`` and ``b``."""
+    parts = impl.removeprefix("ours_").split("+")
+    if not impl.startswith("ours_") or not set(parts) <= set(VARIANTS):
         return contextlib.nullcontext()
-    attr, value = VARIANTS[variant]
-    return mock.patch(f"kernels.triton.gated_delta_product.{attr}", value)
+    stack = contextlib.ExitStack()
+    for attr, value in (VARIANTS[p] for p in parts):
+        stack.enter_context(mock.patch(f"kernels.triton.gated_delta_product.{attr}", value))
+    return stack
 
 
 def output_and_grads(fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor],

@@ -49,6 +49,7 @@ VARIANTS = {
     "chunk16": ("ssd", dict(block_l=16, save_every=32), "16-token chunks, a state saved per 32 tokens"),
     "chunk16s64": ("ssd", dict(block_l=16, save_every=64), "16-token chunks, a state saved per 64 tokens"),
     "chunk32s32": ("ssd", dict(block_l=32, save_every=32), "32-token chunks, a state saved per 32 tokens"),
+    "half_dots": ("ssd", dict(half_dots=True), "bf16 dot operands, not in the state update"),
 }
 # max|variant - default| / max|default| over the output and every input gradient above
 # which a variant is flagged (different tiling only reorders fp32 sums)

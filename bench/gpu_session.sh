@@ -30,8 +30,9 @@
 #   ssd, scan, conv   bench_scan_conv_ssd, one op each (conv also times rms_norm,
 #             gated_activation, l2_normalize and rg_lru_gates), at B*T = 32768 tokens, T = 4096;
 #             ssd with its chunking variants and --profile, scan with its time-tile variants
-#   gdp_more  the target point again with six variants of ours (onekernel, w8, half,
-#             inv_tf32, bv32, save_wy: bench_gated_delta_product --help) and the torch path
+#   gdp_more  the target point again with variants of ours (half_dots, the three of
+#             half_dots+half+save_wy together, onekernel, w8, half, inv_tf32, bv32, save_wy:
+#             bench_gated_delta_product --help) and the torch path
 #   gdp_grid  a wider GDP grid without the torch path, for time left over
 #
 # Environment:
@@ -227,8 +228,8 @@ main() {
         run_stage warm 150 "$OUT/env.txt" "$PY" -m bench.warm_kernels ${WARM_ARGS:-}
         run_stage gdp 150 "$gdp" "$PY" -m bench.bench_gated_delta_product \
             ${GDP_ARGS:---target --profile} --results "$RESULTS"
-        run_stage gdp_more 100 "$gdp" "$PY" -m bench.bench_gated_delta_product \
-            ${GDP_MORE_ARGS:---target --no-fla --torch --variants onekernel,w8,half,inv_tf32,bv32,save_wy} --results "$RESULTS"
+        run_stage gdp_more 120 "$gdp" "$PY" -m bench.bench_gated_delta_product \
+            ${GDP_MORE_ARGS:---target --no-fla --torch --variants half_dots,half_dots+half+save_wy,onekernel,w8,half,inv_tf32,bv32,save_wy} --results "$RESULTS"
         local probe
         probe=$(cap_for train 60)
         if wanted train && ! timeout "$((probe > 5 ? probe : 5))" "$PY" -c "import deepspeed" >/dev/null 2>&1; then
@@ -240,7 +241,7 @@ main() {
                 --results "$RESULTS"
         fi
         run_stage ssd 120 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096 --no-torch --variants chunk16,chunk16s64,chunk32s32 --profile} --results "$RESULTS"
+            ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096 --no-torch --variants half_dots,chunk16,chunk16s64,chunk32s32 --profile} --results "$RESULTS"
         run_stage scan 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096 --variants bt64,bt128,bt256,prefetch} --results "$RESULTS"
         run_stage conv 40 "$scan" "$PY" -m bench.bench_scan_conv_ssd \

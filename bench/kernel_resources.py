@@ -62,9 +62,10 @@ def _backward(out: torch.Tensor, state: torch.Tensor | None) -> None:
 
 
 def gdp_case(dtype: str, K: int, V: int, n_h: int, *, H: int = 16, gate: bool = True,
-             with_state: bool = False, half: bool = False) -> Case:
+             with_state: bool = False, half: bool = False, half_dots: bool = False) -> Case:
     """Gated DeltaProduct; ``with_state`` adds initial and final state (prefill, dht, dh0);
-    ``half`` turns on HALF_INTERMEDIATES (the bench's ``half`` variant: half buffers)."""
+    ``half`` turns on HALF_INTERMEDIATES (the bench's ``half`` variant: half buffers),
+    ``half_dots`` HALF_DOT_OPERANDS (``half_dots``: bf16 dot operands)."""
     dt = DTYPES[dtype]
 
     def call() -> None:
@@ -75,19 +76,20 @@ def gdp_case(dtype: str, K: int, V: int, n_h: int, *, H: int = 16, gate: bool = 
         g = _leaf(B, T, H, dtype=torch.float32, shift=-1.0) if gate else None
         h0 = _leaf(B, H, K, V, dtype=torch.float32) if with_state else None
         # set here, not around record(): record re-imports the module, resetting its settings
-        with mock.patch("kernels.triton.gated_delta_product.HALF_INTERMEDIATES", half):
+        with mock.patch("kernels.triton.gated_delta_product.HALF_INTERMEDIATES", half), \
+                mock.patch("kernels.triton.gated_delta_product.HALF_DOT_OPERANDS", half_dots):
             o, ht = kernels.gated_delta_product(q, k, v, beta, g, initial_state=h0,
                                                 output_final_state=with_state, backend="triton")
             _backward(o, ht)
 
     label = (f"{dtype} K={K} V={V} n_h={n_h}{'' if gate else ' no-g'}{' +state' if with_state else ''}"
-             f"{' half' if half else ''}")
+             f"{' half' if half else ''}{' half-dots' if half_dots else ''}")
     return Case("gated_delta_product", label, call)
 
 
 def ssd_case(dtype: str, P: int, N: int, *, H: int = 64, G: int = 1, neg: bool = False,
-             with_state: bool = False) -> Case:
-    """Mamba2 SSD with D; ``neg`` is allow_neg_eigval."""
+             with_state: bool = False, half_dots: bool = False) -> Case:
+    """Mamba2 SSD with D; ``neg`` is allow_neg_eigval, ``half_dots`` HALF_DOT_OPERANDS."""
     dt = DTYPES[dtype]
 
     def call() -> None:
@@ -96,11 +98,13 @@ def ssd_case(dtype: str, P: int, N: int, *, H: int = 64, G: int = 1, neg: bool =
         A, D = _leaf(H, dtype=dt, shift=-1.0), _leaf(H, dtype=dt)
         Bm, Cm = _leaf(B, T, G, N, dtype=dt), _leaf(B, T, G, N, dtype=dt)
         h0 = _leaf(B, H, P, N, dtype=torch.float32) if with_state else None
-        y, ht = kernels.ssd(x, dts, A, Bm, Cm, D=D, allow_neg_eigval=neg, initial_state=h0,
-                            output_final_state=with_state, backend="triton")
-        _backward(y, ht)
+        with mock.patch("kernels.triton.ssd.HALF_DOT_OPERANDS", half_dots):  # as in gdp_case
+            y, ht = kernels.ssd(x, dts, A, Bm, Cm, D=D, allow_neg_eigval=neg, initial_state=h0,
+                                output_final_state=with_state, backend="triton")
+            _backward(y, ht)
 
-    label = f"{dtype} P={P} N={N} G={G}{' neg' if neg else ''}{' +state' if with_state else ''}"
+    label = (f"{dtype} P={P} N={N} G={G}{' neg' if neg else ''}{' +state' if with_state else ''}"
+             f"{' half-dots' if half_dots else ''}")
     return Case("ssd", label, call)
 
 
@@ -185,17 +189,19 @@ def rglru_case(dtype: str, W: int) -> Case:
 
 def full_grid(fp32: bool = False) -> list[Case]:
     """Shapes of the issues' targets and the model presets (1.3B: GDP H=16 K=V=128, also
-    with half intermediates; Mamba2 64 heads of P=64, N=128, conv over 4352 channels;
-    Griffin width 2048), in bf16 (training); ``fp32`` adds fp32 twins (fp32 dots are FMA
-    loops: GDP's take ~10 min)."""
+    with half intermediates, and with them half dot operands; Mamba2 64 heads of P=64,
+    N=128, also with half dot operands; conv over 4352 channels; Griffin width 2048), in
+    bf16 (training); ``fp32`` adds fp32 twins (fp32 dots are FMA loops: GDP's take ~10 min)."""
     cases = [
         *(gdp_case("bf16", 128, 128, n_h) for n_h in (1, 2, 3)),
         gdp_case("bf16", 128, 128, 2, with_state=True),
         gdp_case("bf16", 128, 128, 2, half=True),
+        gdp_case("bf16", 128, 128, 2, half=True, half_dots=True),
         gdp_case("bf16", 64, 64, 2),
         gdp_case("bf16", 256, 256, 2),
         ssd_case("bf16", 64, 128),
         ssd_case("bf16", 64, 128, neg=True, with_state=True),
+        ssd_case("bf16", 64, 128, half_dots=True),
         scan_case("bf16", 2048),
         scan_case("bf16", 2048, with_state=True),
         conv_case("bf16", 4352),

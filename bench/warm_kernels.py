@@ -100,7 +100,7 @@ CONFIGS: list[Config] = [
     C(GDP, MEMO.format("gated_deltaproduct"), H=2, K=16, n_h=2, dtype=F32),
     C(GDP, PARITY, H=2, K=16, n_h=1, dtype=F32, gate=False),
     *[C(GDP, f"gdp_more --variants {v}", H=16, K=128, n_h=n, dtype=BF, variant=v)
-      for v in ("onekernel", "w8", "half", "inv_tf32", "bv32") for n in (2, 1)],
+      for v in ("onekernel", "w8", "half", "inv_tf32", "bv32", "half_dots", "half_dots+half") for n in (2, 1)],
     # pytest test_triton_ssd: check_bf16_kernel runs the kernel on all-bf16 then all-fp32 inputs
     *[C(SSD, "pytest test_triton_ssd", H=4, P=64, G=2, N=128, dtype=d, D=d, h0=d, neg=neg, final=True)
       for neg in (False, True) for d in (BF, F32)],
@@ -308,7 +308,7 @@ def _sig_gdp(q, k, v, beta, g=None, *, initial_state=None, output_final_state=Fa
     K, V = q.shape[-1], v.shape[-1]
     return (q.shape[2], K, V, k.shape[2], m._blocks(K, V), _dt(q), _dt(k), _dt(v), _dt(beta), _dt(g),
             initial_state is not None, output_final_state, m.HALF_INTERMEDIATES, m.GRAD_SPLIT_ABOVE_BK,
-            m.EIGHT_WARPS_FROM_BK, m.HALF_INVERSE_PRECISION)
+            m.EIGHT_WARPS_FROM_BK, m.HALF_INVERSE_PRECISION, m.HALF_DOT_OPERANDS)
 
 
 def _sig_ssd(x, dt, A, B, C, *, D=None, allow_neg_eigval=False, initial_state=None, output_final_state=False,

@@ -336,7 +336,7 @@ def test_kernel_benchmark_times_launch_variants_on_request():
     from bench.bench_gated_delta_product import impls, launch_variant, parse_args
     from kernels.triton import gated_delta_product as gdp
 
-    every = ["onekernel", "w8", "half", "inv_tf32", "bv32", "save_wy"]
+    every = ["onekernel", "w8", "half", "inv_tf32", "bv32", "save_wy", "half_dots"]
     assert parse_args(["--target", "--variants", ",".join(every)]).variants == every
     assert parse_args([]).variants == []
     with pytest.raises(SystemExit):
@@ -366,6 +366,18 @@ def test_kernel_benchmark_times_launch_variants_on_request():
     with launch_variant("ours_save_wy"):  # read by the forward at each call
         assert gdp.SAVE_WY is True
     assert gdp.SAVE_WY is False
+    with launch_variant("ours_half_dots"):  # read by each call's _Problem
+        assert gdp.HALF_DOT_OPERANDS is True
+    assert gdp.HALF_DOT_OPERANDS is False
+    # variants joined by + hold together, then all are restored
+    assert parse_args(["--variants", "half_dots+half+save_wy,w8"]).variants == ["half_dots+half+save_wy", "w8"]
+    with launch_variant("ours_half_dots+half+save_wy"):
+        assert (gdp.HALF_DOT_OPERANDS, gdp.HALF_INTERMEDIATES, gdp.SAVE_WY) == (True, True, True)
+        assert gdp.EIGHT_WARPS_FROM_BK == 256
+    assert (gdp.HALF_DOT_OPERANDS, gdp.HALF_INTERMEDIATES, gdp.SAVE_WY) == (False, False, False)
+    for bad in ("half_dots+nope", "half+half"):
+        with pytest.raises(SystemExit):
+            parse_args(["--variants", bad])
     with launch_variant("ours_bv32"):  # read by _blocks at each call; BK = 256 keeps 32
         assert gdp._blocks(128, 128)[2] == 32 and gdp._blocks(256, 256)[2] == 32
     assert gdp._blocks(128, 128)[2] == 64 and gdp._blocks(64, 16)[2] == 16

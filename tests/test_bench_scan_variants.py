@@ -43,7 +43,7 @@ def cpu_bench(monkeypatch):
 def test_variant_rows_run_and_are_checked_against_the_default(cpu_bench, monkeypatch, capsys):
     monkeypatch.setitem(bsc.VARIANTS, "bt3", ("linear_recurrence", dict(block_t=3), "not a power of two"))
     a = argparse.Namespace(tokens=40, seqlen=40, dim=8, heads=1, headdim=16, dstate=16, groups=1, neg=False,
-                           dtype="float32", variants=["bt3", "bt128", "chunk16"])
+                           dtype="float32", variants=["bt3", "bt128", "chunk16", "half_dots"])
     rows, notes = bsc.bench_variants("linear_recurrence", a, torch.float32)
     assert [r["impl"] for r in rows] == ["triton default (bt64)", "triton bt128"]
     assert "max rel err vs default" not in rows[0]
@@ -55,8 +55,9 @@ def test_variant_rows_run_and_are_checked_against_the_default(cpu_bench, monkeyp
     assert "triton bt128 (128-row time tiles): max|diff| / max|default| h " in out
 
     rows, notes = bsc.bench_variants("ssd", a, torch.float32)  # T = 40: 3 chunks of 16, one partial
-    assert [r["impl"] for r in rows] == ["triton default (chunk64s64)", "triton chunk16"]
+    assert [r["impl"] for r in rows] == ["triton default (chunk64s64)", "triton chunk16", "triton half_dots"]
     assert all(r["max rel err vs default"] < 1e-4 and r["TFLOP/s fwd+bwd"] > 0 for r in rows[1:])
+    assert rows[2]["max rel err vs default"] == 0  # fp32 inputs keep fp32 dot operands
     lines = []
     bsc.report("ssd variants", rows, lines, notes)
     assert lines[0].startswith("| ssd variants | fwd ms | fwdbwd ms | TFLOP/s fwd | TFLOP/s fwd+bwd | "

@@ -50,8 +50,13 @@ CASES = {
     "gdp-bf16-nh2-half": (kr.gdp_case("bf16", 32, 32, 2, H=2, half=True), ()),
     "gdp-bf16-k256-split-half": (kr.gdp_case("bf16", 256, 32, 1, H=1, half=True), (
         "gdp_prep_kernel", "gdp_state_kernel", "gdp_output_kernel", "gdp_dd_local_kernel", "gdp_dh_kernel")),
+    # HALF_DOT_OPERANDS (``half_dots``, with half buffers): bf16 dot operands, fp32 accumulators
+    "gdp-bf16-nh2-half-dots": (kr.gdp_case("bf16", 32, 32, 2, H=2, half=True, half_dots=True), ()),
+    "gdp-bf16-k256-split-half-dots": (kr.gdp_case("bf16", 256, 32, 1, H=1, half=True, half_dots=True), (
+        "gdp_prep_kernel", "gdp_state_kernel", "gdp_output_kernel", "gdp_dd_local_kernel", "gdp_dh_kernel")),
     "ssd-bf16-neg-state": (kr.ssd_case("bf16", 32, 32, H=2, neg=True, with_state=True), ()),
     "ssd-fp32": (kr.ssd_case("fp32", 16, 16, H=2, G=2), ("_ssd_bwd_kernel",)),
+    "ssd-bf16-half-dots": (kr.ssd_case("bf16", 32, 32, H=2, neg=True, half_dots=True), ()),
     "scan-bf16": (kr.scan_case("bf16", 256), ()),
     "scan-fp32-state": (kr.scan_case("fp32", 256, with_state=True), ()),
     "conv-bf16-state": (kr.conv_case("bf16", 256, with_state=True), ()),
@@ -115,6 +120,9 @@ def test_record_keeps_the_wrappers_choices_and_restores_the_compiler(recorded):
     prep = next(x for x in recorded["gdp-bf16-nh2-state"] if x.kernel == "gdp_prep_kernel")
     kw = dict(prep.kwargs)
     assert (kw["N_H"], kw["K"], kw["BK"], kw["INV_PREC"], kw["PREC"]) == (2, 32, 32, "tf32x3", "tf32")
+    assert kw["OPD"] == triton.language.float32  # fp32 operands unless HALF_DOT_OPERANDS
+    dots = [dict(x.kwargs)["OPD"] for x in recorded["gdp-bf16-nh2-half-dots"]]
+    assert len(dots) >= 8 and set(dots) == {triton.language.bfloat16}
     spec = aot.specialize(prep)
     assert spec.signature["k_ptr"] == "*bf16" and spec.signature["w_ptr"] == "*fp32"
     # the half case's launches carry bf16 buffers (W, U) but an fp32 tinv

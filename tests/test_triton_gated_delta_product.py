@@ -297,31 +297,7 @@ def _round_trip(x_ptr, y_ptr, z_ptr, N: tl.constexpr):
     tl.store(z_ptr + i, tl.load(y_ptr + i).to(tl.float32))
 
 
-@pytest.fixture
-def rtne_bf16(tk, monkeypatch):
-    """The interpreter's fp32 -> bf16 cast rounding to nearest even, as the compiled one does.
-
-    ``x.to(tl.bfloat16)`` compiles to a round-to-nearest-even conversion, but triton 3.8's
-    interpreter truncates (``InterpreterBuilder.cast_impl`` converts bits with no rounding
-    mode; fp16 goes through numpy and rounds). Truncation's bias piles up through the
-    state: with half intermediates it tripled the output's error here (9e-3 vs 2.8e-3), so
-    the bf16 tolerances would measure the interpreter, not the kernels.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            bits = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            return interpreter.TensorHandle(bits, tl.bfloat16)
-        return original(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
-
-
-def test_interpreted_half_casts_round_to_nearest_even(rtne_bf16):
+def test_interpreted_half_casts_round_to_nearest_even(tk, rtne_bf16):
     """Store casts (with ``rtne_bf16``) round as torch does, ties, mantissa carries and fp16
     overflow included; half loads cast back to fp32 exactly (the kernels never dot half
     operands). Normal numbers only: the interpreter flushes bf16
@@ -380,6 +356,25 @@ def test_half_intermediates_default_and_storage(tk, monkeypatch, rtne_bf16):
     assert {problem(f32).buf_dtype(n) for n in ("w", "u", "hs", "d", "dd", "dhs", "tinv")} == {f32}
 
 
+def _half_case_errors(tk, monkeypatch, B, T, H, K, V, n_h, gates, betas, cu, split, dtype) -> dict:
+    """Relative RMSE of output, final state and every gradient of the kernels (inputs in
+    ``dtype``; ``split``: through the K-split gradient pair) against the float64 oracle on
+    the same rounded inputs."""
+    if split:
+        _split_small(monkeypatch, tk)
+        monkeypatch.setattr(tk, "gdp_grad_kernel", None)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    n_seq = B if cu is None else len(cu) - 1
+    inp = make_inputs(B, T, H, K, V, n_h, gates=gates, betas=betas, n_state=n_seq, seed=T + n_h + B)
+    inp = {n: (t if n == "initial_state" else t.to(dtype).double()) for n, t in inp.items()}
+    kw = dict(scale=K**-0.5, cu_seqlens=cu_seqlens)
+    o, st, grads = _half_run(tk.triton_gated_delta_product, inp, dtype, **kw)
+    ref = _half_run(oracle64, inp, torch.float64, **kw)
+    errs = {"o": _rel_rmse(o, ref[0]), "state": _rel_rmse(st, ref[1])}
+    errs.update({n: _rel_rmse(grads[n], ref[2][n]) for n in NAMES})
+    return errs
+
+
 # (B, T, H, K, V, n_h, gates, betas, cu_seqlens, K-split gradient, dtype): no decay (the state
 # carries rounding longest: o at 4.6e-3 of its 5e-3, 1.7e-3 with fp32 intermediates),
 # packed documents (one of length 1), three steps per token on the K-split gradient
@@ -399,9 +394,6 @@ def test_half_intermediates_within_bf16_tolerances(tk, monkeypatch, rtne_bf16, B
     relative-RMSE limits of the float64 oracle on the same rounded inputs; every buffer of
     HALF_BUFFERS (forward and backward) really was half."""
     monkeypatch.setattr(tk, "HALF_INTERMEDIATES", True)
-    if split:
-        _split_small(monkeypatch, tk)
-        monkeypatch.setattr(tk, "gdp_grad_kernel", None)
     made: dict[str, set] = {}
     buffer = tk._Problem.buffer
 
@@ -411,16 +403,59 @@ def test_half_intermediates_within_bf16_tolerances(tk, monkeypatch, rtne_bf16, B
         return t
 
     monkeypatch.setattr(tk._Problem, "buffer", spy)
-    cu_seqlens = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
-    n_seq = B if cu is None else len(cu) - 1
-    inp = make_inputs(B, T, H, K, V, n_h, gates=gates, betas=betas, n_state=n_seq, seed=T + n_h + B)
-    inp = {n: (t if n == "initial_state" else t.to(dtype).double()) for n, t in inp.items()}
-    kw = dict(scale=K**-0.5, cu_seqlens=cu_seqlens)
-    o, st, grads = _half_run(tk.triton_gated_delta_product, inp, dtype, **kw)
+    errs = _half_case_errors(tk, monkeypatch, B, T, H, K, V, n_h, gates, betas, cu, split, dtype)
     assert made == {**{n: {dtype} for n in tk.HALF_BUFFERS}, "tinv": {torch.float32}}
-    ref = _half_run(oracle64, inp, torch.float64, **kw)
-    errs = {"o": _rel_rmse(o, ref[0]), "state": _rel_rmse(st, ref[1])}
-    errs.update({n: _rel_rmse(grads[n], ref[2][n]) for n in NAMES})
+    bad = {n: e for n, e in errs.items() if not e <= BF16_LIMITS[n]}
+    assert not bad, f"relative RMSE over the limits: {bad} (all: {errs})"
+
+
+def test_interpreted_bf16_dots_are_exact_products(tk, rtne_bf16, half_dots):
+    """``half_dots`` makes a bf16 x bf16 dot equal the fp32 dot of the same bf16 values
+    (rounded to nearest even: ``rtne_bf16``)."""
+    def dot(a_ptr, b_ptr, c_ptr, N: tl.constexpr, OPD: tl.constexpr):
+        i = tl.arange(0, N)
+        off = i[:, None] * N + i[None, :]
+        a, b = tl.load(a_ptr + off), tl.load(b_ptr + off)
+        tl.store(c_ptr + off, tl.dot(a.to(OPD), b.to(OPD), input_precision="ieee"))
+
+    kernel = triton.jit(dot)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 16, generator=gen), torch.randn(16, 16, generator=gen)
+    c = torch.empty(16, 16)
+    kernel[(1,)](a, b, c, N=16, OPD=tl.bfloat16)
+    want = a.bfloat16().double() @ b.bfloat16().double()
+    assert (c.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert half_dots == [(tl.bfloat16, tl.bfloat16)]
+
+
+def test_half_dot_operands_default_and_fp32(tk, monkeypatch, half_dots):
+    """Off by default (a GPU run decides); fp32 inputs keep fp32 operands (bitwise the same
+    results) with the setting on."""
+    assert tk.HALF_DOT_OPERANDS is False
+    inp = make_inputs(1, 40, 1, 16, 16, 2, gates="mixed", betas="mid", n_state=1, seed=8)
+    kw = dict(scale=0.25, output_final_state=True)
+    default = run(tk.triton_gated_delta_product, inp, torch.float32, **kw)
+    monkeypatch.setattr(tk, "HALF_DOT_OPERANDS", True)
+    on = run(tk.triton_gated_delta_product, inp, torch.float32, **kw)
+    assert torch.equal(on[0], default[0]) and torch.equal(on[1], default[1])
+    assert all(torch.equal(on[2][n], default[2][n]) for n in default[2])
+    assert {a for a, _ in half_dots} == {tl.float32}
+
+
+@pytest.mark.parametrize("half_buffers", [False, True], ids=["fp32-buffers", "half-buffers"])
+@pytest.mark.parametrize("B,T,H,K,V,n_h,gates,betas,cu,split,dtype", HALF_CASES)
+def test_half_dot_operands_within_bf16_tolerances(tk, monkeypatch, rtne_bf16, half_dots, B, T, H, K, V,
+                                                  n_h, gates, betas, cu, split, dtype, half_buffers):
+    """HALF_DOT_OPERANDS on, alone and with HALF_INTERMEDIATES: the dots take operands in
+    the input dtype, except the products with the chunk's inverse and with D in the
+    forward; output, final state and every gradient stay within the issue's limits of the
+    float64 oracle (worst, no decay: o at 3.0e-3 and 4.7e-3 of its 5e-3)."""
+    monkeypatch.setattr(tk, "HALF_DOT_OPERANDS", True)
+    monkeypatch.setattr(tk, "HALF_INTERMEDIATES", half_buffers)
+    errs = _half_case_errors(tk, monkeypatch, B, T, H, K, V, n_h, gates, betas, cu, split, dtype)
+    half = tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    kinds = {a for a, _ in half_dots}
+    assert half in kinds and tl.float32 in kinds  # half operands, and the inverse's fp32 products
     bad = {n: e for n, e in errs.items() if not e <= BF16_LIMITS[n]}
     assert not bad, f"relative RMSE over the limits: {bad} (all: {errs})"
 

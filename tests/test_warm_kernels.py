@@ -36,7 +36,7 @@ def test_only_filters_on_name_and_uses(capsys):
     assert lines[-1] == f"4 of {len(wk.CONFIGS)} configurations"
     assert all(" linear_recurrence " in line for line in lines[:-1])
     picked = wk.select(wk.CONFIGS, ["GDP_MORE", "scan bench"])  # case-insensitive, any of several
-    assert sum("variant=" in c.name for c in picked) == 10  # gdp_more: its variants and plain ours
+    assert sum("variant=" in c.name for c in picked) == 14  # gdp_more: its variants and plain ours
     assert [c.name for c in picked if "variant=" not in c.name] == [
         "gated_delta_product H=16 K=128 n_h=2 dtype=bf16", "gated_delta_product H=16 K=128 n_h=1 dtype=bf16",
         "linear_recurrence D=2560 n_seq=8 dtype=bf16"]

@@ -26,6 +26,7 @@ from .gated_delta_product_common import (
     CHUNK_ROWS,
     INV_BLOCK,
     chunk_layout,
+    dot_operand_dtype,
     dot_precision,
     inverse_precision,
 )
@@ -122,6 +123,19 @@ HALF_BUFFERS = frozenset({"w", "u", "hs", "d", "dd", "dhs"})
 # compile check (K = V = 128, triton 3.6, not timed: 3000 -> 492 B/thread). A GPU run
 # (``bench_gated_delta_product --variants inv_tf32``: time and accuracy) decides.
 HALF_INVERSE_PRECISION = "tf32x3"
+# Operands of the chunk dots for bf16 / fp16 inputs: fp32 values on tf32 tensor cores
+# (False), or rounded to the input dtype (True), as flash-linear-attention runs its dots:
+# twice the tensor-core rate of tf32 and half the shared memory per operand tile, with
+# 8 bits of mantissa instead of 11 on the rounded operands (the states and D among them).
+# Accumulation stays fp32 and so does the carried state. Some products keep fp32 operands:
+# those with the chunk's inverse (W, U and their gradients; the inverse itself), for the
+# reason HALF_BUFFERS gives for tinv, and the two that carry the deltas D into the state
+# and the output (rounded there, they doubled o's error in the interpreter tests). fp32
+# inputs always take fp32 operands. The interpreter tests find every error within the
+# issue's bf16 limits (worst: o 3.0e-3 of 5e-3, 4.7e-3 with HALF_INTERMEDIATES, no
+# decay). False until a GPU run (``bench_gated_delta_product --variants half_dots``: time
+# and accuracy) decides.
+HALF_DOT_OPERANDS = False
 # Whether the forward keeps W, U and the rows of (I + A)^-1 for the backward, which then
 # skips its prep kernel (by a reading of the kernels, about a sixth of a fwd+bwd at K = V =
 # 128, not timed). They are O(T * (K + V + 64)) per call, within the activation
@@ -157,6 +171,7 @@ class _Problem:
         self.beta = beta.reshape(B * T * self.n_h, H).contiguous()
         self.g = g.reshape(B * T, H).contiguous() if g is not None else None
         self.prec = dot_precision(q.dtype)
+        self.opd = dot_operand_dtype(q.dtype, HALF_DOT_OPERANDS)
         self.inv_prec = inverse_precision(q.dtype, HALF_INVERSE_PRECISION)
         self.BK, self.BVF, self.BV, self.BVG = _blocks(K, self.V)
         half = HALF_INTERMEDIATES and q.dtype in (torch.bfloat16, torch.float16)
@@ -173,7 +188,7 @@ class _Problem:
 
     def consts(self) -> dict:
         return dict(H=self.H, K=self.K, V=self.V, N_H=self.n_h, BC=CHUNK_ROWS, BK=self.BK,
-                    HAS_G=self.g is not None, PREC=self.prec)
+                    HAS_G=self.g is not None, PREC=self.prec, OPD=self.opd)
 
     def g_arg(self) -> Tensor:
         return self.g if self.g is not None else self.beta  # never read when HAS_G is False

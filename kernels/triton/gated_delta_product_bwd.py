@@ -43,12 +43,12 @@ def load_inverse(t_ptr, row, rm, h, H: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC: tl.constexpr):
+def v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC: tl.constexpr, OPD: tl.constexpr):
     """The V half of [W | U] = T diag(beta) [K e^cum | V] on one V block: stores dv and
     returns dA and dbeta with the block's shares added."""
     drv = tl.dot(tl.trans(tinv), ddb, input_precision=PREC)   # dRhs for the V part
     tl.store(dv_ptr + v_off, (drv * bb[:, None]).to(dv_ptr.dtype.element_ty), mask=rv)
-    dA -= tl.dot(drv, tl.trans(ub), input_precision=PREC)
+    dA -= tl.dot(drv.to(OPD), tl.trans(ub).to(OPD), input_precision=PREC)
     db += tl.reduce(drv * vb, 1, _sum_combine)
     return dA, db
 
@@ -57,7 +57,7 @@ def v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC: tl.conste
 def gdp_dd_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dd_ptr, chunk_ptr, scale,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
                         BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        HAS_G: tl.constexpr, PREC: tl.constexpr):
+                        HAS_G: tl.constexpr, PREC: tl.constexpr, OPD: tl.constexpr):
     """dd = scale P^T dO: the intra-chunk part of dD (parallel over chunks)."""
     ic = tl.program_id(0)
     h = tl.program_id(1)
@@ -68,8 +68,8 @@ def gdp_dd_local_kernel(q_ptr, k_ptr, g_ptr, do_ptr, dd_ptr, chunk_ptr, scale,
     vm = cv < V
     rm, last, row, tok = chunk_masks(i, tok0, ntok, N_H)
     dob = load_tile(do_ptr, tok, last, cv, vm, h, H, V)
-    _, P, _ = chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H, K, N_H, BC, BK, HAS_G, PREC)
-    dd = tl.dot(tl.trans(P), dob, input_precision=PREC) * scale
+    _, P, _ = chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H, K, N_H, BC, BK, HAS_G, PREC, OPD)
+    dd = tl.dot(tl.trans(P).to(OPD), dob.to(OPD), input_precision=PREC) * scale
     store_tile(dd_ptr, dd, row, rm, cv, vm, h, H, V)
 
 
@@ -79,7 +79,7 @@ def gdp_dh_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dd_ptr, dht_ptr, chunk_ptr
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
                   BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, OPD: tl.constexpr):
     """State gradient pass: reverse over a sequence's chunks, fp32 dH in registers.
 
     Writes dhs[c] = gradient of chunk c's leaving state, completes dd in place, and dh0.
@@ -123,12 +123,12 @@ def gdp_dh_kernel(q_ptr, k_ptr, g_ptr, w_ptr, do_ptr, dd_ptr, dht_ptr, chunk_ptr
         ddm = rm[:, None] & vm[None, :]
         _, cum, rest, total, _ = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
         dd = tl.load(dd_off, mask=ddm, other=0.0).to(tl.float32)
-        dd += tl.dot(kb * tl.exp(rest)[:, None], dH, input_precision=PREC)
+        dd += tl.dot((kb * tl.exp(rest)[:, None]).to(OPD), dH.to(OPD), input_precision=PREC)
         # dH goes on with this fp32 dd; only the stored copy is rounded.
         tl.store(dd_off, dd.to(dd_ptr.dtype.element_ty), mask=ddm)
         qg = qb * (tl.exp(cum) * scale)[:, None]
-        dH = (dH * tl.exp(total) + tl.dot(tl.trans(qg), dob, input_precision=PREC)
-              - tl.dot(tl.trans(wb), dd, input_precision=PREC))
+        dH = (dH * tl.exp(total) + tl.dot(tl.trans(qg).to(OPD), dob.to(OPD), input_precision=PREC)
+              - tl.dot(tl.trans(wb).to(OPD), dd.to(OPD), input_precision=PREC))
     if STORE_DH0:
         tl.store(dh0_ptr + n.to(tl.int64) * (H * K * V) + s_off, dH, mask=sm)
 
@@ -139,7 +139,7 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
                     chunk_ptr, scale,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
                     BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    HAS_G: tl.constexpr, PREC: tl.constexpr):
+                    HAS_G: tl.constexpr, PREC: tl.constexpr, OPD: tl.constexpr):
     """Per-chunk gradients of q, k, v, beta and g (loops over V blocks, all of K)."""
     ic = tl.program_id(0)
     h = tl.program_id(1)
@@ -181,12 +181,12 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
         vb = tl.load(v_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         dob = tl.load(do_ptr + tok[:, None] * (H * V) + h * V + cv[None, :],
                       mask=last[:, None] & vm[None, :], other=0.0).to(tl.float32)
-        dqg += tl.dot(dob, tl.trans(S0), input_precision=PREC)
-        dP += tl.dot(dob, tl.trans(db_), input_precision=PREC)
-        dw -= tl.dot(ddb, tl.trans(S0), input_precision=PREC)
-        dkr += tl.dot(db_, tl.trans(dH), input_precision=PREC)
+        dqg += tl.dot(dob.to(OPD), tl.trans(S0).to(OPD), input_precision=PREC)
+        dP += tl.dot(dob.to(OPD), tl.trans(db_).to(OPD), input_precision=PREC)
+        dw -= tl.dot(ddb.to(OPD), tl.trans(S0).to(OPD), input_precision=PREC)
+        dkr += tl.dot(db_.to(OPD), tl.trans(dH).to(OPD), input_precision=PREC)
         dtot += S0 * dH
-        dA, db = v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC)
+        dA, db = v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC, OPD)
     dqg = dqg * scale
     dP = dP * scale
 
@@ -197,23 +197,23 @@ def gdp_grad_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr, t_ptr, h
     E = tl.exp(tl.where(causal, seg, 0.0))
     # W = T diag(beta) (k e^cum)
     drk = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
-    dA -= tl.dot(drk, tl.trans(wb), input_precision=PREC)
+    dA -= tl.dot(drk.to(OPD), tl.trans(wb).to(OPD), input_precision=PREC)
     kg = kb * e_cum[:, None]
     db += tl.reduce(drk * kg, 1, _sum_combine)
     dkg = drk * bb[:, None]
     # A = beta_p (k_p . k_s) E, strictly lower
     dA = tl.where(strict, dA, 0.0)
-    kk = tl.dot(kb, tl.trans(kb), input_precision=PREC)
+    kk = tl.dot(kb.to(OPD), tl.trans(kb).to(OPD), input_precision=PREC)
     kkE = tl.where(strict, kk * E, 0.0)
     db += tl.reduce(dA * kkE, 1, _sum_combine)
     gm = dA * E * bb[:, None]
     # P = (q_p . k_s) E on s <= p
-    qk = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    qk = tl.dot(qb.to(OPD), tl.trans(kb).to(OPD), input_precision=PREC)
     dP = tl.where(causal, dP, 0.0)
     dPE = dP * E
-    dq = dqg * e_cum[:, None] + tl.dot(dPE, kb, input_precision=PREC)
-    dk = (tl.dot(gm + tl.trans(gm), kb, input_precision=PREC)
-          + tl.dot(tl.trans(dPE), qb, input_precision=PREC)
+    dq = dqg * e_cum[:, None] + tl.dot(dPE.to(OPD), kb.to(OPD), input_precision=PREC)
+    dk = (tl.dot((gm + tl.trans(gm)).to(OPD), kb.to(OPD), input_precision=PREC)
+          + tl.dot(tl.trans(dPE).to(OPD), qb.to(OPD), input_precision=PREC)
           + dkg * e_cum[:, None] + dkr * e_rest[:, None])
     tl.store(dq_ptr + tok[:, None] * (H * K) + h * K + ck[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=last[:, None] & km[None, :])
@@ -246,7 +246,7 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
                            dd_ptr, do_ptr, dqp_ptr, dkp_ptr, dak_ptr, red_ptr, chunk_ptr, scale,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
                            BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_G: tl.constexpr, PREC: tl.constexpr):
+                           HAS_G: tl.constexpr, PREC: tl.constexpr, OPD: tl.constexpr):
     """One K slice of one chunk: gdp_grad_kernel's V loop restricted to the slice.
 
     Writes the slice's fp32 partial dq (scale dO S0^T e^cum) and dk (the W and k e^rest
@@ -281,9 +281,9 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
         db_ = tl.load(d_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         ddb = tl.load(dd_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         dob = load_tile(do_ptr, tok, last, cv, vm, h, H, V)
-        dqg += tl.dot(dob, tl.trans(S0), input_precision=PREC)
-        dw -= tl.dot(ddb, tl.trans(S0), input_precision=PREC)
-        dkr += tl.dot(db_, tl.trans(dH), input_precision=PREC)
+        dqg += tl.dot(dob.to(OPD), tl.trans(S0).to(OPD), input_precision=PREC)
+        dw -= tl.dot(ddb.to(OPD), tl.trans(S0).to(OPD), input_precision=PREC)
+        dkr += tl.dot(db_.to(OPD), tl.trans(dH).to(OPD), input_precision=PREC)
         if HAS_G:
             dtot += tl.reduce(S0 * dH, 1, _sum_combine)
     dqg = dqg * scale
@@ -300,7 +300,7 @@ def gdp_grad_kslice_kernel(q_ptr, k_ptr, beta_ptr, g_ptr, w_ptr, t_ptr, hs_ptr, 
     # W = T diag(beta) (k e^cum): this slice's columns of dRk and its share of dA
     drk = tl.dot(tl.trans(tinv), dw, input_precision=PREC)
     slot = (tl.cast(ic, tl.int64) * H + h) * tl.num_programs(2) + j
-    dak = -tl.dot(drk, tl.trans(wb), input_precision=PREC)
+    dak = -tl.dot(drk.to(OPD), tl.trans(wb).to(OPD), input_precision=PREC)
     tl.store(dak_ptr + slot * (BC * BC) + i[:, None] * BC + i[None, :], dak)
     kg = kb * e_cum[:, None]
     dkg = drk * bb[:, None]
@@ -323,7 +323,7 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
                            dbeta_ptr, dg_ptr, chunk_ptr, scale,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, N_H: tl.constexpr,
                            BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_G: tl.constexpr, PREC: tl.constexpr):
+                           HAS_G: tl.constexpr, PREC: tl.constexpr, OPD: tl.constexpr):
     """The rest of one chunk after ``kslice``: the V part (dv, dP and dU's share of dA and
     dbeta), the slices' sums, then dbeta, dg and, slice by slice, dq and dk.
 
@@ -352,8 +352,8 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
         ub = tl.load(u_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         vb = tl.load(v_ptr + v_off, mask=rv, other=0.0).to(tl.float32)
         dob = load_tile(do_ptr, tok, last, cv, vm, h, H, V)
-        dP += tl.dot(dob, tl.trans(db_), input_precision=PREC)
-        dA, db = v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC)
+        dP += tl.dot(dob.to(OPD), tl.trans(db_).to(OPD), input_precision=PREC)
+        dA, db = v_rhs_grad(tinv, ddb, ub, vb, bb, dv_ptr, v_off, rv, dA, db, PREC, OPD)
 
     slot0 = (tl.cast(ic, tl.int64) * H + h) * ((K + BK - 1) // BK)
     dcum = tl.full([BC], 0.0, tl.float32)
@@ -382,10 +382,10 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
         ck = k0 + tl.arange(0, BK)
         km = ck < K
         kb = load_tile(k_ptr, row, rm, ck, km, h, H, K)
-        kk += tl.dot(kb, tl.trans(kb), input_precision=PREC)
+        kk += tl.dot(kb.to(OPD), tl.trans(kb).to(OPD), input_precision=PREC)
         if HAS_G:
             qb = load_tile(q_ptr, tok, last, ck, km, h, H, K)
-            qk += tl.dot(qb, tl.trans(kb), input_precision=PREC)
+            qk += tl.dot(qb.to(OPD), tl.trans(kb).to(OPD), input_precision=PREC)
     db += tl.reduce(dA * kk * E, 1, _sum_combine)
     tl.store(dbeta_ptr + row * H + h, db.to(dbeta_ptr.dtype.element_ty), mask=rm)
     gm = dA * E * bb[:, None]
@@ -413,8 +413,10 @@ def gdp_grad_finish_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, g_ptr, u_ptr, t_ptr, d
         q_off = tok[:, None] * (H * K) + h * K + ck[None, :]
         kb = tl.load(k_ptr + k_off, mask=rk, other=0.0).to(tl.float32)
         qb = tl.load(q_ptr + q_off, mask=qm, other=0.0).to(tl.float32)
-        dq = tl.load(dqp_ptr + q_off, mask=qm, other=0.0) + tl.dot(dPE, kb, input_precision=PREC)
-        dk = (tl.load(dkp_ptr + k_off, mask=rk, other=0.0) + tl.dot(gsym, kb, input_precision=PREC)
-              + tl.dot(dPEt, qb, input_precision=PREC))
+        dq = (tl.load(dqp_ptr + q_off, mask=qm, other=0.0)
+              + tl.dot(dPE.to(OPD), kb.to(OPD), input_precision=PREC))
+        dk = (tl.load(dkp_ptr + k_off, mask=rk, other=0.0)
+              + tl.dot(gsym.to(OPD), kb.to(OPD), input_precision=PREC)
+              + tl.dot(dPEt.to(OPD), qb.to(OPD), input_precision=PREC))
         tl.store(dq_ptr + q_off, dq.to(dq_ptr.dtype.element_ty), mask=qm)
         tl.store(dk_ptr + k_off, dk.to(dk_ptr.dtype.element_ty), mask=rk)

@@ -35,7 +35,8 @@ INV_BLOCK = 16  # diagonal block of the chunk's triangular inverse (CHUNK_ROWS <
 # schedules and allocates registers around; where a call changed a kernel's SASS for some
 # launch of bench/kernel_resources.py's GDP cases, the kernel keeps the code written out.
 __all__ = ["_sum_combine", "load_tile", "store_tile", "chunk_span", "chunk_masks", "chunk_gates",
-           "chunk_scores", "chunk_layout", "dot_precision", "inverse_precision", "CHUNK_ROWS", "INV_BLOCK"]
+           "chunk_scores", "chunk_layout", "dot_operand_dtype", "dot_precision", "inverse_precision",
+           "CHUNK_ROWS", "INV_BLOCK"]
 
 
 @triton.jit
@@ -101,7 +102,7 @@ def chunk_gates(g_ptr, tok0, ntok, h, H: tl.constexpr, N_H: tl.constexpr,
 @triton.jit
 def chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H: tl.constexpr, K: tl.constexpr,
                  N_H: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, HAS_G: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, OPD: tl.constexpr):
     """What the output and its dD gradient share: (qb [BC, BK], P [BC, BC], cum [BC]).
 
     qb holds each token's query on its last sub-step (0 on the others), P[p, s] =
@@ -115,7 +116,7 @@ def chunk_scores(q_ptr, k_ptr, g_ptr, tok0, ntok, h, H: tl.constexpr, K: tl.cons
     kb = load_tile(k_ptr, row, rm, ck, km, h, H, K)
     _, cum, _, _, seg = chunk_gates(g_ptr, tok0, ntok, h, H, N_H, BC, HAS_G)
     causal = i[:, None] >= i[None, :]
-    P = tl.dot(qb, tl.trans(kb), input_precision=PREC)
+    P = tl.dot(qb.to(OPD), tl.trans(kb).to(OPD), input_precision=PREC)
     P = tl.where(causal, P * tl.exp(tl.where(causal, seg, 0.0)), 0.0)
     return qb, P, cum
 
@@ -144,6 +145,15 @@ def chunk_layout(cs: list[int], n_h: int, dev: torch.device) -> tuple[int, torch
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 and fp64 inputs get full-precision dots (as the references); half inputs use tf32."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def dot_operand_dtype(dtype: torch.dtype, half_operands: bool) -> tl.dtype:
+    """What the chunk dots cast their operands to: the input dtype for bf16 / fp16 inputs
+    with ``half_operands`` (``HALF_DOT_OPERANDS``), else fp32 (a cast to fp32 of an fp32
+    tile is no instruction at all)."""
+    if half_operands and dtype in (torch.bfloat16, torch.float16):
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return tl.float32
 
 
 def inverse_precision(dtype: torch.dtype, half: str = "tf32x3") -> str:

@@ -165,7 +165,7 @@ def _state_after(h, x, dt, Bc, A, rows, NEG: tl.constexpr, PREC: tl.constexpr, B
 def _ssd_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT_ptr, st_ptr,
                     cu_ptr, coff_ptr, H, P, G, N, R,
                     NEG: tl.constexpr, HAS_D: tl.constexpr, HAS_H0: tl.constexpr,
-                    PREC: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    PREC: tl.constexpr, OPD: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     SUB: tl.constexpr):
     sq, hd, g, s, e, coff, rows, p, n, pm, nm, pn, pnm, A = _program_setup(
         cu_ptr, coff_ptr, A_ptr, P, N, R, BL, BP, BN)
@@ -181,9 +181,9 @@ def _ssd_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hT
         _, _, c, nc, zc = _log_decays(dt, A, NEG)
         M, cum, to_end = _products(c, nc, zc, rows, NEG, 0, BL)
         u = x * dt[:, None]
-        S = tl.dot(Cc, tl.trans(Bc), input_precision=PREC) * M
-        y = tl.dot(S, u, input_precision=PREC)
-        y += cum[:, None] * tl.dot(Cc, tl.trans(h), input_precision=PREC)
+        S = tl.dot(Cc.to(OPD), tl.trans(Bc).to(OPD), input_precision=PREC) * M
+        y = tl.dot(S.to(OPD), u.to(OPD), input_precision=PREC)
+        y += cum[:, None] * tl.dot(Cc.to(OPD), tl.trans(h).to(OPD), input_precision=PREC)
         if HAS_D:
             y += Dh * x
         tl.store(y_ptr + (t0 * H + hd) * P + (rows[:, None] * (H * P) + p[None, :]), y.to(y_ptr.dtype.element_ty),
@@ -197,7 +197,7 @@ def _ssd_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, st_ptr, dy_ptr, d
                     dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dh0_ptr, cu_ptr, coff_ptr,
                     H, P, G, N, R,
                     NEG: tl.constexpr, HAS_D: tl.constexpr, HAS_DHT: tl.constexpr,
-                    PREC: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+                    PREC: tl.constexpr, OPD: tl.constexpr, BL: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                     SUB: tl.constexpr):
     sq, hd, g, s, e, coff, rows, p, n, pm, nm, pn, pnm, A = _program_setup(
         cu_ptr, coff_ptr, A_ptr, P, N, R, BL, BP, BN)
@@ -228,16 +228,18 @@ def _ssd_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, st_ptr, dy_ptr, d
         M, cum, to_end = _products(c, nc, zc, rows, NEG, 0, BL)
         dy = tl.load(dy_ptr + (t0 * H + hd) * P + (rows[:, None] * (H * P) + p[None, :]), mask=xm, other=0.0).to(tl.float32)
         u = x * dt[:, None]
-        CB = tl.dot(Cc, tl.trans(Bc), input_precision=PREC)
+        CB = tl.dot(Cc.to(OPD), tl.trans(Bc).to(OPD), input_precision=PREC)
         S = CB * M
         # y = S u + cum (C h^T) + D x ;  h_next = total h + (u to_end)^T B
-        dS = tl.dot(dy, tl.trans(u), input_precision=PREC)
-        Bdh = tl.dot(Bc, tl.trans(dh), input_precision=PREC)  # [BL, BP]
-        Ch = tl.dot(Cc, tl.trans(h), input_precision=PREC)    # [BL, BP]
-        dU = tl.dot(tl.trans(S), dy, input_precision=PREC) + to_end[:, None] * Bdh
+        dS = tl.dot(dy.to(OPD), tl.trans(u).to(OPD), input_precision=PREC)
+        Bdh = tl.dot(Bc.to(OPD), tl.trans(dh).to(OPD), input_precision=PREC)  # [BL, BP]
+        Ch = tl.dot(Cc.to(OPD), tl.trans(h).to(OPD), input_precision=PREC)    # [BL, BP]
+        dU = tl.dot(tl.trans(S).to(OPD), dy.to(OPD), input_precision=PREC) + to_end[:, None] * Bdh
         dCB = dS * M
-        dC = tl.dot(dCB, Bc, input_precision=PREC) + cum[:, None] * tl.dot(dy, h, input_precision=PREC)
-        dB = tl.dot(tl.trans(dCB), Cc, input_precision=PREC) + to_end[:, None] * tl.dot(u, dh, input_precision=PREC)
+        dC = (tl.dot(dCB.to(OPD), Bc.to(OPD), input_precision=PREC)
+              + cum[:, None] * tl.dot(dy.to(OPD), h.to(OPD), input_precision=PREC))
+        dB = (tl.dot(tl.trans(dCB).to(OPD), Cc.to(OPD), input_precision=PREC)
+              + to_end[:, None] * tl.dot(u.to(OPD), dh.to(OPD), input_precision=PREC))
         dx = dU * dt[:, None]
         if HAS_D:
             dx += Dh * dy
@@ -271,6 +273,13 @@ def _ssd_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, st_ptr, dy_ptr, d
 
 
 SAVE_EVERY = 64  # tokens per saved state, whatever the chunk the kernels compute in
+# Operands of the chunk dots for bf16 / fp16 inputs: fp32 values on tf32 tensor cores
+# (False), or rounded to the input dtype (True; fla's chunk_simple_gla and mamba-ssm run
+# theirs so), with fp32 accumulators. The state update (``_carry``: the forward's h and
+# the backward's dh) keeps fp32 operands, as in GatedDeltaProduct's HALF_DOT_OPERANDS;
+# fp32 inputs always take fp32 operands. False until a GPU run times it (the scan/SSD
+# bench's ``half_dots`` variant); ``ssd(..., half_dots=...)`` overrides it per call.
+HALF_DOT_OPERANDS = False
 
 
 def _chunk_len(BP: int, BN: int) -> int:
@@ -299,9 +308,16 @@ def _chunking(BP: int, BN: int, block_l: int | None, save_every: int | None) -> 
     return BL, save // BL
 
 
+def _operand_dtype(dtype: torch.dtype, half: bool) -> tl.dtype:
+    """What the chunk dots cast their operands to (a cast of fp32 to fp32 is no instruction)."""
+    if half and dtype in (torch.bfloat16, torch.float16):
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return tl.float32
+
+
 class _SSD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, Bm, Cm, D, h0, cu, neg, block_l, save_every):
+    def forward(ctx, x, dt, A, Bm, Cm, D, h0, cu, neg, block_l, save_every, half_dots):
         L, H, P = x.shape
         G, N = Bm.shape[1], Bm.shape[2]
         n_seq = cu.numel() - 1
@@ -313,19 +329,20 @@ class _SSD(torch.autograd.Function):
         y = torch.empty_like(x)
         hT = torch.empty(n_seq, H, P, N, device=x.device, dtype=torch.float32)
         prec = "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+        opd = _operand_dtype(x.dtype, HALF_DOT_OPERANDS if half_dots is None else half_dots)
         _ssd_fwd_kernel[(n_seq, H)](
             x, dt, A, Bm, Cm, D if D is not None else A, h0 if h0 is not None else hT, y, hT, states,
             cu, coff, H, P, G, N, H // G, NEG=neg, HAS_D=D is not None, HAS_H0=h0 is not None,
-            PREC=prec, BL=BL, BP=BP, BN=BN, SUB=SUB, num_warps=8 if BP * BN >= 4096 else 4)
+            PREC=prec, OPD=opd, BL=BL, BP=BP, BN=BN, SUB=SUB, num_warps=8 if BP * BN >= 4096 else 4)
         ctx.save_for_backward(x, dt, A, Bm, Cm, D, h0, cu, coff, states)
-        ctx.cfg = (neg, prec, BL, BP, BN, SUB)
+        ctx.cfg = (neg, prec, opd, BL, BP, BN, SUB)
         ctx.set_materialize_grads(False)
         return y, hT
 
     @staticmethod
     def backward(ctx, dy, dhT):
         x, dt, A, Bm, Cm, D, h0, cu, coff, states = ctx.saved_tensors
-        neg, prec, BL, BP, BN, SUB = ctx.cfg
+        neg, prec, opd, BL, BP, BN, SUB = ctx.cfg
         L, H, P = x.shape
         G, N = Bm.shape[1], Bm.shape[2]
         n_seq = cu.numel() - 1
@@ -342,27 +359,28 @@ class _SSD(torch.autograd.Function):
             x, dt, A, Bm, Cm, D if D is not None else A, states, dy,
             dhT.float().contiguous() if dhT is not None else dh0,
             dx, ddt, dBh, dCh, dA, dD, dh0, cu, coff, H, P, G, N, H // G,
-            NEG=neg, HAS_D=D is not None, HAS_DHT=dhT is not None, PREC=prec,
+            NEG=neg, HAS_D=D is not None, HAS_DHT=dhT is not None, PREC=prec, OPD=opd,
             BL=BL, BP=BP, BN=BN, SUB=SUB, num_warps=8 if BP * BN >= 4096 else 4)
         dB = dBh.view(L, G, H // G, N).sum(2).to(Bm.dtype)
         dC = dCh.view(L, G, H // G, N).sum(2).to(Cm.dtype)
         dD = dD.sum(0).to(D.dtype) if D is not None else None
         dh0 = dh0.to(h0.dtype) if h0 is not None else None
         return (dx, ddt.to(dt.dtype), dA.sum(0).to(A.dtype), dB, dC, dD, dh0,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, *,
         D: torch.Tensor | None = None, allow_neg_eigval: bool = False,
         initial_state: torch.Tensor | None = None, output_final_state: bool = False,
         cu_seqlens: torch.Tensor | None = None, block_l: int | None = None,
-        save_every: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        save_every: int | None = None, half_dots: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of ``kernels.ssd`` (inputs already validated by ops.py).
 
     y comes back in x's dtype, the final state [N_seq, H, P, N] in fp32 (fp64 for fp64
     inputs, though the kernel computes in fp32). For tests that must cross chunk edges at
     small T: ``block_l`` (a power of two >= 16) overrides the kernels' chunk length and
-    ``save_every`` (a multiple of it; default max(64, chunk)) the tokens per saved state.
+    ``save_every`` (a multiple of it; default max(64, chunk)) the tokens per saved state;
+    ``half_dots`` overrides ``HALF_DOT_OPERANDS`` for this call.
     """
     Bsz, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
@@ -371,7 +389,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     y, hT = _SSD.apply(x.reshape(Bsz * T, H, P).contiguous(), dt.reshape(Bsz * T, H).contiguous(),
                        A.contiguous(), B.reshape(Bsz * T, G, N).contiguous(),
                        C.reshape(Bsz * T, G, N).contiguous(), D.contiguous() if D is not None else None,
-                       h0, cu, bool(allow_neg_eigval), block_l, save_every)
+                       h0, cu, bool(allow_neg_eigval), block_l, save_every, half_dots)
     final = hT.to(torch.promote_types(x.dtype, torch.float32)) if output_final_state else None
     return y.view(Bsz, T, H, P), final
 
