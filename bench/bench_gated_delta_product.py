@@ -53,7 +53,7 @@ import contextlib
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterator
 from unittest import mock
 
 import torch
@@ -185,16 +185,16 @@ def impls(x: dict, n_h: int, use_torch: bool, use_fla: bool,
     return out
 
 
-def launch_variant(impl: str) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def launch_variant(impl: str) -> Iterator[None]:
     """While ``ours_<variant>`` is timed, its module settings of VARIANTS hold (then restored);
     ``ours_a+b`` holds those of ``a`` and ``b``."""
     parts = impl.removeprefix("ours_").split("+")
-    if not impl.startswith("ours_") or not set(parts) <= set(VARIANTS):
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for attr, value in (VARIANTS[p] for p in parts):
-        stack.enter_context(mock.patch(f"kernels.triton.gated_delta_product.{attr}", value))
-    return stack
+    with contextlib.ExitStack() as stack:
+        if impl.startswith("ours_") and set(parts) <= set(VARIANTS):
+            for attr, value in (VARIANTS[p] for p in parts):
+                stack.enter_context(mock.patch(f"kernels.triton.gated_delta_product.{attr}", value))
+        yield
 
 
 def output_and_grads(fwd: Callable[[], torch.Tensor], x: dict[str, torch.Tensor],

@@ -46,13 +46,16 @@ VARIANTS = {
     "bt128": ("linear_recurrence", dict(block_t=128), "128-row time tiles"),
     "bt256": ("linear_recurrence", dict(block_t=256), "256-row time tiles"),
     "prefetch": ("linear_recurrence", dict(prefetch=True), "each tile's loads issued a step early"),
+    "bd16": ("linear_recurrence", dict(block_d=16), "16-channel blocks: twice the programs"),
+    "bd16prefetch": ("linear_recurrence", dict(block_d=16, prefetch=True), "16-channel blocks and prefetch"),
     "chunk16": ("ssd", dict(block_l=16, save_every=32), "16-token chunks, a state saved per 32 tokens"),
     "chunk16s64": ("ssd", dict(block_l=16, save_every=64), "16-token chunks, a state saved per 64 tokens"),
     "chunk32s32": ("ssd", dict(block_l=32, save_every=32), "32-token chunks, a state saved per 32 tokens"),
     "half_dots": ("ssd", dict(half_dots=True), "bf16 dot operands, not in the state update"),
 }
 # max|variant - default| / max|default| over the output and every input gradient above
-# which a variant is flagged (different tiling only reorders fp32 sums)
+# which a variant is flagged (different tiling only reorders fp32 sums; half_dots rounds
+# dot operands to bf16, well within the bf16 limit)
 VARIANT_ERR_LIMIT = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-3}
 DEVICE = "cuda"  # the CPU smoke test (tests/test_bench_scripts.py) points it at the interpreter
 PROFILE = False  # --profile: a "triton" row keeps its fwd+bwd step (row["_step"]) for main to profile
@@ -385,14 +388,15 @@ def rel_errors(ref: list[torch.Tensor], got: list[torch.Tensor], names: list[str
 
 
 def default_launch(op: str, a: argparse.Namespace) -> str:
-    """Our Triton op's own launch choice at the bench's sizes, e.g. ``bt128`` (what the
+    """Our Triton op's own launch choice at the bench's sizes, e.g. ``bt64 bd32`` (what the
     variants are timed against; defaults change, so the table says which it was)."""
     import triton
 
     if op == "linear_recurrence":
         from kernels.triton.linear_recurrence import _blocks
 
-        return f"bt{_blocks(a.tokens // a.seqlen, a.dim, None)[0]}"
+        bt, bd = _blocks(a.tokens // a.seqlen, a.dim, None)
+        return f"bt{bt} bd{bd}"
     from kernels.triton.ssd import _chunking
 
     BL, SUB = _chunking(max(16, triton.next_power_of_2(a.headdim)), max(16, triton.next_power_of_2(a.dstate)),

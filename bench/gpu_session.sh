@@ -29,7 +29,7 @@
 #             fla's chunk_gated_delta_product (ours/fla tokens/s), when fla imports
 #   ssd, scan, conv   bench_scan_conv_ssd, one op each (conv also times rms_norm,
 #             gated_activation, l2_normalize and rg_lru_gates), at B*T = 32768 tokens, T = 4096;
-#             ssd with its chunking variants and --profile, scan with its time-tile variants
+#             ssd with its variants and --profile, scan with its tile and prefetch variants
 #   gdp_more  the target point again with variants of ours (half_dots, the three of
 #             half_dots+half+save_wy together, onekernel, w8, half, inv_tf32, bv32, save_wy:
 #             bench_gated_delta_product --help) and the torch path
@@ -242,8 +242,8 @@ main() {
         fi
         run_stage ssd 120 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${SSD_ARGS:---ops ssd --tokens 32768 --seqlen 4096 --no-torch --variants half_dots,chunk16,chunk16s64,chunk32s32 --profile} --results "$RESULTS"
-        run_stage scan 45 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
-            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096 --variants bt64,bt128,bt256,prefetch} --results "$RESULTS"
+        run_stage scan 60 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
+            ${SCAN_ARGS:---ops linear_recurrence --tokens 32768 --seqlen 4096 --variants bt64,bt128,bt256,prefetch,bd16,bd16prefetch} --results "$RESULTS"
         run_stage conv 40 "$scan" "$PY" -m bench.bench_scan_conv_ssd \
             ${CONV_ARGS:---ops causal_conv1d,rms_norm,gated_activation,l2_normalize,rg_lru_gates --tokens 32768 --seqlen 4096} --results "$RESULTS"
         run_stage pytest 150 "$OUT/pytest.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs \

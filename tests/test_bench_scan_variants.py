@@ -45,7 +45,7 @@ def test_variant_rows_run_and_are_checked_against_the_default(cpu_bench, monkeyp
     a = argparse.Namespace(tokens=40, seqlen=40, dim=8, heads=1, headdim=16, dstate=16, groups=1, neg=False,
                            dtype="float32", variants=["bt3", "bt128", "chunk16", "half_dots"])
     rows, notes = bsc.bench_variants("linear_recurrence", a, torch.float32)
-    assert [r["impl"] for r in rows] == ["triton default (bt64)", "triton bt128"]
+    assert [r["impl"] for r in rows] == ["triton default (bt64 bd16)", "triton bt128"]
     assert "max rel err vs default" not in rows[0]
     assert all(r["max rel err vs default"] < 1e-5 for r in rows[1:])
     assert all(r["GB/s fwd"] > 0 and r["% copy bw (fwd)"] > 0 for r in rows)
@@ -76,4 +76,4 @@ def test_main_writes_the_variant_table_after_the_ops_table(cpu_bench, monkeypatc
               "--no-torch", "--variants", "bt128", "--results", str(results)])
     tables = [line.split(" | ")[0] for line in results.read_text().splitlines() if line.startswith("| ")]
     assert tables == ["| linear_recurrence", "| triton", "| linear_recurrence variants",
-                      "| triton default (bt64)", "| triton bt128"]
+                      "| triton default (bt64 bd16)", "| triton bt128"]

@@ -1,6 +1,7 @@
 """The GPU session scripts refuse bad input before touching a (scarce) GPU lease."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 from pathlib import Path
@@ -77,6 +78,11 @@ def test_the_gpu_session_runs_the_headline_figures_first(tmp_path):
     modules = [line.split()[1] for line in calls.read_text().splitlines() if line.startswith("-m ")]
     assert modules == ["bench.warm_kernels", "bench.bench_gated_delta_product", "bench.bench_gated_delta_product",
                        "bench.bench_train"] + ["bench.bench_scan_conv_ssd"] * 3 + ["pytest"], modules
+    # every stage's default arguments parse: a misspelt variant would fail on the GPU, at the lease's cost
+    for line in calls.read_text().splitlines():
+        words = line.split()
+        if len(words) > 1 and words[0] == "-m" and words[1].startswith("bench."):
+            importlib.import_module(words[1]).parse_args(words[2:])
     pytest_call = next(line for line in calls.read_text().splitlines() if line.startswith("-m pytest"))
     listed = [w for w in pytest_call.split() if w.startswith("tests/")]
     assert listed[0] == "tests/test_triton_gated_delta_product.py" and len(listed) == len(set(listed))

@@ -123,6 +123,9 @@ def test_record_keeps_the_wrappers_choices_and_restores_the_compiler(recorded):
     assert kw["OPD"] == triton.language.float32  # fp32 operands unless HALF_DOT_OPERANDS
     dots = [dict(x.kwargs)["OPD"] for x in recorded["gdp-bf16-nh2-half-dots"]]
     assert len(dots) >= 8 and set(dots) == {triton.language.bfloat16}
+    ssd = [dict(x.kwargs)["OPD"] for x in recorded["ssd-bf16-half-dots"]]
+    assert len(ssd) == 2 and set(ssd) == {triton.language.bfloat16}  # forward and backward
+    assert {dict(x.kwargs)["OPD"] for x in recorded["ssd-bf16-neg-state"]} == {triton.language.float32}
     spec = aot.specialize(prep)
     assert spec.signature["k_ptr"] == "*bf16" and spec.signature["w_ptr"] == "*fp32"
     # the half case's launches carry bf16 buffers (W, U) but an fp32 tinv

@@ -299,9 +299,9 @@ def _round_trip(x_ptr, y_ptr, z_ptr, N: tl.constexpr):
 
 def test_interpreted_half_casts_round_to_nearest_even(tk, rtne_bf16):
     """Store casts (with ``rtne_bf16``) round as torch does, ties, mantissa carries and fp16
-    overflow included; half loads cast back to fp32 exactly (the kernels never dot half
-    operands). Normal numbers only: the interpreter flushes bf16
-    subnormals (< 1.2e-38) to zero on load, which no tolerance here can see."""
+    overflow included; half loads cast back to fp32 exactly (half dot operands, with
+    HALF_DOT_OPERANDS, also need ``half_dots``). Normal numbers only: the interpreter flushes
+    bf16 subnormals (< 1.2e-38) to zero on load, which no tolerance here can see."""
     kernel = triton.jit(_round_trip)  # interpreted: ``tk`` set TRITON_INTERPRET
     one = 1.0 + 2.0**-8  # a tie between two bf16 neighbours
     x = torch.tensor([one, 1.0 + 3 * 2.0**-8, 3.9921875 + 2.0**-8, -1.9990234375, 1e-30, 65504.0,
@@ -426,6 +426,29 @@ def test_interpreted_bf16_dots_are_exact_products(tk, rtne_bf16, half_dots):
     want = a.bfloat16().double() @ b.bfloat16().double()
     assert (c.double() - want).abs().max() <= 1e-5 * want.abs().max()
     assert half_dots == [(tl.bfloat16, tl.bfloat16)]
+
+
+def test_half_dot_operands_keep_fp32_where_they_carry_d(tk, monkeypatch, rtne_bf16, half_dots):
+    """HALF_DOT_OPERANDS on one chunk of bf16 inputs: which dots take bf16 operands.
+
+    Forward: prep (k k^T bf16; the inverse's four and W, U fp32), state (W S bf16; the
+    update with D fp32), output (the scores and q S bf16; P D fp32). Backward adds the
+    recomputation (the same 2 bf16 + 7 fp32), dd_local (2 bf16), dh (2 bf16; W^T dD fp32)
+    and the chunk gradient (11 bf16; the two through (I + A)^-1 fp32). The backward keeps
+    the forward's choice when the setting changes in between."""
+    monkeypatch.setattr(tk, "HALF_DOT_OPERANDS", True)
+    inp = make_inputs(1, 20, 1, 16, 16, 2, gates="mild", betas="mid", n_state=1, seed=6)
+    leaves = {n: (t.float() if n == "initial_state" else t.bfloat16()).requires_grad_() for n, t in inp.items()}
+    o, _ = tk.triton_gated_delta_product(leaves["q"], leaves["k"], leaves["v"], leaves["beta"], leaves["g"],
+                                         scale=0.25, initial_state=leaves["initial_state"])
+    assert all(a == b for a, b in half_dots)
+    count = {dt: sum(a == dt for a, _ in half_dots) for dt in (tl.bfloat16, tl.float32)}
+    assert count == {tl.bfloat16: 4, tl.float32: 8}
+    half_dots.clear()
+    monkeypatch.setattr(tk, "HALF_DOT_OPERANDS", False)
+    o.float().square().sum().backward()
+    count = {dt: sum(a == dt for a, _ in half_dots) for dt in (tl.bfloat16, tl.float32)}
+    assert count == {tl.bfloat16: 17, tl.float32: 10}
 
 
 def test_half_dot_operands_default_and_fp32(tk, monkeypatch, half_dots):

@@ -49,6 +49,34 @@ def test_matches_naive(tk, Bsz, T, Dm, regime, with_init, block_t):
     compare(res, run(naive_linear_recurrence, inp, torch.float64, output_final_state=True))
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_channel_block_override_matches_naive(tk, monkeypatch, prefetch):
+    """``block_d`` (the bench's ``bd16`` variants) overrides the channel block: 32 here, where
+    ``_blocks`` picks 16, with a partial last block (70 = 2 * 32 + 6)."""
+    assert tk._blocks(1, 70, None) == (64, 16) and tk._blocks(1, 70, None, 32) == (64, 32)
+    seen = []
+    for name in ("_lr_fwd_kernel", "_lr_bwd_kernel"):
+        monkeypatch.setattr(tk, name, _Spy(getattr(tk, name), seen))
+    inp = recurrence_inputs(1, 130, 70, "signed", n_state=1, seed=9)
+    res = run(tk.linear_recurrence, inp, torch.float32, output_final_state=True, block_t=32, block_d=32,
+              prefetch=prefetch)
+    assert seen == [(32, (1, 3))] * 2  # forward and backward: 32 channels a block, 3 blocks
+    compare(res, run(naive_linear_recurrence, inp, torch.float64, output_final_state=True))
+
+
+class _Spy:
+    """A kernel whose launches record (BD, grid) before they run."""
+
+    def __init__(self, kernel, seen: list):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((kwargs["BD"], grid))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 @pytest.mark.parametrize("with_states", [False, True])
 def test_prefetched_tiles_match_naive(tk, with_states):
     """``prefetch`` (each tile's loads one step early; its loop-carried tiles are masked past

@@ -139,7 +139,7 @@ def test_half_dot_operands_within_bf16_tolerances(tk, monkeypatch, rtne_bf16, ha
     chunks = dict(block_l=16, save_every=32)  # short sequences cross chunk edges
     monkeypatch.setattr(tk, "HALF_DOT_OPERANDS", True)
     res = run(tk.ssd, inp, torch.bfloat16, **kw, **chunks)
-    assert {a for a, _ in half_dots} == {tl.bfloat16, tl.float32}  # the state update stays fp32
+    assert {a for a, _ in half_dots} == {tl.bfloat16, tl.float32}  # the state update stays fp32 (next test)
     ref = run(naive_ssd, inp, torch.float64, **kw)
     errs = {"y": _rel_rmse(res[0], ref[0]), "state": _rel_rmse(res[1], ref[1])}
     errs.update({n: _rel_rmse(res[2][n], ref[2][n]) for n in ref[2]})
@@ -148,6 +148,25 @@ def test_half_dot_operands_within_bf16_tolerances(tk, monkeypatch, rtne_bf16, ha
     half_dots.clear()
     run(tk.ssd, inp, torch.float32, **kw, **chunks)
     assert {a for a, _ in half_dots} == {tl.float32}
+
+
+def test_half_dots_per_call_and_the_state_update(tk, monkeypatch, rtne_bf16, half_dots):
+    """``ssd(..., half_dots=...)`` overrides HALF_DOT_OPERANDS either way; with half operands
+    each forward chunk takes three bf16 dots (C B^T, S u, C h^T) and keeps the state update
+    fp32 (two chunks of 16 here)."""
+    inp = make_inputs(1, 20, 1, 16, 1, 16, neg=False, seed=4)
+    x, dt, A, B, C = (inp[n].to(torch.bfloat16) for n in ("x", "dt", "A", "B", "C"))
+
+    def dots(module_setting: bool, **kw) -> dict:
+        half_dots.clear()
+        monkeypatch.setattr(tk, "HALF_DOT_OPERANDS", module_setting)
+        with torch.no_grad():
+            tk.ssd(x, dt, A, B, C, block_l=16, save_every=16, **kw)
+        assert all(a == b for a, b in half_dots)
+        return {kind: sum(a == kind for a, _ in half_dots) for kind in (tl.bfloat16, tl.float32)}
+
+    assert dots(False, half_dots=True) == dots(True) == {tl.bfloat16: 6, tl.float32: 2}
+    assert dots(True, half_dots=False) == dots(False) == {tl.bfloat16: 0, tl.float32: 8}
 
 
 @pytest.mark.gpu

@@ -125,16 +125,17 @@ HALF_BUFFERS = frozenset({"w", "u", "hs", "d", "dd", "dhs"})
 HALF_INVERSE_PRECISION = "tf32x3"
 # Operands of the chunk dots for bf16 / fp16 inputs: fp32 values on tf32 tensor cores
 # (False), or rounded to the input dtype (True), as flash-linear-attention runs its dots:
-# twice the tensor-core rate of tf32 and half the shared memory per operand tile, with
-# 8 bits of mantissa instead of 11 on the rounded operands (the states and D among them).
-# Accumulation stays fp32 and so does the carried state. Some products keep fp32 operands:
-# those with the chunk's inverse (W, U and their gradients; the inverse itself), for the
-# reason HALF_BUFFERS gives for tinv, and the two that carry the deltas D into the state
-# and the output (rounded there, they doubled o's error in the interpreter tests). fp32
+# twice the tensor-core rate of tf32 and half the shared memory per operand tile (for bf16
+# also 8 bits of mantissa instead of tf32's 11 on the rounded operands, the states among
+# them). Accumulation stays fp32 and so does the carried state. Some products keep fp32
+# operands: those of the chunk's inverse (I + A)^-1 (making W and U, and the gradients
+# through it; the inverse itself), for the reason HALF_BUFFERS gives for tinv, and those
+# that carry the deltas D into the state and the output, and their gradient dD into the
+# state gradient (rounded there, they doubled o's error in the interpreter tests). fp32
 # inputs always take fp32 operands. The interpreter tests find every error within the
 # issue's bf16 limits (worst: o 3.0e-3 of 5e-3, 4.7e-3 with HALF_INTERMEDIATES, no
 # decay). False until a GPU run (``bench_gated_delta_product --variants half_dots``: time
-# and accuracy) decides.
+# and accuracy) decides; the backward keeps the forward's choice.
 HALF_DOT_OPERANDS = False
 # Whether the forward keeps W, U and the rows of (I + A)^-1 for the backward, which then
 # skips its prep kernel (by a reading of the kernels, about a sixth of a fwd+bwd at K = V =
@@ -149,7 +150,8 @@ class _Problem:
     """Flattened views and chunk tables shared by the forward and backward launchers."""
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
-                 cu_seqlens: Tensor | None, scale: float, layout: tuple | None = None):
+                 cu_seqlens: Tensor | None, scale: float, layout: tuple | None = None,
+                 opd: object = None):
         B, T, H, K = q.shape
         self.n_h, self.V = k.shape[2], v.shape[-1]
         self.B, self.T, self.H, self.K = B, T, H, K
@@ -171,7 +173,8 @@ class _Problem:
         self.beta = beta.reshape(B * T * self.n_h, H).contiguous()
         self.g = g.reshape(B * T, H).contiguous() if g is not None else None
         self.prec = dot_precision(q.dtype)
-        self.opd = dot_operand_dtype(q.dtype, HALF_DOT_OPERANDS)
+        # the backward takes the forward's operand dtype (``opd``), whatever the setting is now
+        self.opd = dot_operand_dtype(q.dtype, HALF_DOT_OPERANDS) if opd is None else opd
         self.inv_prec = inverse_precision(q.dtype, HALF_INVERSE_PRECISION)
         self.BK, self.BVF, self.BV, self.BVG = _blocks(K, self.V)
         half = HALF_INTERMEDIATES and q.dtype in (torch.bfloat16, torch.float16)
@@ -299,7 +302,7 @@ class GatedDeltaProductFunction(torch.autograd.Function):
         keep_wy = SAVE_WY and any(ctx.needs_input_grad)
         o, ht, wy = gdp_forward(p, initial_state, output_final_state, keep_wy)
         ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, *(wy or ()))
-        ctx.scale, ctx.layout = scale, p.layout
+        ctx.scale, ctx.layout, ctx.opd = scale, p.layout, p.opd
         ctx.g_dtype = g.dtype if g is not None else None
         ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
         return o, ht
@@ -307,7 +310,7 @@ class GatedDeltaProductFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, g, h0, cu_seqlens, *wy = ctx.saved_tensors
-        p = _Problem(q, k, v, beta, g, cu_seqlens, ctx.scale, ctx.layout)
+        p = _Problem(q, k, v, beta, g, cu_seqlens, ctx.scale, ctx.layout, ctx.opd)
         dq, dk, dv, db, dg, dh0 = gdp_backward(p, h0, do, dht, tuple(wy) if wy else None)
         if dg is not None:
             dg = dg.to(ctx.g_dtype)

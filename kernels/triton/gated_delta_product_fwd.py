@@ -11,7 +11,7 @@ chunk's entering state and D) and ``output`` (parallel over chunks). The buffers
 them (W, U, (I + A)^-1, states, D) may be fp32 or half (see ``HALF_INTERMEDIATES``): every
 store casts to the buffer's type and every load back to fp32, so all arithmetic is fp32;
 the dots cast their operands to ``OPD`` (fp32, or the half input dtype with
-``HALF_DOT_OPERANDS``; not those with (I + A)^-1 or D) and accumulate in fp32.
+``HALF_DOT_OPERANDS``; not those of (I + A)^-1 nor those carrying D) and accumulate in fp32.
 
 The triangular solve is blocked (``unit_lower_inverse``): forward substitution inverts only
 the four 16x16 diagonal blocks of I + A, all four at once, then three block-lower products

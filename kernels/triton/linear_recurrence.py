@@ -161,9 +161,10 @@ def seq_offsets(batch: int, length: int, cu_seqlens: torch.Tensor | None, device
     return (torch.arange(batch + 1, device=device, dtype=torch.int32) * length).contiguous()
 
 
-def _blocks(n_seq: int, D: int, block_t: int | None) -> tuple[int, int]:
+def _blocks(n_seq: int, D: int, block_t: int | None, block_d: int | None = None) -> tuple[int, int]:
     """(time tile BT, channel block BD). BD: as wide as 64 while that still leaves a few
-    hundred programs.
+    hundred programs (``block_d`` overrides it: the bench's ``bd16`` variants halve it for
+    twice the programs, so twice the warps per SM wait on loads at once).
 
     BT = 64 by default. The scan is latency-bound: each sequential step of a program loads
     one [BT, BD] tile of x and a, waits, scans and stores it, so one tile per program is in
@@ -177,15 +178,15 @@ def _blocks(n_seq: int, D: int, block_t: int | None) -> tuple[int, int]:
     bd = min(64, max(16, triton.next_power_of_2(D)))
     while bd > 16 and n_seq * triton.cdiv(D, bd) < 512:
         bd //= 2
-    return (block_t or 64), bd
+    return (block_t or 64), (block_d or bd)
 
 
 class _LinearRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, h0, cu, block_t, prefetch):
+    def forward(ctx, x, a, h0, cu, block_t, block_d, prefetch):
         L, D = x.shape
         N = cu.numel() - 1
-        BT, BD = _blocks(N, D, block_t)
+        BT, BD = _blocks(N, D, block_t, block_d)
         h = torch.empty_like(x)
         hT = torch.empty(N, D, device=x.device, dtype=torch.float32)
         grid = (N, triton.cdiv(D, BD))
@@ -213,25 +214,27 @@ class _LinearRecurrence(torch.autograd.Function):
                              HAS_H0=h0 is not None, HAS_DHT=dhT is not None, BT=BT, BD=BD,
                              PREFETCH=prefetch)
         dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dx, da, dh0, None, None, None
+        return dx, da, dh0, None, None, None, None
 
 
 def linear_recurrence(x: torch.Tensor, a: torch.Tensor, *, initial_state: torch.Tensor | None = None,
                       output_final_state: bool = False, cu_seqlens: torch.Tensor | None = None,
-                      block_t: int | None = None, prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      block_t: int | None = None, block_d: int | None = None,
+                      prefetch: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Triton twin of ``kernels.linear_recurrence`` (inputs already validated by ops.py).
 
     h comes back in x's dtype, the final state [N, D] in fp32 (fp64 for fp64 inputs,
     though the kernel itself accumulates in fp32). ``block_t`` (a power of two) overrides
     the time tile (default ``_blocks``), for tests that must cross tile boundaries at small T
-    and for the bench's ``--variants``; ``prefetch`` issues each tile's loads one step early
+    and for the bench's ``--variants``, as ``block_d`` (a power of two) the channel block;
+    ``prefetch`` issues each tile's loads one step early
     (the ``prefetch`` variant: more bytes in flight per program, a GPU decides the default).
     """
     Bsz, T, D = x.shape
     cu = seq_offsets(Bsz, T, cu_seqlens, x.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
     h, hT = _LinearRecurrence.apply(x.reshape(Bsz * T, D).contiguous(),
-                                    a.reshape(Bsz * T, D).contiguous(), h0, cu, block_t, prefetch)
+                                    a.reshape(Bsz * T, D).contiguous(), h0, cu, block_t, block_d, prefetch)
     final = hT.to(torch.promote_types(x.dtype, torch.float32)) if output_final_state else None
     return h.view(Bsz, T, D), final
 
