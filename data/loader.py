@@ -49,7 +49,7 @@ from .config import DataConfig
 from .errors import DataError
 from .manifest import INDEX_NAME, check_compatible, check_index, is_remote, read_dataset, verify_split
 from .packing import collate_packed, example_from_sample
-from .shm import clean_stale_shm, one_registration_at_a_time
+from .shm import clean_stale_shm, one_registration_at_a_time, release_dataset_shm
 
 STATE_VERSION = 1
 _DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -512,6 +512,7 @@ class TokenLoader:
         if shm is not None:
             with contextlib.suppress(Exception):
                 shm.buf[:4] = b"\0\0\0\0"  # what StreamingDataset.__del__ does
+        release_dataset_shm(ds)  # streaming would hold its descriptors until exit
         self.dataset = None  # type: ignore[assignment]
 
     def __enter__(self) -> TokenLoader:

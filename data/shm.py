@@ -8,6 +8,7 @@ being created is briefly unmapped). Without ``/proc`` we fall back to streaming'
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -123,3 +124,59 @@ def _lock(wait_s: float, log: Callable[[str], None]) -> int | None:
             break
     os.close(fd)
     return None
+
+
+def release_dataset_shm(dataset: object) -> int:
+    """Close a finished StreamingDataset's shared-memory segments now, unlinking those this
+    process created, instead of at exit; returns how many it released.
+
+    streaming keeps every segment open until the process exits (an atexit handler holds it),
+    so its prefix stays taken; and each new dataset's prefix scan opens, and likewise keeps,
+    every taken segment on the node. A process that builds datasets one after another (a test
+    driver, evals, a trainer rebuilding its loaders) so leaked descriptors quadratically, up to
+    "Too many open files". Call it only after the dataset's threads have stopped. A segment
+    whose name now belongs to another file (another job reused the prefix) is only closed; one
+    that cannot be closed yet (a live numpy view of it) keeps its exit-time cleanup. Without
+    /dev/shm (not Linux) nothing changes: streaming releases them at exit.
+    """
+    if not SHM_DIR.is_dir():
+        return 0
+    from streaming.base.shared.memory import SharedMemory
+
+    found: list[SharedMemory] = []
+    for value in vars(dataset).values():
+        inner = getattr(value, "arr", None) or getattr(value, "_arr", None)  # scalars, barriers
+        for obj in (value, getattr(value, "shm", None), getattr(inner, "shm", None)):
+            if isinstance(obj, SharedMemory) and all(obj is not f for f in found):
+                found.append(obj)
+    return sum(_release(wrapper) for wrapper in found)
+
+
+def _release(wrapper: object) -> bool:
+    """Close one streaming SharedMemory (and unlink what it created); False: left to exit."""
+    from multiprocessing import resource_tracker
+
+    created, opened = wrapper.created_shms, wrapper.opened_shms  # type: ignore[attr-defined]
+    try:
+        for shm in created:
+            ours = _same_file(getattr(shm, "_fd", -1), SHM_DIR / shm.name)
+            shm.close()
+            if ours:
+                shm.unlink()  # also tells the resource tracker, which would unlink it at exit
+            else:  # the name is another file's now: keep the tracker from unlinking that one
+                resource_tracker.unregister(shm._name, "shared_memory")
+        for shm in opened:
+            shm.close()
+    except (BufferError, OSError):
+        return False
+    atexit.unregister(wrapper.cleanup)  # type: ignore[attr-defined]
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether descriptor ``fd`` is the file at ``path`` now."""
+    try:
+        a, b = os.fstat(fd), path.stat()
+    except OSError:
+        return False
+    return (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev)
